@@ -1,0 +1,28 @@
+# mqtx: PGXS build.  The version is defined once, in mqtx.control.
+
+EXTENSION = mqtx
+EXTVERSION = $(shell sed -n "s/^default_version = '\(.*\)'/\1/p" $(EXTENSION).control)
+
+MODULE_big = mqtx
+OBJS = src/mqtx.o src/broker.o src/outbox.o src/log_redact.o
+DATA = $(EXTENSION)--$(EXTVERSION).sql
+
+PG_CPPFLAGS = -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers \
+	$(shell pkg-config --cflags librabbitmq)
+SHLIB_LINK = $(shell pkg-config --libs librabbitmq)
+
+# pg_regress: sql/*.sql against expected/*.out, in a private instance that
+# preloads mqtx (initdb refuses root: run the tests as a normal user).
+REGRESS = $(patsubst sql/%.sql,%,$(sort $(wildcard sql/*.sql)))
+REGRESS_OPTS = --temp-instance=./tmp_check_regress --temp-config=./test/regress.conf
+
+# TAP: test/t/*.pl, with the harness modules under test/perl.
+TAP_TESTS = 1
+PROVE_TESTS = $(sort $(wildcard test/t/*.pl))
+PROVE_FLAGS = -I ./test/perl
+
+EXTRA_CLEAN = tmp_check_regress
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)
