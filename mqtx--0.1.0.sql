@@ -73,6 +73,120 @@ COMMENT ON FUNCTION mqtx.outbox_trigger() IS
 	'AFTER INSERT FOR EACH ROW trigger: enqueue the new row as JSON; arguments are the exchange and the routing key';
 
 --
+-- Topology: what the workers declare on the broker (idempotently) each time
+-- they connect, so that a fresh broker is usable at once.  Any change is
+-- declared again as soon as it commits.
+--
+CREATE TABLE mqtx.exchanges (
+	name	text PRIMARY KEY,
+	type	text NOT NULL DEFAULT 'direct',
+	durable boolean NOT NULL DEFAULT true,
+	CONSTRAINT exchanges_name_check CHECK (octet_length(name) BETWEEN 1 AND 255),
+	CONSTRAINT exchanges_name_reserved_check CHECK (name NOT LIKE 'amq.%'),
+	CONSTRAINT exchanges_type_check CHECK (type <> '')
+);
+
+CREATE TABLE mqtx.queues (
+	name		text PRIMARY KEY,
+	durable		boolean NOT NULL DEFAULT true,
+	arguments	jsonb,
+	CONSTRAINT queues_name_check CHECK (octet_length(name) BETWEEN 1 AND 255),
+	CONSTRAINT queues_name_reserved_check CHECK (name NOT LIKE 'amq.%'),
+	CONSTRAINT queues_arguments_check
+		CHECK (arguments IS NULL OR jsonb_typeof(arguments) = 'object')
+);
+
+CREATE TABLE mqtx.bindings (
+	queue		text NOT NULL REFERENCES mqtx.queues ON DELETE CASCADE,
+	exchange	text NOT NULL REFERENCES mqtx.exchanges ON DELETE CASCADE,
+	routing_key text NOT NULL DEFAULT '',
+	PRIMARY KEY (queue, exchange, routing_key),
+	CONSTRAINT bindings_routing_key_check CHECK (octet_length(routing_key) <= 255)
+);
+
+SELECT pg_catalog.pg_extension_config_dump('mqtx.exchanges', '');
+SELECT pg_catalog.pg_extension_config_dump('mqtx.queues', '');
+SELECT pg_catalog.pg_extension_config_dump('mqtx.bindings', '');
+
+CREATE FUNCTION mqtx.topology_trigger()
+RETURNS trigger
+AS 'MODULE_PATHNAME', 'mqtx_topology_trigger'
+LANGUAGE C;
+
+CREATE TRIGGER exchanges_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
+	ON mqtx.exchanges FOR EACH STATEMENT EXECUTE FUNCTION mqtx.topology_trigger();
+CREATE TRIGGER queues_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
+	ON mqtx.queues FOR EACH STATEMENT EXECUTE FUNCTION mqtx.topology_trigger();
+CREATE TRIGGER bindings_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
+	ON mqtx.bindings FOR EACH STATEMENT EXECUTE FUNCTION mqtx.topology_trigger();
+
+CREATE FUNCTION mqtx.declare_exchange(name text, type text DEFAULT 'direct',
+									  durable boolean DEFAULT true)
+RETURNS void
+LANGUAGE sql
+BEGIN ATOMIC
+	INSERT INTO mqtx.exchanges (name, type, durable)
+		VALUES (declare_exchange.name, declare_exchange.type, declare_exchange.durable)
+	ON CONFLICT ON CONSTRAINT exchanges_pkey
+		DO UPDATE SET type = excluded.type, durable = excluded.durable;
+END;
+
+COMMENT ON FUNCTION mqtx.declare_exchange(text, text, boolean) IS
+	'Record an exchange for the workers to declare on the broker';
+
+CREATE FUNCTION mqtx.declare_queue(name text, durable boolean DEFAULT true,
+								   arguments jsonb DEFAULT NULL)
+RETURNS void
+LANGUAGE sql
+BEGIN ATOMIC
+	INSERT INTO mqtx.queues (name, durable, arguments)
+		VALUES (declare_queue.name, declare_queue.durable, declare_queue.arguments)
+	ON CONFLICT ON CONSTRAINT queues_pkey
+		DO UPDATE SET durable = excluded.durable, arguments = excluded.arguments;
+END;
+
+COMMENT ON FUNCTION mqtx.declare_queue(text, boolean, jsonb) IS
+	'Record a queue (with optional x-arguments) for the workers to declare on the broker';
+
+CREATE FUNCTION mqtx.bind(queue text, exchange text, routing_key text DEFAULT '')
+RETURNS void
+LANGUAGE sql
+BEGIN ATOMIC
+	INSERT INTO mqtx.bindings (queue, exchange, routing_key)
+		VALUES (bind.queue, bind.exchange, bind.routing_key)
+	ON CONFLICT DO NOTHING;
+END;
+
+COMMENT ON FUNCTION mqtx.bind(text, text, text) IS
+	'Record a binding of a declared queue to a declared exchange';
+
+--
+-- Observability
+--
+CREATE VIEW mqtx.outbox_stats AS
+SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
+	   count(*) FILTER (WHERE status = 'published') AS published,
+	   count(*) FILTER (WHERE status = 'failed') AS failed,
+	   now() - min(created_at) FILTER (WHERE status = 'pending') AS oldest_pending_age
+FROM mqtx.outbox;
+
+COMMENT ON VIEW mqtx.outbox_stats IS
+	'Outbox rows per status, and how long the oldest pending one has waited';
+
+CREATE FUNCTION mqtx.relay_stats(
+	OUT database text, OUT pid integer, OUT broker_connected boolean,
+	OUT published bigint, OUT nacked bigint, OUT returned bigint,
+	OUT retried bigint, OUT failed bigint, OUT reconnects bigint)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'mqtx_relay_stats'
+LANGUAGE C VOLATILE;
+
+COMMENT ON FUNCTION mqtx.relay_stats() IS
+	'Per served database: the relay process, whether it is connected, and its counters since server start';
+
+CREATE VIEW mqtx.relay_stats AS SELECT * FROM mqtx.relay_stats();
+
+--
 -- Privileges: nothing in schema mqtx is public.  Applications that publish
 -- are granted the mqtx_publisher role (roles are cluster-wide, so another
 -- database's CREATE EXTENSION may have made it already).

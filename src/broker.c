@@ -1,8 +1,9 @@
 /*-------------------------------------------------------------------------
  *
  * broker.c
- *	  Everything that speaks to rabbitmq-c: broker URL parsing and the
- *	  translation of message headers into AMQP field tables.
+ *	  Everything that speaks to rabbitmq-c: broker URL parsing, AMQP field
+ *	  tables, connecting (TCP or TLS), declaring topology, publishing with
+ *	  publisher confirms.
  *
  * This is the only file that includes the rabbitmq-c headers; the rest of
  * mqtx sees plain C and PostgreSQL types.  Functions here report problems
@@ -17,8 +18,12 @@
 #include <math.h>
 
 #include <amqp.h>
+#include <amqp_ssl_socket.h>
+#include <amqp_tcp_socket.h>
 
 #include "mb/pg_wchar.h"
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
@@ -271,4 +276,642 @@ mqtx_headers_are_valid(Jsonb *headers, char **reason)
 	amqp_table_t table;
 
 	return headers_to_table(headers, &table, reason);
+}
+
+/*
+ * One connection with one channel in confirm mode.  The struct lives in
+ * TopMemoryContext; the library's own state is malloc'd by rabbitmq-c and
+ * must be released with broker_disconnect().
+ */
+struct BrokerConnection
+{
+	amqp_connection_state_t state;
+	bool		open;			/* false once the connection is unusable */
+	bool		channel_open;
+	uint64		next_delivery_tag;	/* confirm tags restart at 1 per channel */
+	MemoryContext cache_context;	/* holds known_exchanges */
+	List	   *known_exchanges;	/* checked to exist on this channel */
+};
+
+#define MQTX_CHANNEL 1
+
+static struct timeval
+timeval_from_ms(int ms)
+{
+	struct timeval tv;
+
+	tv.tv_sec = ms / 1000;
+	tv.tv_usec = (ms % 1000) * 1000;
+	return tv;
+}
+
+static amqp_bytes_t
+cstring_to_amqp_bytes(const char *text)
+{
+	return server_text_to_amqp_bytes(text, strlen(text));
+}
+
+static char *
+amqp_bytes_to_cstring(amqp_bytes_t bytes)
+{
+	return pnstrdup(bytes.bytes, bytes.len);
+}
+
+/*
+ * "host:port", for log lines: never the user or password.
+ */
+char *
+broker_describe(const char *url)
+{
+	struct amqp_connection_info info;
+	char	   *reason;
+
+	if (url == NULL || url[0] == '\0')
+		return pstrdup("(no broker configured)");
+	if (!parse_broker_url(url, &info, &reason))
+		return pstrdup("(invalid broker URL)");
+	return psprintf("%s%s:%d", info.ssl ? "amqps://" : "amqp://", info.host, info.port);
+}
+
+/*
+ * The broker closed our channel or connection: acknowledge it as AMQP
+ * requires and remember what is left usable.
+ */
+static void
+accept_close(BrokerConnection *conn, amqp_method_number_t method)
+{
+	if (method == AMQP_CHANNEL_CLOSE_METHOD)
+	{
+		amqp_channel_close_ok_t ok = {0};
+
+		if (amqp_send_method(conn->state, MQTX_CHANNEL,
+							 AMQP_CHANNEL_CLOSE_OK_METHOD, &ok) != AMQP_STATUS_OK)
+			conn->open = false;
+		conn->channel_open = false;
+	}
+	else
+	{
+		amqp_connection_close_ok_t ok = {0};
+
+		(void) amqp_send_method(conn->state, 0,
+								AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
+		conn->open = false;
+		conn->channel_open = false;
+	}
+}
+
+static char *
+describe_close(const char *what, amqp_method_number_t method, void *decoded)
+{
+	uint16		code;
+	amqp_bytes_t text;
+
+	if (method == AMQP_CHANNEL_CLOSE_METHOD)
+	{
+		code = ((amqp_channel_close_t *) decoded)->reply_code;
+		text = ((amqp_channel_close_t *) decoded)->reply_text;
+	}
+	else
+	{
+		code = ((amqp_connection_close_t *) decoded)->reply_code;
+		text = ((amqp_connection_close_t *) decoded)->reply_text;
+	}
+	return psprintf("%s: broker closed the %s: %u %.*s", what,
+					method == AMQP_CHANNEL_CLOSE_METHOD ? "channel" : "connection",
+					code, (int) text.len, (char *) text.bytes);
+}
+
+/*
+ * Turn a failed RPC reply into text and into connection state.
+ */
+static char *
+handle_failed_reply(BrokerConnection *conn, amqp_rpc_reply_t reply,
+					const char *what)
+{
+	char	   *error;
+
+	switch (reply.reply_type)
+	{
+		case AMQP_RESPONSE_LIBRARY_EXCEPTION:
+			/* timeouts and socket errors leave the connection unusable */
+			conn->open = false;
+			conn->channel_open = false;
+			return psprintf("%s: %s", what, amqp_error_string2(reply.library_error));
+		case AMQP_RESPONSE_SERVER_EXCEPTION:
+			if (reply.reply.id == AMQP_CHANNEL_CLOSE_METHOD ||
+				reply.reply.id == AMQP_CONNECTION_CLOSE_METHOD)
+			{
+				error = describe_close(what, reply.reply.id, reply.reply.decoded);
+				accept_close(conn, reply.reply.id);
+				return error;
+			}
+			conn->open = false;
+			return psprintf("%s: unexpected %s from broker", what,
+							amqp_method_name(reply.reply.id));
+		default:
+			conn->open = false;
+			return psprintf("%s: no reply from broker", what);
+	}
+}
+
+static bool
+rpc_succeeded(BrokerConnection *conn, const char *what, char **error)
+{
+	amqp_rpc_reply_t reply = amqp_get_rpc_reply(conn->state);
+
+	if (reply.reply_type == AMQP_RESPONSE_NORMAL)
+		return true;
+	*error = handle_failed_reply(conn, reply, what);
+	return false;
+}
+
+/*
+ * Open channel 1 in confirm mode if it is not open (it closes on channel
+ * errors such as a publish to a missing exchange).
+ */
+static bool
+ensure_channel(BrokerConnection *conn, char **error)
+{
+	if (!conn->open)
+	{
+		*error = pstrdup("the broker connection is closed");
+		return false;
+	}
+	if (conn->channel_open)
+		return true;
+
+	amqp_channel_open(conn->state, MQTX_CHANNEL);
+	if (!rpc_succeeded(conn, "opening a channel", error))
+		return false;
+	amqp_confirm_select(conn->state, MQTX_CHANNEL);
+	if (!rpc_succeeded(conn, "enabling publisher confirms", error))
+		return false;
+
+	conn->channel_open = true;
+	conn->next_delivery_tag = 1;
+	MemoryContextReset(conn->cache_context);
+	conn->known_exchanges = NIL;
+	return true;
+}
+
+static amqp_socket_t *
+new_tls_socket(amqp_connection_state_t state, char **error)
+{
+	amqp_socket_t *socket = amqp_ssl_socket_new(state);
+	int			rc;
+
+	if (socket == NULL)
+	{
+		*error = pstrdup("cannot create a TLS socket");
+		return NULL;
+	}
+	amqp_ssl_socket_set_verify_peer(socket, mqtx_tls_verify_peer);
+	amqp_ssl_socket_set_verify_hostname(socket, mqtx_tls_verify_peer);
+	if (mqtx_tls_ca_file[0] != '\0')
+	{
+		rc = amqp_ssl_socket_set_cacert(socket, mqtx_tls_ca_file);
+		if (rc != AMQP_STATUS_OK)
+		{
+			*error = psprintf("cannot load mqtx.tls_ca_file \"%s\": %s",
+							  mqtx_tls_ca_file, amqp_error_string2(rc));
+			return NULL;
+		}
+	}
+	else if (mqtx_tls_verify_peer)
+	{
+		*error = pstrdup("amqps:// needs mqtx.tls_ca_file to verify the broker's certificate");
+		return NULL;
+	}
+	if (mqtx_tls_cert_file[0] != '\0' || mqtx_tls_key_file[0] != '\0')
+	{
+		rc = amqp_ssl_socket_set_key(socket, mqtx_tls_cert_file, mqtx_tls_key_file);
+		if (rc != AMQP_STATUS_OK)
+		{
+			*error = psprintf("cannot load the client certificate \"%s\" or key \"%s\": %s",
+							  mqtx_tls_cert_file, mqtx_tls_key_file,
+							  amqp_error_string2(rc));
+			return NULL;
+		}
+	}
+	return socket;
+}
+
+/*
+ * Connect, log in and open a confirm-mode channel, every step bounded by
+ * mqtx.connect_timeout.  Returns NULL with *error set on failure.
+ */
+BrokerConnection *
+broker_connect(const char *url, char **error)
+{
+	struct amqp_connection_info info;
+	struct timeval timeout = timeval_from_ms(mqtx_connect_timeout);
+	BrokerConnection *conn;
+	amqp_socket_t *socket;
+	amqp_rpc_reply_t reply;
+	int			rc;
+
+	if (url == NULL || url[0] == '\0')
+	{
+		*error = pstrdup("mqtx.broker_url is not set");
+		return NULL;
+	}
+	if (!parse_broker_url(url, &info, error))
+		return NULL;
+
+	conn = MemoryContextAllocZero(TopMemoryContext, sizeof(BrokerConnection));
+	conn->cache_context = AllocSetContextCreate(TopMemoryContext,
+												"mqtx broker cache",
+												ALLOCSET_SMALL_SIZES);
+	conn->state = amqp_new_connection();
+	if (conn->state == NULL)
+	{
+		*error = pstrdup("out of memory creating a broker connection");
+		goto fail;
+	}
+	socket = info.ssl ? new_tls_socket(conn->state, error) :
+		amqp_tcp_socket_new(conn->state);
+	if (socket == NULL)
+	{
+		if (!info.ssl)
+			*error = pstrdup("cannot create a TCP socket");
+		goto fail;
+	}
+	rc = amqp_socket_open_noblock(socket, info.host, info.port, &timeout);
+	if (rc != AMQP_STATUS_OK)
+	{
+		*error = psprintf("cannot connect to %s:%d: %s", info.host, info.port,
+						  amqp_error_string2(rc));
+		goto fail;
+	}
+	amqp_set_handshake_timeout(conn->state, &timeout);
+	amqp_set_rpc_timeout(conn->state, &timeout);
+
+	reply = amqp_login(conn->state, info.vhost, 0, AMQP_DEFAULT_FRAME_SIZE,
+					   mqtx_heartbeat, AMQP_SASL_METHOD_PLAIN,
+					   info.user, info.password);
+	if (reply.reply_type != AMQP_RESPONSE_NORMAL)
+	{
+		*error = handle_failed_reply(conn, reply,
+									 psprintf("logging in to %s:%d as \"%s\"",
+											  info.host, info.port, info.user));
+		goto fail;
+	}
+	conn->open = true;
+	if (!ensure_channel(conn, error))
+		goto fail;
+	return conn;
+
+fail:
+	broker_disconnect(conn);
+	return NULL;
+}
+
+void
+broker_disconnect(BrokerConnection *conn)
+{
+	if (conn == NULL)
+		return;
+	if (conn->state != NULL)
+	{
+		if (conn->open)
+			(void) amqp_connection_close(conn->state, AMQP_REPLY_SUCCESS);
+		amqp_destroy_connection(conn->state);
+	}
+	MemoryContextDelete(conn->cache_context);
+	pfree(conn);
+}
+
+bool
+broker_is_open(BrokerConnection *conn)
+{
+	return conn != NULL && conn->open;
+}
+
+bool
+broker_declare_exchange(BrokerConnection *conn, const char *name,
+						const char *type, bool durable, char **error)
+{
+	if (!ensure_channel(conn, error))
+		return false;
+	amqp_exchange_declare(conn->state, MQTX_CHANNEL,
+						  cstring_to_amqp_bytes(name), cstring_to_amqp_bytes(type),
+						  false, durable, false, false, amqp_empty_table);
+	return rpc_succeeded(conn, psprintf("declaring exchange \"%s\"", name), error);
+}
+
+bool
+broker_declare_queue(BrokerConnection *conn, const char *name, bool durable,
+					 Jsonb *arguments, char **error)
+{
+	amqp_table_t table = amqp_empty_table;
+
+	if (arguments != NULL && !headers_to_table(arguments, &table, error))
+		return false;
+	if (!ensure_channel(conn, error))
+		return false;
+	amqp_queue_declare(conn->state, MQTX_CHANNEL, cstring_to_amqp_bytes(name),
+					   false, durable, false, false, table);
+	return rpc_succeeded(conn, psprintf("declaring queue \"%s\"", name), error);
+}
+
+bool
+broker_bind(BrokerConnection *conn, const char *queue, const char *exchange,
+			const char *routing_key, char **error)
+{
+	if (!ensure_channel(conn, error))
+		return false;
+	amqp_queue_bind(conn->state, MQTX_CHANNEL, cstring_to_amqp_bytes(queue),
+					cstring_to_amqp_bytes(exchange),
+					cstring_to_amqp_bytes(routing_key), amqp_empty_table);
+	return rpc_succeeded(conn, psprintf("binding queue \"%s\" to exchange \"%s\"",
+										queue, exchange), error);
+}
+
+/*
+ * Does the exchange exist?  Asked with a passive declare, once per channel:
+ * publishing to a missing exchange would close the channel and take every
+ * unconfirmed message of the batch with it.  Returns false with *error
+ * when it does not exist or when the connection failed (broker_is_open()
+ * tells which).
+ */
+bool
+broker_exchange_exists(BrokerConnection *conn, const char *name, char **error)
+{
+	ListCell   *lc;
+	MemoryContext old;
+
+	if (name[0] == '\0')
+		return true;			/* the default exchange always exists */
+	if (!ensure_channel(conn, error))
+		return false;
+	foreach(lc, conn->known_exchanges)
+		if (strcmp(lfirst(lc), name) == 0)
+			return true;
+
+	amqp_exchange_declare(conn->state, MQTX_CHANNEL, cstring_to_amqp_bytes(name),
+						  amqp_cstring_bytes("direct"), true, false, false, false,
+						  amqp_empty_table);
+	if (!rpc_succeeded(conn, psprintf("exchange \"%s\"", name), error))
+		return false;
+
+	old = MemoryContextSwitchTo(conn->cache_context);
+	conn->known_exchanges = lappend(conn->known_exchanges, pstrdup(name));
+	MemoryContextSwitchTo(old);
+	return true;
+}
+
+/*
+ * Send one message on the confirm channel.  Returns false only when the
+ * connection or channel failed (stop sending); a message that cannot be
+ * encoded is marked PUBLISH_REJECTED and the batch goes on.
+ */
+bool
+broker_publish(BrokerConnection *conn, BrokerMessage *message, char **error)
+{
+	amqp_basic_properties_t props;
+	amqp_bytes_t body;
+	int			rc;
+
+	if (!ensure_channel(conn, error))
+		return false;
+
+	memset(&props, 0, sizeof(props));
+	props._flags = AMQP_BASIC_CONTENT_TYPE_FLAG | AMQP_BASIC_DELIVERY_MODE_FLAG |
+		AMQP_BASIC_MESSAGE_ID_FLAG | AMQP_BASIC_TIMESTAMP_FLAG |
+		AMQP_BASIC_APP_ID_FLAG;
+	props.content_type = amqp_cstring_bytes("application/json");
+	props.delivery_mode = AMQP_DELIVERY_PERSISTENT;
+	props.message_id = amqp_cstring_bytes((char *) message->message_id);
+	props.timestamp = (uint64_t) message->timestamp;
+	props.app_id = amqp_cstring_bytes("mqtx");
+	if (message->headers != NULL)
+	{
+		if (!headers_to_table(message->headers, &props.headers, &message->error))
+		{
+			message->outcome = PUBLISH_REJECTED;
+			return true;
+		}
+		props._flags |= AMQP_BASIC_HEADERS_FLAG;
+	}
+	body = server_text_to_amqp_bytes(message->body, message->body_len);
+
+	rc = amqp_basic_publish(conn->state, MQTX_CHANNEL,
+							cstring_to_amqp_bytes(message->exchange),
+							cstring_to_amqp_bytes(message->routing_key),
+							true, false, &props, body);
+	if (rc == AMQP_STATUS_TABLE_TOO_BIG)
+	{
+		message->outcome = PUBLISH_REJECTED;
+		message->error = pstrdup("the headers are too large for an AMQP frame");
+		return true;
+	}
+	if (rc != AMQP_STATUS_OK)
+	{
+		*error = psprintf("publishing: %s", amqp_error_string2(rc));
+		conn->open = false;
+		conn->channel_open = false;
+		return false;
+	}
+	message->delivery_tag = conn->next_delivery_tag++;
+	message->outcome = PUBLISH_UNCONFIRMED;
+	return true;
+}
+
+/*
+ * Apply a basic.ack or basic.nack to the batch; "multiple" covers every
+ * tag up to and including delivery_tag.  Messages already returned keep
+ * that outcome: RabbitMQ acks an unroutable message after returning it.
+ */
+static int
+apply_confirm(BrokerMessage *messages, int count, uint64 delivery_tag,
+			  bool multiple, PublishOutcome outcome)
+{
+	int			resolved = 0;
+
+	for (int i = 0; i < count; i++)
+	{
+		BrokerMessage *m = &messages[i];
+
+		if (m->outcome != PUBLISH_UNCONFIRMED)
+			continue;
+		if (m->delivery_tag == delivery_tag ||
+			(multiple && m->delivery_tag < delivery_tag))
+		{
+			m->outcome = outcome;
+			if (outcome == PUBLISH_NACKED)
+				m->error = pstrdup("the broker refused the message (basic.nack)");
+			resolved++;
+		}
+	}
+	return resolved;
+}
+
+/*
+ * basic.return: the message body follows and must be read off the wire.
+ * It carries no delivery tag, so it is matched on its message_id.
+ */
+static int
+apply_return(BrokerConnection *conn, amqp_basic_return_t *ret,
+			 BrokerMessage *messages, int count, char **error)
+{
+	amqp_message_t returned;
+	amqp_rpc_reply_t reply;
+	char	   *message_id;
+	char	   *reason;
+	int			resolved = 0;
+
+	reason = psprintf("unroutable: the broker returned it (%u %.*s) from exchange \"%.*s\" with routing key \"%.*s\"",
+					  ret->reply_code,
+					  (int) ret->reply_text.len, (char *) ret->reply_text.bytes,
+					  (int) ret->exchange.len, (char *) ret->exchange.bytes,
+					  (int) ret->routing_key.len, (char *) ret->routing_key.bytes);
+
+	reply = amqp_read_message(conn->state, MQTX_CHANNEL, &returned, 0);
+	if (reply.reply_type != AMQP_RESPONSE_NORMAL)
+	{
+		*error = handle_failed_reply(conn, reply, "reading a returned message");
+		return -1;
+	}
+	message_id = (returned.properties._flags & AMQP_BASIC_MESSAGE_ID_FLAG) ?
+		amqp_bytes_to_cstring(returned.properties.message_id) : NULL;
+	amqp_destroy_message(&returned);
+
+	for (int i = 0; message_id != NULL && i < count; i++)
+	{
+		if (messages[i].outcome == PUBLISH_UNCONFIRMED &&
+			strcmp(messages[i].message_id, message_id) == 0)
+		{
+			messages[i].outcome = PUBLISH_RETURNED;
+			messages[i].error = reason;
+			resolved++;
+			break;
+		}
+	}
+	return resolved;
+}
+
+/*
+ * Handle one frame the broker sent unprompted.  Returns how many of the
+ * batch's messages it resolved, or -1 when the channel or connection closed
+ * (with *error set).
+ */
+static int
+handle_frame(BrokerConnection *conn, amqp_frame_t *frame,
+			 BrokerMessage *messages, int count, char **error)
+{
+	void	   *decoded = frame->payload.method.decoded;
+
+	if (frame->frame_type != AMQP_FRAME_METHOD)
+		return 0;
+
+	switch (frame->payload.method.id)
+	{
+		case AMQP_BASIC_ACK_METHOD:
+			return apply_confirm(messages, count,
+								 ((amqp_basic_ack_t *) decoded)->delivery_tag,
+								 ((amqp_basic_ack_t *) decoded)->multiple,
+								 PUBLISH_ACKED);
+		case AMQP_BASIC_NACK_METHOD:
+			return apply_confirm(messages, count,
+								 ((amqp_basic_nack_t *) decoded)->delivery_tag,
+								 ((amqp_basic_nack_t *) decoded)->multiple,
+								 PUBLISH_NACKED);
+		case AMQP_BASIC_RETURN_METHOD:
+			return apply_return(conn, decoded, messages, count, error);
+		case AMQP_CHANNEL_CLOSE_METHOD:
+		case AMQP_CONNECTION_CLOSE_METHOD:
+			*error = describe_close("while publishing", frame->payload.method.id,
+									decoded);
+			accept_close(conn, frame->payload.method.id);
+			return -1;
+		default:
+			return 0;
+	}
+}
+
+/*
+ * Wait until every sent message of the batch is acked, nacked or returned,
+ * or timeout_ms passes.  Returns false on timeout or when the channel or
+ * connection closed; messages still PUBLISH_UNCONFIRMED then have an
+ * unknown fate.
+ */
+bool
+broker_await_confirms(BrokerConnection *conn, BrokerMessage *messages,
+					  int count, int timeout_ms, char **error)
+{
+	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													   timeout_ms);
+	int			unresolved = 0;
+
+	for (int i = 0; i < count; i++)
+		if (messages[i].outcome == PUBLISH_UNCONFIRMED)
+			unresolved++;
+
+	while (unresolved > 0)
+	{
+		long		remaining_ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
+																   deadline);
+		struct timeval tv = timeval_from_ms((int) remaining_ms);
+		amqp_frame_t frame;
+		int			rc;
+		int			resolved;
+
+		if (remaining_ms <= 0)
+		{
+			*error = psprintf("no publisher confirm within %d ms", timeout_ms);
+			return false;
+		}
+		amqp_maybe_release_buffers(conn->state);
+		rc = amqp_simple_wait_frame_noblock(conn->state, &frame, &tv);
+		if (rc == AMQP_STATUS_TIMEOUT)
+			continue;
+		if (rc != AMQP_STATUS_OK)
+		{
+			*error = psprintf("waiting for publisher confirms: %s",
+							  amqp_error_string2(rc));
+			conn->open = false;
+			conn->channel_open = false;
+			return false;
+		}
+		resolved = handle_frame(conn, &frame, messages, count, error);
+		if (resolved < 0)
+			return false;
+		unresolved -= resolved;
+	}
+	return true;
+}
+
+/*
+ * Service the connection between batches without blocking: heartbeats go
+ * out, and a close from the broker is noticed.  Returns false when the
+ * connection is gone.
+ */
+bool
+broker_poll(BrokerConnection *conn, char **error)
+{
+	for (;;)
+	{
+		struct timeval no_wait = {0, 0};
+		amqp_frame_t frame;
+		int			rc;
+
+		if (!conn->open)
+		{
+			*error = pstrdup("the broker connection is closed");
+			return false;
+		}
+		amqp_maybe_release_buffers(conn->state);
+		rc = amqp_simple_wait_frame_noblock(conn->state, &frame, &no_wait);
+		if (rc == AMQP_STATUS_TIMEOUT)
+			return true;
+		if (rc != AMQP_STATUS_OK)
+		{
+			*error = psprintf("broker connection lost: %s", amqp_error_string2(rc));
+			conn->open = false;
+			conn->channel_open = false;
+			return false;
+		}
+		if (handle_frame(conn, &frame, NULL, 0, error) < 0 && !conn->open)
+			return false;
+	}
 }

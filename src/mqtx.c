@@ -14,6 +14,7 @@
 
 #include "fmgr.h"
 #include "miscadmin.h"
+#include "utils/memutils.h"
 #include "utils/guc.h"
 #include "utils/varlena.h"
 
@@ -23,7 +24,22 @@ PG_MODULE_MAGIC;
 
 char	   *mqtx_broker_url = NULL;
 char	   *mqtx_databases = NULL;
+List	   *mqtx_database_names = NIL;
 int			mqtx_max_payload = 1024 * 1024;
+bool		mqtx_relay_enabled = true;
+int			mqtx_batch_size = 500;
+int			mqtx_poll_interval = 1000;
+int			mqtx_max_attempts = 10;
+int			mqtx_retry_base = 1000;
+int			mqtx_retry_max = 300000;
+int			mqtx_confirm_timeout = 10000;
+int			mqtx_connect_timeout = 5000;
+int			mqtx_heartbeat = 30;
+int			mqtx_retention = 7 * 24 * 3600;
+char	   *mqtx_tls_ca_file = NULL;
+char	   *mqtx_tls_cert_file = NULL;
+char	   *mqtx_tls_key_file = NULL;
+bool		mqtx_tls_verify_peer = true;
 
 void		_PG_init(void);
 
@@ -59,12 +75,107 @@ check_database_list(char **newval, void **extra, GucSource source)
 	List	   *names = NIL;
 	bool		ok;
 
-	ok = SplitIdentifierString(copy, ',', &names) && names != NIL;
+	ok = SplitIdentifierString(copy, ',', &names) && names != NIL &&
+		list_length(names) <= MQTX_MAX_DATABASES;
 	if (!ok)
-		GUC_check_errdetail("mqtx.database must be a comma-separated list of database names.");
+		GUC_check_errdetail("mqtx.database must be a comma-separated list of 1 to %d database names.",
+							MQTX_MAX_DATABASES);
+	for (ListCell *a = list_head(names); ok && a != NULL; a = lnext(names, a))
+		for (ListCell *b = lnext(names, a); ok && b != NULL; b = lnext(names, b))
+			if (strcmp(lfirst(a), lfirst(b)) == 0)
+			{
+				GUC_check_errdetail("Database \"%s\" is listed twice.", (char *) lfirst(a));
+				ok = false;
+			}
 	list_free(names);
 	pfree(copy);
 	return ok;
+}
+
+/*
+ * The served databases, parsed once in the postmaster; workers inherit
+ * the list.
+ */
+static List *
+parse_database_list(void)
+{
+	List	   *names = NIL;
+	MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
+
+	if (!SplitIdentifierString(pstrdup(mqtx_databases), ',', &names))
+		elog(ERROR, "invalid mqtx.database");	/* the check hook prevents it */
+	MemoryContextSwitchTo(old);
+	return names;
+}
+
+static void
+define_worker_settings(void)
+{
+	DefineCustomIntVariable("mqtx.batch_size",
+							"Outbox rows the relay publishes per batch.",
+							"The batch is published with pipelined confirms: one round trip per batch.",
+							&mqtx_batch_size, 500, 1, 10000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtx.poll_interval",
+							"How often the relay looks for due rows when nothing wakes it.",
+							"Committed messages wake the relay at once; this covers retries and missed wake-ups.",
+							&mqtx_poll_interval, 1000, 10, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtx.max_attempts",
+							"Publish attempts before an outbox row becomes failed.",
+							NULL,
+							&mqtx_max_attempts, 10, 1, 1000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtx.retry_base",
+							"Delay before the first retry; it doubles per attempt, with jitter.",
+							NULL,
+							&mqtx_retry_base, 1000, 1, 24 * 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtx.retry_max",
+							"Longest delay between two attempts.",
+							NULL,
+							&mqtx_retry_max, 300000, 1, 24 * 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtx.confirm_timeout",
+							"How long the relay waits for a batch's publisher confirms.",
+							"Unconfirmed messages count as a failed attempt and the relay reconnects.",
+							&mqtx_confirm_timeout, 10000, 100, 600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtx.connect_timeout",
+							"Bound on connecting, logging in and each broker RPC.",
+							NULL,
+							&mqtx_connect_timeout, 5000, 100, 600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtx.heartbeat",
+							"AMQP heartbeat interval requested from the broker (0 disables).",
+							NULL,
+							&mqtx_heartbeat, 30, 0, 3600,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtx.retention",
+							"How long published outbox rows are kept (-1 keeps them forever).",
+							NULL,
+							&mqtx_retention, 7 * 24 * 3600, -1, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomStringVariable("mqtx.tls_ca_file",
+							   "CA certificates (PEM) that verify the broker for amqps:// URLs.",
+							   NULL,
+							   &mqtx_tls_ca_file, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomStringVariable("mqtx.tls_cert_file",
+							   "Client certificate (PEM) presented to the broker, if it asks for one.",
+							   NULL,
+							   &mqtx_tls_cert_file, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomStringVariable("mqtx.tls_key_file",
+							   "Private key (PEM) of mqtx.tls_cert_file.",
+							   NULL,
+							   &mqtx_tls_key_file, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomBoolVariable("mqtx.tls_verify_peer",
+							 "Verify the broker's certificate and host name for amqps:// URLs.",
+							 NULL,
+							 &mqtx_tls_verify_peer, true,
+							 PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 }
 
 static void
@@ -91,8 +202,16 @@ define_settings(void)
 							GUC_UNIT_BYTE,
 							NULL, NULL, NULL);
 
+	define_worker_settings();
+
 	/* can't define PGC_POSTMASTER variables after startup */
 	if (process_shared_preload_libraries_in_progress)
+	{
+		DefineCustomBoolVariable("mqtx.relay_enabled",
+								 "Run the relay worker, which publishes the outbox.",
+								 NULL,
+								 &mqtx_relay_enabled, true,
+								 PGC_POSTMASTER, 0, NULL, NULL, NULL);
 		DefineCustomStringVariable("mqtx.database",
 								   "Databases served by the mqtx workers.",
 								   "A comma-separated list; each database needs CREATE EXTENSION mqtx.",
@@ -101,6 +220,7 @@ define_settings(void)
 								   PGC_POSTMASTER,
 								   GUC_LIST_INPUT,
 								   check_database_list, NULL, NULL);
+	}
 
 	MarkGUCPrefixReserved("mqtx");
 }
@@ -110,4 +230,19 @@ _PG_init(void)
 {
 	define_settings();
 	mqtx_install_log_redaction();
+	mqtx_shared_init();
+
+	if (process_shared_preload_libraries_in_progress)
+	{
+		int			index = 0;
+		ListCell   *lc;
+
+		mqtx_database_names = parse_database_list();
+		foreach(lc, mqtx_database_names)
+		{
+			if (mqtx_relay_enabled)
+				mqtx_register_relay(index, lfirst(lc));
+			index++;
+		}
+	}
 }

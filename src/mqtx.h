@@ -1,8 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * mqtx.h
- *	  Declarations shared by the parts of mqtx: settings, the outbox SQL
- *	  surface, the broker connection and the log redaction.
+ *	  Declarations shared by the parts of mqtx: settings, shared state,
+ *	  the outbox SQL surface, the broker connection and the relay.
  *
  * Nothing here mentions rabbitmq-c: only broker.c includes its headers.
  *
@@ -11,19 +11,124 @@
 #ifndef MQTX_H
 #define MQTX_H
 
+#include "nodes/pg_list.h"
+#include "port/atomics.h"
+#include "storage/latch.h"
+#include "storage/spin.h"
 #include "utils/jsonb.h"
 
 /* AMQP 0-9-1 "shortstr": exchange names, routing keys, header keys */
 #define MQTX_SHORTSTR_MAX 255
 
 /* Settings (mqtx.c) */
+#define MQTX_MAX_DATABASES 64
+
 extern char *mqtx_broker_url;
 extern char *mqtx_databases;
+extern List *mqtx_database_names;
 extern int	mqtx_max_payload;
+extern bool mqtx_relay_enabled;
+extern int	mqtx_batch_size;
+extern int	mqtx_poll_interval;
+extern int	mqtx_max_attempts;
+extern int	mqtx_retry_base;
+extern int	mqtx_retry_max;
+extern int	mqtx_confirm_timeout;
+extern int	mqtx_connect_timeout;
+extern int	mqtx_heartbeat;
+extern int	mqtx_retention;
+extern char *mqtx_tls_ca_file;
+extern char *mqtx_tls_cert_file;
+extern char *mqtx_tls_key_file;
+extern bool mqtx_tls_verify_peer;
+
+/* Shared state (shared.c) */
+typedef enum MqtxRelayCounter
+{
+	MQTX_RELAY_PUBLISHED,
+	MQTX_RELAY_NACKED,
+	MQTX_RELAY_RETURNED,
+	MQTX_RELAY_RETRIED,
+	MQTX_RELAY_FAILED,
+	MQTX_RELAY_RECONNECTS,
+	MQTX_RELAY_NCOUNTERS
+} MqtxRelayCounter;
+
+typedef struct MqtxSlot
+{
+	char		dbname[NAMEDATALEN];
+	slock_t		mutex;			/* protects the fields up to the atomics */
+	Oid			dboid;
+	pid_t		relay_pid;
+	Latch	   *relay_latch;
+	bool		broker_connected;
+	pg_atomic_uint32 topology_generation;
+	pg_atomic_uint64 relay_counters[MQTX_RELAY_NCOUNTERS];
+} MqtxSlot;
+
+extern void mqtx_shared_init(void);
+extern MqtxSlot *mqtx_slot(int index);
+extern void mqtx_slot_attach(MqtxSlot *slot, Oid dboid);
+extern void mqtx_slot_detach(MqtxSlot *slot);
+extern void mqtx_slot_set_connected(MqtxSlot *slot, bool connected);
+extern void mqtx_count(MqtxSlot *slot, MqtxRelayCounter counter, uint64 n);
+extern void mqtx_wake_relay_at_commit(void);
+extern void mqtx_topology_changed_at_commit(void);
 
 /* Broker connection (broker.c) */
+typedef struct BrokerConnection BrokerConnection;
+
+typedef enum PublishOutcome
+{
+	PUBLISH_NOT_SENT,			/* never reached the broker */
+	PUBLISH_UNCONFIRMED,		/* sent, no confirm yet */
+	PUBLISH_ACKED,
+	PUBLISH_NACKED,
+	PUBLISH_RETURNED,			/* unroutable (mandatory) */
+	PUBLISH_REJECTED			/* refused before sending, e.g. unknown exchange */
+} PublishOutcome;
+
+typedef struct BrokerMessage
+{
+	/* what to send; strings in the server encoding */
+	const char *exchange;
+	const char *routing_key;
+	const char *message_id;
+	const char *body;
+	int			body_len;
+	Jsonb	   *headers;		/* NULL for none */
+	int64		timestamp;		/* seconds since the Unix epoch */
+
+	/* what became of it */
+	PublishOutcome outcome;
+	uint64		delivery_tag;
+	char	   *error;			/* why, for NACKED, RETURNED and REJECTED */
+} BrokerMessage;
+
 extern bool mqtx_broker_url_is_valid(const char *url, char **reason);
 extern bool mqtx_headers_are_valid(Jsonb *headers, char **reason);
+extern char *broker_describe(const char *url);
+extern BrokerConnection *broker_connect(const char *url, char **error);
+extern void broker_disconnect(BrokerConnection *conn);
+extern bool broker_is_open(BrokerConnection *conn);
+extern bool broker_poll(BrokerConnection *conn, char **error);
+extern bool broker_declare_exchange(BrokerConnection *conn, const char *name,
+									const char *type, bool durable, char **error);
+extern bool broker_declare_queue(BrokerConnection *conn, const char *name,
+								 bool durable, Jsonb *arguments, char **error);
+extern bool broker_bind(BrokerConnection *conn, const char *queue,
+						const char *exchange, const char *routing_key,
+						char **error);
+extern bool broker_exchange_exists(BrokerConnection *conn, const char *name,
+								   char **error);
+extern bool broker_publish(BrokerConnection *conn, BrokerMessage *message,
+						   char **error);
+extern bool broker_await_confirms(BrokerConnection *conn, BrokerMessage *messages,
+								  int count, int timeout_ms, char **error);
+
+/* Relay worker (relay.c) */
+extern void mqtx_register_relay(int slot_index, const char *dbname);
+extern PGDLLEXPORT void mqtx_relay_main(Datum main_arg);
 
 /* Log redaction (log_redact.c) */
 extern void mqtx_install_log_redaction(void);

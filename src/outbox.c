@@ -192,6 +192,7 @@ insert_outbox_row(text *exchange, text *routing_key, Jsonb *payload,
 
 	/* on error, transaction abort restores the user */
 	SetUserIdAndSecContext(saved_user, saved_sec_context);
+	mqtx_wake_relay_at_commit();
 	return UUIDPGetDatum(message_id);
 }
 

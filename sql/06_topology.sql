@@ -1,0 +1,54 @@
+--
+-- Topology stored for the workers, and the observability views
+--
+SELECT mqtx.declare_exchange('order.exchange', 'topic');
+SELECT mqtx.declare_exchange('audit', 'fanout', false);
+SELECT mqtx.declare_queue('dispatch');
+SELECT mqtx.declare_queue('dispatch.retry', true, '{"x-message-ttl": 5000, "x-dead-letter-exchange": "order.exchange"}');
+SELECT mqtx.bind('dispatch', 'order.exchange', 'order.*');
+SELECT mqtx.bind('dispatch', 'order.exchange', 'order.*');	-- idempotent
+SELECT mqtx.bind('dispatch', 'audit');
+
+-- declaring again updates in place
+SELECT mqtx.declare_exchange('audit', 'fanout', true);
+
+SELECT name, type, durable FROM mqtx.exchanges ORDER BY name;
+SELECT name, durable, arguments FROM mqtx.queues ORDER BY name;
+SELECT queue, exchange, routing_key FROM mqtx.bindings ORDER BY 1, 2, 3;
+
+-- what the broker would refuse is refused here
+SELECT mqtx.bind('nowhere', 'order.exchange', 'x');
+SELECT mqtx.bind('dispatch', 'nowhere', 'x');
+SELECT mqtx.declare_exchange('amq.topic', 'topic');
+SELECT mqtx.declare_exchange('', 'direct');
+SELECT mqtx.declare_queue(repeat('q', 256));
+SELECT mqtx.declare_queue('q', true, '[1]');
+
+-- dropping a queue drops its bindings
+DELETE FROM mqtx.queues WHERE name = 'dispatch';
+SELECT count(*) FROM mqtx.bindings;
+
+-- outbox_stats counts by status
+TRUNCATE mqtx.outbox;
+SELECT * FROM mqtx.outbox_stats;
+SELECT mqtx.publish('order.exchange', 'order.created', '{}') IS NOT NULL AS enqueued;
+SELECT mqtx.publish('order.exchange', 'order.created', '{}') IS NOT NULL AS enqueued;
+SELECT mqtx.publish('order.exchange', 'order.created', '{}') IS NOT NULL AS enqueued;
+UPDATE mqtx.outbox SET status = 'published', published_at = now()
+	WHERE id = (SELECT min(id) FROM mqtx.outbox);
+UPDATE mqtx.outbox SET status = 'failed'
+	WHERE id = (SELECT max(id) FROM mqtx.outbox);
+SELECT pending, published, failed, oldest_pending_age >= '0'::interval AS has_age
+FROM mqtx.outbox_stats;
+
+-- one relay row per served database (no broker is configured here)
+SELECT database, broker_connected, published, nacked, returned, retried, failed, reconnects
+FROM mqtx.relay_stats;
+
+-- topology and stats are for the extension's owner, not for publishers
+CREATE ROLE mqtx_regress_app IN ROLE mqtx_publisher;
+SET ROLE mqtx_regress_app;
+SELECT mqtx.declare_queue('sneaky');
+SELECT * FROM mqtx.outbox_stats;
+RESET ROLE;
+DROP ROLE mqtx_regress_app;

@@ -1,0 +1,694 @@
+/*-------------------------------------------------------------------------
+ *
+ * relay.c
+ *	  The relay worker: publishes mqtx.outbox to RabbitMQ with publisher
+ *	  confirms and records each message's fate.
+ *
+ * One relay runs per database in mqtx.database.  Each pass claims a batch
+ * of due pending rows, oldest first, with FOR UPDATE SKIP LOCKED, publishes
+ * the whole batch, then collects the confirms (pipelined: one round trip
+ * per batch, not per message), and records the outcome of every row.
+ *
+ * The row locks are held across the publish, deliberately.  The batch's
+ * life is bounded by mqtx.confirm_timeout, and holding the locks means one
+ * write per row (no lease to take and then release), concurrent relays
+ * skip rows in flight, and a crash at any point releases the locks with
+ * the rows still pending, so they are re-sent at once: a crash means a
+ * re-send, never a loss.  The price is an open transaction while waiting
+ * for the broker, at most mqtx.confirm_timeout long.
+ *
+ * The relay commits asynchronously (synchronous_commit = off): losing the
+ * last commits in a crash only turns "published" rows back into pending
+ * ones, which are published again; the consumer's inbox absorbs the
+ * duplicates.  Waiting for a WAL flush per batch would buy nothing.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "tcop/tcopprot.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "mqtx.h"
+
+/* Reconnect backoff: doubled per failed attempt, up to the cap. */
+#define RECONNECT_MIN_MS 200
+#define RECONNECT_MAX_MS 10000
+
+/* Retention deletes this many published rows per transaction. */
+#define RETENTION_BATCH 1000
+#define RETENTION_INTERVAL_MS 10000
+
+static const char *const claim_sql =
+"SELECT id, message_id::text, exchange, routing_key, payload::text, headers, "
+"       extract(epoch FROM created_at)::bigint "
+"FROM mqtx.outbox "
+"WHERE status = 'pending' AND next_attempt_at <= now() "
+"ORDER BY next_attempt_at, id "
+"LIMIT $1 "
+"FOR UPDATE SKIP LOCKED";
+
+static const char *const mark_published_sql =
+"UPDATE mqtx.outbox SET status = 'published', published_at = now() "
+"WHERE id = ANY($1)";
+
+/*
+ * One failed attempt per row: back off exponentially with jitter (half the
+ * delay fixed, half random), or give up past max_attempts and raise the
+ * alert.  Only the rows that gave up come back.
+ */
+static const char *const record_failures_sql =
+"WITH attempt AS ("
+"  UPDATE mqtx.outbox o"
+"     SET attempts = o.attempts + 1,"
+"         last_error = f.error,"
+"         status = CASE WHEN o.attempts + 1 >= $3 THEN 'failed' ELSE 'pending' END,"
+"         next_attempt_at = now() + make_interval(secs =>"
+"             least($5::float8, $4::float8 * power(2, o.attempts))"
+"             * (0.5 + random() / 2) / 1000)"
+"    FROM unnest($1::bigint[], $2::text[]) AS f(id, error)"
+"   WHERE o.id = f.id"
+"  RETURNING o.id, o.message_id, o.exchange, o.routing_key, o.attempts,"
+"            o.last_error, o.status"
+") "
+"SELECT id, message_id::text, attempts, last_error,"
+"       pg_notify('mqtx_alert', json_build_object("
+"           'event', 'outbox_message_failed', 'database', current_database(),"
+"           'id', id, 'message_id', message_id, 'exchange', exchange,"
+"           'routing_key', routing_key, 'attempts', attempts,"
+"           'error', left(last_error, 2000))::text) "
+"FROM attempt WHERE status = 'failed'";
+
+static const char *const retention_sql =
+"DELETE FROM mqtx.outbox WHERE id IN ("
+"  SELECT id FROM mqtx.outbox"
+"   WHERE status = 'published' AND published_at < now() - make_interval(secs => $1)"
+"   ORDER BY id LIMIT $2)";
+
+static const char *const topology_sql =
+"SELECT 'exchange', name, type, durable, NULL::jsonb, NULL FROM mqtx.exchanges "
+"UNION ALL "
+"SELECT 'queue', name, NULL, durable, arguments, NULL FROM mqtx.queues "
+"UNION ALL "
+"SELECT 'binding', queue, exchange, NULL, NULL, routing_key FROM mqtx.bindings "
+"ORDER BY 1 DESC, 2, 3";		/* exchanges and queues before bindings */
+
+typedef enum BrokerState
+{
+	BROKER_UNKNOWN,
+	BROKER_UP,
+	BROKER_DOWN
+} BrokerState;
+
+typedef struct RelayState
+{
+	MqtxSlot   *slot;
+	MemoryContext batch_context;	/* reset every pass */
+	BrokerConnection *conn;
+	BrokerState broker_state;
+	bool		ever_connected;
+	int			reconnect_delay_ms;
+	TimestampTz next_connect_at;
+	uint32		declared_generation;
+	bool		topology_declared;
+	TimestampTz next_retention_at;
+} RelayState;
+
+static RelayState relay;
+
+/* The batch being relayed: rows and their messages, index-aligned. */
+typedef struct RelayBatch
+{
+	int			count;
+	int64	   *ids;
+	BrokerMessage *messages;
+} RelayBatch;
+
+void
+mqtx_register_relay(int slot_index, const char *dbname)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = 5;
+	strlcpy(worker.bgw_library_name, "mqtx", BGW_MAXLEN);
+	strlcpy(worker.bgw_function_name, "mqtx_relay_main", BGW_MAXLEN);
+	snprintf(worker.bgw_name, BGW_MAXLEN, "mqtx relay for database %s", dbname);
+	strlcpy(worker.bgw_type, "mqtx relay", BGW_MAXLEN);
+	worker.bgw_main_arg = Int32GetDatum(slot_index);
+	RegisterBackgroundWorker(&worker);
+}
+
+/*
+ * Transactions: each database step is a short transaction of its own, run
+ * from the batch context, which is where the caller finds its results.
+ */
+static void
+begin_step(const char *activity)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	pgstat_report_activity(STATE_RUNNING, activity);
+}
+
+static void
+end_step(void)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(relay.batch_context);
+	pgstat_report_stat(false);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/*
+ * Is the extension installed and committed here?  A database without it,
+ * or with CREATE EXTENSION still in progress, is waited on.
+ */
+static bool
+extension_ready(void)
+{
+	bool		ready;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	ready = OidIsValid(get_extension_oid("mqtx", true));
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(relay.batch_context);
+	return ready;
+}
+
+static void
+log_broker_down(const char *error)
+{
+	if (relay.broker_state != BROKER_DOWN)
+		ereport(WARNING,
+				(errmsg("mqtx relay: broker %s is unavailable; messages stay pending",
+						broker_describe(mqtx_broker_url)),
+				 errdetail_internal("%s", error),
+				 errhint("The relay retries with backoff and logs again when the broker is back.")));
+	else
+		elog(DEBUG1, "mqtx relay: broker still unavailable: %s", error);
+	relay.broker_state = BROKER_DOWN;
+	mqtx_slot_set_connected(relay.slot, false);
+}
+
+static void
+drop_connection(const char *error)
+{
+	broker_disconnect(relay.conn);
+	relay.conn = NULL;
+	relay.topology_declared = false;
+	relay.next_connect_at = GetCurrentTimestamp();
+	log_broker_down(error);
+}
+
+/*
+ * Declare what mqtx.exchanges, mqtx.queues and mqtx.bindings describe.
+ * Declarations are idempotent; one that the broker refuses (say, an
+ * exchange redeclared with another type) is reported and the rest go on.
+ */
+static void
+declare_topology(void)
+{
+	uint32		generation = pg_atomic_read_u32(&relay.slot->topology_generation);
+	SPITupleTable *tuptable;
+	uint64		count;
+
+	begin_step("mqtx relay: reading topology");
+	if (SPI_execute(topology_sql, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "reading the mqtx topology failed");
+	count = SPI_processed;
+	tuptable = SPI_tuptable;
+
+	for (uint64 i = 0; i < count && broker_is_open(relay.conn); i++)
+	{
+		HeapTuple	tuple = tuptable->vals[i];
+		TupleDesc	desc = tuptable->tupdesc;
+		char	   *kind = SPI_getvalue(tuple, desc, 1);
+		char	   *name = SPI_getvalue(tuple, desc, 2);
+		char	   *other = SPI_getvalue(tuple, desc, 3);
+		bool		isnull;
+		bool		durable = DatumGetBool(SPI_getbinval(tuple, desc, 4, &isnull));
+		Datum		arguments = SPI_getbinval(tuple, desc, 5, &isnull);
+		char	   *error = NULL;
+		bool		ok;
+
+		if (strcmp(kind, "exchange") == 0)
+			ok = broker_declare_exchange(relay.conn, name, other, durable, &error);
+		else if (strcmp(kind, "queue") == 0)
+			ok = broker_declare_queue(relay.conn, name, durable,
+									  isnull ? NULL : DatumGetJsonbP(arguments),
+									  &error);
+		else
+			ok = broker_bind(relay.conn, name, other,
+							 SPI_getvalue(tuple, desc, 6), &error);
+		if (!ok)
+			ereport(WARNING,
+					(errmsg("mqtx relay: could not declare the topology from mqtx.%ss",
+							kind),
+					 errdetail_internal("%s", error)));
+	}
+	end_step();
+
+	relay.declared_generation = generation;
+	relay.topology_declared = true;
+}
+
+/*
+ * Make sure there is a broker connection, respecting the reconnect
+ * backoff.  Returns whether there is one.
+ */
+static bool
+ensure_broker(void)
+{
+	char	   *error = NULL;
+
+	if (relay.conn != NULL && !broker_is_open(relay.conn))
+		drop_connection("the connection was closed");
+
+	if (relay.conn == NULL)
+	{
+		if (GetCurrentTimestamp() < relay.next_connect_at)
+			return false;
+		pgstat_report_activity(STATE_RUNNING, "mqtx relay: connecting to broker");
+		relay.conn = broker_connect(mqtx_broker_url, &error);
+		pgstat_report_activity(STATE_IDLE, NULL);
+		if (relay.conn == NULL)
+		{
+			log_broker_down(error);
+			relay.next_connect_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+																relay.reconnect_delay_ms);
+			relay.reconnect_delay_ms = Min(relay.reconnect_delay_ms * 2, RECONNECT_MAX_MS);
+			return false;
+		}
+		if (relay.ever_connected)
+			mqtx_count(relay.slot, MQTX_RELAY_RECONNECTS, 1);
+		if (relay.broker_state != BROKER_UP)
+			ereport(LOG,
+					(errmsg("mqtx relay: connected to broker %s",
+							broker_describe(mqtx_broker_url))));
+		relay.ever_connected = true;
+		relay.broker_state = BROKER_UP;
+		relay.reconnect_delay_ms = RECONNECT_MIN_MS;
+		mqtx_slot_set_connected(relay.slot, true);
+	}
+
+	if (!relay.topology_declared ||
+		relay.declared_generation != pg_atomic_read_u32(&relay.slot->topology_generation))
+		declare_topology();
+
+	return broker_is_open(relay.conn);
+}
+
+/*
+ * Claim due rows and copy them into the batch context; the transaction
+ * (and the row locks) stay open.
+ */
+static RelayBatch *
+claim_batch(void)
+{
+	Oid			argtypes[1] = {INT4OID};
+	Datum		args[1] = {Int32GetDatum(mqtx_batch_size)};
+	RelayBatch *batch;
+	MemoryContext spi_context;
+
+	begin_step("mqtx relay: publishing a batch");
+	if (SPI_execute_with_args(claim_sql, 1, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "claiming outbox rows failed");
+
+	spi_context = MemoryContextSwitchTo(relay.batch_context);
+	batch = palloc0(sizeof(RelayBatch));
+	batch->count = (int) SPI_processed;
+	batch->ids = palloc0(sizeof(int64) * Max(batch->count, 1));
+	batch->messages = palloc0(sizeof(BrokerMessage) * Max(batch->count, 1));
+	for (int i = 0; i < batch->count; i++)
+	{
+		HeapTuple	tuple = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		BrokerMessage *m = &batch->messages[i];
+		bool		isnull;
+		Datum		headers;
+
+		batch->ids[i] = DatumGetInt64(SPI_getbinval(tuple, desc, 1, &isnull));
+		m->message_id = SPI_getvalue(tuple, desc, 2);
+		m->exchange = SPI_getvalue(tuple, desc, 3);
+		m->routing_key = SPI_getvalue(tuple, desc, 4);
+		m->body = SPI_getvalue(tuple, desc, 5);
+		m->body_len = strlen(m->body);
+		headers = SPI_getbinval(tuple, desc, 6, &isnull);
+		m->headers = isnull ? NULL : DatumGetJsonbPCopy(headers);
+		m->timestamp = DatumGetInt64(SPI_getbinval(tuple, desc, 7, &isnull));
+		m->outcome = PUBLISH_NOT_SENT;
+	}
+	MemoryContextSwitchTo(spi_context);
+	return batch;
+}
+
+/*
+ * Refuse, before sending anything, the messages whose exchange does not
+ * exist: publishing to it would close the channel and fail the whole
+ * batch.  Returns false when the connection failed.
+ */
+static bool
+reject_unknown_exchanges(RelayBatch *batch, char **error)
+{
+	for (int i = 0; i < batch->count; i++)
+	{
+		BrokerMessage *m = &batch->messages[i];
+		char	   *reason = NULL;
+
+		if (m->outcome != PUBLISH_NOT_SENT)
+			continue;
+		if (broker_exchange_exists(relay.conn, m->exchange, &reason))
+			continue;
+		if (!broker_is_open(relay.conn))
+		{
+			*error = reason;
+			return false;
+		}
+		/* the same verdict for every message of the batch to that exchange */
+		for (int j = i; j < batch->count; j++)
+			if (strcmp(batch->messages[j].exchange, m->exchange) == 0)
+			{
+				batch->messages[j].outcome = PUBLISH_REJECTED;
+				batch->messages[j].error = reason;
+			}
+	}
+	return true;
+}
+
+/*
+ * Publish every message of the batch, then collect the confirms.  Returns
+ * false when the connection (or channel) failed on the way; the messages'
+ * outcomes say how far each got.
+ */
+static bool
+publish_batch(RelayBatch *batch, char **error)
+{
+	if (!reject_unknown_exchanges(batch, error))
+		return false;
+
+	for (int i = 0; i < batch->count; i++)
+	{
+		if (batch->messages[i].outcome != PUBLISH_NOT_SENT)
+			continue;
+		if (!broker_publish(relay.conn, &batch->messages[i], error))
+			return false;
+	}
+	return broker_await_confirms(relay.conn, batch->messages, batch->count,
+								 mqtx_confirm_timeout, error);
+}
+
+static Datum
+build_array(Datum *elements, int count, Oid element_type)
+{
+	int16		typlen;
+	bool		typbyval;
+	char		typalign;
+
+	get_typlenbyvalalign(element_type, &typlen, &typbyval, &typalign);
+	return PointerGetDatum(construct_array(elements, count, element_type,
+										   typlen, typbyval, typalign));
+}
+
+static void
+mark_published(Datum *ids, int count)
+{
+	Oid			argtypes[1] = {INT8ARRAYOID};
+	Datum		args[1];
+
+	if (count == 0)
+		return;
+	args[0] = build_array(ids, count, INT8OID);
+	if (SPI_execute_with_args(mark_published_sql, 1, argtypes, args, NULL,
+							  false, 0) != SPI_OK_UPDATE)
+		elog(ERROR, "marking outbox rows published failed");
+	mqtx_count(relay.slot, MQTX_RELAY_PUBLISHED, count);
+}
+
+/*
+ * Record a failed attempt for each row; rows past mqtx.max_attempts become
+ * failed, with a WARNING and a NOTIFY mqtx_alert each.
+ */
+static void
+record_failures(Datum *ids, Datum *errors, int count)
+{
+	Oid			argtypes[5] = {INT8ARRAYOID, TEXTARRAYOID, INT4OID, INT4OID, INT4OID};
+	Datum		args[5];
+	uint64		gave_up;
+
+	if (count == 0)
+		return;
+	args[0] = build_array(ids, count, INT8OID);
+	args[1] = build_array(errors, count, TEXTOID);
+	args[2] = Int32GetDatum(mqtx_max_attempts);
+	args[3] = Int32GetDatum(mqtx_retry_base);
+	args[4] = Int32GetDatum(mqtx_retry_max);
+	if (SPI_execute_with_args(record_failures_sql, 5, argtypes, args, NULL,
+							  false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "recording failed outbox attempts failed");
+
+	gave_up = SPI_processed;
+	for (uint64 i = 0; i < gave_up; i++)
+	{
+		HeapTuple	tuple = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+
+		ereport(WARNING,
+				(errmsg("mqtx relay: gave up on message %s (outbox id %s) after %s attempts",
+						SPI_getvalue(tuple, desc, 2), SPI_getvalue(tuple, desc, 1),
+						SPI_getvalue(tuple, desc, 3)),
+				 errdetail_internal("Last error: %s", SPI_getvalue(tuple, desc, 4)),
+				 errhint("Its outbox row is now failed; fix the cause and set it back to pending to retry.")));
+	}
+	mqtx_count(relay.slot, MQTX_RELAY_FAILED, gave_up);
+	mqtx_count(relay.slot, MQTX_RELAY_RETRIED, count - gave_up);
+}
+
+/*
+ * Write every row's outcome.  Messages that never reached the broker are
+ * left as they were: they go out with the next batch.
+ */
+static void
+record_outcomes(RelayBatch *batch, const char *batch_error)
+{
+	Datum	   *published = palloc(sizeof(Datum) * batch->count);
+	Datum	   *failed = palloc(sizeof(Datum) * batch->count);
+	Datum	   *errors = palloc(sizeof(Datum) * batch->count);
+	int			npublished = 0;
+	int			nfailed = 0;
+
+	for (int i = 0; i < batch->count; i++)
+	{
+		BrokerMessage *m = &batch->messages[i];
+		const char *error;
+
+		switch (m->outcome)
+		{
+			case PUBLISH_NOT_SENT:
+				continue;
+			case PUBLISH_ACKED:
+				published[npublished++] = Int64GetDatum(batch->ids[i]);
+				continue;
+			case PUBLISH_NACKED:
+				mqtx_count(relay.slot, MQTX_RELAY_NACKED, 1);
+				error = m->error;
+				break;
+			case PUBLISH_RETURNED:
+				mqtx_count(relay.slot, MQTX_RELAY_RETURNED, 1);
+				error = m->error;
+				break;
+			case PUBLISH_REJECTED:
+				error = m->error;
+				break;
+			case PUBLISH_UNCONFIRMED:
+			default:
+				error = batch_error ? batch_error : "no publisher confirm";
+				break;
+		}
+		failed[nfailed] = Int64GetDatum(batch->ids[i]);
+		errors[nfailed++] = CStringGetTextDatum(error);
+	}
+	mark_published(published, npublished);
+	record_failures(failed, errors, nfailed);
+}
+
+/*
+ * One pass: claim, publish, confirm, record.  Returns whether the batch
+ * was full (there is probably more to do right away).
+ */
+static bool
+relay_batch(void)
+{
+	RelayBatch *batch = claim_batch();
+	char	   *error = NULL;
+	bool		delivered;
+
+	if (batch->count == 0)
+	{
+		end_step();
+		return false;
+	}
+
+	delivered = publish_batch(batch, &error);
+	record_outcomes(batch, error);
+	end_step();
+
+	if (!delivered)
+		drop_connection(error);
+	return batch->count == mqtx_batch_size;
+}
+
+/*
+ * Delete one batch of published rows older than mqtx.retention, at most
+ * every RETENTION_INTERVAL_MS unless the previous batch was full.
+ */
+static void
+apply_retention(void)
+{
+	Oid			argtypes[2] = {INT4OID, INT4OID};
+	Datum		args[2] = {Int32GetDatum(mqtx_retention), Int32GetDatum(RETENTION_BATCH)};
+	uint64		deleted;
+
+	if (mqtx_retention < 0 || GetCurrentTimestamp() < relay.next_retention_at)
+		return;
+
+	begin_step("mqtx relay: deleting published rows past mqtx.retention");
+	if (SPI_execute_with_args(retention_sql, 2, argtypes, args, NULL, false, 0) != SPI_OK_DELETE)
+		elog(ERROR, "deleting old outbox rows failed");
+	deleted = SPI_processed;
+	end_step();
+
+	relay.next_retention_at = deleted == RETENTION_BATCH ? 0 :
+		TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RETENTION_INTERVAL_MS);
+}
+
+/*
+ * How long to sleep when there is nothing to do: the poll interval, but
+ * short enough to send heartbeats and to reconnect on schedule.
+ */
+static long
+idle_timeout_ms(void)
+{
+	long		timeout = mqtx_poll_interval;
+
+	if (relay.conn != NULL && mqtx_heartbeat > 0)
+		timeout = Min(timeout, mqtx_heartbeat * 1000L / 2);
+	if (relay.conn == NULL)
+		timeout = Min(timeout,
+					  Max(1, TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
+															 relay.next_connect_at)));
+	return timeout;
+}
+
+static void
+reload_settings(void)
+{
+	char	   *old_url = pstrdup(mqtx_broker_url);
+	char	   *old_tls = psprintf("%s|%s|%s|%d", mqtx_tls_ca_file, mqtx_tls_cert_file,
+								   mqtx_tls_key_file, mqtx_tls_verify_peer);
+
+	ConfigReloadPending = false;
+	ProcessConfigFile(PGC_SIGHUP);
+
+	if (strcmp(old_url, mqtx_broker_url) != 0 ||
+		strcmp(old_tls, psprintf("%s|%s|%s|%d", mqtx_tls_ca_file, mqtx_tls_cert_file,
+								 mqtx_tls_key_file, mqtx_tls_verify_peer)) != 0)
+	{
+		ereport(LOG,
+				(errmsg("mqtx relay: broker settings changed, connecting to %s",
+						broker_describe(mqtx_broker_url))));
+		broker_disconnect(relay.conn);
+		relay.conn = NULL;
+		relay.topology_declared = false;
+		relay.broker_state = BROKER_UNKNOWN;
+		relay.reconnect_delay_ms = RECONNECT_MIN_MS;
+		relay.next_connect_at = 0;
+	}
+}
+
+static void
+relay_shutdown(int code, Datum arg)
+{
+	broker_disconnect(relay.conn);
+	relay.conn = NULL;
+	mqtx_slot_detach(relay.slot);
+}
+
+void
+mqtx_relay_main(Datum main_arg)
+{
+	int			slot_index = DatumGetInt32(main_arg);
+	bool		more_work = false;
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	memset(&relay, 0, sizeof(relay));
+	relay.slot = mqtx_slot(slot_index);
+	relay.reconnect_delay_ms = RECONNECT_MIN_MS;
+
+	BackgroundWorkerInitializeConnection(relay.slot->dbname, NULL, 0);
+	pgstat_report_appname("mqtx relay");
+	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
+
+	mqtx_slot_attach(relay.slot, MyDatabaseId);
+	before_shmem_exit(relay_shutdown, 0);
+
+	relay.batch_context = AllocSetContextCreate(TopMemoryContext,
+												"mqtx relay batch",
+												ALLOCSET_DEFAULT_SIZES);
+	MemoryContextSwitchTo(relay.batch_context);
+
+	for (;;)
+	{
+		char	   *error = NULL;
+
+		if (!more_work)
+		{
+			(void) WaitLatch(MyLatch,
+							 WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 idle_timeout_ms(), PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+		}
+		CHECK_FOR_INTERRUPTS();
+		MemoryContextReset(relay.batch_context);
+
+		if (ConfigReloadPending)
+			reload_settings();
+
+		more_work = false;
+		if (!extension_ready())
+			continue;
+		if (relay.conn != NULL && !broker_poll(relay.conn, &error))
+			drop_connection(error);
+		if (ensure_broker())
+			more_work = relay_batch();
+		if (!more_work)
+			apply_retention();
+	}
+}

@@ -1,0 +1,269 @@
+/*-------------------------------------------------------------------------
+ *
+ * shared.c
+ *	  Shared memory: one slot per served database, holding the workers'
+ *	  latches and counters, and the commit-time wake-up of the relay.
+ *
+ * A transaction that enqueued a message sets the relay's latch when it
+ * commits, so an idle relay publishes within a millisecond or two instead
+ * of at its next poll.  Waking at commit, not at insert, matters: the relay
+ * could not see the row any earlier.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "commands/trigger.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/lwlock.h"
+#include "storage/shmem.h"
+#include "utils/builtins.h"
+#include "utils/tuplestore.h"
+
+#include "mqtx.h"
+
+typedef struct MqtxSharedState
+{
+	int			nslots;
+	MqtxSlot	slots[FLEXIBLE_ARRAY_MEMBER];
+} MqtxSharedState;
+
+static MqtxSharedState *shared_state = NULL;
+static shmem_request_hook_type previous_shmem_request_hook = NULL;
+static shmem_startup_hook_type previous_shmem_startup_hook = NULL;
+
+/* What this backend's open transaction asks of the relay at commit. */
+static bool wake_relay_at_commit = false;
+static bool topology_changed_at_commit = false;
+
+PG_FUNCTION_INFO_V1(mqtx_relay_stats);
+PG_FUNCTION_INFO_V1(mqtx_topology_trigger);
+
+static Size
+shared_state_size(void)
+{
+	return add_size(offsetof(MqtxSharedState, slots),
+					mul_size(sizeof(MqtxSlot), list_length(mqtx_database_names)));
+}
+
+static void
+request_shared_memory(void)
+{
+	if (previous_shmem_request_hook)
+		previous_shmem_request_hook();
+	RequestAddinShmemSpace(shared_state_size());
+}
+
+static void
+init_shared_memory(void)
+{
+	bool		found;
+
+	if (previous_shmem_startup_hook)
+		previous_shmem_startup_hook();
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	shared_state = ShmemInitStruct("mqtx", shared_state_size(), &found);
+	if (!found)
+	{
+		ListCell   *lc;
+		int			i = 0;
+
+		memset(shared_state, 0, shared_state_size());
+		shared_state->nslots = list_length(mqtx_database_names);
+		foreach(lc, mqtx_database_names)
+		{
+			MqtxSlot   *slot = &shared_state->slots[i++];
+
+			strlcpy(slot->dbname, lfirst(lc), NAMEDATALEN);
+			SpinLockInit(&slot->mutex);
+			pg_atomic_init_u32(&slot->topology_generation, 0);
+			for (int c = 0; c < MQTX_RELAY_NCOUNTERS; c++)
+				pg_atomic_init_u64(&slot->relay_counters[c], 0);
+		}
+	}
+	LWLockRelease(AddinShmemInitLock);
+}
+
+MqtxSlot *
+mqtx_slot(int index)
+{
+	Assert(shared_state != NULL && index >= 0 && index < shared_state->nslots);
+	return &shared_state->slots[index];
+}
+
+/*
+ * The slot of the relay serving this database, or NULL when there is none
+ * (mqtx not preloaded, or the database is not in mqtx.database).
+ */
+static MqtxSlot *
+slot_for_database(Oid dboid)
+{
+	if (shared_state == NULL)
+		return NULL;
+	for (int i = 0; i < shared_state->nslots; i++)
+		if (shared_state->slots[i].dboid == dboid)
+			return &shared_state->slots[i];
+	return NULL;
+}
+
+void
+mqtx_wake_relay_at_commit(void)
+{
+	wake_relay_at_commit = true;
+}
+
+void
+mqtx_topology_changed_at_commit(void)
+{
+	topology_changed_at_commit = true;
+	wake_relay_at_commit = true;
+}
+
+static void
+wake_relay(Oid dboid, bool topology_changed)
+{
+	MqtxSlot   *slot = slot_for_database(dboid);
+	Latch	   *latch;
+
+	if (slot == NULL)
+		return;
+	if (topology_changed)
+		pg_atomic_fetch_add_u32(&slot->topology_generation, 1);
+
+	SpinLockAcquire(&slot->mutex);
+	latch = slot->relay_latch;
+	SpinLockRelease(&slot->mutex);
+	if (latch != NULL)
+		SetLatch(latch);
+}
+
+static void
+wake_at_commit_callback(XactEvent event, void *arg)
+{
+	switch (event)
+	{
+		case XACT_EVENT_COMMIT:
+			if (wake_relay_at_commit)
+				wake_relay(MyDatabaseId, topology_changed_at_commit);
+			/* FALLTHROUGH */
+		case XACT_EVENT_ABORT:
+		case XACT_EVENT_PREPARE:
+			wake_relay_at_commit = false;
+			topology_changed_at_commit = false;
+			break;
+		default:
+			break;
+	}
+}
+
+/*
+ * Shared memory exists only when preloaded; the commit callback is wanted
+ * wherever the library is loaded (it is a no-op without shared memory).
+ */
+void
+mqtx_shared_init(void)
+{
+	if (process_shared_preload_libraries_in_progress)
+	{
+		previous_shmem_request_hook = shmem_request_hook;
+		shmem_request_hook = request_shared_memory;
+		previous_shmem_startup_hook = shmem_startup_hook;
+		shmem_startup_hook = init_shared_memory;
+	}
+	RegisterXactCallback(wake_at_commit_callback, NULL);
+}
+
+/*
+ * A worker claims its slot: records who it is and where to wake it.
+ */
+void
+mqtx_slot_attach(MqtxSlot *slot, Oid dboid)
+{
+	SpinLockAcquire(&slot->mutex);
+	slot->dboid = dboid;
+	slot->relay_pid = MyProcPid;
+	slot->relay_latch = MyLatch;
+	SpinLockRelease(&slot->mutex);
+}
+
+void
+mqtx_slot_detach(MqtxSlot *slot)
+{
+	SpinLockAcquire(&slot->mutex);
+	slot->relay_pid = 0;
+	slot->relay_latch = NULL;
+	slot->broker_connected = false;
+	SpinLockRelease(&slot->mutex);
+}
+
+void
+mqtx_slot_set_connected(MqtxSlot *slot, bool connected)
+{
+	SpinLockAcquire(&slot->mutex);
+	slot->broker_connected = connected;
+	SpinLockRelease(&slot->mutex);
+}
+
+void
+mqtx_count(MqtxSlot *slot, MqtxRelayCounter counter, uint64 n)
+{
+	if (n > 0)
+		pg_atomic_fetch_add_u64(&slot->relay_counters[counter], n);
+}
+
+/*
+ * mqtx.relay_stats(): one row per served database with the relay's
+ * process, broker state and counters since server start.
+ */
+Datum
+mqtx_relay_stats(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (shared_state == NULL)
+		PG_RETURN_VOID();
+
+	for (int i = 0; i < shared_state->nslots; i++)
+	{
+		MqtxSlot   *slot = &shared_state->slots[i];
+		Datum		values[3 + MQTX_RELAY_NCOUNTERS];
+		bool		nulls[3 + MQTX_RELAY_NCOUNTERS] = {0};
+		pid_t		pid;
+		bool		connected;
+
+		SpinLockAcquire(&slot->mutex);
+		pid = slot->relay_pid;
+		connected = slot->broker_connected;
+		SpinLockRelease(&slot->mutex);
+
+		values[0] = CStringGetTextDatum(slot->dbname);
+		values[1] = Int32GetDatum(pid);
+		nulls[1] = (pid == 0);
+		values[2] = BoolGetDatum(connected);
+		for (int c = 0; c < MQTX_RELAY_NCOUNTERS; c++)
+			values[3 + c] = Int64GetDatum((int64) pg_atomic_read_u64(&slot->relay_counters[c]));
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	}
+	PG_RETURN_VOID();
+}
+
+/*
+ * Statement trigger on mqtx.exchanges, mqtx.queues and mqtx.bindings: the
+ * relay re-declares the topology once the change commits.
+ */
+Datum
+mqtx_topology_trigger(PG_FUNCTION_ARGS)
+{
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("mqtx.topology_trigger() can only be called as a trigger")));
+	mqtx_topology_changed_at_commit();
+	return PointerGetDatum(NULL);
+}
