@@ -19,10 +19,18 @@ REGRESS_OPTS = --temp-instance=./tmp_check_regress --temp-config=./test/regress.
 # TAP: test/t/*.pl, with the harness modules under test/perl.
 TAP_TESTS = 1
 PROVE_TESTS = $(sort $(wildcard test/t/*.pl))
-PROVE_FLAGS = -I ./test/perl
 
-EXTRA_CLEAN = tmp_check_regress
+EXTRA_CLEAN = tmp_check_regress test/tools/amqp_tool test/bench/ceiling_publisher
 
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# (after PGXS, which resets it)
+PROVE_FLAGS += -I ./test/perl --timer
+
+# The TAP tests inspect and inject AMQP messages with a small rabbitmq-c tool.
+.PHONY: test-tools
+test-tools:
+	$(MAKE) -C test/tools
+installcheck: test-tools

@@ -34,7 +34,7 @@ fi
 
 cd "$workdir"
 status=0
-"${as_tester[@]}" make installcheck PROVE_FLAGS="-I ./test/perl --timer" || status=$?
+"${as_tester[@]}" make installcheck || status=$?
 if [ $status -ne 0 ]; then
 	[ -f regression.diffs ] && cat regression.diffs
 	for log in tmp_check/log/*; do

@@ -1,0 +1,437 @@
+#!/usr/bin/env bash
+# Throwaway RabbitMQ nodes for the mqtx tests.  Each node keeps all of its
+# state (mnesia, logs, config, cookie, HOME, pid file) in one directory and
+# gets its own epmd, so several nodes can run side by side.
+#
+#   rabbitmq.sh start DIR [PORT]   start (or restart) the node; prints AMQP_PORT=N
+#   rabbitmq.sh stop DIR           stop the node and its epmd (idempotent)
+#   rabbitmq.sh kill DIR           SIGKILL the node (fault tests); epmd stays
+#   rabbitmq.sh ctl DIR ARGS...    rabbitmqctl -n NODE ARGS... with the node's env
+#   rabbitmq.sh env DIR            print DIR/env
+#
+# Knob: MQTX_RABBITMQ_START_TIMEOUT (seconds, default 60).
+#
+# Why the detours:
+#  * /usr/sbin/rabbitmq-server insists on su'ing to rabbitmq and on
+#    /var/lib/rabbitmq, so we call /usr/lib/rabbitmq/bin/* directly.
+#  * runuser resets HOME/USER/... and we do not want the caller's RABBITMQ_*
+#    or ERL_* variables to leak in either, so every node/CLI command runs under
+#    `env -i` with exactly the variables recorded in DIR/env.
+#  * The node and rabbitmqctl must share a cookie; if none exists both race to
+#    create one, so a fixed cookie is written before the first start.
+#  * Ports are recorded in DIR/env so a restart reuses them (clients and
+#    tests keep working across stop/start and kill/start).
+set -euo pipefail
+
+RMQ_BIN=/usr/lib/rabbitmq/bin
+COOKIE=MQTXTESTHARNESSCOOKIE
+START_TIMEOUT=${MQTX_RABBITMQ_START_TIMEOUT:-60}
+# rabbitmqctl's own distribution listener uses this range by default; keep
+# our node ports out of it.
+CTL_DIST_MIN=35672
+CTL_DIST_MAX=35682
+ENV_VARS="RABBITMQ_NODENAME RABBITMQ_NODE_IP_ADDRESS RABBITMQ_NODE_PORT
+RABBITMQ_DIST_PORT RABBITMQ_MNESIA_BASE RABBITMQ_LOG_BASE RABBITMQ_CONFIG_FILE
+RABBITMQ_ADVANCED_CONFIG_FILE RABBITMQ_CONF_ENV_FILE
+RABBITMQ_ENABLED_PLUGINS_FILE RABBITMQ_PID_FILE RABBITMQ_CTL_ERL_ARGS HOME
+ERL_EPMD_PORT ERL_EPMD_ADDRESS AMQP_PORT"
+
+me=$(basename "$0")
+die() { echo "$me: $*" >&2; exit 1; }
+usage() {
+	sed -n 's/^#   \(rabbitmq\.sh \)/\1/p' "$0" >&2
+	exit 2
+}
+
+is_root() { [ "$(id -u)" -eq 0 ]; }
+
+# Resolve DIR to an absolute path; the node's cwd and every path in env must
+# not depend on where the caller happens to be.
+abs_dir() {
+	local d=$1
+	[ -d "$d" ] || die "no such directory: $d"
+	(cd "$d" && pwd -P)
+}
+
+load_env() {
+	[ -f "$DIR/env" ] || return 1
+	# shellcheck disable=SC1091
+	. "$DIR/env"
+	NODE=$RABBITMQ_NODENAME
+}
+
+# User the node runs as: root hands it to `rabbitmq`; afterwards whoever
+# owns DIR is the one whose cookie and processes we deal with.
+node_user() {
+	if is_root; then stat -c %U "$DIR"; else id -un; fi
+}
+
+# Run a command as the node user with exactly the node's environment.
+run_node_env() {
+	local user=$1; shift
+	local -a envv=(PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+		LANG=C.UTF-8 LC_ALL=C.UTF-8 USER="$user" LOGNAME="$user")
+	local v
+	for v in $ENV_VARS; do envv+=("$v=${!v}"); done
+	if is_root && [ "$user" != root ]; then
+		(cd "$DIR" && runuser -u "$user" -- env -i "${envv[@]}" "$@")
+	else
+		(cd "$DIR" && env -i "${envv[@]}" "$@")
+	fi
+}
+
+ctl() {
+	run_node_env "$(node_user)" "$RMQ_BIN/rabbitmqctl" -n "$NODE" "$@"
+}
+
+# ctl_bounded SECONDS ARGS...: rabbitmqctl that cannot hang the harness.
+ctl_bounded() {
+	local secs=$1; shift
+	run_node_env "$(node_user)" timeout -k 5 "$secs" "$RMQ_BIN/rabbitmqctl" -n "$NODE" "$@"
+}
+
+# Those of the given pids that are still alive (zombies count as gone).
+# Needed because an exiting process stops matching pids_with_env (its
+# environ becomes unreadable) before it has released its sockets.
+alive() {
+	local p st
+	for p in "$@"; do
+		st=""
+		read -r st 2>/dev/null <"/proc/$p/stat" || continue
+		st=${st##*) }
+		case ${st%% *} in Z | X | x) ;; *) echo "$p" ;; esac
+	done
+}
+
+# pids of processes with the given comm whose environment contains the given
+# exact VAR=value entry.  Matching on the environment (not the command line,
+# which holds neither the node name nor the epmd port) keeps us from touching
+# any other node or epmd on the machine.
+pids_with_env() {
+	local comm=$1 entry=$2 p c e
+	local -a envs
+	# Builtins only: forking per /proc entry makes a scan take seconds here.
+	for p in /proc/[0-9]*; do
+		c=""
+		read -r c 2>/dev/null <"$p/comm" || continue
+		[ "$c" = "$comm" ] || continue
+		envs=()
+		mapfile -d '' envs 2>/dev/null <"$p/environ" || continue
+		for e in "${envs[@]}"; do
+			if [ "$e" = "$entry" ]; then
+				echo "${p#/proc/}"
+				break
+			fi
+		done
+	done
+}
+
+node_pids() {
+	local p="" c=""
+	{
+		# The node writes its pid without a trailing newline.
+		read -r p 2>/dev/null <"$RABBITMQ_PID_FILE" || true
+		if [[ $p =~ ^[0-9]+$ ]] && read -r c 2>/dev/null <"/proc/$p/comm" &&
+			[ "$c" = beam.smp ]; then
+			echo "$p"
+		fi
+		pids_with_env beam.smp "RABBITMQ_NODENAME=$NODE"
+	} | sort -u | only_alive
+}
+
+epmd_pids() {
+	pids_with_env epmd "ERL_EPMD_PORT=$ERL_EPMD_PORT" | only_alive
+}
+
+only_alive() {
+	local -a pids
+	mapfile -t pids
+	alive "${pids[@]}"
+}
+
+# wait_gone SECONDS FUNC: poll until nothing FUNC listed (now or at the
+# start) is alive.
+wait_gone() {
+	local secs=$1 fn=$2 i
+	local -a seen
+	read -r -a seen <<<"$($fn | tr '\n' ' ')"
+	for ((i = 0; i <= secs * 5; i++)); do
+		# shellcheck disable=SC2046 # pids are plain numbers
+		read -r -a seen <<<"$(alive "${seen[@]}" $($fn) | sort -u | tr '\n' ' ')"
+		[ ${#seen[@]} -eq 0 ] && return 0
+		sleep 0.2
+	done
+	return 1
+}
+
+signal_all() {
+	local sig=$1 fn=$2 pids
+	pids=$($fn)
+	[ -n "$pids" ] || return 0
+	# shellcheck disable=SC2086
+	kill -"$sig" $pids 2>/dev/null || true
+}
+
+port_open() {
+	(exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# Print N free loopback TCP ports (distinct, outside the CLI range and the
+# given exclusions).  All sockets are held open until every port is chosen so
+# the kernel cannot hand out the same port twice.
+free_ports() {
+	local n=$1; shift
+	perl -MIO::Socket::INET -e '
+		my ($n, @excl) = @ARGV;
+		my %skip = map { $_ => 1 } (@excl, '"$CTL_DIST_MIN..$CTL_DIST_MAX"');
+		my (@socks, @ports);
+		for (my $try = 0; @ports < $n; $try++) {
+			die "cannot find free ports\n" if $try > 1000;
+			my $s = IO::Socket::INET->new(LocalAddr => "127.0.0.1", LocalPort => 0,
+				Proto => "tcp", Listen => 1) or die "bind: $!\n";
+			my $p = $s->sockport;
+			next if $skip{$p}++;
+			push @socks, $s;
+			push @ports, $p;
+		}
+		print "@ports\n";' "$n" "$@"
+}
+
+log_tail() {
+	local f
+	for f in "$DIR"/log/*.log "$DIR"/log/await_startup.out; do
+		[ -s "$f" ] || continue
+		echo "---- tail of $f ----"
+		tail -n 30 "$f"
+	done
+}
+
+write_env() {
+	local tmp="$DIR/env.tmp" v
+	{
+		echo "# written by $me; sourceable"
+		for v in $ENV_VARS; do printf 'export %s=%q\n' "$v" "${!v}"; done
+	} >"$tmp"
+	mv -f "$tmp" "$DIR/env"
+}
+
+cmd_start() {
+	local want_port=${1:-}
+	[ -z "$want_port" ] || [[ $want_port =~ ^[0-9]+$ ]] || die "bad port: $want_port"
+	mkdir -p "$DIR"
+	DIR=$(abs_dir "$DIR")
+
+	local node="" amqp="" dist="" epmd=""
+	if load_env; then
+		node=$RABBITMQ_NODENAME amqp=$RABBITMQ_NODE_PORT
+		dist=$RABBITMQ_DIST_PORT epmd=$ERL_EPMD_PORT
+		if [ -n "$(node_pids)" ]; then
+			die "node $node in $DIR is already running (AMQP port $amqp); stop it first"
+		fi
+	fi
+	if [ -z "$node" ]; then
+		# Stable per directory (mnesia lives under a node-named subdir), and
+		# readable in ps/log output.
+		local tag sum
+		tag=$(basename "$DIR" | tr -c 'A-Za-z0-9_\n' '_' | cut -c1-20)
+		sum=$(printf %s "$DIR" | cksum | cut -d' ' -f1)
+		node="mqtx_${tag}_${sum}@localhost"
+	fi
+	[ -n "$want_port" ] && amqp=$want_port
+	local -a need=() got=()
+	[ -n "$amqp" ] || need+=(amqp)
+	[ -n "$dist" ] || need+=(dist)
+	[ -n "$epmd" ] || need+=(epmd)
+	if [ ${#need[@]} -gt 0 ]; then
+		# shellcheck disable=SC2086 # unset ports must vanish
+		read -r -a got <<<"$(free_ports ${#need[@]} $amqp $dist $epmd)"
+		local i
+		for i in "${!need[@]}"; do printf -v "${need[$i]}" %s "${got[$i]}"; done
+	fi
+
+	export RABBITMQ_NODENAME=$node
+	export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
+	export RABBITMQ_NODE_PORT=$amqp
+	export RABBITMQ_DIST_PORT=$dist
+	export RABBITMQ_MNESIA_BASE=$DIR/mnesia
+	export RABBITMQ_LOG_BASE=$DIR/log
+	export RABBITMQ_CONFIG_FILE=$DIR/rabbitmq.conf
+	# Point these at files of our own so /etc/rabbitmq never leaks in.
+	export RABBITMQ_ADVANCED_CONFIG_FILE=$DIR/advanced.config
+	export RABBITMQ_CONF_ENV_FILE=$DIR/rabbitmq-env.conf
+	export RABBITMQ_ENABLED_PLUGINS_FILE=$DIR/enabled_plugins
+	export RABBITMQ_PID_FILE=$DIR/rabbitmq.pid
+	# The CLI's own distribution listener would otherwise bind 0.0.0.0.
+	export RABBITMQ_CTL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+	export HOME=$DIR/home
+	export ERL_EPMD_PORT=$epmd
+	export ERL_EPMD_ADDRESS=127.0.0.1
+	export AMQP_PORT=$amqp
+	NODE=$node
+
+	mkdir -p "$DIR/mnesia" "$DIR/log" "$HOME"
+	touch "$DIR/log/startup.log"
+	cat >"$RABBITMQ_CONFIG_FILE" <<EOF
+listeners.tcp.1 = 127.0.0.1:$amqp
+distribution.listener.interface = 127.0.0.1
+distribution.listener.port_range.min = $dist
+distribution.listener.port_range.max = $dist
+# A nearly full test disk must not block publishers.
+disk_free_limit.absolute = 50MB
+log.file.level = info
+log.console = false
+EOF
+	echo '[].' >"$RABBITMQ_ENABLED_PLUGINS_FILE"
+	: >"$RABBITMQ_CONF_ENV_FILE"
+	[ -e "$RABBITMQ_ADVANCED_CONFIG_FILE" ] || echo '[].' >"$RABBITMQ_ADVANCED_CONFIG_FILE"
+	local cookie=$HOME/.erlang.cookie
+	if [ "$(cat "$cookie" 2>/dev/null)" != "$COOKIE" ]; then
+		rm -f "$cookie"
+		(umask 077 && printf %s "$COOKIE" >"$cookie")
+	fi
+	chmod 0400 "$cookie"
+	rm -f "$RABBITMQ_PID_FILE"
+	write_env
+
+	local user
+	if is_root; then
+		user=rabbitmq
+		chown -R rabbitmq:rabbitmq "$DIR"
+		runuser -u rabbitmq -- test -w "$DIR" ||
+			die "user rabbitmq cannot write $DIR (is a parent directory private?)"
+	else
+		user=$(id -un)
+	fi
+
+	if port_open "$amqp"; then
+		die "port $amqp on 127.0.0.1 is already in use by something else"
+	fi
+
+	local t0=$SECONDS
+	# -detached sends the VM's stdout to /dev/null, so a boot failure that
+	# happens before the node's logging is up (e.g. dist port taken) is only
+	# visible as the "Slogan" of its crash dump; keep that in the log dir.
+	local dump=$DIR/log/erl_crash.dump
+	rm -f "$dump" "$DIR/log/await_startup.out"
+	if ! run_node_env "$user" env ERL_CRASH_DUMP="$dump" \
+		"$RMQ_BIN/rabbitmq-server" -detached \
+		</dev/null >>"$DIR/log/startup.log" 2>&1; then
+		log_tail >&2
+		die "rabbitmq-server failed to launch"
+	fi
+
+	local deadline=$((t0 + START_TIMEOUT)) missing=0 up="" why=""
+	while :; do
+		if [ $SECONDS -ge $deadline ]; then
+			why="did not come up within ${START_TIMEOUT}s"
+			break
+		fi
+		if [ -e "$dump" ]; then
+			why="crashed while booting"
+			break
+		fi
+		if [ -z "$(node_pids)" ]; then
+			# erlexec needs a moment to become beam.smp after forking.
+			missing=$((missing + 1))
+			if [ $missing -ge 15 ]; then
+				why="exited while booting"
+				break
+			fi
+			sleep 0.2
+			continue
+		fi
+		missing=0
+		if [ -z "$up" ]; then
+			local left=$((deadline - SECONDS))
+			[ $left -lt 1 ] && left=1
+			# Fails fast until the node has registered with epmd; keep
+			# only the last attempt's output for the failure report.
+			if ctl_bounded $((left + 5)) -q await_startup -t "$left" \
+				>"$DIR/log/await_startup.out" 2>&1; then
+				up=1
+			else
+				sleep 1
+				continue
+			fi
+		fi
+		if port_open "$amqp"; then
+			echo "AMQP_PORT=$amqp"
+			return 0
+		fi
+		sleep 0.2
+	done
+
+	{
+		echo "$me: node $node $why"
+		log_tail
+		if [ -e "$dump" ]; then
+			local i
+			for ((i = 0; i < 25; i++)); do
+				grep -q '^Slogan:' "$dump" 2>/dev/null && break
+				sleep 0.2
+			done
+			echo "---- crash dump $dump ----"
+			grep -m1 '^Slogan:' "$dump" || true
+		fi
+	} >&2
+	cmd_stop >/dev/null 2>&1 || true
+	exit 1
+}
+
+cmd_stop() {
+	DIR=$(abs_dir "$DIR" 2>/dev/null) || return 0
+	load_env || return 0
+	if [ -n "$(node_pids)" ]; then
+		ctl_bounded 30 -q stop "$RABBITMQ_PID_FILE" >/dev/null 2>&1 || true
+		if ! wait_gone 15 node_pids; then
+			signal_all TERM node_pids
+			wait_gone 10 node_pids || { signal_all KILL node_pids; wait_gone 5 node_pids; } ||
+				die "could not stop node $NODE"
+		fi
+	fi
+	if [ -n "$(epmd_pids)" ]; then
+		run_node_env "$(node_user)" timeout -k 2 10 epmd -kill >/dev/null 2>&1 || true
+		if ! wait_gone 5 epmd_pids; then
+			signal_all TERM epmd_pids
+			wait_gone 5 epmd_pids || { signal_all KILL epmd_pids; wait_gone 5 epmd_pids; } ||
+				die "could not stop epmd on port $ERL_EPMD_PORT"
+		fi
+	fi
+	rm -f "$RABBITMQ_PID_FILE"
+}
+
+cmd_kill() {
+	DIR=$(abs_dir "$DIR")
+	load_env || die "no node in $DIR"
+	signal_all KILL node_pids
+	wait_gone 10 node_pids || die "node $NODE survived SIGKILL"
+}
+
+[ $# -ge 2 ] || usage
+cmd=$1 DIR=$2
+shift 2
+case $cmd in
+start)
+	[ $# -le 1 ] || usage
+	cmd_start "$@"
+	;;
+stop)
+	[ $# -eq 0 ] || usage
+	cmd_stop
+	;;
+kill)
+	[ $# -eq 0 ] || usage
+	cmd_kill
+	;;
+ctl)
+	DIR=$(abs_dir "$DIR")
+	load_env || die "no node in $DIR (run start first)"
+	ctl "$@"
+	;;
+env)
+	DIR=$(abs_dir "$DIR")
+	[ -f "$DIR/env" ] || die "no node in $DIR"
+	cat "$DIR/env"
+	;;
+*) usage ;;
+esac

@@ -1,0 +1,227 @@
+=pod
+
+=head1 NAME
+
+MqtxTest::RabbitMQ - throwaway RabbitMQ nodes for mqtx TAP tests
+
+=head1 SYNOPSIS
+
+  use lib 'test/perl';
+  use MqtxTest::RabbitMQ;
+
+  my $mq = MqtxTest::RabbitMQ->new(name => 'mq1');   # not started yet
+  $mq->start;                                      # dies with the reason
+  my $url = $mq->url;          # amqp://guest:guest@127.0.0.1:PORT/%2f
+  $mq->add_user('mqtx', 'secret');
+  $mq->declare_queue('orders');
+  is($mq->queue_depth('orders'), 0);
+  my $body = $mq->get_message('orders');         # undef when empty
+  $mq->kill;  $mq->start;                          # same port, data kept
+  $mq->stop;                                       # also done at exit
+
+=head1 DESCRIPTION
+
+All the work is done by test/harness/rabbitmq.sh; this module only wraps it,
+so the shell script stays the single source of truth for how a node is run.
+
+=cut
+
+package MqtxTest::RabbitMQ;
+
+use strict;
+use warnings;
+
+use Carp qw(croak);
+use Cwd qw(abs_path);
+use File::Basename qw(dirname);
+use File::Path qw(make_path);
+use File::Temp ();
+use IPC::Run ();
+
+our $SCRIPT = abs_path(dirname(__FILE__) . '/../../harness/rabbitmq.sh');
+
+# Nodes still running, by dir.  Keyed by dir (not object) so that the END
+# block can stop them even after the objects are gone.
+my %running;
+
+# Only the process that started a node may stop it: a forked child that
+# exits normally must not take the test's nodes down with it.
+my $owner_pid = $$;
+
+sub new
+{
+	my ($class, %args) = @_;
+	my $name = $args{name} // 'rabbitmq';
+	croak "bad node name '$name'" unless $name =~ /^[A-Za-z0-9_]+$/;
+	my $dir = $args{dir} // _tempdir($name);
+	make_path($dir);
+	# Absolute, so a later chdir in the test cannot lose the node.
+	$dir = abs_path($dir);
+	return bless { name => $name, dir => $dir, port => undef }, $class;
+}
+
+sub _tempdir
+{
+	my ($name) = @_;
+	# PostgreSQL::Test::Utils keeps temp dirs under tmp_check, next to the
+	# test's own logs.
+	return PostgreSQL::Test::Utils::tempdir("rabbitmq_$name")
+	  if defined &PostgreSQL::Test::Utils::tempdir;
+	return File::Temp::tempdir("rabbitmq_${name}_XXXX",
+		TMPDIR => 1, CLEANUP => 1);
+}
+
+sub name { return $_[0]{name} }
+sub dir { return $_[0]{dir} }
+sub port { return $_[0]{port} }
+
+# Run rabbitmq.sh; returns (exit status, stdout, stderr).
+sub _script
+{
+	my ($self, @args) = @_;
+	my ($out, $err) = ('', '');
+	IPC::Run::run([ $SCRIPT, @args ], '<', \undef, '>', \$out, '2>', \$err);
+	return ($? >> 8, $out, $err);
+}
+
+sub start
+{
+	my ($self) = @_;
+	my @port = defined $self->{port} ? ($self->{port}) : ();
+	my ($rc, $out, $err) = $self->_script('start', $self->{dir}, @port);
+	# rabbitmq.sh itself cleans up a node that failed to boot.
+	die "RabbitMQ node '$self->{name}' failed to start:\n$err" if $rc != 0;
+	$out =~ /^AMQP_PORT=(\d+)$/m
+	  or die "rabbitmq.sh start printed no AMQP_PORT:\n$out$err";
+	$self->{port} = $1;
+	$running{ $self->{dir} } = 1;
+	return $self;
+}
+
+sub stop
+{
+	my ($self) = @_;
+	my ($rc, undef, $err) = $self->_script('stop', $self->{dir});
+	die "stopping RabbitMQ node '$self->{name}' failed:\n$err" if $rc != 0;
+	delete $running{ $self->{dir} };
+	return;
+}
+
+# SIGKILL for fault tests; a later start() reuses port and data.
+sub kill
+{
+	my ($self) = @_;
+	my ($rc, undef, $err) = $self->_script('kill', $self->{dir});
+	die "killing RabbitMQ node '$self->{name}' failed:\n$err" if $rc != 0;
+	# epmd is still up; keep the dir registered so END cleans it up.
+	return;
+}
+
+sub url
+{
+	my ($self, %args) = @_;
+	croak "RabbitMQ node '$self->{name}' has no port yet (not started)"
+	  unless defined $self->{port};
+	my $user = $args{user} // 'guest';
+	my $password = $args{password} // 'guest';
+	my $vhost = $args{vhost} // '/';
+	return sprintf('amqp://%s:%s@127.0.0.1:%d/%s',
+		_esc($user), _esc($password), $self->{port}, _esc($vhost));
+}
+
+# Percent-encode everything but RFC 3986 unreserved characters; lower-case
+# hex so that the default vhost comes out as the customary "%2f".
+sub _esc
+{
+	my ($s) = @_;
+	$s =~ s/([^A-Za-z0-9\-._~])/sprintf('%%%02x', ord $1)/ge;
+	return $s;
+}
+
+sub ctl
+{
+	my ($self, @args) = @_;
+	my ($rc, $out, $err) = $self->_script('ctl', $self->{dir}, @args);
+	die "rabbitmqctl @args failed (exit $rc):\n$err$out" if $rc != 0;
+	return $out;
+}
+
+sub add_user
+{
+	my ($self, $user, $password) = @_;
+	$self->ctl('add_user', $user, $password);
+	$self->ctl('set_permissions', '-p', '/', $user, '.*', '.*', '.*');
+	return;
+}
+
+# Number of ready messages in $queue (vhost "/"), or undef if there is no
+# such queue.
+sub queue_depth
+{
+	my ($self, $queue) = @_;
+	my $out = $self->ctl('list_queues', '-q', '--no-table-headers',
+		'name', 'messages');
+	for my $line (split /\n/, $out)
+	{
+		my ($name, $n) = $line =~ /^(.*)\t(\d+)$/ or next;
+		return $n + 0 if $name eq $queue;
+	}
+	return undef;
+}
+
+# Declares $queue on vhost "/" as guest; durable => 1 for a durable queue.
+sub declare_queue
+{
+	my ($self, $queue, %args) = @_;
+	my @cmd = ('amqp-declare-queue', '--url=' . $self->url, '-q', $queue);
+	push @cmd, '-d' if $args{durable};
+	my ($out, $err) = ('', '');
+	IPC::Run::run(\@cmd, '<', \undef, '>', \$out, '2>', \$err)
+	  or die "amqp-declare-queue $queue failed:\n$err";
+	return;
+}
+
+# Takes one message off $queue (auto-ack, as guest); returns its body, or
+# undef if the queue is empty.
+sub get_message
+{
+	my ($self, $queue) = @_;
+	my ($out, $err) = ('', '');
+	IPC::Run::run([ 'amqp-get', '--url=' . $self->url, '-q', $queue ],
+		'<', \undef, '>', \$out, '2>', \$err);
+	my $rc = $? >> 8;
+	return $out if $rc == 0;
+	# amqp-get exits 2 without any output for an empty queue; a missing
+	# queue or a connection problem is exit 1 with a message.
+	return undef if $rc == 2 && $err eq '';
+	die "amqp-get $queue failed (exit $rc):\n$err";
+}
+
+sub DESTROY
+{
+	my ($self) = @_;
+	return unless $$ == $owner_pid && $running{ $self->{dir} // '' };
+	local ($@, $?, $!);
+	eval { $self->stop };
+	return;
+}
+
+# Runs before File::Temp's END (this module loads File::Temp first, and END
+# blocks run in reverse order), so the node is down before its dir goes.
+END
+{
+	if ($$ == $owner_pid)
+	{
+		local ($@, $?, $!);
+		for my $dir (sort keys %running)
+		{
+			my ($out, $err) = ('', '');
+			IPC::Run::run([ $SCRIPT, 'stop', $dir ],
+				'<', \undef, '>', \$out, '2>', \$err)
+			  or warn "could not stop RabbitMQ node in $dir:\n$err";
+		}
+		%running = ();
+	}
+}
+
+1;

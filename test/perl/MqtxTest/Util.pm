@@ -1,0 +1,93 @@
+# Helpers shared by the mqtx TAP tests: PostgreSQL nodes that preload mqtx,
+# bounded waits, and the AMQP test tool.
+package MqtxTest::Util;
+
+use strict;
+use warnings;
+
+use Cwd qw(abs_path);
+use File::Basename qw(dirname);
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+use Exporter qw(import);
+our @EXPORT = qw(mqtx_node wait_for amqp_tool amqp_messages message_body relay_pid);
+
+# Servers listen on 127.0.0.1 TCP, like a deployment, not on a socket dir.
+$PostgreSQL::Test::Utils::use_unix_sockets = 0;
+
+my $tool = abs_path(dirname(__FILE__) . '/../../tools') . '/amqp_tool';
+
+# A started PostgreSQL node with mqtx preloaded and short worker timings.
+# Extra settings are appended verbatim (name => value, value unquoted).
+sub mqtx_node
+{
+	my ($name, %settings) = @_;
+	my %conf = (
+		shared_preload_libraries => "'mqtx'",
+		'mqtx.database' => "'postgres'",
+		'mqtx.poll_interval' => "'200ms'",
+		'mqtx.retry_base' => "'100ms'",
+		'mqtx.retry_max' => "'1s'",
+		'mqtx.connect_timeout' => "'2s'",
+		'mqtx.confirm_timeout' => "'5s'",
+		log_min_messages => 'info',
+		# the test framework turns it off; the relay-kill tests need it
+		restart_after_crash => 'on',
+		%settings);
+	my $node = PostgreSQL::Test::Cluster->new($name);
+	$node->init;
+	$node->append_conf('postgresql.conf',
+		join('', map { "$_ = $conf{$_}\n" } sort keys %conf));
+	$node->start;
+	return $node;
+}
+
+# Poll until the query returns the expected text; fail the test (and stop
+# waiting) after the harness timeout.
+sub wait_for
+{
+	my ($node, $db, $query, $expected, $what) = @_;
+	my $ok = $node->poll_query_until($db, $query, $expected);
+	ok($ok, $what) or diag("last result: " . $node->safe_psql($db, $query));
+	return $ok;
+}
+
+# Run the AMQP test tool; returns stdout, dies on failure.
+sub amqp_tool
+{
+	my @args = @_;
+	my ($stdout, $stderr);
+	IPC::Run::run([ $tool, @args ], '>', \$stdout, '2>', \$stderr)
+	  or die "amqp_tool @args failed: $stderr";
+	return $stdout;
+}
+
+# Every message in a queue, as hashes decoded from the tool's JSON lines.
+sub amqp_messages
+{
+	my ($url, $queue, $max) = @_;
+	my $out = amqp_tool('get', '--url', $url, '--queue', $queue,
+		'--count', $max // 100000);
+	require JSON::PP;
+	return [ map { JSON::PP::decode_json($_) } grep { /\S/ } split /\n/, $out ];
+}
+
+# A message's body, decoded from JSON (the tool already decoded the line's
+# UTF-8, so the body is a character string).
+sub message_body
+{
+	my ($message) = @_;
+	return JSON::PP->new->decode($message->{body});
+}
+
+sub relay_pid
+{
+	my ($node, $db) = @_;
+	return $node->safe_psql('postgres',
+		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'mqtx relay'"
+		  . " AND datname = '$db'");
+}
+
+1;
