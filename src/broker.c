@@ -279,21 +279,36 @@ mqtx_headers_are_valid(Jsonb *headers, char **reason)
 }
 
 /*
- * One connection with one channel in confirm mode.  The struct lives in
- * TopMemoryContext; the library's own state is malloc'd by rabbitmq-c and
- * must be released with broker_disconnect().
+ * One connection, two channels: one in confirm mode for publishing, one
+ * for RPCs (topology, exchange checks).  A declaration the broker refuses
+ * closes its channel; on a separate channel that never costs the confirms
+ * of messages in flight.
+ *
+ * The struct lives in TopMemoryContext; the library's own state is
+ * malloc'd by rabbitmq-c and must be released with broker_disconnect().
  */
 struct BrokerConnection
 {
 	amqp_connection_state_t state;
 	bool		open;			/* false once the connection is unusable */
-	bool		channel_open;
+	bool		channel_open[3];	/* indexed by channel number */
 	uint64		next_delivery_tag;	/* confirm tags restart at 1 per channel */
+
+	/*
+	 * Messages sent and not yet acked or nacked, in delivery-tag order.  They
+	 * belong to the caller, who keeps them alive until they settle or the
+	 * connection is dropped.
+	 */
+	BrokerMessage **unsettled;
+	int			unsettled_count;
+	int			unsettled_capacity;
+
 	MemoryContext cache_context;	/* holds known_exchanges */
-	List	   *known_exchanges;	/* checked to exist on this channel */
+	List	   *known_exchanges;	/* checked to exist on this connection */
 };
 
-#define MQTX_CHANNEL 1
+#define PUBLISH_CHANNEL 1
+#define RPC_CHANNEL 2
 
 static struct timeval
 timeval_from_ms(int ms)
@@ -318,7 +333,7 @@ amqp_bytes_to_cstring(amqp_bytes_t bytes)
 }
 
 /*
- * "host:port", for log lines: never the user or password.
+ * "amqp://host:port", for log lines: never the user or password.
  */
 char *
 broker_describe(const char *url)
@@ -334,20 +349,44 @@ broker_describe(const char *url)
 }
 
 /*
- * The broker closed our channel or connection: acknowledge it as AMQP
+ * The publish channel is gone: its unsettled messages will never be
+ * confirmed (they stay PUBLISH_UNCONFIRMED for the caller to retry), and a
+ * new channel starts its delivery tags again at 1.
+ */
+static void
+forget_publish_channel(BrokerConnection *conn)
+{
+	conn->channel_open[PUBLISH_CHANNEL] = false;
+	conn->unsettled_count = 0;
+}
+
+static void
+mark_connection_lost(BrokerConnection *conn)
+{
+	conn->open = false;
+	conn->channel_open[RPC_CHANNEL] = false;
+	forget_publish_channel(conn);
+}
+
+/*
+ * The broker closed a channel or the connection: acknowledge it as AMQP
  * requires and remember what is left usable.
  */
 static void
-accept_close(BrokerConnection *conn, amqp_method_number_t method)
+accept_close(BrokerConnection *conn, amqp_channel_t channel,
+			 amqp_method_number_t method)
 {
 	if (method == AMQP_CHANNEL_CLOSE_METHOD)
 	{
 		amqp_channel_close_ok_t ok = {0};
 
-		if (amqp_send_method(conn->state, MQTX_CHANNEL,
+		if (channel == PUBLISH_CHANNEL)
+			forget_publish_channel(conn);
+		else
+			conn->channel_open[channel] = false;
+		if (amqp_send_method(conn->state, channel,
 							 AMQP_CHANNEL_CLOSE_OK_METHOD, &ok) != AMQP_STATUS_OK)
-			conn->open = false;
-		conn->channel_open = false;
+			mark_connection_lost(conn);
 	}
 	else
 	{
@@ -355,8 +394,7 @@ accept_close(BrokerConnection *conn, amqp_method_number_t method)
 
 		(void) amqp_send_method(conn->state, 0,
 								AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
-		conn->open = false;
-		conn->channel_open = false;
+		mark_connection_lost(conn);
 	}
 }
 
@@ -382,11 +420,11 @@ describe_close(const char *what, amqp_method_number_t method, void *decoded)
 }
 
 /*
- * Turn a failed RPC reply into text and into connection state.
+ * Turn a failed RPC reply on a channel into text and connection state.
  */
 static char *
-handle_failed_reply(BrokerConnection *conn, amqp_rpc_reply_t reply,
-					const char *what)
+handle_failed_reply(BrokerConnection *conn, amqp_channel_t channel,
+					amqp_rpc_reply_t reply, const char *what)
 {
 	char	   *error;
 
@@ -394,63 +432,63 @@ handle_failed_reply(BrokerConnection *conn, amqp_rpc_reply_t reply,
 	{
 		case AMQP_RESPONSE_LIBRARY_EXCEPTION:
 			/* timeouts and socket errors leave the connection unusable */
-			conn->open = false;
-			conn->channel_open = false;
+			mark_connection_lost(conn);
 			return psprintf("%s: %s", what, amqp_error_string2(reply.library_error));
 		case AMQP_RESPONSE_SERVER_EXCEPTION:
 			if (reply.reply.id == AMQP_CHANNEL_CLOSE_METHOD ||
 				reply.reply.id == AMQP_CONNECTION_CLOSE_METHOD)
 			{
 				error = describe_close(what, reply.reply.id, reply.reply.decoded);
-				accept_close(conn, reply.reply.id);
+				accept_close(conn, channel, reply.reply.id);
 				return error;
 			}
-			conn->open = false;
+			mark_connection_lost(conn);
 			return psprintf("%s: unexpected %s from broker", what,
 							amqp_method_name(reply.reply.id));
 		default:
-			conn->open = false;
+			mark_connection_lost(conn);
 			return psprintf("%s: no reply from broker", what);
 	}
 }
 
 static bool
-rpc_succeeded(BrokerConnection *conn, const char *what, char **error)
+rpc_succeeded(BrokerConnection *conn, amqp_channel_t channel, const char *what,
+			  char **error)
 {
 	amqp_rpc_reply_t reply = amqp_get_rpc_reply(conn->state);
 
 	if (reply.reply_type == AMQP_RESPONSE_NORMAL)
 		return true;
-	*error = handle_failed_reply(conn, reply, what);
+	*error = handle_failed_reply(conn, channel, reply, what);
 	return false;
 }
 
 /*
- * Open channel 1 in confirm mode if it is not open (it closes on channel
- * errors such as a publish to a missing exchange).
+ * Open the channel if it is not open; the publish channel in confirm mode.
  */
 static bool
-ensure_channel(BrokerConnection *conn, char **error)
+ensure_channel(BrokerConnection *conn, amqp_channel_t channel, char **error)
 {
 	if (!conn->open)
 	{
 		*error = pstrdup("the broker connection is closed");
 		return false;
 	}
-	if (conn->channel_open)
+	if (conn->channel_open[channel])
 		return true;
 
-	amqp_channel_open(conn->state, MQTX_CHANNEL);
-	if (!rpc_succeeded(conn, "opening a channel", error))
+	amqp_channel_open(conn->state, channel);
+	if (!rpc_succeeded(conn, channel, "opening a channel", error))
 		return false;
-	amqp_confirm_select(conn->state, MQTX_CHANNEL);
-	if (!rpc_succeeded(conn, "enabling publisher confirms", error))
-		return false;
-
-	conn->channel_open = true;
-	conn->next_delivery_tag = 1;
-	MemoryContextReset(conn->cache_context);
-	conn->known_exchanges = NIL;
+	if (channel == PUBLISH_CHANNEL)
+	{
+		amqp_confirm_select(conn->state, channel);
+		if (!rpc_succeeded(conn, channel, "enabling publisher confirms", error))
+			return false;
+		conn->next_delivery_tag = 1;
+		conn->unsettled_count = 0;
+	}
+	conn->channel_open[channel] = true;
 	return true;
 }
 
@@ -497,7 +535,7 @@ new_tls_socket(amqp_connection_state_t state, char **error)
 }
 
 /*
- * Connect, log in and open a confirm-mode channel, every step bounded by
+ * Connect, log in and open the channels, every step bounded by
  * mqtx.connect_timeout.  Returns NULL with *error set on failure.
  */
 BrokerConnection *
@@ -520,7 +558,7 @@ broker_connect(const char *url, char **error)
 
 	conn = MemoryContextAllocZero(TopMemoryContext, sizeof(BrokerConnection));
 	conn->cache_context = AllocSetContextCreate(TopMemoryContext,
-												"mqtx broker cache",
+												"mqtx broker connection",
 												ALLOCSET_SMALL_SIZES);
 	conn->state = amqp_new_connection();
 	if (conn->state == NULL)
@@ -551,13 +589,14 @@ broker_connect(const char *url, char **error)
 					   info.user, info.password);
 	if (reply.reply_type != AMQP_RESPONSE_NORMAL)
 	{
-		*error = handle_failed_reply(conn, reply,
+		*error = handle_failed_reply(conn, 0, reply,
 									 psprintf("logging in to %s:%d as \"%s\"",
 											  info.host, info.port, info.user));
 		goto fail;
 	}
 	conn->open = true;
-	if (!ensure_channel(conn, error))
+	if (!ensure_channel(conn, RPC_CHANNEL, error) ||
+		!ensure_channel(conn, PUBLISH_CHANNEL, error))
 		goto fail;
 	return conn;
 
@@ -591,12 +630,13 @@ bool
 broker_declare_exchange(BrokerConnection *conn, const char *name,
 						const char *type, bool durable, char **error)
 {
-	if (!ensure_channel(conn, error))
+	if (!ensure_channel(conn, RPC_CHANNEL, error))
 		return false;
-	amqp_exchange_declare(conn->state, MQTX_CHANNEL,
+	amqp_exchange_declare(conn->state, RPC_CHANNEL,
 						  cstring_to_amqp_bytes(name), cstring_to_amqp_bytes(type),
 						  false, durable, false, false, amqp_empty_table);
-	return rpc_succeeded(conn, psprintf("declaring exchange \"%s\"", name), error);
+	return rpc_succeeded(conn, RPC_CHANNEL,
+						 psprintf("declaring exchange \"%s\"", name), error);
 }
 
 bool
@@ -607,32 +647,34 @@ broker_declare_queue(BrokerConnection *conn, const char *name, bool durable,
 
 	if (arguments != NULL && !headers_to_table(arguments, &table, error))
 		return false;
-	if (!ensure_channel(conn, error))
+	if (!ensure_channel(conn, RPC_CHANNEL, error))
 		return false;
-	amqp_queue_declare(conn->state, MQTX_CHANNEL, cstring_to_amqp_bytes(name),
+	amqp_queue_declare(conn->state, RPC_CHANNEL, cstring_to_amqp_bytes(name),
 					   false, durable, false, false, table);
-	return rpc_succeeded(conn, psprintf("declaring queue \"%s\"", name), error);
+	return rpc_succeeded(conn, RPC_CHANNEL,
+						 psprintf("declaring queue \"%s\"", name), error);
 }
 
 bool
 broker_bind(BrokerConnection *conn, const char *queue, const char *exchange,
 			const char *routing_key, char **error)
 {
-	if (!ensure_channel(conn, error))
+	if (!ensure_channel(conn, RPC_CHANNEL, error))
 		return false;
-	amqp_queue_bind(conn->state, MQTX_CHANNEL, cstring_to_amqp_bytes(queue),
+	amqp_queue_bind(conn->state, RPC_CHANNEL, cstring_to_amqp_bytes(queue),
 					cstring_to_amqp_bytes(exchange),
 					cstring_to_amqp_bytes(routing_key), amqp_empty_table);
-	return rpc_succeeded(conn, psprintf("binding queue \"%s\" to exchange \"%s\"",
-										queue, exchange), error);
+	return rpc_succeeded(conn, RPC_CHANNEL,
+						 psprintf("binding queue \"%s\" to exchange \"%s\"",
+								  queue, exchange), error);
 }
 
 /*
- * Does the exchange exist?  Asked with a passive declare, once per channel:
- * publishing to a missing exchange would close the channel and take every
- * unconfirmed message of the batch with it.  Returns false with *error
- * when it does not exist or when the connection failed (broker_is_open()
- * tells which).
+ * Does the exchange exist?  Asked with a passive declare, once per
+ * connection: publishing to a missing exchange would close the publish
+ * channel and take every unconfirmed message with it.  Returns false with
+ * *error when it does not exist or when the connection failed
+ * (broker_is_open() tells which).
  */
 bool
 broker_exchange_exists(BrokerConnection *conn, const char *name, char **error)
@@ -642,16 +684,16 @@ broker_exchange_exists(BrokerConnection *conn, const char *name, char **error)
 
 	if (name[0] == '\0')
 		return true;			/* the default exchange always exists */
-	if (!ensure_channel(conn, error))
-		return false;
 	foreach(lc, conn->known_exchanges)
 		if (strcmp(lfirst(lc), name) == 0)
 			return true;
+	if (!ensure_channel(conn, RPC_CHANNEL, error))
+		return false;
 
-	amqp_exchange_declare(conn->state, MQTX_CHANNEL, cstring_to_amqp_bytes(name),
+	amqp_exchange_declare(conn->state, RPC_CHANNEL, cstring_to_amqp_bytes(name),
 						  amqp_cstring_bytes("direct"), true, false, false, false,
 						  amqp_empty_table);
-	if (!rpc_succeeded(conn, psprintf("exchange \"%s\"", name), error))
+	if (!rpc_succeeded(conn, RPC_CHANNEL, psprintf("exchange \"%s\"", name), error))
 		return false;
 
 	old = MemoryContextSwitchTo(conn->cache_context);
@@ -660,10 +702,27 @@ broker_exchange_exists(BrokerConnection *conn, const char *name, char **error)
 	return true;
 }
 
+static void
+track_unsettled(BrokerConnection *conn, BrokerMessage *message)
+{
+	if (conn->unsettled_count == conn->unsettled_capacity)
+	{
+		conn->unsettled_capacity = Max(64, conn->unsettled_capacity * 2);
+		conn->unsettled = conn->unsettled == NULL ?
+			MemoryContextAlloc(conn->cache_context,
+							   sizeof(BrokerMessage *) * conn->unsettled_capacity) :
+			repalloc(conn->unsettled,
+					 sizeof(BrokerMessage *) * conn->unsettled_capacity);
+	}
+	conn->unsettled[conn->unsettled_count++] = message;
+}
+
 /*
- * Send one message on the confirm channel.  Returns false only when the
- * connection or channel failed (stop sending); a message that cannot be
- * encoded is marked PUBLISH_REJECTED and the batch goes on.
+ * Send one message on the confirm channel, without waiting.  Returns false
+ * only when the connection or channel failed (stop sending); a message that
+ * cannot be encoded is marked PUBLISH_REJECTED and sending goes on.  The
+ * message must stay allocated until it settles (broker_await_confirms) or
+ * the connection is dropped.
  */
 bool
 broker_publish(BrokerConnection *conn, BrokerMessage *message, char **error)
@@ -672,7 +731,7 @@ broker_publish(BrokerConnection *conn, BrokerMessage *message, char **error)
 	amqp_bytes_t body;
 	int			rc;
 
-	if (!ensure_channel(conn, error))
+	if (!ensure_channel(conn, PUBLISH_CHANNEL, error))
 		return false;
 
 	memset(&props, 0, sizeof(props));
@@ -695,7 +754,7 @@ broker_publish(BrokerConnection *conn, BrokerMessage *message, char **error)
 	}
 	body = server_text_to_amqp_bytes(message->body, message->body_len);
 
-	rc = amqp_basic_publish(conn->state, MQTX_CHANNEL,
+	rc = amqp_basic_publish(conn->state, PUBLISH_CHANNEL,
 							cstring_to_amqp_bytes(message->exchange),
 							cstring_to_amqp_bytes(message->routing_key),
 							true, false, &props, body);
@@ -708,57 +767,59 @@ broker_publish(BrokerConnection *conn, BrokerMessage *message, char **error)
 	if (rc != AMQP_STATUS_OK)
 	{
 		*error = psprintf("publishing: %s", amqp_error_string2(rc));
-		conn->open = false;
-		conn->channel_open = false;
+		mark_connection_lost(conn);
 		return false;
 	}
 	message->delivery_tag = conn->next_delivery_tag++;
 	message->outcome = PUBLISH_UNCONFIRMED;
+	message->settled = false;
+	track_unsettled(conn, message);
 	return true;
 }
 
 /*
- * Apply a basic.ack or basic.nack to the batch; "multiple" covers every
- * tag up to and including delivery_tag.  Messages already returned keep
- * that outcome: RabbitMQ acks an unroutable message after returning it.
+ * Apply a basic.ack or basic.nack; "multiple" covers every tag up to and
+ * including delivery_tag.  A message already returned keeps that outcome:
+ * RabbitMQ acks an unroutable message after returning it.
  */
-static int
-apply_confirm(BrokerMessage *messages, int count, uint64 delivery_tag,
-			  bool multiple, PublishOutcome outcome)
+static void
+apply_confirm(BrokerConnection *conn, uint64 delivery_tag, bool multiple,
+			  PublishOutcome outcome)
 {
-	int			resolved = 0;
+	int			kept = 0;
 
-	for (int i = 0; i < count; i++)
+	for (int i = 0; i < conn->unsettled_count; i++)
 	{
-		BrokerMessage *m = &messages[i];
+		BrokerMessage *m = conn->unsettled[i];
 
-		if (m->outcome != PUBLISH_UNCONFIRMED)
-			continue;
 		if (m->delivery_tag == delivery_tag ||
 			(multiple && m->delivery_tag < delivery_tag))
 		{
-			m->outcome = outcome;
-			if (outcome == PUBLISH_NACKED)
-				m->error = pstrdup("the broker refused the message (basic.nack)");
-			resolved++;
+			if (m->outcome == PUBLISH_UNCONFIRMED)
+			{
+				m->outcome = outcome;
+				if (outcome == PUBLISH_NACKED)
+					m->error = pstrdup("the broker refused the message (basic.nack)");
+			}
+			m->settled = true;
 		}
+		else
+			conn->unsettled[kept++] = m;
 	}
-	return resolved;
+	conn->unsettled_count = kept;
 }
 
 /*
  * basic.return: the message body follows and must be read off the wire.
  * It carries no delivery tag, so it is matched on its message_id.
  */
-static int
-apply_return(BrokerConnection *conn, amqp_basic_return_t *ret,
-			 BrokerMessage *messages, int count, char **error)
+static bool
+apply_return(BrokerConnection *conn, amqp_basic_return_t *ret, char **error)
 {
 	amqp_message_t returned;
 	amqp_rpc_reply_t reply;
 	char	   *message_id;
 	char	   *reason;
-	int			resolved = 0;
 
 	reason = psprintf("unroutable: the broker returned it (%u %.*s) from exchange \"%.*s\" with routing key \"%.*s\"",
 					  ret->reply_code,
@@ -766,74 +827,84 @@ apply_return(BrokerConnection *conn, amqp_basic_return_t *ret,
 					  (int) ret->exchange.len, (char *) ret->exchange.bytes,
 					  (int) ret->routing_key.len, (char *) ret->routing_key.bytes);
 
-	reply = amqp_read_message(conn->state, MQTX_CHANNEL, &returned, 0);
+	reply = amqp_read_message(conn->state, PUBLISH_CHANNEL, &returned, 0);
 	if (reply.reply_type != AMQP_RESPONSE_NORMAL)
 	{
-		*error = handle_failed_reply(conn, reply, "reading a returned message");
-		return -1;
+		*error = handle_failed_reply(conn, PUBLISH_CHANNEL, reply,
+									 "reading a returned message");
+		return false;
 	}
 	message_id = (returned.properties._flags & AMQP_BASIC_MESSAGE_ID_FLAG) ?
 		amqp_bytes_to_cstring(returned.properties.message_id) : NULL;
 	amqp_destroy_message(&returned);
 
-	for (int i = 0; message_id != NULL && i < count; i++)
+	for (int i = 0; message_id != NULL && i < conn->unsettled_count; i++)
 	{
-		if (messages[i].outcome == PUBLISH_UNCONFIRMED &&
-			strcmp(messages[i].message_id, message_id) == 0)
+		BrokerMessage *m = conn->unsettled[i];
+
+		if (m->outcome == PUBLISH_UNCONFIRMED &&
+			strcmp(m->message_id, message_id) == 0)
 		{
-			messages[i].outcome = PUBLISH_RETURNED;
-			messages[i].error = reason;
-			resolved++;
+			m->outcome = PUBLISH_RETURNED;
+			m->error = reason;
 			break;
 		}
 	}
-	return resolved;
+	return true;
 }
 
 /*
- * Handle one frame the broker sent unprompted.  Returns how many of the
- * batch's messages it resolved, or -1 when the channel or connection closed
- * (with *error set).
+ * Handle one frame the broker sent unprompted.  Returns false when the
+ * publish channel or the connection closed (with *error set).
  */
-static int
-handle_frame(BrokerConnection *conn, amqp_frame_t *frame,
-			 BrokerMessage *messages, int count, char **error)
+static bool
+handle_frame(BrokerConnection *conn, amqp_frame_t *frame, char **error)
 {
 	void	   *decoded = frame->payload.method.decoded;
 
 	if (frame->frame_type != AMQP_FRAME_METHOD)
-		return 0;
+		return true;
 
 	switch (frame->payload.method.id)
 	{
 		case AMQP_BASIC_ACK_METHOD:
-			return apply_confirm(messages, count,
-								 ((amqp_basic_ack_t *) decoded)->delivery_tag,
-								 ((amqp_basic_ack_t *) decoded)->multiple,
-								 PUBLISH_ACKED);
+			apply_confirm(conn, ((amqp_basic_ack_t *) decoded)->delivery_tag,
+						  ((amqp_basic_ack_t *) decoded)->multiple, PUBLISH_ACKED);
+			return true;
 		case AMQP_BASIC_NACK_METHOD:
-			return apply_confirm(messages, count,
-								 ((amqp_basic_nack_t *) decoded)->delivery_tag,
-								 ((amqp_basic_nack_t *) decoded)->multiple,
-								 PUBLISH_NACKED);
+			apply_confirm(conn, ((amqp_basic_nack_t *) decoded)->delivery_tag,
+						  ((amqp_basic_nack_t *) decoded)->multiple, PUBLISH_NACKED);
+			return true;
 		case AMQP_BASIC_RETURN_METHOD:
-			return apply_return(conn, decoded, messages, count, error);
+			return apply_return(conn, decoded, error);
 		case AMQP_CHANNEL_CLOSE_METHOD:
 		case AMQP_CONNECTION_CLOSE_METHOD:
 			*error = describe_close("while publishing", frame->payload.method.id,
 									decoded);
-			accept_close(conn, frame->payload.method.id);
-			return -1;
+			accept_close(conn, frame->channel, frame->payload.method.id);
+			return frame->channel != PUBLISH_CHANNEL && conn->open;
 		default:
-			return 0;
+			return true;
 	}
 }
 
+static bool
+all_settled(BrokerMessage *messages, int count)
+{
+	for (int i = 0; i < count; i++)
+		if (messages[i].outcome != PUBLISH_NOT_SENT &&
+			messages[i].outcome != PUBLISH_REJECTED &&
+			!messages[i].settled)
+			return false;
+	return true;
+}
+
 /*
- * Wait until every sent message of the batch is acked, nacked or returned,
- * or timeout_ms passes.  Returns false on timeout or when the channel or
- * connection closed; messages still PUBLISH_UNCONFIRMED then have an
- * unknown fate.
+ * Wait until every sent message of the array is acked or nacked (returned
+ * ones included: their ack follows the return), or timeout_ms passes.
+ * Confirms for other messages in flight are applied as they come.  Returns
+ * false on timeout or when the channel or connection closed; messages
+ * still PUBLISH_UNCONFIRMED then have an unknown fate.
  */
 bool
 broker_await_confirms(BrokerConnection *conn, BrokerMessage *messages,
@@ -841,21 +912,20 @@ broker_await_confirms(BrokerConnection *conn, BrokerMessage *messages,
 {
 	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
 													   timeout_ms);
-	int			unresolved = 0;
 
-	for (int i = 0; i < count; i++)
-		if (messages[i].outcome == PUBLISH_UNCONFIRMED)
-			unresolved++;
-
-	while (unresolved > 0)
+	while (!all_settled(messages, count))
 	{
 		long		remaining_ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
 																   deadline);
 		struct timeval tv = timeval_from_ms((int) remaining_ms);
 		amqp_frame_t frame;
 		int			rc;
-		int			resolved;
 
+		if (!conn->channel_open[PUBLISH_CHANNEL])
+		{
+			*error = pstrdup("the publish channel closed before every confirm arrived");
+			return false;
+		}
 		if (remaining_ms <= 0)
 		{
 			*error = psprintf("no publisher confirm within %d ms", timeout_ms);
@@ -869,22 +939,19 @@ broker_await_confirms(BrokerConnection *conn, BrokerMessage *messages,
 		{
 			*error = psprintf("waiting for publisher confirms: %s",
 							  amqp_error_string2(rc));
-			conn->open = false;
-			conn->channel_open = false;
+			mark_connection_lost(conn);
 			return false;
 		}
-		resolved = handle_frame(conn, &frame, messages, count, error);
-		if (resolved < 0)
+		if (!handle_frame(conn, &frame, error))
 			return false;
-		unresolved -= resolved;
 	}
 	return true;
 }
 
 /*
  * Service the connection between batches without blocking: heartbeats go
- * out, and a close from the broker is noticed.  Returns false when the
- * connection is gone.
+ * out, confirms and closes from the broker are taken in.  Returns false
+ * when the connection is gone.
  */
 bool
 broker_poll(BrokerConnection *conn, char **error)
@@ -907,11 +974,9 @@ broker_poll(BrokerConnection *conn, char **error)
 		if (rc != AMQP_STATUS_OK)
 		{
 			*error = psprintf("broker connection lost: %s", amqp_error_string2(rc));
-			conn->open = false;
-			conn->channel_open = false;
+			mark_connection_lost(conn);
 			return false;
 		}
-		if (handle_frame(conn, &frame, NULL, 0, error) < 0 && !conn->open)
-			return false;
+		(void) handle_frame(conn, &frame, error);
 	}
 }

@@ -27,7 +27,7 @@ char	   *mqtx_databases = NULL;
 List	   *mqtx_database_names = NIL;
 int			mqtx_max_payload = 1024 * 1024;
 bool		mqtx_relay_enabled = true;
-int			mqtx_batch_size = 500;
+int			mqtx_batch_size = 1000;
 int			mqtx_poll_interval = 1000;
 int			mqtx_max_attempts = 10;
 int			mqtx_retry_base = 1000;
@@ -114,7 +114,7 @@ define_worker_settings(void)
 	DefineCustomIntVariable("mqtx.batch_size",
 							"Outbox rows the relay publishes per batch.",
 							"The batch is published with pipelined confirms: one round trip per batch.",
-							&mqtx_batch_size, 500, 1, 10000,
+							&mqtx_batch_size, 1000, 1, 10000,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("mqtx.poll_interval",
 							"How often the relay looks for due rows when nothing wakes it.",

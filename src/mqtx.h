@@ -102,6 +102,7 @@ typedef struct BrokerMessage
 	/* what became of it */
 	PublishOutcome outcome;
 	uint64		delivery_tag;
+	bool		settled;		/* its ack or nack has arrived */
 	char	   *error;			/* why, for NACKED, RETURNED and REJECTED */
 } BrokerMessage;
 

@@ -4,18 +4,25 @@
  *	  The relay worker: publishes mqtx.outbox to RabbitMQ with publisher
  *	  confirms and records each message's fate.
  *
- * One relay runs per database in mqtx.database.  Each pass claims a batch
- * of due pending rows, oldest first, with FOR UPDATE SKIP LOCKED, publishes
- * the whole batch, then collects the confirms (pipelined: one round trip
- * per batch, not per message), and records the outcome of every row.
+ * One relay runs per database in mqtx.database.  Each pass, in one
+ * transaction, claims a batch of due pending rows, oldest first, with FOR
+ * UPDATE SKIP LOCKED and puts the whole batch on the wire; then it collects
+ * the publisher confirms of the batch sent in the previous pass and records
+ * the outcome of each of its rows.  Confirms are pipelined twice over: one
+ * wait per batch rather than per message, and the broker always has the
+ * next batch to work on while the database records the last one.
  *
- * The row locks are held across the publish, deliberately.  The batch's
- * life is bounded by mqtx.confirm_timeout, and holding the locks means one
- * write per row (no lease to take and then release), concurrent relays
- * skip rows in flight, and a crash at any point releases the locks with
- * the rows still pending, so they are re-sent at once: a crash means a
- * re-send, never a loss.  The price is an open transaction while waiting
- * for the broker, at most mqtx.confirm_timeout long.
+ * Row locks are therefore held from the claim until the batch is on the
+ * wire, not until its confirms arrive; the next claim skips the rows in
+ * flight explicitly.  That is deliberate: nothing is lost by it, since an
+ * outbox row leaves "pending" only in the transaction that records its
+ * confirm, so a crash at any point leaves every unconfirmed row pending and
+ * it is sent again (a duplicate, never a loss; consumers dedupe on
+ * message_id).  What it buys is throughput: the database's work overlaps
+ * the broker's, and no transaction waits a whole confirm round trip while
+ * holding locks.  What it costs: a second relay on the same table (mqtx
+ * starts one per database) could, between two passes, claim rows still in
+ * flight and send duplicates.
  *
  * The relay commits asynchronously (synchronous_commit = off): losing the
  * last commits in a crash only turns "published" rows back into pending
@@ -60,6 +67,7 @@ static const char *const claim_sql =
 "       extract(epoch FROM created_at)::bigint "
 "FROM mqtx.outbox "
 "WHERE status = 'pending' AND next_attempt_at <= now() "
+"  AND NOT (id = ANY ($2)) "
 "ORDER BY next_attempt_at, id "
 "LIMIT $1 "
 "FOR UPDATE SKIP LOCKED";
@@ -116,10 +124,28 @@ typedef enum BrokerState
 	BROKER_DOWN
 } BrokerState;
 
+/* The batch being relayed: rows and their messages, index-aligned. */
+typedef struct RelayBatch
+{
+	int			count;
+	int64	   *ids;
+	BrokerMessage *messages;
+} RelayBatch;
+
 typedef struct RelayState
 {
 	MqtxSlot   *slot;
-	MemoryContext batch_context;	/* reset every pass */
+
+	/*
+	 * A pass allocates in its own context, which lives through the next
+	 * pass too: a batch sent in one pass is recorded in the next, and
+	 * confirm errors may be attached to it in either.
+	 */
+	MemoryContext pass_contexts[2];
+	int			pass_parity;
+	MemoryContext pass_context;
+	RelayBatch *in_flight;		/* sent in the previous pass, unrecorded */
+
 	BrokerConnection *conn;
 	BrokerState broker_state;
 	bool		ever_connected;
@@ -131,14 +157,6 @@ typedef struct RelayState
 } RelayState;
 
 static RelayState relay;
-
-/* The batch being relayed: rows and their messages, index-aligned. */
-typedef struct RelayBatch
-{
-	int			count;
-	int64	   *ids;
-	BrokerMessage *messages;
-} RelayBatch;
 
 void
 mqtx_register_relay(int slot_index, const char *dbname)
@@ -178,7 +196,7 @@ end_step(void)
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
-	MemoryContextSwitchTo(relay.batch_context);
+	MemoryContextSwitchTo(relay.pass_context);
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
 }
@@ -196,7 +214,7 @@ extension_ready(void)
 	StartTransactionCommand();
 	ready = OidIsValid(get_extension_oid("mqtx", true));
 	CommitTransactionCommand();
-	MemoryContextSwitchTo(relay.batch_context);
+	MemoryContextSwitchTo(relay.pass_context);
 	return ready;
 }
 
@@ -215,9 +233,22 @@ log_broker_down(const char *error)
 	mqtx_slot_set_connected(relay.slot, false);
 }
 
+static void record_outcomes(RelayBatch *batch, const char *batch_error);
+
+/*
+ * Give up on the connection.  A batch still awaiting its confirms will not
+ * get them: its rows get a failed attempt now.
+ */
 static void
 drop_connection(const char *error)
 {
+	if (relay.in_flight != NULL)
+	{
+		begin_step("mqtx relay: recording a batch cut off by a lost connection");
+		record_outcomes(relay.in_flight, error);
+		end_step();
+		relay.in_flight = NULL;
+	}
 	broker_disconnect(relay.conn);
 	relay.conn = NULL;
 	relay.topology_declared = false;
@@ -323,23 +354,31 @@ ensure_broker(void)
 	return broker_is_open(relay.conn);
 }
 
+static Datum build_array(Datum *elements, int count, Oid element_type);
+
 /*
- * Claim due rows and copy them into the batch context; the transaction
- * (and the row locks) stay open.
+ * Claim due rows, other than those still in flight, and copy them into the
+ * pass context; the transaction (and the row locks) stay open.
  */
 static RelayBatch *
-claim_batch(void)
+claim_batch(RelayBatch *in_flight)
 {
-	Oid			argtypes[1] = {INT4OID};
-	Datum		args[1] = {Int32GetDatum(mqtx_batch_size)};
+	Oid			argtypes[2] = {INT4OID, INT8ARRAYOID};
+	Datum		args[2];
+	Datum	   *in_flight_ids = palloc(sizeof(Datum) * (in_flight ? in_flight->count : 1));
 	RelayBatch *batch;
 	MemoryContext spi_context;
 
-	begin_step("mqtx relay: publishing a batch");
-	if (SPI_execute_with_args(claim_sql, 1, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
+	for (int i = 0; in_flight != NULL && i < in_flight->count; i++)
+		in_flight_ids[i] = Int64GetDatum(in_flight->ids[i]);
+
+	begin_step("mqtx relay: publishing");
+	args[0] = Int32GetDatum(mqtx_batch_size);
+	args[1] = build_array(in_flight_ids, in_flight ? in_flight->count : 0, INT8OID);
+	if (SPI_execute_with_args(claim_sql, 2, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "claiming outbox rows failed");
 
-	spi_context = MemoryContextSwitchTo(relay.batch_context);
+	spi_context = MemoryContextSwitchTo(relay.pass_context);
 	batch = palloc0(sizeof(RelayBatch));
 	batch->count = (int) SPI_processed;
 	batch->ids = palloc0(sizeof(int64) * Max(batch->count, 1));
@@ -401,12 +440,12 @@ reject_unknown_exchanges(RelayBatch *batch, char **error)
 }
 
 /*
- * Publish every message of the batch, then collect the confirms.  Returns
- * false when the connection (or channel) failed on the way; the messages'
- * outcomes say how far each got.
+ * Put every message of the batch on the wire, without waiting for
+ * confirms.  Returns false when the connection (or channel) failed on the
+ * way; the messages' outcomes say how far each got.
  */
 static bool
-publish_batch(RelayBatch *batch, char **error)
+send_batch(RelayBatch *batch, char **error)
 {
 	if (!reject_unknown_exchanges(batch, error))
 		return false;
@@ -418,8 +457,7 @@ publish_batch(RelayBatch *batch, char **error)
 		if (!broker_publish(relay.conn, &batch->messages[i], error))
 			return false;
 	}
-	return broker_await_confirms(relay.conn, batch->messages, batch->count,
-								 mqtx_confirm_timeout, error);
+	return true;
 }
 
 static Datum
@@ -537,29 +575,41 @@ record_outcomes(RelayBatch *batch, const char *batch_error)
 }
 
 /*
- * One pass: claim, publish, confirm, record.  Returns whether the batch
- * was full (there is probably more to do right away).
+ * One pass: claim a batch and send it, then await the confirms of the
+ * batch sent in the previous pass and record its outcome, in one
+ * transaction.  Returns whether there is more to do right away.
  */
 static bool
-relay_batch(void)
+relay_pass(void)
 {
-	RelayBatch *batch = claim_batch();
+	RelayBatch *previous = relay.in_flight;
+	RelayBatch *batch = claim_batch(previous);
 	char	   *error = NULL;
 	bool		delivered;
 
-	if (batch->count == 0)
+	if (batch->count == 0 && previous == NULL)
 	{
 		end_step();
 		return false;
 	}
 
-	delivered = publish_batch(batch, &error);
-	record_outcomes(batch, error);
+	delivered = send_batch(batch, &error);
+	if (delivered && previous != NULL)
+		delivered = broker_await_confirms(relay.conn, previous->messages,
+										  previous->count, mqtx_confirm_timeout,
+										  &error);
+	if (previous != NULL)
+		record_outcomes(previous, error);
+	relay.in_flight = NULL;
+	if (!delivered)
+		record_outcomes(batch, error);
+	else if (batch->count > 0)
+		relay.in_flight = batch;
 	end_step();
 
 	if (!delivered)
 		drop_connection(error);
-	return batch->count == mqtx_batch_size;
+	return relay.in_flight != NULL;
 }
 
 /*
@@ -656,13 +706,26 @@ mqtx_relay_main(Datum main_arg)
 	pgstat_report_appname("mqtx relay");
 	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
 
+	/*
+	 * The relay's queries walk the outbox's indexes in order.  Statistics
+	 * on a queue table are stale by nature (a bulk enqueue is not analyzed
+	 * before it is relayed), and a plan that sorts every pending row to
+	 * pick the oldest few costs O(backlog) per batch.  Keep the planner on
+	 * index paths for this session.
+	 */
+	SetConfigOption("enable_seqscan", "off", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("enable_bitmapscan", "off", PGC_SUSET, PGC_S_OVERRIDE);
+	SetConfigOption("enable_sort", "off", PGC_SUSET, PGC_S_OVERRIDE);
+
 	mqtx_slot_attach(relay.slot, MyDatabaseId);
 	before_shmem_exit(relay_shutdown, 0);
 
-	relay.batch_context = AllocSetContextCreate(TopMemoryContext,
-												"mqtx relay batch",
-												ALLOCSET_DEFAULT_SIZES);
-	MemoryContextSwitchTo(relay.batch_context);
+	for (int i = 0; i < 2; i++)
+		relay.pass_contexts[i] = AllocSetContextCreate(TopMemoryContext,
+													   "mqtx relay pass",
+													   ALLOCSET_DEFAULT_SIZES);
+	relay.pass_context = relay.pass_contexts[0];
+	MemoryContextSwitchTo(relay.pass_context);
 
 	for (;;)
 	{
@@ -676,7 +739,10 @@ mqtx_relay_main(Datum main_arg)
 			ResetLatch(MyLatch);
 		}
 		CHECK_FOR_INTERRUPTS();
-		MemoryContextReset(relay.batch_context);
+		relay.pass_parity ^= 1;
+		relay.pass_context = relay.pass_contexts[relay.pass_parity];
+		MemoryContextReset(relay.pass_context);
+		MemoryContextSwitchTo(relay.pass_context);
 
 		if (ConfigReloadPending)
 			reload_settings();
@@ -687,7 +753,7 @@ mqtx_relay_main(Datum main_arg)
 		if (relay.conn != NULL && !broker_poll(relay.conn, &error))
 			drop_connection(error);
 		if (ensure_broker())
-			more_work = relay_batch();
+			more_work = relay_pass();
 		if (!more_work)
 			apply_retention();
 	}
