@@ -4,7 +4,7 @@ EXTENSION = mqtx
 EXTVERSION = $(shell sed -n "s/^default_version = '\(.*\)'/\1/p" $(EXTENSION).control)
 
 MODULE_big = mqtx
-OBJS = src/mqtx.o src/shared.o src/broker.o src/outbox.o src/relay.o src/log_redact.o
+OBJS = src/mqtx.o src/shared.o src/broker.o src/outbox.o src/worker.o src/relay.o src/consumer.o src/log_redact.o
 DATA = $(EXTENSION)--$(EXTVERSION).sql
 
 PG_CPPFLAGS = -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers \

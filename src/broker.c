@@ -22,9 +22,11 @@
 #include <amqp_tcp_socket.h>
 
 #include "mb/pg_wchar.h"
+#include "miscadmin.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 #include "utils/builtins.h"
+#include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
 
@@ -193,10 +195,13 @@ jsonb_value_to_field(JsonbValue *value, const char *key,
 static bool
 container_to_table(JsonbContainer *container, amqp_table_t *table, char **reason)
 {
-	JsonbIterator *it = JsonbIteratorInit(container);
+	JsonbIterator *it;
 	JsonbValue	value;
 	JsonbIteratorToken token;
 	char	   *key = NULL;
+
+	check_stack_depth();
+	it = JsonbIteratorInit(container);
 
 	table->num_entries = 0;
 	table->entries = palloc0(sizeof(amqp_table_entry_t) *
@@ -231,10 +236,12 @@ container_to_table(JsonbContainer *container, amqp_table_t *table, char **reason
 static bool
 container_to_array(JsonbContainer *container, amqp_array_t *array, char **reason)
 {
-	JsonbIterator *it = JsonbIteratorInit(container);
+	JsonbIterator *it;
 	JsonbValue	value;
 	JsonbIteratorToken token;
 
+	check_stack_depth();
+	it = JsonbIteratorInit(container);
 	array->num_entries = 0;
 	array->entries = palloc0(sizeof(amqp_field_value_t) *
 							 Max(JsonContainerSize(container), 1));
@@ -274,8 +281,22 @@ bool
 mqtx_headers_are_valid(Jsonb *headers, char **reason)
 {
 	amqp_table_t table;
+	amqp_bytes_t buffer;
+	size_t		offset = 0;
 
-	return headers_to_table(headers, &table, reason);
+	if (!headers_to_table(headers, &table, reason))
+		return false;
+
+	/* the properties must fit in one frame, with room for the others */
+	buffer.len = AMQP_DEFAULT_FRAME_SIZE - 1024;
+	buffer.bytes = palloc(buffer.len);
+	if (amqp_encode_table(buffer, &table, &offset) != AMQP_STATUS_OK)
+	{
+		*reason = psprintf("The headers take more than %zu bytes as an AMQP table.",
+						   buffer.len);
+		return false;
+	}
+	return true;
 }
 
 /*
@@ -291,7 +312,7 @@ struct BrokerConnection
 {
 	amqp_connection_state_t state;
 	bool		open;			/* false once the connection is unusable */
-	bool		channel_open[3];	/* indexed by channel number */
+	bool		channel_open[4];	/* indexed by channel number */
 	uint64		next_delivery_tag;	/* confirm tags restart at 1 per channel */
 
 	/*
@@ -309,6 +330,7 @@ struct BrokerConnection
 
 #define PUBLISH_CHANNEL 1
 #define RPC_CHANNEL 2
+#define CONSUME_CHANNEL 3
 
 static struct timeval
 timeval_from_ms(int ms)
@@ -365,6 +387,7 @@ mark_connection_lost(BrokerConnection *conn)
 {
 	conn->open = false;
 	conn->channel_open[RPC_CHANNEL] = false;
+	conn->channel_open[CONSUME_CHANNEL] = false;
 	forget_publish_channel(conn);
 }
 
@@ -702,6 +725,18 @@ broker_exchange_exists(BrokerConnection *conn, const char *name, char **error)
 	return true;
 }
 
+/*
+ * A message's fate may be decided while another batch's step is running:
+ * its reason goes where the message itself lives.
+ */
+static void
+set_message_error(BrokerMessage *message, PublishOutcome outcome,
+				  const char *error)
+{
+	message->outcome = outcome;
+	message->error = MemoryContextStrdup(message->context, error);
+}
+
 static void
 track_unsettled(BrokerConnection *conn, BrokerMessage *message)
 {
@@ -745,9 +780,11 @@ broker_publish(BrokerConnection *conn, BrokerMessage *message, char **error)
 	props.app_id = amqp_cstring_bytes("mqtx");
 	if (message->headers != NULL)
 	{
-		if (!headers_to_table(message->headers, &props.headers, &message->error))
+		char	   *reason;
+
+		if (!headers_to_table(message->headers, &props.headers, &reason))
 		{
-			message->outcome = PUBLISH_REJECTED;
+			set_message_error(message, PUBLISH_REJECTED, reason);
 			return true;
 		}
 		props._flags |= AMQP_BASIC_HEADERS_FLAG;
@@ -760,9 +797,12 @@ broker_publish(BrokerConnection *conn, BrokerMessage *message, char **error)
 							true, false, &props, body);
 	if (rc == AMQP_STATUS_TABLE_TOO_BIG)
 	{
-		message->outcome = PUBLISH_REJECTED;
-		message->error = pstrdup("the headers are too large for an AMQP frame");
-		return true;
+		/* the method frame went out without its header: the channel is lost */
+		set_message_error(message, PUBLISH_REJECTED,
+						  "the headers are too large for an AMQP frame");
+		*error = pstrdup("publishing: a message's headers were too large for a frame");
+		mark_connection_lost(conn);
+		return false;
 	}
 	if (rc != AMQP_STATUS_OK)
 	{
@@ -795,12 +835,10 @@ apply_confirm(BrokerConnection *conn, uint64 delivery_tag, bool multiple,
 		if (m->delivery_tag == delivery_tag ||
 			(multiple && m->delivery_tag < delivery_tag))
 		{
-			if (m->outcome == PUBLISH_UNCONFIRMED)
-			{
+			if (m->outcome == PUBLISH_UNCONFIRMED && outcome == PUBLISH_NACKED)
+				set_message_error(m, outcome, "the broker refused the message (basic.nack)");
+			else if (m->outcome == PUBLISH_UNCONFIRMED)
 				m->outcome = outcome;
-				if (outcome == PUBLISH_NACKED)
-					m->error = pstrdup("the broker refused the message (basic.nack)");
-			}
 			m->settled = true;
 		}
 		else
@@ -845,8 +883,7 @@ apply_return(BrokerConnection *conn, amqp_basic_return_t *ret, char **error)
 		if (m->outcome == PUBLISH_UNCONFIRMED &&
 			strcmp(m->message_id, message_id) == 0)
 		{
-			m->outcome = PUBLISH_RETURNED;
-			m->error = reason;
+			set_message_error(m, PUBLISH_RETURNED, reason);
 			break;
 		}
 	}
@@ -921,6 +958,7 @@ broker_await_confirms(BrokerConnection *conn, BrokerMessage *messages,
 		amqp_frame_t frame;
 		int			rc;
 
+		CHECK_FOR_INTERRUPTS();
 		if (!conn->channel_open[PUBLISH_CHANNEL])
 		{
 			*error = pstrdup("the publish channel closed before every confirm arrived");
@@ -977,6 +1015,261 @@ broker_poll(BrokerConnection *conn, char **error)
 			mark_connection_lost(conn);
 			return false;
 		}
-		(void) handle_frame(conn, &frame, error);
+		if (!handle_frame(conn, &frame, error))
+			return false;
 	}
+}
+
+/*
+ * AMQP field values as JSON, for the headers handed to a consumer's
+ * handler.  Integers of any width become numbers, byte arrays and
+ * timestamps strings and numbers, decimals numbers.
+ */
+static void field_to_json(StringInfo out, amqp_field_value_t *field);
+
+static void
+table_to_json(StringInfo out, amqp_table_t *table)
+{
+	appendStringInfoChar(out, '{');
+	for (int i = 0; i < table->num_entries; i++)
+	{
+		if (i > 0)
+			appendStringInfoString(out, ", ");
+		escape_json(out, amqp_bytes_to_cstring(table->entries[i].key));
+		appendStringInfoString(out, ": ");
+		field_to_json(out, &table->entries[i].value);
+	}
+	appendStringInfoChar(out, '}');
+}
+
+static void
+field_to_json(StringInfo out, amqp_field_value_t *field)
+{
+	switch (field->kind)
+	{
+		case AMQP_FIELD_KIND_BOOLEAN:
+			appendStringInfoString(out, field->value.boolean ? "true" : "false");
+			break;
+		case AMQP_FIELD_KIND_I8:
+			appendStringInfo(out, "%d", field->value.i8);
+			break;
+		case AMQP_FIELD_KIND_U8:
+			appendStringInfo(out, "%u", field->value.u8);
+			break;
+		case AMQP_FIELD_KIND_I16:
+			appendStringInfo(out, "%d", field->value.i16);
+			break;
+		case AMQP_FIELD_KIND_U16:
+			appendStringInfo(out, "%u", field->value.u16);
+			break;
+		case AMQP_FIELD_KIND_I32:
+			appendStringInfo(out, "%d", field->value.i32);
+			break;
+		case AMQP_FIELD_KIND_U32:
+			appendStringInfo(out, "%u", field->value.u32);
+			break;
+		case AMQP_FIELD_KIND_I64:
+			appendStringInfo(out, INT64_FORMAT, (int64) field->value.i64);
+			break;
+		case AMQP_FIELD_KIND_U64:
+		case AMQP_FIELD_KIND_TIMESTAMP:
+			appendStringInfo(out, UINT64_FORMAT, (uint64) field->value.u64);
+			break;
+		case AMQP_FIELD_KIND_F32:
+		case AMQP_FIELD_KIND_F64:
+			{
+				double		d = field->kind == AMQP_FIELD_KIND_F32 ?
+					field->value.f32 : field->value.f64;
+
+				if (isfinite(d))
+					appendStringInfo(out, "%.17g", d);
+				else
+					appendStringInfoString(out, "null");
+				break;
+			}
+		case AMQP_FIELD_KIND_DECIMAL:
+			{
+				double		d = field->value.decimal.value;
+
+				for (int i = 0; i < field->value.decimal.decimals; i++)
+					d /= 10;
+				appendStringInfo(out, "%.17g", d);
+				break;
+			}
+		case AMQP_FIELD_KIND_UTF8:
+		case AMQP_FIELD_KIND_BYTES:
+			escape_json(out, amqp_bytes_to_cstring(field->value.bytes));
+			break;
+		case AMQP_FIELD_KIND_ARRAY:
+			appendStringInfoChar(out, '[');
+			for (int i = 0; i < field->value.array.num_entries; i++)
+			{
+				if (i > 0)
+					appendStringInfoString(out, ", ");
+				field_to_json(out, &field->value.array.entries[i]);
+			}
+			appendStringInfoChar(out, ']');
+			break;
+		case AMQP_FIELD_KIND_TABLE:
+			table_to_json(out, &field->value.table);
+			break;
+		default:
+			appendStringInfoString(out, "null");
+			break;
+	}
+}
+
+/*
+ * Start consuming a queue on the consume channel, with manual acks and at
+ * most "prefetch" unacknowledged deliveries; the consumer tag is the queue
+ * name.
+ */
+bool
+broker_consume(BrokerConnection *conn, const char *queue, int prefetch,
+			   char **error)
+{
+	if (!ensure_channel(conn, CONSUME_CHANNEL, error))
+		return false;
+	amqp_basic_qos(conn->state, CONSUME_CHANNEL, 0, (uint16_t) prefetch, false);
+	if (!rpc_succeeded(conn, CONSUME_CHANNEL, "setting the prefetch count", error))
+		return false;
+	amqp_basic_consume(conn->state, CONSUME_CHANNEL, cstring_to_amqp_bytes(queue),
+					   cstring_to_amqp_bytes(queue), false, false, false,
+					   amqp_empty_table);
+	return rpc_succeeded(conn, CONSUME_CHANNEL,
+						 psprintf("consuming queue \"%s\"", queue), error);
+}
+
+bool
+broker_cancel(BrokerConnection *conn, const char *queue, char **error)
+{
+	if (!ensure_channel(conn, CONSUME_CHANNEL, error))
+		return false;
+	amqp_basic_cancel(conn->state, CONSUME_CHANNEL, cstring_to_amqp_bytes(queue));
+	return rpc_succeeded(conn, CONSUME_CHANNEL,
+						 psprintf("cancelling the consumer of queue \"%s\"", queue),
+						 error);
+}
+
+static void
+copy_envelope(amqp_envelope_t *envelope, BrokerDelivery *delivery)
+{
+	amqp_basic_properties_t *props = &envelope->message.properties;
+
+	memset(delivery, 0, sizeof(*delivery));
+	delivery->queue = amqp_bytes_to_cstring(envelope->consumer_tag);
+	delivery->delivery_tag = envelope->delivery_tag;
+	delivery->redelivered = envelope->redelivered;
+	delivery->exchange = amqp_bytes_to_cstring(envelope->exchange);
+	delivery->routing_key = amqp_bytes_to_cstring(envelope->routing_key);
+	if ((props->_flags & AMQP_BASIC_MESSAGE_ID_FLAG) && props->message_id.len > 0)
+		delivery->message_id = amqp_bytes_to_cstring(props->message_id);
+	if (props->_flags & AMQP_BASIC_HEADERS_FLAG)
+	{
+		StringInfoData json;
+
+		initStringInfo(&json);
+		table_to_json(&json, &props->headers);
+		delivery->headers_json = json.data;
+	}
+	delivery->body_len = (int) envelope->message.body.len;
+	delivery->body = palloc(delivery->body_len + 1);
+	memcpy(delivery->body, envelope->message.body.bytes, delivery->body_len);
+	delivery->body[delivery->body_len] = '\0';
+}
+
+/*
+ * Wait up to timeout_ms for the next delivery and copy it, in the current
+ * memory context, into *delivery.  Returns 1 for a delivery, 0 for none,
+ * -1 when the connection or the consume channel failed (*error says why).
+ */
+int
+broker_next_delivery(BrokerConnection *conn, int timeout_ms,
+					 BrokerDelivery *delivery, char **error)
+{
+	struct timeval tv = timeval_from_ms(timeout_ms);
+	amqp_envelope_t envelope;
+	amqp_rpc_reply_t reply;
+	amqp_frame_t frame;
+	int			rc;
+
+	if (!conn->open || !conn->channel_open[CONSUME_CHANNEL])
+	{
+		*error = pstrdup("the broker connection is closed");
+		return -1;
+	}
+	amqp_maybe_release_buffers(conn->state);
+	reply = amqp_consume_message(conn->state, &envelope, &tv, 0);
+	if (reply.reply_type == AMQP_RESPONSE_NORMAL)
+	{
+		copy_envelope(&envelope, delivery);
+		amqp_destroy_envelope(&envelope);
+		return 1;
+	}
+	if (reply.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION &&
+		reply.library_error == AMQP_STATUS_TIMEOUT)
+		return 0;
+	if (reply.reply_type != AMQP_RESPONSE_LIBRARY_EXCEPTION ||
+		reply.library_error != AMQP_STATUS_UNEXPECTED_STATE)
+	{
+		*error = handle_failed_reply(conn, CONSUME_CHANNEL, reply, "consuming");
+		mark_connection_lost(conn);
+		return -1;
+	}
+
+	/* Another frame came first: a close, or a confirm for the publisher. */
+	tv = timeval_from_ms(0);
+	rc = amqp_simple_wait_frame_noblock(conn->state, &frame, &tv);
+	if (rc == AMQP_STATUS_TIMEOUT)
+		return 0;
+	if (rc != AMQP_STATUS_OK)
+	{
+		*error = psprintf("consuming: %s", amqp_error_string2(rc));
+		mark_connection_lost(conn);
+		return -1;
+	}
+	if (frame.frame_type == AMQP_FRAME_METHOD &&
+		frame.payload.method.id == AMQP_BASIC_CANCEL_METHOD)
+	{
+		*error = pstrdup("the broker cancelled a consumer (was its queue deleted?)");
+		return -1;
+	}
+	if (!handle_frame(conn, &frame, error))
+		return -1;
+	if (!conn->channel_open[CONSUME_CHANNEL])
+	{
+		if (*error == NULL)
+			*error = pstrdup("the broker closed the consume channel");
+		return -1;
+	}
+	return 0;
+}
+
+/*
+ * Acknowledge one delivery, or with "multiple" every one up to it; or
+ * reject one back onto its queue.
+ */
+bool
+broker_ack(BrokerConnection *conn, uint64 delivery_tag, bool multiple,
+		   char **error)
+{
+	int			rc = amqp_basic_ack(conn->state, CONSUME_CHANNEL, delivery_tag, multiple);
+
+	if (rc == AMQP_STATUS_OK)
+		return true;
+	*error = psprintf("acknowledging: %s", amqp_error_string2(rc));
+	mark_connection_lost(conn);
+	return false;
+}
+
+bool
+broker_requeue(BrokerConnection *conn, uint64 delivery_tag, char **error)
+{
+	int			rc = amqp_basic_reject(conn->state, CONSUME_CHANNEL, delivery_tag, true);
+
+	if (rc == AMQP_STATUS_OK)
+		return true;
+	*error = psprintf("requeueing: %s", amqp_error_string2(rc));
+	mark_connection_lost(conn);
+	return false;
 }

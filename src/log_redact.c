@@ -65,36 +65,40 @@ find_password(const char *authority, const char **start, const char **end)
  * Return a copy of text with the password of every AMQP URL masked, or
  * NULL when there is nothing to mask.
  */
+/*
+ * Does an AMQP scheme end just before "://" at sep?  Matched without
+ * regard to case, as URL schemes are.
+ */
+static bool
+is_amqp_scheme(const char *text, const char *sep)
+{
+	return (sep - text >= 5 && pg_strncasecmp(sep - 5, "amqps", 5) == 0) ||
+		(sep - text >= 4 && pg_strncasecmp(sep - 4, "amqp", 4) == 0);
+}
+
+/*
+ * Return a copy of text with the password of every AMQP URL masked, or
+ * NULL when there is nothing to mask.
+ */
 char *
 mqtx_redact_secrets(const char *text)
 {
 	StringInfoData out;
 	const char *cursor = text;
-	const char *scheme;
+	const char *sep;
 	bool		changed = false;
 
 	if (text == NULL)
 		return NULL;
 
 	initStringInfo(&out);
-	while ((scheme = strstr(cursor, "amqp")) != NULL)
+	while ((sep = strstr(cursor, "://")) != NULL)
 	{
-		const char *authority;
+		const char *authority = sep + 3;
 		const char *pw_start;
 		const char *pw_end;
 
-		if (strncmp(scheme, "amqp://", 7) == 0)
-			authority = scheme + 7;
-		else if (strncmp(scheme, "amqps://", 8) == 0)
-			authority = scheme + 8;
-		else
-		{
-			appendBinaryStringInfo(&out, cursor, scheme + 4 - cursor);
-			cursor = scheme + 4;
-			continue;
-		}
-
-		if (find_password(authority, &pw_start, &pw_end))
+		if (is_amqp_scheme(text, sep) && find_password(authority, &pw_start, &pw_end))
 		{
 			appendBinaryStringInfo(&out, cursor, pw_start - cursor);
 			appendStringInfoString(&out, REDACTED_PASSWORD);

@@ -27,6 +27,8 @@ char	   *mqtx_databases = NULL;
 List	   *mqtx_database_names = NIL;
 int			mqtx_max_payload = 1024 * 1024;
 bool		mqtx_relay_enabled = true;
+bool		mqtx_consumer_enabled = true;
+int			mqtx_inbox_retention = 7 * 24 * 3600;
 int			mqtx_batch_size = 1000;
 int			mqtx_poll_interval = 1000;
 int			mqtx_max_attempts = 10;
@@ -68,6 +70,18 @@ check_broker_url(char **newval, void **extra, GucSource source)
  * GUC check hook for mqtx.database: a comma-separated list of database
  * names, at least one.
  */
+/*
+ * What SHOW, current_setting() and pg_settings display: the URL with its
+ * password masked, even to superusers and pg_read_all_settings members.
+ */
+static const char *
+show_broker_url(void)
+{
+	char	   *masked = mqtx_redact_secrets(mqtx_broker_url);
+
+	return masked ? masked : mqtx_broker_url;
+}
+
 static bool
 check_database_list(char **newval, void **extra, GucSource source)
 {
@@ -156,6 +170,11 @@ define_worker_settings(void)
 							NULL,
 							&mqtx_retention, 7 * 24 * 3600, -1, INT_MAX,
 							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtx.inbox_retention",
+							"How long mqtx.inbox keeps applied message ids (-1 keeps them forever).",
+							"Duplicates are recognised only while their id is kept: keep it longer than any redelivery can take.",
+							&mqtx_inbox_retention, 7 * 24 * 3600, -1, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
 	DefineCustomStringVariable("mqtx.tls_ca_file",
 							   "CA certificates (PEM) that verify the broker for amqps:// URLs.",
 							   NULL,
@@ -188,8 +207,8 @@ define_settings(void)
 							   &mqtx_broker_url,
 							   "",
 							   PGC_SIGHUP,
-							   GUC_SUPERUSER_ONLY,
-							   check_broker_url, NULL, NULL);
+							   GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL,
+							   check_broker_url, NULL, show_broker_url);
 
 	DefineCustomIntVariable("mqtx.max_payload",
 							"Largest message body mqtx accepts, as JSON text.",
@@ -212,6 +231,11 @@ define_settings(void)
 								 NULL,
 								 &mqtx_relay_enabled, true,
 								 PGC_POSTMASTER, 0, NULL, NULL, NULL);
+		DefineCustomBoolVariable("mqtx.consumer_enabled",
+								 "Run the consumer worker, which applies subscribed queues.",
+								 NULL,
+								 &mqtx_consumer_enabled, true,
+								 PGC_POSTMASTER, 0, NULL, NULL, NULL);
 		DefineCustomStringVariable("mqtx.database",
 								   "Databases served by the mqtx workers.",
 								   "A comma-separated list; each database needs CREATE EXTENSION mqtx.",
@@ -228,8 +252,9 @@ define_settings(void)
 void
 _PG_init(void)
 {
-	define_settings();
+	/* first: defining the settings can log the configured URL */
 	mqtx_install_log_redaction();
+	define_settings();
 	mqtx_shared_init();
 
 	if (process_shared_preload_libraries_in_progress)
@@ -241,7 +266,9 @@ _PG_init(void)
 		foreach(lc, mqtx_database_names)
 		{
 			if (mqtx_relay_enabled)
-				mqtx_register_relay(index, lfirst(lc));
+				mqtx_register_worker(MQTX_RELAY, index, lfirst(lc));
+			if (mqtx_consumer_enabled)
+				mqtx_register_worker(MQTX_CONSUMER, index, lfirst(lc));
 			index++;
 		}
 	}

@@ -15,6 +15,7 @@
 #include "port/atomics.h"
 #include "storage/latch.h"
 #include "storage/spin.h"
+#include "datatype/timestamp.h"
 #include "utils/jsonb.h"
 
 /* AMQP 0-9-1 "shortstr": exchange names, routing keys, header keys */
@@ -28,6 +29,8 @@ extern char *mqtx_databases;
 extern List *mqtx_database_names;
 extern int	mqtx_max_payload;
 extern bool mqtx_relay_enabled;
+extern bool mqtx_consumer_enabled;
+extern int	mqtx_inbox_retention;
 extern int	mqtx_batch_size;
 extern int	mqtx_poll_interval;
 extern int	mqtx_max_attempts;
@@ -43,7 +46,14 @@ extern char *mqtx_tls_key_file;
 extern bool mqtx_tls_verify_peer;
 
 /* Shared state (shared.c) */
-typedef enum MqtxRelayCounter
+typedef enum MqtxWorkerKind
+{
+	MQTX_RELAY,
+	MQTX_CONSUMER,
+	MQTX_NWORKER_KINDS
+} MqtxWorkerKind;
+
+typedef enum MqtxCounter
 {
 	MQTX_RELAY_PUBLISHED,
 	MQTX_RELAY_NACKED,
@@ -51,27 +61,39 @@ typedef enum MqtxRelayCounter
 	MQTX_RELAY_RETRIED,
 	MQTX_RELAY_FAILED,
 	MQTX_RELAY_RECONNECTS,
-	MQTX_RELAY_NCOUNTERS
-} MqtxRelayCounter;
+	MQTX_CONSUMER_CONSUMED,
+	MQTX_CONSUMER_APPLIED,
+	MQTX_CONSUMER_DUPLICATES,
+	MQTX_CONSUMER_RETRIED,
+	MQTX_CONSUMER_DEAD_LETTERED,
+	MQTX_CONSUMER_RECONNECTS,
+	MQTX_NCOUNTERS
+} MqtxCounter;
+
+typedef struct MqtxWorkerInfo
+{
+	pid_t		pid;
+	Latch	   *latch;
+	bool		broker_connected;
+} MqtxWorkerInfo;
 
 typedef struct MqtxSlot
 {
 	char		dbname[NAMEDATALEN];
-	slock_t		mutex;			/* protects the fields up to the atomics */
+	slock_t		mutex;			/* protects dboid and workers */
 	Oid			dboid;
-	pid_t		relay_pid;
-	Latch	   *relay_latch;
-	bool		broker_connected;
+	MqtxWorkerInfo workers[MQTX_NWORKER_KINDS];
 	pg_atomic_uint32 topology_generation;
-	pg_atomic_uint64 relay_counters[MQTX_RELAY_NCOUNTERS];
+	pg_atomic_uint64 counters[MQTX_NCOUNTERS];
 } MqtxSlot;
 
 extern void mqtx_shared_init(void);
 extern MqtxSlot *mqtx_slot(int index);
-extern void mqtx_slot_attach(MqtxSlot *slot, Oid dboid);
-extern void mqtx_slot_detach(MqtxSlot *slot);
-extern void mqtx_slot_set_connected(MqtxSlot *slot, bool connected);
-extern void mqtx_count(MqtxSlot *slot, MqtxRelayCounter counter, uint64 n);
+extern void mqtx_slot_attach(MqtxSlot *slot, MqtxWorkerKind kind, Oid dboid);
+extern void mqtx_slot_detach(MqtxSlot *slot, MqtxWorkerKind kind);
+extern void mqtx_slot_set_connected(MqtxSlot *slot, MqtxWorkerKind kind,
+									bool connected);
+extern void mqtx_count(MqtxSlot *slot, MqtxCounter counter, uint64 n);
 extern void mqtx_wake_relay_at_commit(void);
 extern void mqtx_topology_changed_at_commit(void);
 
@@ -99,13 +121,38 @@ typedef struct BrokerMessage
 	Jsonb	   *headers;		/* NULL for none */
 	int64		timestamp;		/* seconds since the Unix epoch */
 
-	/* what became of it */
+	/* what became of it; error allocated in context, which outlives it */
+	MemoryContext context;
 	PublishOutcome outcome;
 	uint64		delivery_tag;
 	bool		settled;		/* its ack or nack has arrived */
 	char	   *error;			/* why, for NACKED, RETURNED and REJECTED */
 } BrokerMessage;
 
+/* A message received by the consumer, copied out of rabbitmq-c's buffers */
+typedef struct BrokerDelivery
+{
+	char	   *queue;
+	uint64		delivery_tag;
+	bool		redelivered;
+	char	   *exchange;
+	char	   *routing_key;
+	char	   *message_id;		/* NULL when the message has none */
+	char	   *headers_json;	/* NULL when the message has none */
+	char	   *body;			/* raw bytes, NUL-terminated for convenience */
+	int			body_len;
+} BrokerDelivery;
+
+extern bool broker_consume(BrokerConnection *conn, const char *queue,
+						   int prefetch, char **error);
+extern bool broker_cancel(BrokerConnection *conn, const char *queue,
+						  char **error);
+extern int	broker_next_delivery(BrokerConnection *conn, int timeout_ms,
+								 BrokerDelivery *delivery, char **error);
+extern bool broker_ack(BrokerConnection *conn, uint64 delivery_tag,
+					   bool multiple, char **error);
+extern bool broker_requeue(BrokerConnection *conn, uint64 delivery_tag,
+						   char **error);
 extern bool mqtx_broker_url_is_valid(const char *url, char **reason);
 extern bool mqtx_headers_are_valid(Jsonb *headers, char **reason);
 extern char *broker_describe(const char *url);
@@ -127,9 +174,45 @@ extern bool broker_publish(BrokerConnection *conn, BrokerMessage *message,
 extern bool broker_await_confirms(BrokerConnection *conn, BrokerMessage *messages,
 								  int count, int timeout_ms, char **error);
 
-/* Relay worker (relay.c) */
-extern void mqtx_register_relay(int slot_index, const char *dbname);
+/* Worker plumbing shared by the relay and the consumer (worker.c) */
+typedef enum MqtxBrokerState
+{
+	MQTX_BROKER_UNKNOWN,
+	MQTX_BROKER_UP,
+	MQTX_BROKER_DOWN
+} MqtxBrokerState;
+
+typedef struct MqtxWorker
+{
+	MqtxWorkerKind kind;
+	const char *role;			/* "relay" or "consumer", for log lines */
+	MqtxSlot   *slot;
+	MemoryContext context;		/* where each step returns; the worker may switch it */
+	BrokerConnection *conn;
+	MqtxBrokerState broker_state;
+	bool		ever_connected;
+	int			reconnect_delay_ms;
+	TimestampTz next_connect_at;
+	uint32		declared_generation;
+	bool		topology_declared;
+	bool		receiving;		/* deliveries may arrive: don't poll frames */
+	void		(*on_disconnect) (const char *error);	/* before the connection goes */
+} MqtxWorker;
+
+extern void mqtx_register_worker(MqtxWorkerKind kind, int slot_index,
+								 const char *dbname);
+extern void mqtx_worker_start(MqtxWorker *w, MqtxWorkerKind kind, Datum main_arg);
+extern void mqtx_worker_begin_step(const char *activity);
+extern void mqtx_worker_end_step(MqtxWorker *w);
+extern bool mqtx_worker_extension_ready(MqtxWorker *w);
+extern bool mqtx_worker_ensure_broker(MqtxWorker *w);
+extern void mqtx_worker_drop_broker(MqtxWorker *w, const char *error);
+extern void mqtx_worker_reload(MqtxWorker *w);
+extern void mqtx_worker_wait(MqtxWorker *w, long poll_ms);
+
+/* The workers (relay.c, consumer.c) */
 extern PGDLLEXPORT void mqtx_relay_main(Datum main_arg);
+extern PGDLLEXPORT void mqtx_consumer_main(Datum main_arg);
 
 /* Log redaction (log_redact.c) */
 extern void mqtx_install_log_redaction(void);

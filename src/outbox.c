@@ -25,10 +25,12 @@
 #include "commands/trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "nodes/makefuncs.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
+#include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/syscache.h"
@@ -66,10 +68,21 @@ require_argument(bool isnull, const char *what)
 /*
  * Exchange names and routing keys are AMQP short strings.
  */
+/*
+ * Length on the wire, in UTF-8; ERROR when the text has no UTF-8 form.
+ */
+static int
+utf8_length(const char *data, int len)
+{
+	char	   *converted = pg_server_to_any(data, len, PG_UTF8);
+
+	return converted == data ? len : (int) strlen(converted);
+}
+
 static void
 check_short_string(text *value, const char *what)
 {
-	int			len = VARSIZE_ANY_EXHDR(value);
+	int			len = utf8_length(VARDATA_ANY(value), VARSIZE_ANY_EXHDR(value));
 
 	if (len > MQTX_SHORTSTR_MAX)
 		ereport(ERROR,
@@ -87,14 +100,17 @@ check_payload_size(Jsonb *payload)
 {
 	StringInfoData text;
 
+	int			len;
+
 	initStringInfo(&text);
 	JsonbToCString(&text, &payload->root, VARSIZE(payload));
-	if (text.len > mqtx_max_payload)
+	len = utf8_length(text.data, text.len);
+	if (len > mqtx_max_payload)
 		ereport(ERROR,
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
 				 errmsg("mqtx message payload is too large"),
 				 errdetail("The payload is %d bytes as JSON text; mqtx.max_payload is %d bytes.",
-						   text.len, mqtx_max_payload),
+						   len, mqtx_max_payload),
 				 errhint("Send a reference to the data instead, or raise mqtx.max_payload.")));
 	pfree(text.data);
 }
@@ -163,6 +179,7 @@ insert_outbox_row(text *exchange, text *routing_key, Jsonb *payload,
 	char		nulls[4] = {' ', ' ', ' ', headers ? ' ' : 'n'};
 	Oid			saved_user;
 	int			saved_sec_context;
+	int			guc_nest_level;
 	bool		isnull;
 	int			rc;
 
@@ -175,6 +192,11 @@ insert_outbox_row(text *exchange, text *routing_key, Jsonb *payload,
 	SetUserIdAndSecContext(outbox_owner(),
 						   saved_sec_context | SECURITY_LOCAL_USERID_CHANGE |
 						   SECURITY_RESTRICTED_OPERATION);
+	/* nothing the caller put on search_path runs with the owner's rights */
+	guc_nest_level = NewGUCNestLevel();
+	(void) set_config_option("search_path", "pg_catalog, pg_temp",
+							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
+							 true, 0, false);
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
@@ -190,7 +212,8 @@ insert_outbox_row(text *exchange, text *routing_key, Jsonb *payload,
 		   sizeof(pg_uuid_t));
 	SPI_finish();
 
-	/* on error, transaction abort restores the user */
+	/* on error, transaction abort restores both */
+	AtEOXact_GUC(true, guc_nest_level);
 	SetUserIdAndSecContext(saved_user, saved_sec_context);
 	mqtx_wake_relay_at_commit();
 	return UUIDPGetDatum(message_id);

@@ -12,9 +12,9 @@
  * wait per batch rather than per message, and the broker always has the
  * next batch to work on while the database records the last one.
  *
- * Row locks are therefore held from the claim until the batch is on the
- * wire, not until its confirms arrive; the next claim skips the rows in
- * flight explicitly.  That is deliberate: nothing is lost by it, since an
+ * Row locks are therefore held from the claim until the end of that pass
+ * (while the previous batch's confirms come in), not until the batch's own
+ * confirms arrive; the next claim skips the rows in flight explicitly.  That is deliberate: nothing is lost by it, since an
  * outbox row leaves "pending" only in the transaction that records its
  * confirm, so a crash at any point leaves every unconfirmed row pending and
  * it is sent again (a duplicate, never a loss; consumers dedupe on
@@ -54,10 +54,6 @@
 
 #include "mqtx.h"
 
-/* Reconnect backoff: doubled per failed attempt, up to the cap. */
-#define RECONNECT_MIN_MS 200
-#define RECONNECT_MAX_MS 10000
-
 /* Retention deletes this many published rows per transaction. */
 #define RETENTION_BATCH 1000
 #define RETENTION_INTERVAL_MS 10000
@@ -74,7 +70,7 @@ static const char *const claim_sql =
 
 static const char *const mark_published_sql =
 "UPDATE mqtx.outbox SET status = 'published', published_at = now() "
-"WHERE id = ANY($1)";
+"WHERE id = ANY($1) AND status = 'pending'";
 
 /*
  * One failed attempt per row: back off exponentially with jitter (half the
@@ -88,10 +84,10 @@ static const char *const record_failures_sql =
 "         last_error = f.error,"
 "         status = CASE WHEN o.attempts + 1 >= $3 THEN 'failed' ELSE 'pending' END,"
 "         next_attempt_at = now() + make_interval(secs =>"
-"             least($5::float8, $4::float8 * power(2, o.attempts))"
+"             least($5::float8, $4::float8 * power(2, least(o.attempts, 40)))"
 "             * (0.5 + random() / 2) / 1000)"
 "    FROM unnest($1::bigint[], $2::text[]) AS f(id, error)"
-"   WHERE o.id = f.id"
+"   WHERE o.id = f.id AND o.status = 'pending'"
 "  RETURNING o.id, o.message_id, o.exchange, o.routing_key, o.attempts,"
 "            o.last_error, o.status"
 ") "
@@ -109,24 +105,10 @@ static const char *const retention_sql =
 "   WHERE status = 'published' AND published_at < now() - make_interval(secs => $1)"
 "   ORDER BY id LIMIT $2)";
 
-static const char *const topology_sql =
-"SELECT 'exchange', name, type, durable, NULL::jsonb, NULL FROM mqtx.exchanges "
-"UNION ALL "
-"SELECT 'queue', name, NULL, durable, arguments, NULL FROM mqtx.queues "
-"UNION ALL "
-"SELECT 'binding', queue, exchange, NULL, NULL, routing_key FROM mqtx.bindings "
-"ORDER BY 1 DESC, 2, 3";		/* exchanges and queues before bindings */
-
-typedef enum BrokerState
-{
-	BROKER_UNKNOWN,
-	BROKER_UP,
-	BROKER_DOWN
-} BrokerState;
-
 /* The batch being relayed: rows and their messages, index-aligned. */
 typedef struct RelayBatch
 {
+	MemoryContext context;		/* holds the batch; deleted once recorded */
 	int			count;
 	int64	   *ids;
 	BrokerMessage *messages;
@@ -134,227 +116,31 @@ typedef struct RelayBatch
 
 typedef struct RelayState
 {
-	MqtxSlot   *slot;
-
-	/*
-	 * A pass allocates in its own context, which lives through the next
-	 * pass too: a batch sent in one pass is recorded in the next, and
-	 * confirm errors may be attached to it in either.
-	 */
-	MemoryContext pass_contexts[2];
-	int			pass_parity;
-	MemoryContext pass_context;
+	MqtxWorker	worker;			/* worker.context is reset every pass */
 	RelayBatch *in_flight;		/* sent in the previous pass, unrecorded */
-
-	BrokerConnection *conn;
-	BrokerState broker_state;
-	bool		ever_connected;
-	int			reconnect_delay_ms;
-	TimestampTz next_connect_at;
-	uint32		declared_generation;
-	bool		topology_declared;
 	TimestampTz next_retention_at;
 } RelayState;
 
 static RelayState relay;
 
-void
-mqtx_register_relay(int slot_index, const char *dbname)
-{
-	BackgroundWorker worker;
-
-	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker.bgw_restart_time = 5;
-	strlcpy(worker.bgw_library_name, "mqtx", BGW_MAXLEN);
-	strlcpy(worker.bgw_function_name, "mqtx_relay_main", BGW_MAXLEN);
-	snprintf(worker.bgw_name, BGW_MAXLEN, "mqtx relay for database %s", dbname);
-	strlcpy(worker.bgw_type, "mqtx relay", BGW_MAXLEN);
-	worker.bgw_main_arg = Int32GetDatum(slot_index);
-	RegisterBackgroundWorker(&worker);
-}
-
-/*
- * Transactions: each database step is a short transaction of its own, run
- * from the batch context, which is where the caller finds its results.
- */
-static void
-begin_step(const char *activity)
-{
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	pgstat_report_activity(STATE_RUNNING, activity);
-}
-
-static void
-end_step(void)
-{
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(relay.pass_context);
-	pgstat_report_stat(false);
-	pgstat_report_activity(STATE_IDLE, NULL);
-}
-
-/*
- * Is the extension installed and committed here?  A database without it,
- * or with CREATE EXTENSION still in progress, is waited on.
- */
-static bool
-extension_ready(void)
-{
-	bool		ready;
-
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	ready = OidIsValid(get_extension_oid("mqtx", true));
-	CommitTransactionCommand();
-	MemoryContextSwitchTo(relay.pass_context);
-	return ready;
-}
-
-static void
-log_broker_down(const char *error)
-{
-	if (relay.broker_state != BROKER_DOWN)
-		ereport(WARNING,
-				(errmsg("mqtx relay: broker %s is unavailable; messages stay pending",
-						broker_describe(mqtx_broker_url)),
-				 errdetail_internal("%s", error),
-				 errhint("The relay retries with backoff and logs again when the broker is back.")));
-	else
-		elog(DEBUG1, "mqtx relay: broker still unavailable: %s", error);
-	relay.broker_state = BROKER_DOWN;
-	mqtx_slot_set_connected(relay.slot, false);
-}
-
+static Datum build_array(Datum *elements, int count, Oid element_type);
 static void record_outcomes(RelayBatch *batch, const char *batch_error);
 
 /*
- * Give up on the connection.  A batch still awaiting its confirms will not
- * get them: its rows get a failed attempt now.
+ * The connection is going: a batch still awaiting its confirms will not get
+ * them, so its rows get a failed attempt now.
  */
 static void
-drop_connection(const char *error)
+record_cut_off_batch(const char *error)
 {
-	if (relay.in_flight != NULL)
-	{
-		begin_step("mqtx relay: recording a batch cut off by a lost connection");
-		record_outcomes(relay.in_flight, error);
-		end_step();
-		relay.in_flight = NULL;
-	}
-	broker_disconnect(relay.conn);
-	relay.conn = NULL;
-	relay.topology_declared = false;
-	relay.next_connect_at = GetCurrentTimestamp();
-	log_broker_down(error);
+	if (relay.in_flight == NULL)
+		return;
+	mqtx_worker_begin_step("mqtx relay: recording a batch cut off from the broker");
+	record_outcomes(relay.in_flight, error);
+	mqtx_worker_end_step(&relay.worker);
+	MemoryContextDelete(relay.in_flight->context);
+	relay.in_flight = NULL;
 }
-
-/*
- * Declare what mqtx.exchanges, mqtx.queues and mqtx.bindings describe.
- * Declarations are idempotent; one that the broker refuses (say, an
- * exchange redeclared with another type) is reported and the rest go on.
- */
-static void
-declare_topology(void)
-{
-	uint32		generation = pg_atomic_read_u32(&relay.slot->topology_generation);
-	SPITupleTable *tuptable;
-	uint64		count;
-
-	begin_step("mqtx relay: reading topology");
-	if (SPI_execute(topology_sql, true, 0) != SPI_OK_SELECT)
-		elog(ERROR, "reading the mqtx topology failed");
-	count = SPI_processed;
-	tuptable = SPI_tuptable;
-
-	for (uint64 i = 0; i < count && broker_is_open(relay.conn); i++)
-	{
-		HeapTuple	tuple = tuptable->vals[i];
-		TupleDesc	desc = tuptable->tupdesc;
-		char	   *kind = SPI_getvalue(tuple, desc, 1);
-		char	   *name = SPI_getvalue(tuple, desc, 2);
-		char	   *other = SPI_getvalue(tuple, desc, 3);
-		bool		isnull;
-		bool		durable = DatumGetBool(SPI_getbinval(tuple, desc, 4, &isnull));
-		Datum		arguments = SPI_getbinval(tuple, desc, 5, &isnull);
-		char	   *error = NULL;
-		bool		ok;
-
-		if (strcmp(kind, "exchange") == 0)
-			ok = broker_declare_exchange(relay.conn, name, other, durable, &error);
-		else if (strcmp(kind, "queue") == 0)
-			ok = broker_declare_queue(relay.conn, name, durable,
-									  isnull ? NULL : DatumGetJsonbP(arguments),
-									  &error);
-		else
-			ok = broker_bind(relay.conn, name, other,
-							 SPI_getvalue(tuple, desc, 6), &error);
-		if (!ok)
-			ereport(WARNING,
-					(errmsg("mqtx relay: could not declare the topology from mqtx.%ss",
-							kind),
-					 errdetail_internal("%s", error)));
-	}
-	end_step();
-
-	relay.declared_generation = generation;
-	relay.topology_declared = true;
-}
-
-/*
- * Make sure there is a broker connection, respecting the reconnect
- * backoff.  Returns whether there is one.
- */
-static bool
-ensure_broker(void)
-{
-	char	   *error = NULL;
-
-	if (relay.conn != NULL && !broker_is_open(relay.conn))
-		drop_connection("the connection was closed");
-
-	if (relay.conn == NULL)
-	{
-		if (GetCurrentTimestamp() < relay.next_connect_at)
-			return false;
-		pgstat_report_activity(STATE_RUNNING, "mqtx relay: connecting to broker");
-		relay.conn = broker_connect(mqtx_broker_url, &error);
-		pgstat_report_activity(STATE_IDLE, NULL);
-		if (relay.conn == NULL)
-		{
-			log_broker_down(error);
-			relay.next_connect_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
-																relay.reconnect_delay_ms);
-			relay.reconnect_delay_ms = Min(relay.reconnect_delay_ms * 2, RECONNECT_MAX_MS);
-			return false;
-		}
-		if (relay.ever_connected)
-			mqtx_count(relay.slot, MQTX_RELAY_RECONNECTS, 1);
-		if (relay.broker_state != BROKER_UP)
-			ereport(LOG,
-					(errmsg("mqtx relay: connected to broker %s",
-							broker_describe(mqtx_broker_url))));
-		relay.ever_connected = true;
-		relay.broker_state = BROKER_UP;
-		relay.reconnect_delay_ms = RECONNECT_MIN_MS;
-		mqtx_slot_set_connected(relay.slot, true);
-	}
-
-	if (!relay.topology_declared ||
-		relay.declared_generation != pg_atomic_read_u32(&relay.slot->topology_generation))
-		declare_topology();
-
-	return broker_is_open(relay.conn);
-}
-
-static Datum build_array(Datum *elements, int count, Oid element_type);
 
 /*
  * Claim due rows, other than those still in flight, and copy them into the
@@ -367,19 +153,23 @@ claim_batch(RelayBatch *in_flight)
 	Datum		args[2];
 	Datum	   *in_flight_ids = palloc(sizeof(Datum) * (in_flight ? in_flight->count : 1));
 	RelayBatch *batch;
+	MemoryContext batch_context;
 	MemoryContext spi_context;
 
 	for (int i = 0; in_flight != NULL && i < in_flight->count; i++)
 		in_flight_ids[i] = Int64GetDatum(in_flight->ids[i]);
 
-	begin_step("mqtx relay: publishing");
+	mqtx_worker_begin_step("mqtx relay: publishing");
 	args[0] = Int32GetDatum(mqtx_batch_size);
 	args[1] = build_array(in_flight_ids, in_flight ? in_flight->count : 0, INT8OID);
 	if (SPI_execute_with_args(claim_sql, 2, argtypes, args, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "claiming outbox rows failed");
 
-	spi_context = MemoryContextSwitchTo(relay.pass_context);
+	batch_context = AllocSetContextCreate(TopMemoryContext, "mqtx relay batch",
+										  ALLOCSET_DEFAULT_SIZES);
+	spi_context = MemoryContextSwitchTo(batch_context);
 	batch = palloc0(sizeof(RelayBatch));
+	batch->context = batch_context;
 	batch->count = (int) SPI_processed;
 	batch->ids = palloc0(sizeof(int64) * Max(batch->count, 1));
 	batch->messages = palloc0(sizeof(BrokerMessage) * Max(batch->count, 1));
@@ -392,6 +182,7 @@ claim_batch(RelayBatch *in_flight)
 		Datum		headers;
 
 		batch->ids[i] = DatumGetInt64(SPI_getbinval(tuple, desc, 1, &isnull));
+		m->context = batch_context;
 		m->message_id = SPI_getvalue(tuple, desc, 2);
 		m->exchange = SPI_getvalue(tuple, desc, 3);
 		m->routing_key = SPI_getvalue(tuple, desc, 4);
@@ -421,9 +212,9 @@ reject_unknown_exchanges(RelayBatch *batch, char **error)
 
 		if (m->outcome != PUBLISH_NOT_SENT)
 			continue;
-		if (broker_exchange_exists(relay.conn, m->exchange, &reason))
+		if (broker_exchange_exists(relay.worker.conn, m->exchange, &reason))
 			continue;
-		if (!broker_is_open(relay.conn))
+		if (!broker_is_open(relay.worker.conn))
 		{
 			*error = reason;
 			return false;
@@ -454,7 +245,7 @@ send_batch(RelayBatch *batch, char **error)
 	{
 		if (batch->messages[i].outcome != PUBLISH_NOT_SENT)
 			continue;
-		if (!broker_publish(relay.conn, &batch->messages[i], error))
+		if (!broker_publish(relay.worker.conn, &batch->messages[i], error))
 			return false;
 	}
 	return true;
@@ -484,7 +275,7 @@ mark_published(Datum *ids, int count)
 	if (SPI_execute_with_args(mark_published_sql, 1, argtypes, args, NULL,
 							  false, 0) != SPI_OK_UPDATE)
 		elog(ERROR, "marking outbox rows published failed");
-	mqtx_count(relay.slot, MQTX_RELAY_PUBLISHED, count);
+	mqtx_count(relay.worker.slot, MQTX_RELAY_PUBLISHED, count);
 }
 
 /*
@@ -520,10 +311,10 @@ record_failures(Datum *ids, Datum *errors, int count)
 						SPI_getvalue(tuple, desc, 2), SPI_getvalue(tuple, desc, 1),
 						SPI_getvalue(tuple, desc, 3)),
 				 errdetail_internal("Last error: %s", SPI_getvalue(tuple, desc, 4)),
-				 errhint("Its outbox row is now failed; fix the cause and set it back to pending to retry.")));
+				 errhint("Its outbox row is now failed; fix the cause, then set its status to 'pending' and attempts to 0 to send it again.")));
 	}
-	mqtx_count(relay.slot, MQTX_RELAY_FAILED, gave_up);
-	mqtx_count(relay.slot, MQTX_RELAY_RETRIED, count - gave_up);
+	mqtx_count(relay.worker.slot, MQTX_RELAY_FAILED, gave_up);
+	mqtx_count(relay.worker.slot, MQTX_RELAY_RETRIED, count - gave_up);
 }
 
 /*
@@ -552,11 +343,11 @@ record_outcomes(RelayBatch *batch, const char *batch_error)
 				published[npublished++] = Int64GetDatum(batch->ids[i]);
 				continue;
 			case PUBLISH_NACKED:
-				mqtx_count(relay.slot, MQTX_RELAY_NACKED, 1);
+				mqtx_count(relay.worker.slot, MQTX_RELAY_NACKED, 1);
 				error = m->error;
 				break;
 			case PUBLISH_RETURNED:
-				mqtx_count(relay.slot, MQTX_RELAY_RETURNED, 1);
+				mqtx_count(relay.worker.slot, MQTX_RELAY_RETURNED, 1);
 				error = m->error;
 				break;
 			case PUBLISH_REJECTED:
@@ -589,13 +380,14 @@ relay_pass(void)
 
 	if (batch->count == 0 && previous == NULL)
 	{
-		end_step();
+		mqtx_worker_end_step(&relay.worker);
+		MemoryContextDelete(batch->context);
 		return false;
 	}
 
 	delivered = send_batch(batch, &error);
 	if (delivered && previous != NULL)
-		delivered = broker_await_confirms(relay.conn, previous->messages,
+		delivered = broker_await_confirms(relay.worker.conn, previous->messages,
 										  previous->count, mqtx_confirm_timeout,
 										  &error);
 	if (previous != NULL)
@@ -605,10 +397,16 @@ relay_pass(void)
 		record_outcomes(batch, error);
 	else if (batch->count > 0)
 		relay.in_flight = batch;
-	end_step();
+	/* the error text lives in SPI's memory, gone at the end of the step */
+	error = error ? MemoryContextStrdup(relay.worker.context, error) : NULL;
+	mqtx_worker_end_step(&relay.worker);
 
+	if (previous != NULL)
+		MemoryContextDelete(previous->context);
+	if (relay.in_flight != batch)
+		MemoryContextDelete(batch->context);
 	if (!delivered)
-		drop_connection(error);
+		mqtx_worker_drop_broker(&relay.worker, error);
 	return relay.in_flight != NULL;
 }
 
@@ -626,84 +424,24 @@ apply_retention(void)
 	if (mqtx_retention < 0 || GetCurrentTimestamp() < relay.next_retention_at)
 		return;
 
-	begin_step("mqtx relay: deleting published rows past mqtx.retention");
+	mqtx_worker_begin_step("mqtx relay: deleting published rows past mqtx.retention");
 	if (SPI_execute_with_args(retention_sql, 2, argtypes, args, NULL, false, 0) != SPI_OK_DELETE)
 		elog(ERROR, "deleting old outbox rows failed");
 	deleted = SPI_processed;
-	end_step();
+	mqtx_worker_end_step(&relay.worker);
 
 	relay.next_retention_at = deleted == RETENTION_BATCH ? 0 :
 		TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RETENTION_INTERVAL_MS);
 }
 
-/*
- * How long to sleep when there is nothing to do: the poll interval, but
- * short enough to send heartbeats and to reconnect on schedule.
- */
-static long
-idle_timeout_ms(void)
-{
-	long		timeout = mqtx_poll_interval;
-
-	if (relay.conn != NULL && mqtx_heartbeat > 0)
-		timeout = Min(timeout, mqtx_heartbeat * 1000L / 2);
-	if (relay.conn == NULL)
-		timeout = Min(timeout,
-					  Max(1, TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
-															 relay.next_connect_at)));
-	return timeout;
-}
-
-static void
-reload_settings(void)
-{
-	char	   *old_url = pstrdup(mqtx_broker_url);
-	char	   *old_tls = psprintf("%s|%s|%s|%d", mqtx_tls_ca_file, mqtx_tls_cert_file,
-								   mqtx_tls_key_file, mqtx_tls_verify_peer);
-
-	ConfigReloadPending = false;
-	ProcessConfigFile(PGC_SIGHUP);
-
-	if (strcmp(old_url, mqtx_broker_url) != 0 ||
-		strcmp(old_tls, psprintf("%s|%s|%s|%d", mqtx_tls_ca_file, mqtx_tls_cert_file,
-								 mqtx_tls_key_file, mqtx_tls_verify_peer)) != 0)
-	{
-		ereport(LOG,
-				(errmsg("mqtx relay: broker settings changed, connecting to %s",
-						broker_describe(mqtx_broker_url))));
-		broker_disconnect(relay.conn);
-		relay.conn = NULL;
-		relay.topology_declared = false;
-		relay.broker_state = BROKER_UNKNOWN;
-		relay.reconnect_delay_ms = RECONNECT_MIN_MS;
-		relay.next_connect_at = 0;
-	}
-}
-
-static void
-relay_shutdown(int code, Datum arg)
-{
-	broker_disconnect(relay.conn);
-	relay.conn = NULL;
-	mqtx_slot_detach(relay.slot);
-}
-
 void
 mqtx_relay_main(Datum main_arg)
 {
-	int			slot_index = DatumGetInt32(main_arg);
 	bool		more_work = false;
 
-	pqsignal(SIGHUP, SignalHandlerForConfigReload);
-	pqsignal(SIGTERM, die);
-	BackgroundWorkerUnblockSignals();
-
 	memset(&relay, 0, sizeof(relay));
-	relay.slot = mqtx_slot(slot_index);
-	relay.reconnect_delay_ms = RECONNECT_MIN_MS;
-
-	BackgroundWorkerInitializeConnection(relay.slot->dbname, NULL, 0);
-	pgstat_report_appname("mqtx relay");
+	mqtx_worker_start(&relay.worker, MQTX_RELAY, main_arg);
+	relay.worker.on_disconnect = record_cut_off_batch;
 	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
 
 	/*
@@ -717,42 +455,21 @@ mqtx_relay_main(Datum main_arg)
 	SetConfigOption("enable_bitmapscan", "off", PGC_SUSET, PGC_S_OVERRIDE);
 	SetConfigOption("enable_sort", "off", PGC_SUSET, PGC_S_OVERRIDE);
 
-	mqtx_slot_attach(relay.slot, MyDatabaseId);
-	before_shmem_exit(relay_shutdown, 0);
-
-	for (int i = 0; i < 2; i++)
-		relay.pass_contexts[i] = AllocSetContextCreate(TopMemoryContext,
-													   "mqtx relay pass",
-													   ALLOCSET_DEFAULT_SIZES);
-	relay.pass_context = relay.pass_contexts[0];
-	MemoryContextSwitchTo(relay.pass_context);
-
 	for (;;)
 	{
-		char	   *error = NULL;
-
 		if (!more_work)
-		{
-			(void) WaitLatch(MyLatch,
-							 WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-							 idle_timeout_ms(), PG_WAIT_EXTENSION);
-			ResetLatch(MyLatch);
-		}
+			mqtx_worker_wait(&relay.worker, mqtx_poll_interval);
 		CHECK_FOR_INTERRUPTS();
-		relay.pass_parity ^= 1;
-		relay.pass_context = relay.pass_contexts[relay.pass_parity];
-		MemoryContextReset(relay.pass_context);
-		MemoryContextSwitchTo(relay.pass_context);
+		MemoryContextReset(relay.worker.context);
+		MemoryContextSwitchTo(relay.worker.context);
 
 		if (ConfigReloadPending)
-			reload_settings();
+			mqtx_worker_reload(&relay.worker);
 
 		more_work = false;
-		if (!extension_ready())
+		if (!mqtx_worker_extension_ready(&relay.worker))
 			continue;
-		if (relay.conn != NULL && !broker_poll(relay.conn, &error))
-			drop_connection(error);
-		if (ensure_broker())
+		if (mqtx_worker_ensure_broker(&relay.worker))
 			more_work = relay_pass();
 		if (!more_work)
 			apply_retention();

@@ -41,6 +41,7 @@ static bool wake_relay_at_commit = false;
 static bool topology_changed_at_commit = false;
 
 PG_FUNCTION_INFO_V1(mqtx_relay_stats);
+PG_FUNCTION_INFO_V1(mqtx_consumer_stats);
 PG_FUNCTION_INFO_V1(mqtx_topology_trigger);
 
 static Size
@@ -82,8 +83,8 @@ init_shared_memory(void)
 			strlcpy(slot->dbname, lfirst(lc), NAMEDATALEN);
 			SpinLockInit(&slot->mutex);
 			pg_atomic_init_u32(&slot->topology_generation, 0);
-			for (int c = 0; c < MQTX_RELAY_NCOUNTERS; c++)
-				pg_atomic_init_u64(&slot->relay_counters[c], 0);
+			for (int c = 0; c < MQTX_NCOUNTERS; c++)
+				pg_atomic_init_u64(&slot->counters[c], 0);
 		}
 	}
 	LWLockRelease(AddinShmemInitLock);
@@ -125,21 +126,34 @@ mqtx_topology_changed_at_commit(void)
 }
 
 static void
-wake_relay(Oid dboid, bool topology_changed)
+wake_worker(MqtxSlot *slot, MqtxWorkerKind kind)
+{
+	Latch	   *latch;
+
+	SpinLockAcquire(&slot->mutex);
+	latch = slot->workers[kind].latch;
+	SpinLockRelease(&slot->mutex);
+	if (latch != NULL)
+		SetLatch(latch);
+}
+
+/*
+ * New messages concern the relay; a topology or subscription change
+ * concerns both workers.
+ */
+static void
+wake_workers(Oid dboid, bool topology_changed)
 {
 	MqtxSlot   *slot = slot_for_database(dboid);
-	Latch	   *latch;
 
 	if (slot == NULL)
 		return;
 	if (topology_changed)
+	{
 		pg_atomic_fetch_add_u32(&slot->topology_generation, 1);
-
-	SpinLockAcquire(&slot->mutex);
-	latch = slot->relay_latch;
-	SpinLockRelease(&slot->mutex);
-	if (latch != NULL)
-		SetLatch(latch);
+		wake_worker(slot, MQTX_CONSUMER);
+	}
+	wake_worker(slot, MQTX_RELAY);
 }
 
 static void
@@ -149,7 +163,7 @@ wake_at_commit_callback(XactEvent event, void *arg)
 	{
 		case XACT_EVENT_COMMIT:
 			if (wake_relay_at_commit)
-				wake_relay(MyDatabaseId, topology_changed_at_commit);
+				wake_workers(MyDatabaseId, topology_changed_at_commit);
 			/* FALLTHROUGH */
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PREPARE:
@@ -182,74 +196,88 @@ mqtx_shared_init(void)
  * A worker claims its slot: records who it is and where to wake it.
  */
 void
-mqtx_slot_attach(MqtxSlot *slot, Oid dboid)
+mqtx_slot_attach(MqtxSlot *slot, MqtxWorkerKind kind, Oid dboid)
 {
 	SpinLockAcquire(&slot->mutex);
 	slot->dboid = dboid;
-	slot->relay_pid = MyProcPid;
-	slot->relay_latch = MyLatch;
+	slot->workers[kind].pid = MyProcPid;
+	slot->workers[kind].latch = MyLatch;
 	SpinLockRelease(&slot->mutex);
 }
 
 void
-mqtx_slot_detach(MqtxSlot *slot)
+mqtx_slot_detach(MqtxSlot *slot, MqtxWorkerKind kind)
 {
 	SpinLockAcquire(&slot->mutex);
-	slot->relay_pid = 0;
-	slot->relay_latch = NULL;
-	slot->broker_connected = false;
+	slot->workers[kind].pid = 0;
+	slot->workers[kind].latch = NULL;
+	slot->workers[kind].broker_connected = false;
 	SpinLockRelease(&slot->mutex);
 }
 
 void
-mqtx_slot_set_connected(MqtxSlot *slot, bool connected)
+mqtx_slot_set_connected(MqtxSlot *slot, MqtxWorkerKind kind, bool connected)
 {
 	SpinLockAcquire(&slot->mutex);
-	slot->broker_connected = connected;
+	slot->workers[kind].broker_connected = connected;
 	SpinLockRelease(&slot->mutex);
 }
 
 void
-mqtx_count(MqtxSlot *slot, MqtxRelayCounter counter, uint64 n)
+mqtx_count(MqtxSlot *slot, MqtxCounter counter, uint64 n)
 {
 	if (n > 0)
-		pg_atomic_fetch_add_u64(&slot->relay_counters[counter], n);
+		pg_atomic_fetch_add_u64(&slot->counters[counter], n);
 }
 
 /*
- * mqtx.relay_stats(): one row per served database with the relay's
- * process, broker state and counters since server start.
+ * One row per served database: the worker's process, broker state and a
+ * range of counters since server start.
  */
-Datum
-mqtx_relay_stats(PG_FUNCTION_ARGS)
+static void
+worker_stats(FunctionCallInfo fcinfo, MqtxWorkerKind kind,
+			 MqtxCounter first, MqtxCounter last)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 
 	InitMaterializedSRF(fcinfo, 0);
 	if (shared_state == NULL)
-		PG_RETURN_VOID();
+		return;
 
 	for (int i = 0; i < shared_state->nslots; i++)
 	{
 		MqtxSlot   *slot = &shared_state->slots[i];
-		Datum		values[3 + MQTX_RELAY_NCOUNTERS];
-		bool		nulls[3 + MQTX_RELAY_NCOUNTERS] = {0};
-		pid_t		pid;
-		bool		connected;
+		Datum		values[3 + MQTX_NCOUNTERS];
+		bool		nulls[3 + MQTX_NCOUNTERS] = {0};
+		MqtxWorkerInfo info;
+		int			ncols = 3;
 
 		SpinLockAcquire(&slot->mutex);
-		pid = slot->relay_pid;
-		connected = slot->broker_connected;
+		info = slot->workers[kind];
 		SpinLockRelease(&slot->mutex);
 
 		values[0] = CStringGetTextDatum(slot->dbname);
-		values[1] = Int32GetDatum(pid);
-		nulls[1] = (pid == 0);
-		values[2] = BoolGetDatum(connected);
-		for (int c = 0; c < MQTX_RELAY_NCOUNTERS; c++)
-			values[3 + c] = Int64GetDatum((int64) pg_atomic_read_u64(&slot->relay_counters[c]));
+		values[1] = Int32GetDatum(info.pid);
+		nulls[1] = (info.pid == 0);
+		values[2] = BoolGetDatum(info.broker_connected);
+		for (int c = (int) first; c <= (int) last; c++)
+			values[ncols++] = Int64GetDatum((int64) pg_atomic_read_u64(&slot->counters[c]));
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
+}
+
+Datum
+mqtx_relay_stats(PG_FUNCTION_ARGS)
+{
+	worker_stats(fcinfo, MQTX_RELAY, MQTX_RELAY_PUBLISHED, MQTX_RELAY_RECONNECTS);
+	PG_RETURN_VOID();
+}
+
+Datum
+mqtx_consumer_stats(PG_FUNCTION_ARGS)
+{
+	worker_stats(fcinfo, MQTX_CONSUMER, MQTX_CONSUMER_CONSUMED,
+				 MQTX_CONSUMER_RECONNECTS);
 	PG_RETURN_VOID();
 }
 

@@ -57,15 +57,21 @@ is( $node->safe_psql('postgres',
 		extra_params => [ '-U', 'app' ]),
 	'0',
 	'pg_settings hides it from a non-superuser');
+(my $masked = $url) =~ s/:pw-4f7c1e-secret\@/:********\@/;
 is($node->safe_psql('postgres', 'SHOW mqtx.broker_url'),
-	$url, 'a superuser sees it');
+	$masked, 'even a superuser sees it with the password masked');
+$node->safe_psql('postgres', 'GRANT pg_read_all_settings TO app');
+is($node->safe_psql('postgres', "SELECT current_setting('mqtx.broker_url')",
+		extra_params => [ '-U', 'app' ]),
+	$masked, 'and so does a member of pg_read_all_settings');
 
 # Changing it by ALTER SYSTEM and reload: PostgreSQL logs the statement and
 # the "changed to" line; neither may carry the password.
 my $new_url = $mq->url(user => 'mqtx', password => 'pw-99aa-rotated');
 $node->safe_psql('postgres', "ALTER SYSTEM SET mqtx.broker_url = '$new_url'");
 $node->reload;
-wait_for($node, 'postgres', 'SHOW mqtx.broker_url', $new_url,
+(my $new_masked = $new_url) =~ s/:pw-99aa-rotated\@/:********\@/;
+wait_for($node, 'postgres', 'SHOW mqtx.broker_url', $new_masked,
 	'the new URL is in effect after reload');
 # a rejected value is logged too
 $node->psql('postgres',

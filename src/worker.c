@@ -1,0 +1,340 @@
+/*-------------------------------------------------------------------------
+ *
+ * worker.c
+ *	  What the relay and the consumer workers share: start-up, short
+ *	  database steps, waiting for the extension, and a broker connection
+ *	  kept up with backoff, logged once per state change, with the topology
+ *	  declared on every connect.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "commands/extension.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "tcop/tcopprot.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "mqtx.h"
+
+/* Reconnect backoff: doubled per failed attempt, up to the cap. */
+#define RECONNECT_MIN_MS 200
+#define RECONNECT_MAX_MS 10000
+
+static const char *const topology_sql =
+"SELECT 'exchange', name, type, durable, NULL::jsonb, NULL FROM mqtx.exchanges "
+"UNION ALL "
+"SELECT 'queue', name, NULL, durable, arguments, NULL FROM mqtx.queues "
+"UNION ALL "
+"SELECT 'binding', queue, exchange, NULL, NULL, routing_key FROM mqtx.bindings "
+"ORDER BY 1 DESC, 2, 3";		/* exchanges and queues before bindings */
+
+static const char *const worker_function[MQTX_NWORKER_KINDS] = {
+	"mqtx_relay_main", "mqtx_consumer_main"
+};
+static const char *const worker_role[MQTX_NWORKER_KINDS] = {"relay", "consumer"};
+static const MqtxCounter reconnect_counter[MQTX_NWORKER_KINDS] = {
+	MQTX_RELAY_RECONNECTS, MQTX_CONSUMER_RECONNECTS
+};
+
+/* The worker of this process, for the exit callback. */
+static MqtxWorker *this_worker = NULL;
+
+void
+mqtx_register_worker(MqtxWorkerKind kind, int slot_index, const char *dbname)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = 5;
+	strlcpy(worker.bgw_library_name, "mqtx", BGW_MAXLEN);
+	strlcpy(worker.bgw_function_name, worker_function[kind], BGW_MAXLEN);
+	snprintf(worker.bgw_name, BGW_MAXLEN, "mqtx %s for database %s",
+			 worker_role[kind], dbname);
+	snprintf(worker.bgw_type, BGW_MAXLEN, "mqtx %s", worker_role[kind]);
+	worker.bgw_main_arg = Int32GetDatum(slot_index);
+	RegisterBackgroundWorker(&worker);
+}
+
+static void
+worker_exit(int code, Datum arg)
+{
+	if (this_worker == NULL)
+		return;
+	broker_disconnect(this_worker->conn);
+	this_worker->conn = NULL;
+	mqtx_slot_detach(this_worker->slot, this_worker->kind);
+}
+
+/*
+ * Signals, database connection, slot.  SIGTERM uses die(): the worker's
+ * waits are all bounded, and CHECK_FOR_INTERRUPTS between them ends it.
+ */
+void
+mqtx_worker_start(MqtxWorker *w, MqtxWorkerKind kind, Datum main_arg)
+{
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, die);
+	BackgroundWorkerUnblockSignals();
+
+	memset(w, 0, sizeof(*w));
+	w->kind = kind;
+	w->role = worker_role[kind];
+	w->slot = mqtx_slot(DatumGetInt32(main_arg));
+	w->reconnect_delay_ms = RECONNECT_MIN_MS;
+	w->context = AllocSetContextCreate(TopMemoryContext, "mqtx worker step",
+									   ALLOCSET_DEFAULT_SIZES);
+
+	BackgroundWorkerInitializeConnection(w->slot->dbname, NULL, 0);
+	pgstat_report_appname(psprintf("mqtx %s", w->role));
+
+	mqtx_slot_attach(w->slot, kind, MyDatabaseId);
+	this_worker = w;
+	before_shmem_exit(worker_exit, 0);
+	MemoryContextSwitchTo(w->context);
+}
+
+/*
+ * Each database step is a short transaction of its own.  end_step returns
+ * to the worker's current context, where the caller keeps its results.
+ */
+void
+mqtx_worker_begin_step(const char *activity)
+{
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	pgstat_report_activity(STATE_RUNNING, activity);
+}
+
+void
+mqtx_worker_end_step(MqtxWorker *w)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(w->context);
+	pgstat_report_stat(false);
+	pgstat_report_activity(STATE_IDLE, NULL);
+}
+
+/*
+ * Is the extension installed and committed here?  A database without it,
+ * or with CREATE EXTENSION still in progress, is waited on.
+ */
+bool
+mqtx_worker_extension_ready(MqtxWorker *w)
+{
+	bool		ready;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	ready = OidIsValid(get_extension_oid("mqtx", true));
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(w->context);
+	return ready;
+}
+
+static void
+log_broker_down(MqtxWorker *w, const char *error)
+{
+	if (w->broker_state != MQTX_BROKER_DOWN)
+		ereport(WARNING,
+				(errmsg("mqtx %s: broker %s is unavailable; %s",
+						w->role, broker_describe(mqtx_broker_url),
+						w->kind == MQTX_RELAY ? "messages stay pending" :
+						"consumption is paused"),
+				 errdetail_internal("%s", error),
+				 errhint("The worker retries with backoff and logs again when the broker is back.")));
+	else
+		elog(DEBUG1, "mqtx %s: broker still unavailable: %s", w->role, error);
+	w->broker_state = MQTX_BROKER_DOWN;
+	mqtx_slot_set_connected(w->slot, w->kind, false);
+}
+
+/*
+ * Give up on the connection; reconnect on the next pass.
+ */
+void
+mqtx_worker_drop_broker(MqtxWorker *w, const char *error)
+{
+	if (w->on_disconnect)
+		w->on_disconnect(error);
+	broker_disconnect(w->conn);
+	w->conn = NULL;
+	w->topology_declared = false;
+	w->receiving = false;
+	w->next_connect_at = GetCurrentTimestamp();
+	log_broker_down(w, error);
+}
+
+/*
+ * Declare what mqtx.exchanges, mqtx.queues and mqtx.bindings describe.
+ * Declarations are idempotent; one that the broker refuses (say, an
+ * exchange redeclared with another type) is reported and the rest go on.
+ */
+static void
+declare_topology(MqtxWorker *w)
+{
+	uint32		generation = pg_atomic_read_u32(&w->slot->topology_generation);
+	SPITupleTable *tuptable;
+	uint64		count;
+
+	mqtx_worker_begin_step(psprintf("mqtx %s: declaring topology", w->role));
+	if (SPI_execute(topology_sql, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "reading the mqtx topology failed");
+	count = SPI_processed;
+	tuptable = SPI_tuptable;
+
+	for (uint64 i = 0; i < count && broker_is_open(w->conn); i++)
+	{
+		HeapTuple	tuple = tuptable->vals[i];
+		TupleDesc	desc = tuptable->tupdesc;
+		char	   *kind = SPI_getvalue(tuple, desc, 1);
+		char	   *name = SPI_getvalue(tuple, desc, 2);
+		char	   *other = SPI_getvalue(tuple, desc, 3);
+		bool		isnull;
+		bool		durable = DatumGetBool(SPI_getbinval(tuple, desc, 4, &isnull));
+		Datum		arguments = SPI_getbinval(tuple, desc, 5, &isnull);
+		char	   *error = NULL;
+		bool		ok;
+
+		if (strcmp(kind, "exchange") == 0)
+			ok = broker_declare_exchange(w->conn, name, other, durable, &error);
+		else if (strcmp(kind, "queue") == 0)
+			ok = broker_declare_queue(w->conn, name, durable,
+									  isnull ? NULL : DatumGetJsonbP(arguments),
+									  &error);
+		else
+			ok = broker_bind(w->conn, name, other,
+							 SPI_getvalue(tuple, desc, 6), &error);
+		if (!ok)
+			ereport(WARNING,
+					(errmsg("mqtx %s: could not declare the topology from mqtx.%ss",
+							w->role, kind),
+					 errdetail_internal("%s", error)));
+	}
+	mqtx_worker_end_step(w);
+
+	w->declared_generation = generation;
+	w->topology_declared = true;
+}
+
+/*
+ * Make sure there is a broker connection, respecting the reconnect
+ * backoff, with the topology declared.  Returns whether there is one.
+ */
+bool
+mqtx_worker_ensure_broker(MqtxWorker *w)
+{
+	char	   *error = NULL;
+
+	/*
+	 * Between passes, take in what the broker sent unprompted (and send
+	 * heartbeats); a consumer does that while waiting for deliveries, and
+	 * polling here would swallow them.
+	 */
+	if (w->conn != NULL && !w->receiving && !broker_poll(w->conn, &error))
+		mqtx_worker_drop_broker(w, error);
+
+	if (w->conn == NULL)
+	{
+		if (GetCurrentTimestamp() < w->next_connect_at)
+			return false;
+		pgstat_report_activity(STATE_RUNNING, psprintf("mqtx %s: connecting to broker", w->role));
+		w->conn = broker_connect(mqtx_broker_url, &error);
+		pgstat_report_activity(STATE_IDLE, NULL);
+		if (w->conn == NULL)
+		{
+			log_broker_down(w, error);
+			w->next_connect_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+															 w->reconnect_delay_ms);
+			w->reconnect_delay_ms = Min(w->reconnect_delay_ms * 2, RECONNECT_MAX_MS);
+			return false;
+		}
+		if (w->ever_connected)
+			mqtx_count(w->slot, reconnect_counter[w->kind], 1);
+		if (w->broker_state != MQTX_BROKER_UP)
+			ereport(LOG,
+					(errmsg("mqtx %s: connected to broker %s",
+							w->role, broker_describe(mqtx_broker_url))));
+		w->ever_connected = true;
+		w->broker_state = MQTX_BROKER_UP;
+		w->reconnect_delay_ms = RECONNECT_MIN_MS;
+		mqtx_slot_set_connected(w->slot, w->kind, true);
+	}
+
+	if (!w->topology_declared ||
+		w->declared_generation != pg_atomic_read_u32(&w->slot->topology_generation))
+		declare_topology(w);
+
+	return broker_is_open(w->conn);
+}
+
+static char *
+broker_settings(void)
+{
+	return psprintf("%s|%s|%s|%s|%d", mqtx_broker_url, mqtx_tls_ca_file,
+					mqtx_tls_cert_file, mqtx_tls_key_file, mqtx_tls_verify_peer);
+}
+
+/*
+ * SIGHUP: reload, and reconnect when the broker URL or TLS settings changed.
+ */
+void
+mqtx_worker_reload(MqtxWorker *w)
+{
+	char	   *before = broker_settings();
+
+	ConfigReloadPending = false;
+	ProcessConfigFile(PGC_SIGHUP);
+	if (strcmp(before, broker_settings()) == 0)
+		return;
+
+	ereport(LOG,
+			(errmsg("mqtx %s: broker settings changed, connecting to %s",
+					w->role, broker_describe(mqtx_broker_url))));
+	if (w->on_disconnect)
+		w->on_disconnect("the broker settings changed");
+	broker_disconnect(w->conn);
+	w->conn = NULL;
+	w->topology_declared = false;
+	w->receiving = false;
+	w->broker_state = MQTX_BROKER_UNKNOWN;
+	w->reconnect_delay_ms = RECONNECT_MIN_MS;
+	w->next_connect_at = 0;
+}
+
+/*
+ * Sleep until woken, or for at most poll_ms, but short enough to send
+ * heartbeats and to reconnect on schedule.
+ */
+void
+mqtx_worker_wait(MqtxWorker *w, long poll_ms)
+{
+	long		timeout = poll_ms;
+
+	if (w->conn != NULL && mqtx_heartbeat > 0)
+		timeout = Min(timeout, mqtx_heartbeat * 1000L / 2);
+	if (w->conn == NULL)
+		timeout = Min(timeout,
+					  Max(1, TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
+															 w->next_connect_at)));
+	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+					 timeout, PG_WAIT_EXTENSION);
+	ResetLatch(MyLatch);
+}
