@@ -24,8 +24,10 @@ SELECT name, durable, arguments FROM mqtx.queues WHERE name = 'dispatch.q';
 -- again: updated in place
 SELECT mqtx.subscribe('dispatch.q', 'apply_order(jsonb,jsonb)', prefetch => 10, max_attempts => 2);
 SELECT queue, handler, prefetch, max_attempts FROM mqtx.subscriptions;
+\set VERBOSITY terse
 SELECT mqtx.subscribe('dispatch.q', 'apply_order(jsonb,jsonb)', prefetch => 0);
 SELECT mqtx.subscribe('dispatch.q', 'apply_order(jsonb,jsonb)', max_attempts => 0);
+\set VERBOSITY default
 
 -- the inbox dedupes on (queue, message_id)
 INSERT INTO mqtx.inbox (queue, message_id) VALUES ('dispatch.q', 'm-1');
