@@ -8,8 +8,8 @@ OBJS = src/mqtx.o src/shared.o src/broker.o src/outbox.o src/worker.o src/relay.
 DATA = $(EXTENSION)--$(EXTVERSION).sql
 
 PG_CPPFLAGS = -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers \
-	$(shell pkg-config --cflags librabbitmq)
-SHLIB_LINK = $(shell pkg-config --libs librabbitmq)
+	$(shell pkg-config --cflags librabbitmq openssl)
+SHLIB_LINK = $(shell pkg-config --libs librabbitmq openssl)
 
 # pg_regress: sql/*.sql against expected/*.out, in a private instance that
 # preloads mqtx (initdb refuses root: run the tests as a normal user).

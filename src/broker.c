@@ -14,12 +14,15 @@
  */
 #include "postgres.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <math.h>
 
 #include <amqp.h>
 #include <amqp_ssl_socket.h>
 #include <amqp_tcp_socket.h>
+#include <openssl/ssl.h>
+#include <openssl/x509_vfy.h>
 
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
@@ -515,8 +518,42 @@ ensure_channel(BrokerConnection *conn, amqp_channel_t channel, char **error)
 	return true;
 }
 
+static bool
+is_ip_address(const char *host)
+{
+	unsigned char addr[sizeof(struct in6_addr)];
+
+	return inet_pton(AF_INET, host, addr) == 1 || inet_pton(AF_INET6, host, addr) == 1;
+}
+
+/*
+ * rabbitmq-c checks the broker's name only against the certificate's DNS
+ * names; for a URL with an IP address, have OpenSSL check the
+ * certificate's IP addresses instead.
+ */
+static bool
+verify_broker_name(amqp_socket_t *socket, const char *host, char **error)
+{
+	SSL_CTX    *context;
+
+	if (!mqtx_tls_verify_peer || !is_ip_address(host))
+	{
+		amqp_ssl_socket_set_verify_hostname(socket, mqtx_tls_verify_peer);
+		return true;
+	}
+	amqp_ssl_socket_set_verify_hostname(socket, false);
+	context = amqp_ssl_socket_get_context(socket);
+	if (context == NULL ||
+		X509_VERIFY_PARAM_set1_ip_asc(SSL_CTX_get0_param(context), host) != 1)
+	{
+		*error = psprintf("cannot set up verification of the broker's address %s", host);
+		return false;
+	}
+	return true;
+}
+
 static amqp_socket_t *
-new_tls_socket(amqp_connection_state_t state, char **error)
+new_tls_socket(amqp_connection_state_t state, const char *host, char **error)
 {
 	amqp_socket_t *socket = amqp_ssl_socket_new(state);
 	int			rc;
@@ -527,7 +564,8 @@ new_tls_socket(amqp_connection_state_t state, char **error)
 		return NULL;
 	}
 	amqp_ssl_socket_set_verify_peer(socket, mqtx_tls_verify_peer);
-	amqp_ssl_socket_set_verify_hostname(socket, mqtx_tls_verify_peer);
+	if (!verify_broker_name(socket, host, error))
+		return NULL;
 	if (mqtx_tls_ca_file[0] != '\0')
 	{
 		rc = amqp_ssl_socket_set_cacert(socket, mqtx_tls_ca_file);
@@ -589,7 +627,7 @@ broker_connect(const char *url, char **error)
 		*error = pstrdup("out of memory creating a broker connection");
 		goto fail;
 	}
-	socket = info.ssl ? new_tls_socket(conn->state, error) :
+	socket = info.ssl ? new_tls_socket(conn->state, info.host, error) :
 		amqp_tcp_socket_new(conn->state);
 	if (socket == NULL)
 	{

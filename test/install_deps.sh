@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
 	build-essential pkg-config
 	postgresql-15 postgresql-server-dev-15 postgresql-contrib
-	rabbitmq-server librabbitmq-dev amqp-tools
+	rabbitmq-server librabbitmq-dev libssl-dev amqp-tools openssl
 	libipc-run-perl
 	procps iproute2
 )

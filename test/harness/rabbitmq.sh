@@ -4,12 +4,26 @@
 # gets its own epmd, so several nodes can run side by side.
 #
 #   rabbitmq.sh start DIR [PORT]   start (or restart) the node; prints AMQP_PORT=N
+#                                  (and AMQPS_PORT=N per TLS listener)
 #   rabbitmq.sh stop DIR           stop the node and its epmd (idempotent)
 #   rabbitmq.sh kill DIR           SIGKILL the node (fault tests); epmd stays
 #   rabbitmq.sh ctl DIR ARGS...    rabbitmqctl -n NODE ARGS... with the node's env
 #   rabbitmq.sh env DIR            print DIR/env
 #
 # Knob: MQTX_RABBITMQ_START_TIMEOUT (seconds, default 60).
+#
+# Extra configuration: if DIR/extra.conf exists, its lines are appended to the
+# generated rabbitmq.conf at every start (so edit it between stop and start).
+# That is how a test adds a TLS listener, e.g.
+#   listeners.ssl.1 = 127.0.0.1:PORT
+#   ssl_options.cacertfile = /abs/ca.crt
+#   ssl_options.certfile = /abs/server.crt
+#   ssl_options.keyfile = /abs/server.key
+#   ssl_options.verify = verify_peer
+#   ssl_options.fail_if_no_peer_cert = false
+# The test picks PORT (a free loopback port).  start refuses a TLS port that is
+# already taken, checks that the node user can read every ssl_options.*file,
+# waits until each TLS listener accepts connections too, and prints its port.
 #
 # Why the detours:
 #  * /usr/sbin/rabbitmq-server insists on su'ing to rabbitmq and on
@@ -197,6 +211,18 @@ free_ports() {
 		print "@ports\n";' "$n" "$@"
 }
 
+# TLS listener ports in a config file ("listeners.ssl.N = [ADDR:]PORT").
+ssl_ports() {
+	[ -f "$1" ] || return 0
+	sed -n 's/^[[:space:]]*listeners\.ssl\.[^=[:space:]]*[[:space:]]*=[[:space:]]*\([^[:space:]]*:\)\{0,1\}\([0-9][0-9]*\)[[:space:]]*$/\2/p' "$1"
+}
+
+# Files named by ssl_options.*file settings in a config file.
+ssl_files() {
+	[ -f "$1" ] || return 0
+	sed -n 's/^[[:space:]]*ssl_options\.[a-z_]*file[[:space:]]*=[[:space:]]*\(.*[^[:space:]]\)[[:space:]]*$/\1/p' "$1"
+}
+
 log_tail() {
 	local f
 	for f in "$DIR"/log/*.log "$DIR"/log/await_startup.out; do
@@ -238,16 +264,27 @@ cmd_start() {
 		node="mqtx_${tag}_${sum}@localhost"
 	fi
 	[ -n "$want_port" ] && amqp=$want_port
+	# TLS listeners come from DIR/extra.conf, with ports the caller chose;
+	# keep the ports we pick away from them.
+	local -a tls_ports tls_files
+	mapfile -t tls_ports < <(ssl_ports "$DIR/extra.conf")
+	mapfile -t tls_files < <(ssl_files "$DIR/extra.conf")
 	local -a need=() got=()
 	[ -n "$amqp" ] || need+=(amqp)
 	[ -n "$dist" ] || need+=(dist)
 	[ -n "$epmd" ] || need+=(epmd)
 	if [ ${#need[@]} -gt 0 ]; then
 		# shellcheck disable=SC2086 # unset ports must vanish
-		read -r -a got <<<"$(free_ports ${#need[@]} $amqp $dist $epmd)"
+		read -r -a got <<<"$(free_ports ${#need[@]} $amqp $dist $epmd "${tls_ports[@]}")"
 		local i
 		for i in "${!need[@]}"; do printf -v "${need[$i]}" %s "${got[$i]}"; done
 	fi
+	local p
+	for p in "${tls_ports[@]}"; do
+		case " $amqp $dist $epmd " in
+		*" $p "*) die "TLS port $p in $DIR/extra.conf clashes with the node's own ports ($amqp $dist $epmd)" ;;
+		esac
+	done
 
 	export RABBITMQ_NODENAME=$node
 	export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
@@ -281,6 +318,13 @@ disk_free_limit.absolute = 50MB
 log.file.level = info
 log.console = false
 EOF
+	if [ -f "$DIR/extra.conf" ]; then
+		{
+			echo "# ---- from $DIR/extra.conf ----"
+			cat "$DIR/extra.conf"
+			echo
+		} >>"$RABBITMQ_CONFIG_FILE"
+	fi
 	echo '[].' >"$RABBITMQ_ENABLED_PLUGINS_FILE"
 	: >"$RABBITMQ_CONF_ENV_FILE"
 	[ -e "$RABBITMQ_ADVANCED_CONFIG_FILE" ] || echo '[].' >"$RABBITMQ_ADVANCED_CONFIG_FILE"
@@ -302,10 +346,20 @@ EOF
 	else
 		user=$(id -un)
 	fi
+	local f
+	for f in "${tls_files[@]}"; do
+		if is_root && [ "$user" != root ]; then
+			runuser -u "$user" -- test -r "$f"
+		else
+			test -r "$f"
+		fi || die "user $user cannot read $f (named in the TLS settings)"
+	done
 
-	if port_open "$amqp"; then
-		die "port $amqp on 127.0.0.1 is already in use by something else"
-	fi
+	for p in "$amqp" "${tls_ports[@]}"; do
+		if port_open "$p"; then
+			die "port $p on 127.0.0.1 is already in use by something else"
+		fi
+	done
 
 	local t0=$SECONDS
 	# -detached sends the VM's stdout to /dev/null, so a boot failure that
@@ -354,8 +408,13 @@ EOF
 				continue
 			fi
 		fi
-		if port_open "$amqp"; then
+		local all_open=1
+		for p in "$amqp" "${tls_ports[@]}"; do
+			port_open "$p" || { all_open=""; break; }
+		done
+		if [ -n "$all_open" ]; then
 			echo "AMQP_PORT=$amqp"
+			for p in "${tls_ports[@]}"; do echo "AMQPS_PORT=$p"; done
 			return 0
 		fi
 		sleep 0.2

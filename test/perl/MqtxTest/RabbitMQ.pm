@@ -19,6 +19,18 @@ MqtxTest::RabbitMQ - throwaway RabbitMQ nodes for mqtx TAP tests
   $mq->kill;  $mq->start;                          # same port, data kept
   $mq->stop;                                       # also done at exit
 
+  # A TLS listener: extra rabbitmq.conf lines, applied at each start.
+  my $tls_port = PostgreSQL::Test::Cluster::get_free_port();
+  my $tq = MqtxTest::RabbitMQ->new(name => 'tls', extra_conf => <<"EOC");
+  listeners.ssl.1 = 127.0.0.1:$tls_port
+  ssl_options.cacertfile = $dir/ca.crt
+  ssl_options.certfile = $dir/server.crt
+  ssl_options.keyfile = $dir/server.key
+  EOC
+  $tq->start;
+  my $amqps = $tq->amqps_url;   # amqps://guest:guest@localhost:TLSPORT/%2f
+  $tq->stop;  $tq->set_extra_conf($other_lines);  $tq->start;
+
 =head1 DESCRIPTION
 
 All the work is done by test/harness/rabbitmq.sh; this module only wraps it,
@@ -57,7 +69,29 @@ sub new
 	make_path($dir);
 	# Absolute, so a later chdir in the test cannot lose the node.
 	$dir = abs_path($dir);
-	return bless { name => $name, dir => $dir, port => undef }, $class;
+	my $self = bless { name => $name, dir => $dir, port => undef,
+		tls_ports => [] }, $class;
+	$self->set_extra_conf($args{extra_conf}) if defined $args{extra_conf};
+	return $self;
+}
+
+# Lines appended to the node's rabbitmq.conf (DIR/extra.conf, see
+# rabbitmq.sh) from the next start on; undef or '' drops them.  Paths in it
+# must be absolute and readable by the node's user.
+sub set_extra_conf
+{
+	my ($self, $text) = @_;
+	my $file = "$self->{dir}/extra.conf";
+	if (!defined $text || $text eq '')
+	{
+		unlink $file or $!{ENOENT} or die "cannot remove $file: $!";
+		return;
+	}
+	open(my $fh, '>', "$file.tmp") or die "cannot write $file.tmp: $!";
+	print $fh $text, ($text =~ /\n\z/ ? '' : "\n");
+	close($fh) or die "cannot write $file.tmp: $!";
+	rename("$file.tmp", $file) or die "cannot rename $file.tmp: $!";
+	return;
 }
 
 sub _tempdir
@@ -74,6 +108,10 @@ sub _tempdir
 sub name { return $_[0]{name} }
 sub dir { return $_[0]{dir} }
 sub port { return $_[0]{port} }
+# The first TLS listener's port (undef if none was configured); tls_ports
+# lists them all, as of the last start.
+sub tls_port { return $_[0]{tls_ports}[0] }
+sub tls_ports { return @{ $_[0]{tls_ports} } }
 
 # Run rabbitmq.sh; returns (exit status, stdout, stderr).
 sub _script
@@ -94,6 +132,7 @@ sub start
 	$out =~ /^AMQP_PORT=(\d+)$/m
 	  or die "rabbitmq.sh start printed no AMQP_PORT:\n$out$err";
 	$self->{port} = $1;
+	$self->{tls_ports} = [ $out =~ /^AMQPS_PORT=(\d+)$/mg ];
 	$running{ $self->{dir} } = 1;
 	return $self;
 }
@@ -127,6 +166,23 @@ sub url
 	my $vhost = $args{vhost} // '/';
 	return sprintf('amqp://%s:%s@127.0.0.1:%d/%s',
 		_esc($user), _esc($password), $self->{port}, _esc($vhost));
+}
+
+# amqps:// URL of the first TLS listener.  The host defaults to "localhost"
+# (what a test certificate names; still loopback, so guest may log in).
+sub amqps_url
+{
+	my ($self, %args) = @_;
+	croak "RabbitMQ node '$self->{name}' has no TLS listener (not started,"
+	  . " or no listeners.ssl in its extra_conf)"
+	  unless defined $self->tls_port;
+	my $host = $args{host} // 'localhost';
+	my $port = $args{port} // $self->tls_port;
+	my $user = $args{user} // 'guest';
+	my $password = $args{password} // 'guest';
+	my $vhost = $args{vhost} // '/';
+	return sprintf('amqps://%s:%s@%s:%d/%s',
+		_esc($user), _esc($password), $host, $port, _esc($vhost));
 }
 
 # Percent-encode everything but RFC 3986 unreserved characters; lower-case
