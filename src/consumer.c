@@ -55,8 +55,6 @@
  */
 #define BATCH_FILL_WAIT_MS 2
 #define BATCH_COLLECT_MS 10
-#define RETENTION_BATCH 1000
-#define RETENTION_INTERVAL_MS 10000
 
 static const char *const subscriptions_sql =
 "SELECT queue, handler::oid, prefetch, max_attempts FROM mqtx.subscriptions ORDER BY queue";
@@ -726,22 +724,6 @@ consume_pass(void)
 	return count == capacity;
 }
 
-static void
-apply_retention(void)
-{
-	Oid			types[2] = {INT4OID, INT4OID};
-	Datum		values[2] = {Int32GetDatum(mqtx_inbox_retention), Int32GetDatum(RETENTION_BATCH)};
-	uint64		deleted;
-
-	if (mqtx_inbox_retention < 0 || GetCurrentTimestamp() < consumer.next_retention_at)
-		return;
-	mqtx_worker_begin_step("mqtx consumer: deleting inbox entries past mqtx.inbox_retention");
-	deleted = execute(retention_sql, 2, types, values, NULL, SPI_OK_DELETE);
-	mqtx_worker_end_step(&consumer.worker);
-	consumer.next_retention_at = deleted == RETENTION_BATCH ? 0 :
-		TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RETENTION_INTERVAL_MS);
-}
-
 void
 mqtx_consumer_main(Datum main_arg)
 {
@@ -781,7 +763,8 @@ mqtx_consumer_main(Datum main_arg)
 		 */
 		more_work = consuming && consume_pass();
 		if (!more_work && ready)
-			apply_retention();
+			mqtx_worker_apply_retention(&consumer.worker, retention_sql, mqtx_inbox_retention,
+										&consumer.next_retention_at);
 		if (!consuming)
 			mqtx_worker_wait(&consumer.worker, mqtx_poll_interval);
 	}

@@ -209,6 +209,8 @@ extern bool mqtx_worker_ensure_broker(MqtxWorker *w);
 extern void mqtx_worker_drop_broker(MqtxWorker *w, const char *error);
 extern void mqtx_worker_reload(MqtxWorker *w);
 extern void mqtx_worker_wait(MqtxWorker *w, long poll_ms);
+extern void mqtx_worker_apply_retention(MqtxWorker *w, const char *delete_sql,
+										int keep_seconds, TimestampTz *next_at);
 
 /* The workers (relay.c, consumer.c) */
 extern PGDLLEXPORT void mqtx_relay_main(Datum main_arg);

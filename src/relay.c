@@ -54,9 +54,6 @@
 
 #include "mqtx.h"
 
-/* Retention deletes this many published rows per transaction. */
-#define RETENTION_BATCH 1000
-#define RETENTION_INTERVAL_MS 10000
 
 static const char *const claim_sql =
 "SELECT id, message_id::text, exchange, routing_key, payload::text, headers, "
@@ -410,30 +407,6 @@ relay_pass(void)
 	return relay.in_flight != NULL;
 }
 
-/*
- * Delete one batch of published rows older than mqtx.retention, at most
- * every RETENTION_INTERVAL_MS unless the previous batch was full.
- */
-static void
-apply_retention(void)
-{
-	Oid			argtypes[2] = {INT4OID, INT4OID};
-	Datum		args[2] = {Int32GetDatum(mqtx_retention), Int32GetDatum(RETENTION_BATCH)};
-	uint64		deleted;
-
-	if (mqtx_retention < 0 || GetCurrentTimestamp() < relay.next_retention_at)
-		return;
-
-	mqtx_worker_begin_step("mqtx relay: deleting published rows past mqtx.retention");
-	if (SPI_execute_with_args(retention_sql, 2, argtypes, args, NULL, false, 0) != SPI_OK_DELETE)
-		elog(ERROR, "deleting old outbox rows failed");
-	deleted = SPI_processed;
-	mqtx_worker_end_step(&relay.worker);
-
-	relay.next_retention_at = deleted == RETENTION_BATCH ? 0 :
-		TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RETENTION_INTERVAL_MS);
-}
-
 void
 mqtx_relay_main(Datum main_arg)
 {
@@ -472,6 +445,7 @@ mqtx_relay_main(Datum main_arg)
 		if (mqtx_worker_ensure_broker(&relay.worker))
 			more_work = relay_pass();
 		if (!more_work)
-			apply_retention();
+			mqtx_worker_apply_retention(&relay.worker, retention_sql, mqtx_retention,
+										&relay.next_retention_at);
 	}
 }

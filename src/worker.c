@@ -11,6 +11,7 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
@@ -26,6 +27,10 @@
 #include "utils/timestamp.h"
 
 #include "mqtx.h"
+
+/* Retention deletes this many rows per transaction, at most this often. */
+#define RETENTION_BATCH 1000
+#define RETENTION_INTERVAL_MS 10000
 
 /* Reconnect backoff: doubled per failed attempt, up to the cap. */
 #define RECONNECT_MIN_MS 200
@@ -337,4 +342,30 @@ mqtx_worker_wait(MqtxWorker *w, long poll_ms)
 	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 					 timeout, PG_WAIT_EXTENSION);
 	ResetLatch(MyLatch);
+}
+
+/*
+ * Delete one batch of rows older than keep_seconds with delete_sql ($1:
+ * seconds, $2: batch size), at most every RETENTION_INTERVAL_MS unless the
+ * previous batch was full.  A negative keep_seconds keeps everything.
+ */
+void
+mqtx_worker_apply_retention(MqtxWorker *w, const char *delete_sql,
+							int keep_seconds, TimestampTz *next_at)
+{
+	Oid			types[2] = {INT4OID, INT4OID};
+	Datum		values[2] = {Int32GetDatum(keep_seconds), Int32GetDatum(RETENTION_BATCH)};
+	uint64		deleted;
+
+	if (keep_seconds < 0 || GetCurrentTimestamp() < *next_at)
+		return;
+
+	mqtx_worker_begin_step(psprintf("mqtx %s: deleting rows past retention", w->role));
+	if (SPI_execute_with_args(delete_sql, 2, types, values, NULL, false, 0) != SPI_OK_DELETE)
+		elog(ERROR, "retention delete failed: %s", delete_sql);
+	deleted = SPI_processed;
+	mqtx_worker_end_step(w);
+
+	*next_at = deleted == RETENTION_BATCH ? 0 :
+		TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RETENTION_INTERVAL_MS);
 }

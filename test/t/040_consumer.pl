@@ -93,36 +93,6 @@ sub consumer_count
 	return undef;
 }
 
-# Poll a Perl condition until it holds or the harness timeout passes.
-sub wait_until
-{
-	my ($what, $cond) = @_;
-	my $deadline = time + $PostgreSQL::Test::Utils::timeout_default;
-	while (time < $deadline)
-	{
-		return ok(1, $what) if $cond->();
-		usleep(200_000);
-	}
-	return ok(0, $what);
-}
-
-sub wait_queue_exists
-{
-	my ($queue) = @_;
-	wait_until("queue $queue exists on the broker",
-		sub { defined ready_count($queue) });
-}
-
-# Nothing ready and nothing unacked: every delivery was acked.
-sub wait_queue_drained
-{
-	my ($queue, $what) = @_;
-	my $depth;
-	wait_until($what // "queue $queue is drained (all acked)",
-		sub { $depth = $mq->queue_depth($queue); defined $depth && $depth == 0 })
-	  or diag("queue $queue depth: " . ($depth // 'no queue'));
-}
-
 sub stat_value
 {
 	my ($column) = @_;
@@ -219,7 +189,7 @@ my $consumer_pid = $node->safe_psql('postgres',
 wait_for($node, 'postgres',
 	"SELECT broker_connected FROM mqtx.consumer_stats WHERE database = 'postgres'",
 	't', 'the consumer connects to the broker');
-wait_queue_exists('orders.q');
+wait_queue_exists($url, 'orders.q');
 
 publish_many('orders.q',
 	map { [ "order-$_", qq({"order_id": $_}) ] } 1 .. $N);
@@ -232,7 +202,7 @@ is( $node->safe_psql('postgres',
 is( $node->safe_psql('postgres',
 		'SELECT count(*), count(DISTINCT order_id), min(order_id), max(order_id) FROM handler_calls'),
 	"$N|$N|1|$N", 'the handler ran once per message');
-wait_queue_drained('orders.q');
+wait_queue_drained($mq, 'orders.q');
 is(ready_count('orders.q'), 0, 'amqp count: nothing left in orders.q');
 
 # ------------------------------------------------------------------
@@ -246,7 +216,7 @@ my $dup_expected = $N + 3;
 wait_for($node, 'postgres',
 	"SELECT duplicates - $dup_before >= $dup_expected FROM mqtx.consumer_stats WHERE database = 'postgres'",
 	't', "consumer_stats.duplicates grows by at least $dup_expected");
-wait_queue_drained('orders.q', 'the duplicates are acked');
+wait_queue_drained($mq, 'orders.q', 'the duplicates are acked');
 is($node->safe_psql('postgres', 'SELECT count(*) FROM dispatch'),
 	$N, "still exactly $N rows in dispatch");
 is($node->safe_psql('postgres', 'SELECT count(*) FROM handler_calls'),
@@ -264,7 +234,7 @@ is( $node->safe_psql('postgres',
 
 $node->safe_psql('postgres',
 	"SELECT mqtx.subscribe('flaky.q', 'flaky(jsonb,jsonb)', max_attempts => 10)");
-wait_queue_exists('flaky.q');
+wait_queue_exists($url, 'flaky.q');
 publish('flaky.q', id => 'flaky-1', body => '{"order_id": 1}');
 wait_for($node, 'postgres',
 	"SELECT attempts >= 2 FROM mqtx.consumer_attempts WHERE queue = 'flaky.q' AND message_id = 'flaky-1'",
@@ -281,7 +251,7 @@ wait_for($node, 'postgres', 'SELECT count(*) FROM flaky_applied',
 wait_for($node, 'postgres',
 	"SELECT count(*) FROM mqtx.consumer_attempts WHERE queue = 'flaky.q'",
 	'0', 'its consumer_attempts row is gone');
-wait_queue_drained('flaky.q');
+wait_queue_drained($mq, 'flaky.q');
 is( $node->safe_psql('postgres',
 		"SELECT (SELECT count(*) FROM flaky_applied), "
 		  . "(SELECT count(*) FROM mqtx.dead_letter WHERE queue = 'flaky.q'), "
@@ -298,7 +268,7 @@ $node->safe_psql('postgres',
 is( $node->safe_psql('postgres',
 		"SELECT handler::text, prefetch, max_attempts FROM mqtx.subscriptions WHERE queue = 'refuse.q'"),
 	'refuse(jsonb,jsonb)|100|3', 'max_attempts given by name is recorded');
-wait_queue_exists('refuse.q');
+wait_queue_exists($url, 'refuse.q');
 publish('refuse.q', id => 'refuse-7', body => '{"order_id": 7}',
 	headers => ['tenant=acme']);
 wait_for($node, 'postgres',
@@ -314,7 +284,7 @@ is( $node->safe_psql('postgres', q{
 wait_for($node, 'postgres',
 	"SELECT count(*) FROM mqtx.consumer_attempts WHERE message_id = 'refuse-7'",
 	'0', 'no consumer_attempts row is left for the dead letter');
-wait_queue_drained('refuse.q', 'the dead-lettered message is acked');
+wait_queue_drained($mq, 'refuse.q', 'the dead-lettered message is acked');
 
 my $notified = $listener->query_safe('SELECT 1');
 $listener->quit;
@@ -373,7 +343,7 @@ is( $node->safe_psql('postgres',
 
 $node->safe_psql('postgres',
 	"SELECT mqtx.subscribe('poison.q', 'poison_handler(jsonb,jsonb)')");
-wait_queue_exists('poison.q');
+wait_queue_exists($url, 'poison.q');
 
 publish('poison.q', id => 'poison-json', body => 'not json at all');
 my $bad_utf8 = PostgreSQL::Test::Utils::tempdir() . '/bad_utf8';
@@ -424,7 +394,7 @@ is( $node->safe_psql('postgres',
 		"SELECT (SELECT count(*) FROM poison_calls), "
 		  . "(SELECT count(*) FROM mqtx.consumer_attempts WHERE queue = 'poison.q')"),
 	'0|0', 'the handler never saw a poison message; no retries were scheduled');
-wait_queue_drained('poison.q', 'poison messages are acked');
+wait_queue_drained($mq, 'poison.q', 'poison messages are acked');
 
 $node->safe_psql('postgres', q{
 	ALTER SYSTEM RESET mqtx.max_payload;
@@ -447,7 +417,7 @@ publish('orders.q', body => $anon);
 wait_for($node, 'postgres',
 	"SELECT duplicates > $dup_before FROM mqtx.consumer_stats WHERE database = 'postgres'",
 	't', 'the identical body sent again is a duplicate');
-wait_queue_drained('orders.q');
+wait_queue_drained($mq, 'orders.q');
 is( $node->safe_psql('postgres',
 		'SELECT (SELECT count(*) FROM dispatch WHERE order_id = 1001), '
 		  . '(SELECT count(*) FROM handler_calls WHERE order_id = 1001), '
@@ -491,7 +461,7 @@ is( $node->safe_psql('postgres',
 	'50|5', 'subscribing again records the new prefetch');
 wait_for($node, 'postgres', 'SELECT count(*) FROM dispatch WHERE order_id > 2000',
 	'5', 'subscribing again drains the waiting messages');
-wait_queue_drained('orders.q');
+wait_queue_drained($mq, 'orders.q');
 
 # re-subscribing updates an existing subscription in place
 $node->safe_psql('postgres',

@@ -22,36 +22,6 @@ my $node = mqtx_node('cfaults',
 	'mqtx.broker_url' => "'$url'",
 	'mqtx.max_attempts' => '1000');
 
-# Poll a Perl condition until it holds or the harness timeout passes.
-sub wait_until
-{
-	my ($what, $cond) = @_;
-	my $deadline = time + $PostgreSQL::Test::Utils::timeout_default;
-	while (time < $deadline)
-	{
-		return ok(1, $what) if $cond->();
-		usleep(200_000);
-	}
-	return ok(0, $what);
-}
-
-sub wait_queue_exists
-{
-	my ($queue) = @_;
-	wait_until("queue $queue exists on the broker",
-		sub { defined eval { amqp_tool('count', '--url', $url, '--queue', $queue) } });
-}
-
-# Nothing ready and nothing unacked: every delivery was acked.
-sub wait_queue_drained
-{
-	my ($queue) = @_;
-	my $depth;
-	wait_until("queue $queue is drained (all acked)",
-		sub { $depth = $mq->queue_depth($queue); defined $depth && $depth == 0 })
-	  or diag("queue $queue depth: " . ($depth // 'no queue'));
-}
-
 sub consumer_pid
 {
 	return $node->safe_psql('postgres',
@@ -96,7 +66,7 @@ $node->safe_psql('postgres', q{
 wait_for($node, 'postgres',
 	"SELECT broker_connected FROM mqtx.consumer_stats WHERE database = 'postgres'",
 	't', 'the consumer connects');
-wait_queue_exists('dispatch.q');
+wait_queue_exists($url, 'dispatch.q');
 
 my $N = 3000;
 my $half = $N / 2;
@@ -186,7 +156,7 @@ is( count_of(
 		'SELECT (SELECT count(*) FROM mqtx.dead_letter), '
 		  . '(SELECT count(*) FROM mqtx.consumer_attempts)'),
 	'0|0', 'no dead letters and no pending failed attempts');
-wait_queue_drained('dispatch.q');
+wait_queue_drained($mq, 'dispatch.q');
 
 # ------------------------------------------------------------------
 # 3. the whole loop in one cluster
@@ -205,7 +175,7 @@ $node->safe_psql('postgres', q{
 	END $$;
 	SELECT mqtx.subscribe('shipping.q', 'ship(jsonb,jsonb)');
 });
-wait_queue_exists('shipping.q');
+wait_queue_exists($url, 'shipping.q');
 $node->safe_psql('postgres',
 	"INSERT INTO orders SELECT g, 'order ' || g FROM generate_series(1, 1000) g");
 wait_for($node, 'postgres', 'SELECT count(*) FROM shipments',
@@ -225,7 +195,7 @@ is( count_of(
 		'SELECT (SELECT count(*) FROM mqtx.dead_letter), '
 		  . '(SELECT count(*) FROM mqtx.consumer_attempts)'),
 	'0|0', 'no dead letters, no failed attempts');
-wait_queue_drained('shipping.q');
+wait_queue_drained($mq, 'shipping.q');
 
 $node->stop;
 $mq->stop;

@@ -10,9 +10,11 @@ use File::Basename qw(dirname);
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use Time::HiRes qw(usleep);
 
 use Exporter qw(import);
-our @EXPORT = qw(mqtx_node wait_for amqp_tool amqp_messages message_body relay_pid);
+our @EXPORT = qw(mqtx_node wait_for wait_until wait_queue_exists wait_queue_drained
+  amqp_tool amqp_messages message_body relay_pid);
 
 # Servers listen on 127.0.0.1 TCP, like a deployment, not on a socket dir.
 $PostgreSQL::Test::Utils::use_unix_sockets = 0;
@@ -52,6 +54,36 @@ sub wait_for
 	my $ok = $node->poll_query_until($db, $query, $expected);
 	ok($ok, $what) or diag("last result: " . $node->safe_psql($db, $query));
 	return $ok;
+}
+
+# Poll a Perl condition until it holds or the harness timeout passes.
+sub wait_until
+{
+	my ($what, $cond) = @_;
+	my $deadline = time + $PostgreSQL::Test::Utils::timeout_default;
+	while (time < $deadline)
+	{
+		return ok(1, $what) if $cond->();
+		usleep(200_000);
+	}
+	return ok(0, $what);
+}
+
+sub wait_queue_exists
+{
+	my ($url, $queue) = @_;
+	wait_until("queue $queue exists on the broker",
+		sub { defined eval { amqp_tool('count', '--url', $url, '--queue', $queue) } });
+}
+
+# Nothing ready and nothing unacked: every delivery was acked.
+sub wait_queue_drained
+{
+	my ($mq, $queue, $what) = @_;
+	my $depth;
+	wait_until($what // "queue $queue is drained (all acked)",
+		sub { $depth = $mq->queue_depth($queue); defined $depth && $depth == 0 })
+	  or diag("queue $queue depth: " . ($depth // 'no queue'));
 }
 
 # Run the AMQP test tool; returns stdout, dies on failure.
