@@ -26,6 +26,7 @@
  */
 #include "postgres.h"
 
+#include <malloc.h>
 #include <math.h>
 
 #include "access/xact.h"
@@ -731,6 +732,16 @@ mqtx_consumer_main(Datum main_arg)
 
 	memset(&consumer, 0, sizeof(consumer));
 	mqtx_worker_start(&consumer.worker, MQTX_CONSUMER, main_arg);
+
+	/*
+	 * A batch allocates tens of kilobytes per delivery (handler caches,
+	 * parsed bodies) and frees it all at once when the pass ends.  glibc
+	 * would hand that memory back to the kernel every time and fault it in
+	 * again page by page for the next batch, which measured 3-4 times
+	 * slower.  Keep freed memory in the process.
+	 */
+	mallopt(M_TRIM_THRESHOLD, 256 * 1024 * 1024);
+	mallopt(M_MMAP_THRESHOLD, 64 * 1024 * 1024);
 	consumer.worker.on_disconnect = forget_connection_state;
 	consumer.pass_context = consumer.worker.context;
 	consumer.long_context = AllocSetContextCreate(TopMemoryContext,
