@@ -27,7 +27,6 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,6 +34,8 @@
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "bench_common.h"
 
 #define CHANNEL 1
 #define PROG "ceiling_publisher"
@@ -70,18 +71,6 @@ struct run {
 	char *body;
 	double watchdog_armed_at;
 };
-
-static void die(const char *fmt, ...)
-{
-	va_list ap;
-
-	fprintf(stderr, PROG ": ");
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputc('\n', stderr);
-	exit(1);
-}
 
 static void usage(void)
 {
@@ -155,157 +144,7 @@ static void parse_args(int argc, char **argv, struct options *opt)
 }
 
 /* ------------------------------------------------------------------ */
-/* Error reporting                                                     */
-
-static void die_on_status(int status, const char *what)
-{
-	if (status != AMQP_STATUS_OK)
-		die("%s: %s", what, amqp_error_string2(status));
-}
-
-/* Channel and connection close carry the only useful diagnostics the
- * broker gives (e.g. 404 NOT_FOUND for a missing exchange), so both the RPC
- * path and the confirm loop end up here. */
-static void die_on_close_method(const amqp_method_t *m, const char *what)
-{
-	if (m->id == AMQP_CHANNEL_CLOSE_METHOD) {
-		const amqp_channel_close_t *c = m->decoded;
-		die("%s: channel closed by broker: %u %.*s", what, c->reply_code,
-		    (int)c->reply_text.len, (const char *)c->reply_text.bytes);
-	}
-	if (m->id == AMQP_CONNECTION_CLOSE_METHOD) {
-		const amqp_connection_close_t *c = m->decoded;
-		die("%s: connection closed by broker: %u %.*s", what,
-		    c->reply_code, (int)c->reply_text.len,
-		    (const char *)c->reply_text.bytes);
-	}
-}
-
-static void die_on_rpc_reply(amqp_rpc_reply_t r, const char *what)
-{
-	switch (r.reply_type) {
-	case AMQP_RESPONSE_NORMAL:
-		return;
-	case AMQP_RESPONSE_NONE:
-		die("%s: no reply (missing RPC reply type)", what);
-		break;
-	case AMQP_RESPONSE_LIBRARY_EXCEPTION:
-		die("%s: %s", what, amqp_error_string2(r.library_error));
-		break;
-	case AMQP_RESPONSE_SERVER_EXCEPTION:
-		die_on_close_method(&r.reply, what);
-		die("%s: unexpected server method 0x%08x", what, r.reply.id);
-		break;
-	}
-}
-
-static void die_on_rpc(amqp_connection_state_t conn, const char *what)
-{
-	die_on_rpc_reply(amqp_get_rpc_reply(conn), what);
-}
-
-/* amqp_basic_publish() sends with an infinite deadline and amqp_read_message()
- * waits with one too; a broker that stops reading (resource alarm) would hang
- * the benchmark forever.  This backstop turns such a stall into exit 1. */
-static void watchdog_fired(int sig)
-{
-	static const char msg[] =
-		PROG ": watchdog: no progress, broker stopped reading or "
-		"answering\n";
-
-	(void)sig;
-	if (write(STDERR_FILENO, msg, sizeof(msg) - 1) < 0) {
-		/* nothing left to report to */
-	}
-	_exit(1);
-}
-
-static double now_s(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-/* Called on every publish and every frame read.  Re-arming at most once a
- * second keeps the alarm() syscall off the per-message path we measure. */
-static void watchdog_kick(struct run *r)
-{
-	double now = now_s();
-
-	if (now - r->watchdog_armed_at >= 1.0) {
-		alarm((unsigned)r->opt->timeout_s + 5);
-		r->watchdog_armed_at = now;
-	}
-}
-
-/* ------------------------------------------------------------------ */
 /* Connection setup                                                    */
-
-static struct timeval seconds_tv(int s)
-{
-	struct timeval tv = {s, 0};
-	return tv;
-}
-
-static void login(amqp_connection_state_t conn, const struct amqp_connection_info *ci)
-{
-	/* rabbitmq-c does not announce connection.blocked by default; without
-	 * it a resource alarm looks like a silent hang instead of a message. */
-	amqp_table_entry_t cap = {
-		.key = amqp_cstring_bytes("connection.blocked"),
-		.value = {.kind = AMQP_FIELD_KIND_BOOLEAN, .value = {.boolean = 1}},
-	};
-	amqp_table_entry_t prop = {
-		.key = amqp_cstring_bytes("capabilities"),
-		.value = {.kind = AMQP_FIELD_KIND_TABLE,
-			  .value = {.table = {.num_entries = 1, .entries = &cap}}},
-	};
-	amqp_table_t props = {.num_entries = 1, .entries = &prop};
-
-	/* heartbeat 0: a run lasts seconds, and heartbeat bookkeeping sits on
-	 * the publish path we are trying to measure. */
-	die_on_rpc_reply(amqp_login_with_properties(conn, ci->vhost, 0,
-						    AMQP_DEFAULT_FRAME_SIZE, 0,
-						    &props,
-						    AMQP_SASL_METHOD_PLAIN,
-						    ci->user, ci->password),
-			 "login");
-}
-
-static amqp_connection_state_t connect_broker(const struct options *opt)
-{
-	struct amqp_connection_info ci;
-	struct timeval tv = seconds_tv(opt->timeout_s);
-	amqp_connection_state_t conn;
-	amqp_socket_t *sock;
-	int status;
-	char *url = strdup(opt->url); /* amqp_parse_url() writes into it */
-
-	if (!url)
-		die("out of memory");
-	if (amqp_parse_url(url, &ci) != AMQP_STATUS_OK)
-		die("cannot parse --url '%s'", opt->url);
-	if (ci.ssl)
-		die("amqps:// is not supported");
-
-	conn = amqp_new_connection();
-	if (!conn || !(sock = amqp_tcp_socket_new(conn)))
-		die("out of memory");
-	status = amqp_socket_open_noblock(sock, ci.host, ci.port, &tv);
-	if (status != AMQP_STATUS_OK)
-		die("connect to %s:%d: %s", ci.host, ci.port,
-		    amqp_error_string2(status));
-	die_on_status(amqp_set_handshake_timeout(conn, &tv), "handshake timeout");
-	die_on_status(amqp_set_rpc_timeout(conn, &tv), "rpc timeout");
-	login(conn, &ci);
-	free(url); /* ci points into it; login was its last user */
-
-	amqp_channel_open(conn, CHANNEL);
-	die_on_rpc(conn, "channel.open");
-	return conn;
-}
 
 static void declare_topology(amqp_connection_state_t conn, const struct options *opt)
 {
@@ -389,7 +228,7 @@ static void publish_one(struct run *r)
 					 format_body(r->body, r->opt->body_size, seq)),
 		      "basic.publish");
 	r->published = seq;
-	watchdog_kick(r);
+	watchdog_kick(&r->watchdog_armed_at, r->opt->timeout_s);
 }
 
 /* ------------------------------------------------------------------ */
@@ -500,7 +339,7 @@ static int read_one_frame(struct run *r, const struct timeval *tv)
 	if (status == AMQP_STATUS_TIMEOUT)
 		return 0;
 	die_on_status(status, "waiting for confirms");
-	watchdog_kick(r);
+	watchdog_kick(&r->watchdog_armed_at, r->opt->timeout_s);
 	handle_frame(r, &f);
 	/* Decoded frames live in the channel pool until released; without
 	 * this a long run grows without bound. */
@@ -535,7 +374,7 @@ static void run_publish_loop(struct run *r)
 {
 	const struct options *opt = r->opt;
 
-	watchdog_kick(r);
+	watchdog_kick(&r->watchdog_armed_at, r->opt->timeout_s);
 	while (r->settled < opt->count) {
 		while (r->published < opt->count &&
 		       r->published - r->settled < opt->window)
@@ -545,21 +384,13 @@ static void run_publish_loop(struct run *r)
 	alarm(0);
 }
 
-static void close_connection(amqp_connection_state_t conn)
-{
-	die_on_rpc_reply(amqp_channel_close(conn, CHANNEL, AMQP_REPLY_SUCCESS),
-			 "channel.close");
-	die_on_rpc_reply(amqp_connection_close(conn, AMQP_REPLY_SUCCESS),
-			 "connection.close");
-	amqp_destroy_connection(conn);
-}
-
 int main(int argc, char **argv)
 {
 	struct options opt;
 	struct run r;
 	double t0, elapsed;
 
+	bench_set_prog(PROG);
 	parse_args(argc, argv, &opt);
 	signal(SIGALRM, watchdog_fired);
 
@@ -572,7 +403,7 @@ int main(int argc, char **argv)
 	if (!r.tag_state || !r.body)
 		die("out of memory");
 
-	r.conn = connect_broker(&opt);
+	r.conn = connect_broker(opt.url, opt.timeout_s, CHANNEL);
 	if (opt.declare_queue)
 		declare_topology(r.conn, &opt);
 	enable_confirms(r.conn);
@@ -581,7 +412,7 @@ int main(int argc, char **argv)
 	run_publish_loop(&r);
 	elapsed = now_s() - t0;
 
-	close_connection(r.conn);
+	close_connection(r.conn, CHANNEL);
 	printf("ceiling: %" PRIu64 " messages in %.3f s = %.0f msg/s"
 	       " (acked=%" PRIu64 " nacked=%" PRIu64 " returned=%" PRIu64 ")\n",
 	       opt.count, elapsed, (double)opt.count / elapsed, r.acked,

@@ -30,7 +30,6 @@
 #include <getopt.h>
 #include <inttypes.h>
 #include <signal.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,6 +37,8 @@
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "bench_common.h"
 
 #define CHANNEL 1
 #define PROG "raw_consumer"
@@ -61,18 +62,6 @@ struct run {
 	uint64_t body_bytes;
 	double watchdog_armed_at;
 };
-
-static void die(const char *fmt, ...)
-{
-	va_list ap;
-
-	fprintf(stderr, PROG ": ");
-	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
-	va_end(ap);
-	fputc('\n', stderr);
-	exit(1);
-}
 
 static void usage(void)
 {
@@ -149,154 +138,7 @@ static void parse_args(int argc, char **argv, struct options *opt)
 }
 
 /* ------------------------------------------------------------------ */
-/* Error reporting                                                     */
-
-static void die_on_status(int status, const char *what)
-{
-	if (status != AMQP_STATUS_OK)
-		die("%s: %s", what, amqp_error_string2(status));
-}
-
-/* Channel and connection close carry the only useful diagnostics the
- * broker gives (e.g. 404 NOT_FOUND for a missing queue). */
-static void die_on_close_method(const amqp_method_t *m, const char *what)
-{
-	if (m->id == AMQP_CHANNEL_CLOSE_METHOD) {
-		const amqp_channel_close_t *c = m->decoded;
-		die("%s: channel closed by broker: %u %.*s", what, c->reply_code,
-		    (int)c->reply_text.len, (const char *)c->reply_text.bytes);
-	}
-	if (m->id == AMQP_CONNECTION_CLOSE_METHOD) {
-		const amqp_connection_close_t *c = m->decoded;
-		die("%s: connection closed by broker: %u %.*s", what,
-		    c->reply_code, (int)c->reply_text.len,
-		    (const char *)c->reply_text.bytes);
-	}
-}
-
-static void die_on_rpc_reply(amqp_rpc_reply_t r, const char *what)
-{
-	switch (r.reply_type) {
-	case AMQP_RESPONSE_NORMAL:
-		return;
-	case AMQP_RESPONSE_NONE:
-		die("%s: no reply (missing RPC reply type)", what);
-		break;
-	case AMQP_RESPONSE_LIBRARY_EXCEPTION:
-		die("%s: %s", what, amqp_error_string2(r.library_error));
-		break;
-	case AMQP_RESPONSE_SERVER_EXCEPTION:
-		die_on_close_method(&r.reply, what);
-		die("%s: unexpected server method 0x%08x", what, r.reply.id);
-		break;
-	}
-}
-
-static void die_on_rpc(amqp_connection_state_t conn, const char *what)
-{
-	die_on_rpc_reply(amqp_get_rpc_reply(conn), what);
-}
-
-/* amqp_basic_ack() writes with an infinite deadline; a broker that stops
- * reading would hang the benchmark forever.  This backstop turns such a
- * stall into exit 1. */
-static void watchdog_fired(int sig)
-{
-	static const char msg[] =
-		PROG ": watchdog: no progress, broker stopped reading or "
-		"answering\n";
-
-	(void)sig;
-	if (write(STDERR_FILENO, msg, sizeof(msg) - 1) < 0) {
-		/* nothing left to report to */
-	}
-	_exit(1);
-}
-
-static double now_s(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
-/* Re-arming at most once a second keeps the alarm() syscall off the
- * per-message path we measure. */
-static void watchdog_kick(struct run *r)
-{
-	double now = now_s();
-
-	if (now - r->watchdog_armed_at >= 1.0) {
-		alarm((unsigned)r->opt->timeout_s + 5);
-		r->watchdog_armed_at = now;
-	}
-}
-
-/* ------------------------------------------------------------------ */
 /* Connection setup                                                    */
-
-static struct timeval seconds_tv(int s)
-{
-	struct timeval tv = {s, 0};
-	return tv;
-}
-
-static void login(amqp_connection_state_t conn, const struct amqp_connection_info *ci)
-{
-	amqp_table_entry_t cap = {
-		.key = amqp_cstring_bytes("connection.blocked"),
-		.value = {.kind = AMQP_FIELD_KIND_BOOLEAN, .value = {.boolean = 1}},
-	};
-	amqp_table_entry_t prop = {
-		.key = amqp_cstring_bytes("capabilities"),
-		.value = {.kind = AMQP_FIELD_KIND_TABLE,
-			  .value = {.table = {.num_entries = 1, .entries = &cap}}},
-	};
-	amqp_table_t props = {.num_entries = 1, .entries = &prop};
-
-	/* heartbeat 0: a run lasts seconds, and heartbeat bookkeeping sits on
-	 * the path we are trying to measure. */
-	die_on_rpc_reply(amqp_login_with_properties(conn, ci->vhost, 0,
-						    AMQP_DEFAULT_FRAME_SIZE, 0,
-						    &props,
-						    AMQP_SASL_METHOD_PLAIN,
-						    ci->user, ci->password),
-			 "login");
-}
-
-static amqp_connection_state_t connect_broker(const struct options *opt)
-{
-	struct amqp_connection_info ci;
-	struct timeval tv = seconds_tv(opt->timeout_s);
-	amqp_connection_state_t conn;
-	amqp_socket_t *sock;
-	int status;
-	char *url = strdup(opt->url); /* amqp_parse_url() writes into it */
-
-	if (!url)
-		die("out of memory");
-	if (amqp_parse_url(url, &ci) != AMQP_STATUS_OK)
-		die("cannot parse --url '%s'", opt->url);
-	if (ci.ssl)
-		die("amqps:// is not supported");
-
-	conn = amqp_new_connection();
-	if (!conn || !(sock = amqp_tcp_socket_new(conn)))
-		die("out of memory");
-	status = amqp_socket_open_noblock(sock, ci.host, ci.port, &tv);
-	if (status != AMQP_STATUS_OK)
-		die("connect to %s:%d: %s", ci.host, ci.port,
-		    amqp_error_string2(status));
-	die_on_status(amqp_set_handshake_timeout(conn, &tv), "handshake timeout");
-	die_on_status(amqp_set_rpc_timeout(conn, &tv), "rpc timeout");
-	login(conn, &ci);
-	free(url); /* ci points into it; login was its last user */
-
-	amqp_channel_open(conn, CHANNEL);
-	die_on_rpc(conn, "channel.open");
-	return conn;
-}
 
 static void start_consuming(struct run *r)
 {
@@ -391,7 +233,7 @@ static int receive_one(struct run *r)
 	r->redelivered += env.redelivered != 0;
 	r->body_bytes += env.message.body.len;
 	amqp_destroy_envelope(&env);
-	watchdog_kick(r);
+	watchdog_kick(&r->watchdog_armed_at, r->opt->timeout_s);
 	return 1;
 }
 
@@ -399,7 +241,7 @@ static void run_consume_loop(struct run *r)
 {
 	const struct options *opt = r->opt;
 
-	watchdog_kick(r);
+	watchdog_kick(&r->watchdog_armed_at, r->opt->timeout_s);
 	while (r->received < opt->count) {
 		if (!receive_one(r)) {
 			fprintf(stderr, PROG ": only %" PRIu64 " of %" PRIu64
@@ -417,17 +259,6 @@ static void run_consume_loop(struct run *r)
 	alarm(0);
 }
 
-/* Closing the channel hands any delivery beyond N (the queue held more than
- * N) back to the queue; its close-ok also proves every ack was processed. */
-static void close_connection(amqp_connection_state_t conn)
-{
-	die_on_rpc_reply(amqp_channel_close(conn, CHANNEL, AMQP_REPLY_SUCCESS),
-			 "channel.close");
-	die_on_rpc_reply(amqp_connection_close(conn, AMQP_REPLY_SUCCESS),
-			 "connection.close");
-	amqp_destroy_connection(conn);
-}
-
 int main(int argc, char **argv)
 {
 	struct options opt;
@@ -435,19 +266,20 @@ int main(int argc, char **argv)
 	double t0, elapsed;
 	char acks[96];
 
+	bench_set_prog(PROG);
 	parse_args(argc, argv, &opt);
 	signal(SIGALRM, watchdog_fired);
 
 	memset(&r, 0, sizeof(r));
 	r.opt = &opt;
-	r.conn = connect_broker(&opt);
+	r.conn = connect_broker(opt.url, opt.timeout_s, CHANNEL);
 
 	t0 = now_s();
 	start_consuming(&r);
 	run_consume_loop(&r);
 	elapsed = now_s() - t0;
 
-	close_connection(r.conn);
+	close_connection(r.conn, CHANNEL);
 	if (opt.ack_every == 1)
 		snprintf(acks, sizeof(acks), "one ack per message");
 	else
