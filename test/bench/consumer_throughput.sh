@@ -46,27 +46,10 @@ case $HANDLER_LANG in sql | plpgsql) ;; *)
 	;;
 esac
 
-here=$(cd "$(dirname "$0")" && pwd)
-harness=$here/../harness
-work=$(mktemp -d /tmp/mqtx-bench.XXXXXX)
-chmod 755 "$work"
-cleanup() {
-	"$harness/pgcluster.sh" stop "$work/pg" >/dev/null 2>&1 || true
-	"$harness/rabbitmq.sh" stop "$work/mq" >/dev/null 2>&1 || true
-	rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
+. "$(dirname "$0")/servers.sh"
 
 make -s -C "$here" ceiling_publisher raw_consumer >/dev/null
-
-amqp_port=$("$harness/rabbitmq.sh" start "$work/mq" | sed -n 's/^AMQP_PORT=//p')
-url="amqp://guest:guest@127.0.0.1:$amqp_port/%2f"
-pg_port=$((20000 + RANDOM % 20000))
-"$harness/pgcluster.sh" start "$work/pg" "$pg_port" \
-	shared_preload_libraries=mqtx mqtx.database=postgres \
-	mqtx.broker_url="$url" mqtx.batch_size="$BATCH" \
-	mqtx.relay_enabled=off >/dev/null
-psql_() { "$harness/pgcluster.sh" psql "$work/pg" -X -q -At -v ON_ERROR_STOP=1 "$@"; }
+start_servers mqtx.batch_size="$BATCH" mqtx.relay_enabled=off
 
 if [ "$HANDLER_LANG" = sql ]; then
 	handler_body="BEGIN ATOMIC
@@ -175,7 +158,6 @@ mqtx_run() {
 	awk -v n="$N" -v t0="$t0" -v t1="$t1" 'BEGIN {printf "%.0f\n", n / (t1 - t0)}'
 }
 
-median() { sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 
 if [ "$ACK_EVERY" = 1 ]; then
 	acks="one ack per message"

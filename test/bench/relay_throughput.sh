@@ -17,26 +17,10 @@ BATCH=${3:-1000}
 WINDOW=${4:-1000}
 BODY_SIZE=200
 
-here=$(cd "$(dirname "$0")" && pwd)
-harness=$here/../harness
-work=$(mktemp -d /tmp/mqtx-bench.XXXXXX)
-chmod 755 "$work"
-cleanup() {
-	"$harness/pgcluster.sh" stop "$work/pg" >/dev/null 2>&1 || true
-	"$harness/rabbitmq.sh" stop "$work/mq" >/dev/null 2>&1 || true
-	rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
+. "$(dirname "$0")/servers.sh"
 
 make -s -C "$here" ceiling_publisher >/dev/null
-
-amqp_port=$("$harness/rabbitmq.sh" start "$work/mq" | sed -n 's/^AMQP_PORT=//p')
-url="amqp://guest:guest@127.0.0.1:$amqp_port/%2f"
-pg_port=$((20000 + RANDOM % 20000))
-"$harness/pgcluster.sh" start "$work/pg" "$pg_port" \
-	shared_preload_libraries=mqtx mqtx.database=postgres \
-	mqtx.broker_url="$url" mqtx.batch_size="$BATCH" mqtx.retention=-1 >/dev/null
-psql_() { "$harness/pgcluster.sh" psql "$work/pg" -X -q -At -v ON_ERROR_STOP=1 "$@"; }
+start_servers mqtx.batch_size="$BATCH" mqtx.retention=-1
 
 psql_ -c "CREATE EXTENSION mqtx" \
 	-c "SELECT mqtx.declare_exchange('bench.ex', 'direct')" \
@@ -73,7 +57,6 @@ relay_run() {
 	psql_ -c "SELECT round($N / (extract(epoch FROM max(published_at)) - $t0)::numeric, 0) FROM mqtx.outbox"
 }
 
-median() { sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 
 ceilings=()
 relays=()
