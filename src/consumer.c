@@ -124,7 +124,6 @@ typedef enum ApplyResult
 typedef struct ConsumerState
 {
 	MqtxWorker	worker;
-	MemoryContext pass_context; /* reset every pass */
 	MemoryContext long_context; /* subscriptions and held deliveries */
 	List	   *subscriptions;
 	uint32		subscriptions_generation;
@@ -139,6 +138,23 @@ static ConsumerState consumer;
  * Deliveries held on a connection die with it: the broker hands them out
  * again, and their attempts are on record.
  */
+/*
+ * A deep copy of a delivery in the current memory context: held deliveries
+ * move between the long-lived context and a pass's.
+ */
+static void
+copy_delivery(BrokerDelivery *dst, const BrokerDelivery *src)
+{
+	*dst = *src;
+	dst->queue = pstrdup(src->queue);
+	dst->exchange = pstrdup(src->exchange);
+	dst->routing_key = pstrdup(src->routing_key);
+	dst->message_id = src->message_id ? pstrdup(src->message_id) : NULL;
+	dst->headers_json = src->headers_json ? pstrdup(src->headers_json) : NULL;
+	dst->body = palloc(src->body_len + 1);
+	memcpy(dst->body, src->body, src->body_len + 1);
+}
+
 static void
 free_delivery_copy(BrokerDelivery *d)
 {
@@ -510,14 +526,7 @@ hold_for_retry(BrokerDelivery *d, int attempts)
 	HeldDelivery *held = palloc(sizeof(HeldDelivery));
 
 	delay *= 0.5 + 0.5 * pg_prng_double(&pg_global_prng_state);
-	held->delivery = *d;
-	held->delivery.queue = pstrdup(d->queue);
-	held->delivery.exchange = pstrdup(d->exchange);
-	held->delivery.routing_key = pstrdup(d->routing_key);
-	held->delivery.message_id = d->message_id ? pstrdup(d->message_id) : NULL;
-	held->delivery.headers_json = d->headers_json ? pstrdup(d->headers_json) : NULL;
-	held->delivery.body = palloc(d->body_len + 1);
-	memcpy(held->delivery.body, d->body, d->body_len + 1);
+	copy_delivery(&held->delivery, d);
 	held->delivery.redelivered = true;	/* it has an attempt on record now */
 	held->retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), (int64) delay);
 	consumer.held = lappend(consumer.held, held);
@@ -634,18 +643,8 @@ take_due_held(BrokerDelivery *batch, int capacity)
 
 		if (count < capacity && held->retry_at <= now)
 		{
-			batch[count] = held->delivery;
-			/* copy out of long_context, which outlives the batch */
-			batch[count].body = palloc(held->delivery.body_len + 1);
-			memcpy(batch[count].body, held->delivery.body, held->delivery.body_len + 1);
-			batch[count].queue = pstrdup(held->delivery.queue);
-			batch[count].exchange = pstrdup(held->delivery.exchange);
-			batch[count].routing_key = pstrdup(held->delivery.routing_key);
-			batch[count].message_id = held->delivery.message_id ?
-				pstrdup(held->delivery.message_id) : NULL;
-			batch[count].headers_json = held->delivery.headers_json ?
-				pstrdup(held->delivery.headers_json) : NULL;
-			count++;
+			/* into the pass's memory; the held copy is freed */
+			copy_delivery(&batch[count++], &held->delivery);
 			free_delivery_copy(&held->delivery);
 			pfree(held);
 		}
@@ -743,7 +742,6 @@ mqtx_consumer_main(Datum main_arg)
 	mallopt(M_TRIM_THRESHOLD, 256 * 1024 * 1024);
 	mallopt(M_MMAP_THRESHOLD, 64 * 1024 * 1024);
 	consumer.worker.on_disconnect = forget_connection_state;
-	consumer.pass_context = consumer.worker.context;
 	consumer.long_context = AllocSetContextCreate(TopMemoryContext,
 												  "mqtx consumer state",
 												  ALLOCSET_DEFAULT_SIZES);
@@ -754,8 +752,8 @@ mqtx_consumer_main(Datum main_arg)
 		bool		consuming;
 
 		CHECK_FOR_INTERRUPTS();
-		MemoryContextReset(consumer.pass_context);
-		MemoryContextSwitchTo(consumer.pass_context);
+		MemoryContextReset(consumer.worker.context);
+		MemoryContextSwitchTo(consumer.worker.context);
 		if (ConfigReloadPending)
 			mqtx_worker_reload(&consumer.worker);
 
