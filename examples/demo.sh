@@ -94,7 +94,7 @@ cleanup() {
 	"$harness/pgcluster.sh" stop "$work/order" >/dev/null 2>&1 || true
 	"$harness/pgcluster.sh" stop "$work/dispatch" >/dev/null 2>&1 || true
 	"$harness/rabbitmq.sh" stop "$work/mq" >/dev/null 2>&1 || true
-	if [ $status -ne 0 ] && [ -d "$work" ]; then
+	if [ $status -ne 0 ] && [ $status -ne 130 ] && [ -d "$work" ]; then
 		local log
 		for log in "$work"/order/postgres.log "$work"/dispatch/postgres.log; do
 			[ -s "$log" ] || continue
@@ -259,7 +259,7 @@ header
 poison_placed=0
 dispatched_before=0
 started=$(date +%s%N)
-tick=0
+printed=-1
 # Four looks a second (a fault may need a quick reaction), a line a second.
 while :; do
 	elapsed=$((($(date +%s%N) - started) / 1000000000))
@@ -277,7 +277,8 @@ while :; do
 	if [ $FAULTS -eq 1 ] && [ "$placed" != - ]; then
 		inject_fault
 	fi
-	if [ $((tick % 4)) -eq 0 ] || [ -n "$event" ]; then
+	if [ "$elapsed" != "$printed" ] || [ -n "$event" ]; then
+		printed=$elapsed
 		printf '%5ss %7s %8s %10s %7s %11s %9s %13s\n' \
 			"$elapsed" "$placed" "$pending" "$published" "$failed" "$dispatched" "$retrying" "$dead"
 	fi
@@ -293,7 +294,6 @@ while :; do
 			"$elapsed" "$placed" "$pending" "$published" "$failed" "$dispatched" "$retrying" "$dead"
 		break
 	fi
-	tick=$((tick + 1))
 	sleep 0.25
 done
 pgbench_pid=

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages mqtx needs to build, test and run its demo.
 # Safe to run again: apt-get skips what is already installed.
+#
+#   test/install_deps.sh [EXTRA_PACKAGE ...]   (the benchmarks add theirs)
 set -euo pipefail
 
 packages=(
@@ -9,6 +11,7 @@ packages=(
 	rabbitmq-server librabbitmq-dev libssl-dev amqp-tools openssl
 	libipc-run-perl
 	procps iproute2
+	"$@"
 )
 
 missing=()
