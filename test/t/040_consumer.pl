@@ -503,6 +503,28 @@ is( $node->safe_psql('postgres',
 	'2', 'the other dead letters are untouched');
 
 # ------------------------------------------------------------------
+# inbox retention: ids applied longer ago than mqtx.inbox_retention go,
+# recent ones stay
+
+my $inbox_total = $node->safe_psql('postgres', 'SELECT count(*) FROM mqtx.inbox');
+$node->safe_psql('postgres', q{
+	UPDATE mqtx.inbox SET applied_at = now() - interval '2 hours'
+	WHERE message_id IN (SELECT message_id FROM mqtx.inbox WHERE queue = 'orders.q'
+	                     ORDER BY message_id LIMIT 300);
+	ALTER SYSTEM SET mqtx.inbox_retention = '1h';
+	SELECT pg_reload_conf();
+});
+wait_for($node, 'postgres',
+	"SELECT count(*) FROM mqtx.inbox WHERE applied_at < now() - interval '1 hour'",
+	'0', 'inbox rows older than mqtx.inbox_retention are deleted');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM mqtx.inbox'),
+	$inbox_total - 300, 'and only those');
+$node->safe_psql('postgres', q{
+	ALTER SYSTEM RESET mqtx.inbox_retention;
+	SELECT pg_reload_conf();
+});
+
+# ------------------------------------------------------------------
 # counters, and the worker never restarted
 
 # applied: 500 (b) + 1 (d) + 1 (e, redriven) + 1 (g) + 5 (h)
