@@ -49,13 +49,6 @@
 
 /* How long one wait for a delivery may block the loop. */
 #define DELIVERY_WAIT_MS 100
-/*
- * Once a delivery is in hand, how long to wait for each further one, and
- * for all of them: a trickle must not keep the first waiting for a full
- * batch.
- */
-#define BATCH_FILL_WAIT_MS 2
-#define BATCH_COLLECT_MS 10
 
 static const char *const subscriptions_sql =
 "SELECT queue, handler::oid, prefetch, max_attempts FROM mqtx.subscriptions ORDER BY queue";
@@ -661,32 +654,30 @@ take_due_held(BrokerDelivery *batch, int capacity)
 }
 
 /*
- * Gather a batch: due retries, then deliveries as they come, waiting at
- * most DELIVERY_WAIT_MS for the first.  Returns -1 when the connection
+ * Gather a batch: due retries, then deliveries, waiting at most
+ * DELIVERY_WAIT_MS for the first.  Once one is in hand, only deliveries
+ * already received are added, without waiting for more: a trickle is
+ * applied as it arrives rather than kept waiting for company, and under
+ * load the deliveries that arrive while a batch is applied make the next
+ * batch, so batches grow with the load.  Returns -1 when the connection
  * failed.
  */
 static int
 collect_batch(BrokerDelivery *batch, int capacity, char **error)
 {
 	int			count = take_due_held(batch, capacity);
-	TimestampTz started = GetCurrentTimestamp();
 
 	while (count < capacity)
 	{
 		int			rc;
 
-		if (count > 0 &&
-			TimestampDifferenceExceeds(started, GetCurrentTimestamp(), BATCH_COLLECT_MS))
-			break;
 		rc = broker_next_delivery(consumer.worker.conn,
-								  count == 0 ? DELIVERY_WAIT_MS : BATCH_FILL_WAIT_MS,
+								  count == 0 ? DELIVERY_WAIT_MS : 0,
 								  &batch[count], error);
 		if (rc < 0)
 			return -1;
 		if (rc == 0)
 			break;
-		if (count == 0)
-			started = GetCurrentTimestamp();
 		count++;
 	}
 	return count;

@@ -7,6 +7,8 @@
 
 #include <amqp_tcp_socket.h>
 
+#include <errno.h>
+#include <inttypes.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -215,4 +217,18 @@ void close_connection(amqp_connection_state_t conn, amqp_channel_t channel)
 	die_on_rpc_reply(amqp_connection_close(conn, AMQP_REPLY_SUCCESS),
 			 "connection.close");
 	amqp_destroy_connection(conn);
+}
+
+uint64_t parse_option_u64(const char *name, const char *s, uint64_t min,
+			  uint64_t max)
+{
+	char *end;
+	unsigned long long v;
+
+	errno = 0;
+	v = strtoull(s, &end, 10);
+	if (errno || end == s || *end || s[0] == '-' || v < min || v > max)
+		die("--%s must be an integer in %" PRIu64 "..%" PRIu64 ", got '%s'",
+		    name, min, max, s);
+	return v;
 }

@@ -1,5 +1,5 @@
 /*
- * bench_common: the plumbing ceiling_publisher and raw_consumer share
+ * bench_common: the plumbing ceiling_publisher, perrow_relay and raw_consumer share
  * (rabbitmq-c 0.11): dying with a clear message, the SIGALRM watchdog, the
  * monotonic clock, and opening/closing a connection with one channel.
  *
@@ -10,6 +10,7 @@
 
 #include <amqp.h>
 
+#include <stdint.h>
 #include <sys/time.h>
 
 #ifdef __GNUC__
@@ -32,6 +33,11 @@ void die_on_status(int status, const char *what);
 void die_on_close_method(const amqp_method_t *m, const char *what);
 void die_on_rpc_reply(amqp_rpc_reply_t r, const char *what);
 void die_on_rpc(amqp_connection_state_t conn, const char *what);
+
+/* Parses option --name's value s as an integer in min..max; dies with a
+ * message naming the option otherwise. */
+uint64_t parse_option_u64(const char *name, const char *s, uint64_t min,
+			  uint64_t max);
 
 /* SIGALRM handler: reports "no progress" and _exit(1)s.  Install it with
  * signal(SIGALRM, watchdog_fired) after bench_set_prog(). */

@@ -89,18 +89,6 @@ static void usage(void)
 /* ------------------------------------------------------------------ */
 /* Command line                                                        */
 
-static uint64_t parse_u64(const char *name, const char *s, uint64_t min)
-{
-	char *end;
-	unsigned long long v;
-
-	errno = 0;
-	v = strtoull(s, &end, 10);
-	if (errno || end == s || *end || s[0] == '-' || v < min)
-		die("--%s must be an integer >= %" PRIu64 ", got '%s'", name, min, s);
-	return v;
-}
-
 static void parse_args(int argc, char **argv, struct options *opt)
 {
 	static const struct option longopts[] = {
@@ -125,13 +113,13 @@ static void parse_args(int argc, char **argv, struct options *opt)
 		case 'u': opt->url = optarg; break;
 		case 'e': opt->exchange = optarg; break;
 		case 'r': opt->routing_key = optarg; break;
-		case 'n': opt->count = parse_u64("count", optarg, 1); break;
-		case 'w': opt->window = parse_u64("window", optarg, 1); break;
-		case 'b': opt->body_size = parse_u64("body-size", optarg, 0); break;
+		case 'n': opt->count = parse_option_u64("count", optarg, 1, UINT64_MAX); break;
+		case 'w': opt->window = parse_option_u64("window", optarg, 1, UINT64_MAX); break;
+		case 'b': opt->body_size = parse_option_u64("body-size", optarg, 0, UINT64_MAX); break;
 		case 'd': opt->declare_queue = optarg; break;
 		case 'p': opt->purge = 1; break;
 		case 't':
-			opt->timeout_s = (int)parse_u64("timeout", optarg, 1);
+			opt->timeout_s = (int)parse_option_u64("timeout", optarg, 1, 86400);
 			break;
 		default: usage();
 		}

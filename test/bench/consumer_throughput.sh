@@ -188,3 +188,6 @@ echo "consumer throughput, $N messages of ~$BODY_SIZE bytes, persistent, durable
 printf '%-60s %10s msg/s\n' "ceiling (rabbitmq-c, prefetch $PREFETCH, $acks)" "$raw"
 printf '%-60s %10s msg/s\n' "mqtx consumer (prefetch $PREFETCH, batch_size $BATCH, $HANDLER_LANG)" "$mqtx"
 printf '%-60s %10s\n' "mqtx / ceiling" "$(awk -v m="$mqtx" -v r="$raw" 'BEGIN {printf "%.2f", m / r}')"
+bench_record consumer raw_msgs "$raw" msg/s
+bench_record consumer mqtx_msgs "$mqtx" msg/s
+bench_record consumer mqtx_over_raw "$(awk -v m="$mqtx" -v r="$raw" 'BEGIN {printf "%.2f", m / r}')" ratio

@@ -80,20 +80,6 @@ static void usage(void)
 /* ------------------------------------------------------------------ */
 /* Command line                                                        */
 
-static uint64_t parse_u64(const char *name, const char *s, uint64_t min,
-			  uint64_t max)
-{
-	char *end;
-	unsigned long long v;
-
-	errno = 0;
-	v = strtoull(s, &end, 10);
-	if (errno || end == s || *end || s[0] == '-' || v < min || v > max)
-		die("--%s must be an integer in %" PRIu64 "..%" PRIu64 ", got '%s'",
-		    name, min, max, s);
-	return v;
-}
-
 static void parse_args(int argc, char **argv, struct options *opt)
 {
 	static const struct option longopts[] = {
@@ -116,15 +102,15 @@ static void parse_args(int argc, char **argv, struct options *opt)
 		switch (c) {
 		case 'u': opt->url = optarg; break;
 		case 'q': opt->queue = optarg; break;
-		case 'n': opt->count = parse_u64("count", optarg, 1, UINT64_MAX); break;
+		case 'n': opt->count = parse_option_u64("count", optarg, 1, UINT64_MAX); break;
 		case 'p':
-			opt->prefetch = parse_u64("prefetch", optarg, 1, 65535);
+			opt->prefetch = parse_option_u64("prefetch", optarg, 1, 65535);
 			break;
 		case 'k':
-			opt->ack_every = parse_u64("ack-every", optarg, 1, 65535);
+			opt->ack_every = parse_option_u64("ack-every", optarg, 1, 65535);
 			break;
 		case 't':
-			opt->timeout_s = (int)parse_u64("timeout", optarg, 1, 86400);
+			opt->timeout_s = (int)parse_option_u64("timeout", optarg, 1, 86400);
 			break;
 		default: usage();
 		}

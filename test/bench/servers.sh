@@ -4,7 +4,8 @@
 #
 #   start_servers [NAME=VALUE ...]   extra postgresql.conf settings
 #
-# Sets here, harness, work, amqp_port, url; defines psql_ and median.
+# Sets here, harness, work, amqp_port, url; defines psql_, median,
+# outbox_wait_drained and bench_record.
 
 here=$(cd "$(dirname "${BASH_SOURCE[1]}")" && pwd)
 harness=$here/../harness
@@ -28,3 +29,22 @@ start_servers() {
 psql_() { "$harness/pgcluster.sh" psql "$work/pg" -X -q -At -v ON_ERROR_STOP=1 "$@"; }
 
 median() { sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
+
+# outbox_wait_drained [psql options]: returns once no outbox row is pending.
+# It waits inside one server session, on the pending-rows index: polling
+# from the shell (runuser, psql, a backend per poll) takes CPU from the
+# workers being measured.
+outbox_wait_drained() {
+	psql_ "$@" -c "SET statement_timeout = '10min'" -c "SET enable_seqscan = off" -c "
+		DO \$\$ BEGIN
+			WHILE EXISTS (SELECT FROM mqtx.outbox WHERE status = 'pending') LOOP
+				PERFORM pg_sleep(0.05);
+			END LOOP;
+		END \$\$" >/dev/null
+}
+
+# bench_record BENCHMARK METRIC VALUE UNIT: one row for test/bench/run.sh,
+# appended to $BENCH_CSV when it is set.
+bench_record() {
+	[ -z "${BENCH_CSV:-}" ] || printf '%s,%s,%s,%s\n' "$@" >>"$BENCH_CSV"
+}

@@ -1,0 +1,142 @@
+#!/usr/bin/env bash
+# The benchmark suite, in one run on this machine, against real servers each
+# benchmark starts on 127.0.0.1 (and stops):
+#   1. application overhead: pgbench inserts into orders, without and with
+#      the outbox trigger                               (pgbench_overhead.sh)
+#   2. relay throughput vs a rabbitmq-c pipelined-confirm publisher and a
+#      per-row synchronous relay in C                   (relay_throughput.sh)
+#   3. consumer apply rate vs raw rabbitmq-c consume+ack (consumer_throughput.sh)
+#   4. end to end across two clusters: order commit -> dispatch commit
+#      latency at fixed offered rates, and the maximum sustained rate
+#                                                       (end_to_end.sh)
+# Prints a table with the targets, and writes results.csv, e2e_rates.csv
+# and bench.png (gnuplot) into the output directory.  A benchmark, not a
+# test: its exit status says whether it ran, not whether targets were met.
+#
+#   sudo test/bench/run.sh [--quick] [--out DIR]
+#
+#   --quick     smaller sizes and fewer rounds (a few minutes instead of ~15)
+#   --out DIR   where to write the results (default test/bench/results)
+set -euo pipefail
+
+bench=$(cd "$(dirname "$0")" && pwd)
+top=$(cd "$bench/../.." && pwd)
+out=$bench/results
+QUICK=0
+while [ $# -gt 0 ]; do
+	case $1 in
+	--quick) QUICK=1 ;;
+	--out) out=$2; shift ;;
+	*) sed -n 's/^#   //p' "$0" >&2; exit 2 ;;
+	esac
+	shift
+done
+
+[ "$(id -u)" -eq 0 ] || { echo "run it as root (sudo $0)" >&2; exit 1; }
+"$top/test/install_deps.sh" gnuplot-nox libpq-dev
+make -s -C "$top"
+make -s -C "$top" install
+make -s -C "$bench"
+
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+export BENCH_CSV=$out/results.csv BENCH_DIR=$out
+echo "benchmark,metric,value,unit" >"$BENCH_CSV"
+: >"$out/bench.log"
+
+if [ $QUICK -eq 1 ]; then
+	overhead_args=(10 4 1)
+	relay_args=(20000 1)
+	consumer_args=(10000 1)
+	e2e_args=(--seconds 10)
+else
+	overhead_args=(20 4 3)
+	relay_args=(40000 3)
+	consumer_args=(20000 3)
+	e2e_args=(--seconds 20)
+fi
+
+run() {
+	echo
+	echo "######## $*"
+	"$@" 2>&1 | tee -a "$out/bench.log"
+}
+run "$bench/pgbench_overhead.sh" "${overhead_args[@]}"
+run "$bench/relay_throughput.sh" "${relay_args[@]}"
+run "$bench/consumer_throughput.sh" "${consumer_args[@]}"
+run "$bench/end_to_end.sh" "${e2e_args[@]}"
+
+# ---- the table -------------------------------------------------------------
+
+value() { awk -F, -v b="$1" -v m="$2" '$1 == b && $2 == m {v = $3} END {print (v == "" ? "n/a" : v)}' "$BENCH_CSV"; }
+# verdict VALUE OP TARGET: "met" or "missed"
+verdict() {
+	awk -v v="$1" -v op="$2" -v t="$3" 'BEGIN {
+		if (v == "n/a") { print "n/a"; exit }
+		ok = (op == ">=") ? (v + 0 >= t + 0) : (v + 0 < t + 0)
+		print ok ? "met" : "MISSED" }'
+}
+row() { printf '%-52s %-26s %-12s %s\n' "$@"; }
+
+machine="$(nproc) cores ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), $(. /etc/os-release && echo "$PRETTY_NAME"), PostgreSQL $(pg_config --version | awk '{print $2}'), RabbitMQ $(dpkg-query -W -f='${Version}' rabbitmq-server | cut -d- -f1)"
+e2e_rate=$(value e2e rate)
+{
+	echo
+	echo "mqtx benchmarks, $(date -u '+%Y-%m-%d %H:%M UTC'), $machine"
+	echo
+	row "benchmark" "measured" "target" ""
+	row "1. pgbench tps, plain / with outbox trigger" "$(value overhead plain_tps) / $(value overhead trigger_tps)" "" ""
+	row "   ratio" "$(value overhead ratio)" ">= 0.85" "$(verdict "$(value overhead ratio)" '>=' 0.85)"
+	row "   with the broker stopped: tps / ratio" "$(value overhead trigger_alone_tps) / $(value overhead ratio_alone)" "" ""
+	row "2. msg/s: ceiling / relay / per-row relay" "$(value relay ceiling_msgs) / $(value relay relay_msgs) / $(value relay perrow_msgs)" "" ""
+	row "   relay / ceiling" "$(value relay relay_over_ceiling)" ">= 0.8" "$(verdict "$(value relay relay_over_ceiling)" '>=' 0.8)"
+	row "   relay / per-row relay" "$(value relay relay_over_perrow)" ">= 15" "$(verdict "$(value relay relay_over_perrow)" '>=' 15)"
+	row "3. msg/s: raw consume+ack / mqtx consumer" "$(value consumer raw_msgs) / $(value consumer mqtx_msgs)" "" ""
+	row "   mqtx / raw" "$(value consumer mqtx_over_raw)" ">= 0.5" "$(verdict "$(value consumer mqtx_over_raw)" '>=' 0.5)"
+	row "4. end to end at $e2e_rate orders/s: p50 ms" "$(value e2e p50_ms)" "< 10" "$(verdict "$(value e2e p50_ms)" '<' 10)"
+	row "   p95 ms" "$(value e2e p95_ms)" "" ""
+	row "   p99 ms" "$(value e2e p99_ms)" "< 50" "$(verdict "$(value e2e p99_ms)" '<' 50)"
+	row "   maximum sustained rate, orders/s" "$(value e2e max_sustained)" "" ""
+} | tee "$out/summary.txt"
+
+# ---- the plot --------------------------------------------------------------
+
+plot_data=$out/throughput.dat
+{
+	echo "ceiling $(value relay ceiling_msgs)"
+	echo "relay $(value relay relay_msgs)"
+	echo "per-row $(value relay perrow_msgs)"
+	echo "raw-consume $(value consumer raw_msgs)"
+	echo "consumer $(value consumer mqtx_msgs)"
+} | sed 's/n\/a/0/' >"$plot_data"
+
+if [ -s "$out/e2e_rates.csv" ]; then
+	gnuplot <<-GP
+		set terminal pngcairo size 1200,500 font ",10"
+		set output "$out/bench.png"
+		set multiplot layout 1,2 title "mqtx, $machine" font ",9"
+		set title "throughput (msg/s)"
+		set style fill solid 0.6
+		set boxwidth 0.6
+		set yrange [0:*]
+		set grid ytics
+		unset key
+		plot "$plot_data" using 0:2:xtic(1) with boxes lc rgb "#4477aa", \
+		     "" using 0:2:(sprintf("%d", \$2)) with labels offset 0,0.7
+		set title "end to end: order commit -> dispatch commit"
+		set datafile separator ","
+		set xlabel "offered orders/s"
+		set ylabel "latency (ms)"
+		set logscale y
+		set yrange [*:*]
+		set key top left
+		plot "$out/e2e_rates.csv" using 1:3 skip 1 with linespoints title "p50", \
+		     "" using 1:4 skip 1 with linespoints title "p95", \
+		     "" using 1:5 skip 1 with linespoints title "p99"
+		unset multiplot
+	GP
+	echo
+	echo "written: $out/results.csv, $out/e2e_rates.csv, $out/summary.txt, $out/bench.png"
+else
+	echo "no end-to-end rates to plot ($out/e2e_rates.csv missing)" >&2
+fi
