@@ -20,7 +20,8 @@ REGRESS_OPTS = --temp-instance=./tmp_check_regress --temp-config=./test/regress.
 TAP_TESTS = 1
 PROVE_TESTS = $(sort $(wildcard test/t/*.pl))
 
-EXTRA_CLEAN = tmp_check_regress test/tools/amqp_tool test/bench/ceiling_publisher
+EXTRA_CLEAN = tmp_check_regress test/tools/amqp_tool test/bench/ceiling_publisher \
+	test/bench/raw_consumer test/bench/perrow_relay
 
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)

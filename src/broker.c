@@ -963,8 +963,12 @@ handle_frame(BrokerConnection *conn, amqp_frame_t *frame, char **error)
 	}
 }
 
-static bool
-all_settled(BrokerMessage *messages, int count)
+/*
+ * Has every message sent from the array been acked or nacked?  Confirms
+ * are taken in by broker_poll and broker_await_confirms.
+ */
+bool
+broker_all_settled(BrokerMessage *messages, int count)
 {
 	for (int i = 0; i < count; i++)
 		if (messages[i].outcome != PUBLISH_NOT_SENT &&
@@ -988,7 +992,7 @@ broker_await_confirms(BrokerConnection *conn, BrokerMessage *messages,
 	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
 													   timeout_ms);
 
-	while (!all_settled(messages, count))
+	while (!broker_all_settled(messages, count))
 	{
 		long		remaining_ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
 																   deadline);

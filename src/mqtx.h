@@ -173,6 +173,7 @@ extern bool broker_publish(BrokerConnection *conn, BrokerMessage *message,
 						   char **error);
 extern bool broker_await_confirms(BrokerConnection *conn, BrokerMessage *messages,
 								  int count, int timeout_ms, char **error);
+extern bool broker_all_settled(BrokerMessage *messages, int count);
 
 /* Worker plumbing shared by the relay and the consumer (worker.c) */
 typedef enum MqtxBrokerState

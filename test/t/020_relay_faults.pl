@@ -106,6 +106,29 @@ wait_for($node, 'postgres',
 	'10000', 'it resumes and publishes all 10000');
 check_all_delivered(2001, 12000, 'relay SIGKILL');
 
+# --- broker stopped under a backlog, with batches in flight: each one cut
+# off goes back to pending with the error, and everything arrives after
+# the restart
+$node->safe_psql('postgres', q{
+	INSERT INTO orders SELECT g, 'backlog ' || g FROM generate_series(40001, 60000) g;
+});
+wait_for($node, 'postgres',
+	"SELECT count(*) > 0 FROM mqtx.outbox WHERE status = 'published' AND (payload->>'order_id')::int > 40000",
+	't', 'the backlog is being relayed');
+$mq->stop;
+wait_for($node, 'postgres', 'SELECT broker_connected FROM mqtx.relay_stats',
+	'f', 'the relay notices the broker is gone under load');
+my $left = $node->safe_psql('postgres',
+	"SELECT count(*) FROM mqtx.outbox WHERE status = 'pending' AND (payload->>'order_id')::int > 40000");
+cmp_ok($left, '>', 0, "the broker went while $left of the backlog were unpublished");
+$mq->start;
+wait_for($node, 'postgres',
+	"SELECT count(*) FROM mqtx.outbox WHERE status = 'published' AND (payload->>'order_id')::int > 40000",
+	'20000', 'after the restart the whole backlog is published');
+is($node->safe_psql('postgres', "SELECT count(*) FROM mqtx.outbox WHERE status = 'failed'"),
+	'0', 'no message of the backlog failed');
+check_all_delivered(40001, 60000, 'broker stopped under a backlog');
+
 # --- relay terminated (SIGTERM, pg_terminate_backend): restarted, resumes
 $pid = relay_pid($node, 'postgres');
 $node->safe_psql('postgres', "SELECT pg_terminate_backend($pid)");
