@@ -125,12 +125,14 @@ if [ -s "$out/e2e_rates.csv" ]; then
 		     "" using 0:2:(sprintf("%d", \$2)) with labels offset 0,0.7
 		set title "end to end: order commit -> dispatch commit"
 		set datafile separator ","
-		set xlabel "offered orders/s"
+		set bmargin 5
+		set xlabel "orders/s offered (achieved by pgbench)" offset 0,-1
 		set ylabel "latency (ms)"
 		set logscale y
 		set yrange [*:*]
 		set key top left
-		plot "$out/e2e_rates.csv" using 1:3 skip 1 with linespoints title "p50", \
+		plot "$out/e2e_rates.csv" using 1:3:xtic(sprintf("%d\\n(%d)", \$1, \$2)) skip 1 \
+		         with linespoints title "p50", \
 		     "" using 1:4 skip 1 with linespoints title "p95", \
 		     "" using 1:5 skip 1 with linespoints title "p99"
 		unset multiplot
