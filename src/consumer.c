@@ -345,11 +345,17 @@ parse_headers(BrokerDelivery *d)
 															  d->headers_json : "{}")));
 }
 
+/* Plans of the statements above, prepared on first use */
+static SPIPlanPtr inbox_plan = NULL;
+static SPIPlanPtr forget_attempts_plan = NULL;
+static SPIPlanPtr record_attempt_plan = NULL;
+static SPIPlanPtr dead_letter_plan = NULL;
+
 static uint64
-execute(const char *sql, int nargs, Oid *types, Datum *values, const char *nulls,
-		int expected)
+execute(SPIPlanPtr *plan, const char *sql, int nargs, Oid *types, Datum *values,
+		const char *nulls, int expected)
 {
-	int			rc = SPI_execute_with_args(sql, nargs, types, values, nulls, false, 0);
+	int			rc = mqtx_execute_prepared(plan, sql, nargs, types, values, nulls);
 
 	if (rc != expected)
 		elog(ERROR, "mqtx consumer query failed (%s): %s",
@@ -357,14 +363,35 @@ execute(const char *sql, int nargs, Oid *types, Datum *values, const char *nulls
 	return SPI_processed;
 }
 
+/*
+ * The handler's FmgrInfo, looked up once per batch: a function keeps what
+ * it caches (a SQL function its parsed and planned body) in its FmgrInfo,
+ * for as long as the transaction, and subtransaction, it was built in.
+ */
+static FmgrInfo *
+handler_info(List **handlers, Oid handler)
+{
+	ListCell   *lc;
+	FmgrInfo   *info;
+
+	foreach(lc, *handlers)
+	{
+		info = lfirst(lc);
+		if (info->fn_oid == handler)
+			return info;
+	}
+	info = palloc(sizeof(FmgrInfo));
+	fmgr_info(handler, info);
+	*handlers = lappend(*handlers, info);
+	return info;
+}
+
 static void
-call_handler(Oid handler, Jsonb *payload, Jsonb *headers)
+call_handler(FmgrInfo *handler, Jsonb *payload, Jsonb *headers)
 {
 	LOCAL_FCINFO(fcinfo, 2);
-	FmgrInfo	flinfo;
 
-	fmgr_info(handler, &flinfo);
-	InitFunctionCallInfoData(*fcinfo, &flinfo, 2, InvalidOid, NULL, NULL);
+	InitFunctionCallInfoData(*fcinfo, handler, 2, InvalidOid, NULL, NULL);
 	fcinfo->args[0].value = JsonbPGetDatum(payload);
 	fcinfo->args[0].isnull = false;
 	fcinfo->args[1].value = JsonbPGetDatum(headers);
@@ -373,12 +400,33 @@ call_handler(Oid handler, Jsonb *payload, Jsonb *headers)
 }
 
 /*
- * Apply one delivery in a subtransaction.  On failure *edata describes the
- * error (a poison body or the handler's).
+ * Apply one parsed delivery: record its key in the inbox and, unless it was
+ * there already, run the handler.  Errors propagate: the caller's
+ * subtransaction holds its effects.
+ */
+static ApplyResult
+apply_one(BrokerDelivery *d, Subscription *sub, const char *key, Jsonb *payload,
+		  Jsonb *headers, List **handlers)
+{
+	Oid			types[2] = {TEXTOID, TEXTOID};
+	Datum		values[2] = {CStringGetTextDatum(sub->queue), CStringGetTextDatum(key)};
+
+	if (execute(&inbox_plan, inbox_sql, 2, types, values, NULL, SPI_OK_INSERT) == 0)
+		return DUPLICATE;
+	call_handler(handler_info(handlers, sub->handler), payload, headers);
+	if (d->redelivered)
+		execute(&forget_attempts_plan, forget_attempts_sql, 2, types, values,
+				NULL, SPI_OK_DELETE);
+	return APPLIED;
+}
+
+/*
+ * Apply one delivery in a subtransaction of its own.  On failure *edata
+ * describes the error (a poison body or the handler's).
  */
 static ApplyResult
 apply_delivery(BrokerDelivery *d, Subscription *sub, const char *key,
-			   ErrorData **edata)
+			   List **handlers, ErrorData **edata)
 {
 	MemoryContext context = CurrentMemoryContext;
 	ResourceOwner owner = CurrentResourceOwner;
@@ -388,21 +436,11 @@ apply_delivery(BrokerDelivery *d, Subscription *sub, const char *key,
 	MemoryContextSwitchTo(context);
 	PG_TRY();
 	{
-		Oid			types[2] = {TEXTOID, TEXTOID};
-		Datum		values[2] = {CStringGetTextDatum(sub->queue), CStringGetTextDatum(key)};
 		Jsonb	   *payload = parse_body(d);
 		Jsonb	   *headers = parse_headers(d);
 
-		result = HANDLER_FAILED;
-		if (execute(inbox_sql, 2, types, values, NULL, SPI_OK_INSERT) == 0)
-			result = DUPLICATE;
-		else
-		{
-			call_handler(sub->handler, payload, headers);
-			if (d->redelivered)
-				execute(forget_attempts_sql, 2, types, values, NULL, SPI_OK_DELETE);
-			result = APPLIED;
-		}
+		result = HANDLER_FAILED;	/* an error from here on is not the body's */
+		result = apply_one(d, sub, key, payload, headers, handlers);
 		ReleaseCurrentSubTransaction();
 		MemoryContextSwitchTo(context);
 		CurrentResourceOwner = owner;
@@ -422,6 +460,48 @@ apply_delivery(BrokerDelivery *d, Subscription *sub, const char *key,
 	if (result == POISON && (*edata)->sqlerrcode == ERRCODE_INVALID_TEXT_REPRESENTATION)
 		(*edata)->message = psprintf("body is not valid JSON: %s", (*edata)->message);
 	return result;
+}
+
+/*
+ * Apply the whole batch in one subtransaction, on the bet that nothing in
+ * it fails: a subtransaction per delivery costs as much as a small
+ * handler, and a SQL-language handler is parsed and planned again in each
+ * new one.  Returns false, with nothing applied, when a delivery failed
+ * (or had no subscription); the caller then applies them one by one, each
+ * failure on its own.
+ */
+static bool
+apply_all_at_once(BrokerDelivery *batch, Subscription **subs, char **keys,
+				  int count, List **handlers, ApplyResult *results)
+{
+	MemoryContext context = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	volatile bool applied = false;
+
+	for (int i = 0; i < count; i++)
+		if (subs[i] == NULL)
+			return false;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(context);
+	PG_TRY();
+	{
+		for (int i = 0; i < count; i++)
+			results[i] = apply_one(&batch[i], subs[i], keys[i], parse_body(&batch[i]),
+								   parse_headers(&batch[i]), handlers);
+		ReleaseCurrentSubTransaction();
+		applied = true;
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(context);
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(context);
+	CurrentResourceOwner = owner;
+	return applied;
 }
 
 static void
@@ -487,7 +567,8 @@ dead_letter(BrokerDelivery *d, const char *key, ErrorData *edata, int attempts)
 	nulls[10] = edata->context ? ' ' : 'n';
 	values[11] = Int32GetDatum(attempts);
 
-	execute(dead_letter_sql, 12, types, values, nulls, SPI_OK_SELECT);
+	execute(&dead_letter_plan, dead_letter_sql, 12, types, values, nulls,
+			SPI_OK_SELECT);
 	ereport(WARNING,
 			(errmsg("mqtx consumer: dead-lettered message %s from queue \"%s\" after %d attempt%s (mqtx.dead_letter id %s)",
 					key, d->queue, attempts, attempts == 1 ? "" : "s",
@@ -505,7 +586,8 @@ record_attempt(BrokerDelivery *d, const char *key, ErrorData *edata)
 	CStringGetTextDatum(edata->message ? edata->message : "unknown error")};
 	bool		isnull;
 
-	execute(record_attempt_sql, 3, types, values, NULL, SPI_OK_INSERT_RETURNING);
+	execute(&record_attempt_plan, record_attempt_sql, 3, types, values, NULL,
+			SPI_OK_INSERT_RETURNING);
 	return DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
 									   1, &isnull));
 }
@@ -536,14 +618,27 @@ apply_batch(BrokerDelivery *batch, int count, uint64 *ack, uint64 *requeue,
 			int *nrequeue)
 {
 	int			nack = 0;
+	Subscription **subs = palloc(sizeof(Subscription *) * count);
+	char	  **keys = palloc(sizeof(char *) * count);
+	ApplyResult *results = palloc(sizeof(ApplyResult) * count);
+	List	   *handlers = NIL;
+	bool		at_once;
 
 	*nrequeue = 0;
+	/* in the transaction: hashing a body needs its resource owner */
 	mqtx_worker_begin_step("mqtx consumer: applying a batch");
 	for (int i = 0; i < count; i++)
 	{
+		subs[i] = find_subscription(batch[i].queue);
+		keys[i] = subs[i] ? dedupe_key(&batch[i]) : NULL;
+	}
+	at_once = count > 1 &&
+		apply_all_at_once(batch, subs, keys, count, &handlers, results);
+	for (int i = 0; i < count; i++)
+	{
 		BrokerDelivery *d = &batch[i];
-		Subscription *sub = find_subscription(d->queue);
-		char	   *key;
+		Subscription *sub = subs[i];
+		char	   *key = keys[i];
 		ErrorData  *edata = NULL;
 		ApplyResult result;
 		int			attempts;
@@ -553,8 +648,8 @@ apply_batch(BrokerDelivery *batch, int count, uint64 *ack, uint64 *requeue,
 			requeue[(*nrequeue)++] = d->delivery_tag;
 			continue;
 		}
-		key = dedupe_key(d);
-		result = apply_delivery(d, sub, key, &edata);
+		result = at_once ? results[i] :
+			apply_delivery(d, sub, key, &handlers, &edata);
 		switch (result)
 		{
 			case APPLIED:

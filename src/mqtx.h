@@ -16,6 +16,7 @@
 #include "storage/latch.h"
 #include "storage/spin.h"
 #include "datatype/timestamp.h"
+#include "executor/spi.h"
 #include "utils/jsonb.h"
 
 /* AMQP 0-9-1 "shortstr": exchange names, routing keys, header keys */
@@ -205,6 +206,8 @@ extern void mqtx_register_worker(MqtxWorkerKind kind, int slot_index,
 extern void mqtx_worker_start(MqtxWorker *w, MqtxWorkerKind kind, Datum main_arg);
 extern void mqtx_worker_begin_step(const char *activity);
 extern void mqtx_worker_end_step(MqtxWorker *w);
+extern int	mqtx_execute_prepared(SPIPlanPtr *plan, const char *sql, int nargs,
+								  Oid *argtypes, Datum *args, const char *nulls);
 extern bool mqtx_worker_extension_ready(MqtxWorker *w);
 extern bool mqtx_worker_ensure_broker(MqtxWorker *w);
 extern void mqtx_worker_drop_broker(MqtxWorker *w, const char *error);

@@ -148,28 +148,6 @@ static Datum build_array(Datum *elements, int count, Oid element_type);
 static void record_outcomes(RelayBatch *batch, const char *batch_error);
 
 /*
- * Run one of the statements above, preparing it on first use.  Inside a
- * step, like every SPI call here.
- */
-static int
-execute_prepared(SPIPlanPtr *plan, const char *sql, int nargs, Oid *argtypes,
-				 Datum *args)
-{
-	if (*plan == NULL)
-	{
-		SPIPlanPtr	prepared = SPI_prepare(sql, nargs, argtypes);
-
-		if (prepared == NULL)
-			elog(ERROR, "SPI_prepare failed: %s",
-				 SPI_result_code_string(SPI_result));
-		if (SPI_keepplan(prepared) != 0)
-			elog(ERROR, "SPI_keepplan failed");
-		*plan = prepared;
-	}
-	return SPI_execute_plan(*plan, args, NULL, false, 0);
-}
-
-/*
  * The connection is going: batches still awaiting their confirms will not
  * get them, so their rows get a failed attempt now.
  */
@@ -213,7 +191,7 @@ claim_batch(void)
 	mqtx_worker_begin_step("mqtx relay: publishing");
 	args[0] = Int32GetDatum(mqtx_batch_size);
 	args[1] = build_array(in_flight_ids, in_flight_count, INT8OID);
-	if (execute_prepared(&claim_plan, claim_sql, 2, argtypes, args) != SPI_OK_SELECT)
+	if (mqtx_execute_prepared(&claim_plan, claim_sql, 2, argtypes, args, NULL) != SPI_OK_SELECT)
 		elog(ERROR, "claiming outbox rows failed");
 
 	batch_context = AllocSetContextCreate(TopMemoryContext, "mqtx relay batch",
@@ -323,8 +301,8 @@ mark_published(Datum *ids, int count)
 	if (count == 0)
 		return;
 	args[0] = build_array(ids, count, INT8OID);
-	if (execute_prepared(&mark_published_plan, mark_published_sql, 1,
-						 argtypes, args) != SPI_OK_UPDATE)
+	if (mqtx_execute_prepared(&mark_published_plan, mark_published_sql, 1,
+							  argtypes, args, NULL) != SPI_OK_UPDATE)
 		elog(ERROR, "marking outbox rows published failed");
 	mqtx_count(relay.worker.slot, MQTX_RELAY_PUBLISHED, count);
 }
@@ -347,8 +325,8 @@ record_failures(Datum *ids, Datum *errors, int count)
 	args[2] = Int32GetDatum(mqtx_max_attempts);
 	args[3] = Int32GetDatum(mqtx_retry_base);
 	args[4] = Int32GetDatum(mqtx_retry_max);
-	if (execute_prepared(&record_failures_plan, record_failures_sql, 5,
-						 argtypes, args) != SPI_OK_SELECT)
+	if (mqtx_execute_prepared(&record_failures_plan, record_failures_sql, 5,
+							  argtypes, args, NULL) != SPI_OK_SELECT)
 		elog(ERROR, "recording failed outbox attempts failed");
 
 	gave_up = SPI_processed;

@@ -138,6 +138,31 @@ mqtx_worker_end_step(MqtxWorker *w)
 }
 
 /*
+ * Run a statement through a plan prepared on first use and kept for the
+ * life of the process: a worker runs the same few statements for ever, and
+ * parsing and planning them again each time was a large share of its CPU.
+ * The plan cache replans after DDL on the tables involved.  Inside a step,
+ * like every SPI call.
+ */
+int
+mqtx_execute_prepared(SPIPlanPtr *plan, const char *sql, int nargs,
+					  Oid *argtypes, Datum *args, const char *nulls)
+{
+	if (*plan == NULL)
+	{
+		SPIPlanPtr	prepared = SPI_prepare(sql, nargs, argtypes);
+
+		if (prepared == NULL)
+			elog(ERROR, "SPI_prepare failed: %s",
+				 SPI_result_code_string(SPI_result));
+		if (SPI_keepplan(prepared) != 0)
+			elog(ERROR, "SPI_keepplan failed");
+		*plan = prepared;
+	}
+	return SPI_execute_plan(*plan, args, nulls, false, 0);
+}
+
+/*
  * Is the extension installed and committed here?  A database without it,
  * or with CREATE EXTENSION still in progress, is waited on.
  */

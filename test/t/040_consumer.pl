@@ -143,6 +143,12 @@ $node->safe_psql('postgres', q{
 		INSERT INTO poison_calls VALUES (payload);
 	END $$;
 
+	CREATE TABLE mixed_applied (order_id bigint NOT NULL CHECK (order_id <> 13));
+	CREATE FUNCTION mixed(payload jsonb, headers jsonb) RETURNS void
+	LANGUAGE sql BEGIN ATOMIC
+		INSERT INTO mixed_applied VALUES ((payload->>'order_id')::bigint);
+	END;
+
 	CREATE FUNCTION bad_args(int) RETURNS void
 	LANGUAGE plpgsql AS $$ BEGIN END $$;
 	CREATE FUNCTION bad_return(payload jsonb, headers jsonb) RETURNS int
@@ -503,6 +509,32 @@ is( $node->safe_psql('postgres',
 	'2', 'the other dead letters are untouched');
 
 # ------------------------------------------------------------------
+# j. one failing delivery among many ready at once (a SQL-language
+# handler): the others are applied once each, the failing one alone is
+# retried and dead-lettered
+
+$node->safe_psql('postgres', "SELECT mqtx.declare_queue('mixed.q')");
+wait_queue_exists($url, 'mixed.q');
+publish_many('mixed.q', map { [ "mixed-$_", qq({"order_id": $_}) ] } 1 .. 40);
+is(ready_count('mixed.q'), 40, 'forty messages wait in mixed.q');
+$node->safe_psql('postgres',
+	"SELECT mqtx.subscribe('mixed.q', 'mixed(jsonb,jsonb)', prefetch => 100, max_attempts => 2)");
+wait_for($node, 'postgres',
+	"SELECT count(*) FROM mqtx.dead_letter WHERE message_id = 'mixed-13'",
+	'1', 'the failing message is dead-lettered');
+is( $node->safe_psql('postgres',
+		'SELECT count(*), count(DISTINCT order_id), bool_and(order_id <> 13) FROM mixed_applied'),
+	'39|39|t', 'the 39 others are applied once each');
+like( $node->safe_psql('postgres',
+		"SELECT attempts || ' ' || error_message FROM mqtx.dead_letter WHERE message_id = 'mixed-13'"),
+	qr/^2 .*mixed_applied_order_id_check/,
+	'after max_attempts, with the check constraint\'s error');
+is( $node->safe_psql('postgres',
+		"SELECT count(*) FROM mqtx.inbox WHERE queue = 'mixed.q'"),
+	'39', 'the inbox holds the 39 applied ids, not the failed one');
+wait_queue_drained($mq, 'mixed.q', 'mixed.q is drained');
+
+# ------------------------------------------------------------------
 # inbox retention: ids applied longer ago than mqtx.inbox_retention go,
 # recent ones stay
 
@@ -527,11 +559,11 @@ $node->safe_psql('postgres', q{
 # ------------------------------------------------------------------
 # counters, and the worker never restarted
 
-# applied: 500 (b) + 1 (d) + 1 (e, redriven) + 1 (g) + 5 (h)
+# applied: 500 (b) + 1 (d) + 1 (e, redriven) + 1 (g) + 5 (h) + 39 (j)
 is( $node->safe_psql('postgres', q{
 		SELECT applied, dead_lettered, duplicates >= 504, retried > 0, consumed >= applied + duplicates
 		FROM mqtx.consumer_stats WHERE database = 'postgres'}),
-	'508|4|t|t|t', 'consumer_stats counters add up');
+	'547|5|t|t|t', 'consumer_stats counters add up');
 is( $node->safe_psql('postgres',
 		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'mqtx consumer'"),
 	$consumer_pid, 'the same consumer worker ran throughout (no crash)');
