@@ -7,12 +7,13 @@
  *
  * One consumer runs per database in mqtx.database and consumes every queue
  * in mqtx.subscriptions, with manual acks and a prefetch per queue.
- * Deliveries are applied in batches: one transaction per batch, one
- * subtransaction per delivery, in which the message id is recorded in
- * mqtx.inbox (a unique key: a duplicate is recognised there and acked
- * without calling the handler) and the subscription's handler runs.  Acks
- * are sent only after the batch commits, so a crash at any point means
- * redelivery, and the inbox makes redelivery harmless.
+ * Deliveries are applied in batches, one transaction per batch: for each,
+ * the message id is recorded in mqtx.inbox (a unique key: a duplicate is
+ * recognised there and acked without calling the handler) and the
+ * subscription's handler runs.  The batch is tried in one subtransaction;
+ * when anything in it fails, it is applied again with one subtransaction
+ * per delivery.  Acks are sent only after the batch commits, so a crash at
+ * any point means redelivery, and the inbox makes redelivery harmless.
  *
  * A handler error rolls back that delivery's subtransaction only.  The
  * attempt is recorded (mqtx.consumer_attempts, committed with the batch)
