@@ -206,6 +206,7 @@ extern void mqtx_register_worker(MqtxWorkerKind kind, int slot_index,
 extern void mqtx_worker_start(MqtxWorker *w, MqtxWorkerKind kind, Datum main_arg);
 extern void mqtx_worker_begin_step(const char *activity);
 extern void mqtx_worker_end_step(MqtxWorker *w);
+/* a statement from a plan kept for the process (outbox.c uses it too) */
 extern int	mqtx_execute_prepared(SPIPlanPtr *plan, const char *sql, int nargs,
 								  Oid *argtypes, Datum *args, const char *nulls);
 extern bool mqtx_worker_extension_ready(MqtxWorker *w);

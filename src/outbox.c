@@ -45,6 +45,10 @@ PG_FUNCTION_INFO_V1(mqtx_outbox_trigger);
 	"Use CREATE TRIGGER ... AFTER INSERT ON <table> FOR EACH ROW " \
 	"EXECUTE FUNCTION mqtx.outbox_trigger('<exchange>', '<routing key>')."
 
+static const char *const insert_sql =
+"INSERT INTO mqtx.outbox (exchange, routing_key, payload, headers) "
+"VALUES ($1, $2, $3, $4) RETURNING message_id";
+
 static SPIPlanPtr insert_plan = NULL;
 
 /* Per-trigger cache: how to turn this table's rows into jsonb. */
@@ -150,22 +154,6 @@ outbox_owner(void)
 	return owner;
 }
 
-static SPIPlanPtr
-prepare_insert_plan(void)
-{
-	Oid			argtypes[4] = {TEXTOID, TEXTOID, JSONBOID, JSONBOID};
-	SPIPlanPtr	plan;
-
-	plan = SPI_prepare("INSERT INTO mqtx.outbox (exchange, routing_key, payload, headers) "
-					   "VALUES ($1, $2, $3, $4) RETURNING message_id",
-					   4, argtypes);
-	if (plan == NULL)
-		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-	if (SPI_keepplan(plan) != 0)
-		elog(ERROR, "SPI_keepplan failed");
-	return plan;
-}
-
 /*
  * Insert one outbox row as the outbox's owner and return its message id,
  * allocated in the caller's memory context.
@@ -175,6 +163,7 @@ insert_outbox_row(text *exchange, text *routing_key, Jsonb *payload,
 				  Jsonb *headers)
 {
 	pg_uuid_t  *message_id = palloc(sizeof(pg_uuid_t));
+	Oid			argtypes[4] = {TEXTOID, TEXTOID, JSONBOID, JSONBOID};
 	Datum		values[4];
 	char		nulls[4] = {' ', ' ', ' ', headers ? ' ' : 'n'};
 	Oid			saved_user;
@@ -200,9 +189,7 @@ insert_outbox_row(text *exchange, text *routing_key, Jsonb *payload,
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	if (insert_plan == NULL)
-		insert_plan = prepare_insert_plan();
-	rc = SPI_execute_plan(insert_plan, values, nulls, false, 1);
+	rc = mqtx_execute_prepared(&insert_plan, insert_sql, 4, argtypes, values, nulls);
 	if (rc != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
 		elog(ERROR, "inserting into mqtx.outbox failed: %s",
 			 SPI_result_code_string(rc));

@@ -21,9 +21,9 @@
  * lost by it, since an outbox row leaves "pending" only in the transaction
  * that records its confirm, so a crash at any point leaves every
  * unconfirmed row pending and it is sent again (a duplicate, never a
- * loss; consumers dedupe on message_id).  What it buys is throughput: the database's work overlaps
- * the broker's, and no transaction waits a whole confirm round trip while
- * holding locks.  What it costs: a second relay on the same table (mqtx
+ * loss; consumers dedupe on message_id).  What it buys is throughput: the
+ * database's work overlaps the broker's, and no transaction waits a whole
+ * confirm round trip while holding locks.  What it costs: a second relay on the same table (mqtx
  * starts one per database) could, between two passes, claim rows still in
  * flight and send duplicates.
  *
@@ -438,9 +438,10 @@ take_settled_batches(RelayBatch **done, bool sent_something, bool *delivered,
 /*
  * One pass, in one transaction: claim a batch and send it, take in the
  * confirms that have arrived, and record the outcome of every batch in
- * flight whose confirms are all in.  When the connection fails, every
- * batch in flight is recorded with the error.  Returns whether there is
- * more to do right away.
+ * flight whose confirms are all in.  When the connection fails, this
+ * pass's batch is recorded with the error here, and the batches in flight
+ * by record_cut_off_batches as the connection is dropped.  Returns whether
+ * there is more to do right away.
  */
 static bool
 relay_pass(void)
@@ -464,15 +465,6 @@ relay_pass(void)
 		ndone = take_settled_batches(done, batch->count > 0, &delivered, &error);
 	for (int i = 0; i < ndone; i++)
 		record_outcomes(done[i], NULL);
-	if (!delivered)
-	{
-		for (int i = 0; i < relay.batches_in_flight; i++)
-		{
-			record_outcomes(relay.in_flight[i], error);
-			done[ndone++] = relay.in_flight[i];
-		}
-		relay.batches_in_flight = 0;
-	}
 	if (delivered && batch->count > 0)
 		relay.in_flight[relay.batches_in_flight++] = batch;
 	else

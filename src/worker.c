@@ -139,10 +139,10 @@ mqtx_worker_end_step(MqtxWorker *w)
 
 /*
  * Run a statement through a plan prepared on first use and kept for the
- * life of the process: a worker runs the same few statements for ever, and
- * parsing and planning them again each time was a large share of its CPU.
- * The plan cache replans after DDL on the tables involved.  Inside a step,
- * like every SPI call.
+ * life of the process: the workers, and the outbox's enqueueing, run the
+ * same few statements over and over, and parsing and planning them again
+ * each time was a large share of their CPU.  The plan cache replans after
+ * DDL on the tables involved.  Needs an SPI connection.
  */
 int
 mqtx_execute_prepared(SPIPlanPtr *plan, const char *sql, int nargs,

@@ -96,9 +96,6 @@ done
 
 . "$(dirname "$0")/servers.sh"
 examples=$here/../../examples
-PGBENCH=/usr/lib/postgresql/15/bin/pgbench
-command -v pg_config >/dev/null 2>&1 && [ -x "$(pg_config --bindir)/pgbench" ] &&
-	PGBENCH=$(pg_config --bindir)/pgbench
 
 # servers.sh's cleanup stops its own cluster and the broker; stop ours too.
 cleanup_e2e() {
@@ -214,7 +211,7 @@ breakdown() {
 run() {
 	local rate=$1 out tps n
 	reset_tables
-	out=$(cd "$work" && runuser -u postgres -- "$PGBENCH" -n -h "$work/order" \
+	out=$(cd "$work" && runuser -u postgres -- "$pgbench" -n -h "$work/order" \
 		-p "$(<"$work/order/port")" -U postgres -c "$CLIENTS" -j "$JOBS" \
 		--rate "$rate" -T "$SECONDS_" -f place_order.sql shop 2>&1) || {
 		echo "$out" >&2

@@ -35,11 +35,6 @@ ROUNDS=${3:-3}
 . "$(dirname "$0")/servers.sh"
 
 examples=$here/../../examples
-if command -v pg_config >/dev/null 2>&1 && [ -x "$(pg_config --bindir)/pgbench" ]; then
-	pgbench=$(pg_config --bindir)/pgbench
-else
-	pgbench=/usr/lib/postgresql/15/bin/pgbench
-fi
 
 start_servers
 

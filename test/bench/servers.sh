@@ -4,12 +4,17 @@
 #
 #   start_servers [NAME=VALUE ...]   extra postgresql.conf settings
 #
-# Sets here, harness, work, amqp_port, url; defines psql_, median,
+# Sets here, harness, work, pgbench, amqp_port, url; defines psql_, median,
 # outbox_wait_drained and bench_record.
 
 here=$(cd "$(dirname "${BASH_SOURCE[1]}")" && pwd)
 harness=$here/../harness
 work=$(mktemp -d /tmp/mqtx-bench.XXXXXX)
+# pgbench from the same installation as pg_config, PostgreSQL 15's otherwise
+pgbench=/usr/lib/postgresql/15/bin/pgbench
+if command -v pg_config >/dev/null 2>&1 && [ -x "$(pg_config --bindir)/pgbench" ]; then
+	pgbench=$(pg_config --bindir)/pgbench
+fi
 chmod 755 "$work"
 cleanup() {
 	"$harness/pgcluster.sh" stop "$work/pg" >/dev/null 2>&1 || true
