@@ -1,11 +1,11 @@
 # mqtx: PGXS build.  The version is defined once, in mqtx.control.
 
 EXTENSION = mqtx
-EXTVERSION = $(shell sed -n "s/^default_version = '\(.*\)'/\1/p" $(EXTENSION).control)
 
 MODULE_big = mqtx
-OBJS = src/mqtx.o src/shared.o src/broker.o src/outbox.o src/worker.o src/relay.o src/consumer.o src/log_redact.o
-DATA = $(EXTENSION)--$(EXTVERSION).sql
+OBJS = src/mqtx.o src/shared.o src/broker.o src/outbox.o src/worker.o src/relay.o src/consumer.o src/identity.o src/log_redact.o
+# every release's install script stays, with the upgrade scripts between them
+DATA = $(wildcard $(EXTENSION)--*.sql)
 
 PG_CPPFLAGS = -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers \
 	$(shell pkg-config --cflags librabbitmq openssl)

@@ -31,6 +31,7 @@
 #include <math.h>
 
 #include "access/xact.h"
+#include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "common/cryptohash.h"
 #include "common/pg_prng.h"
@@ -44,6 +45,7 @@
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
+#include "utils/syscache.h"
 #include "utils/timestamp.h"
 
 #include "mqtx.h"
@@ -65,9 +67,14 @@ static const char *const record_attempt_sql =
 "INSERT INTO mqtx.consumer_attempts AS a (queue, message_id, attempts, last_error) "
 "VALUES ($1, $2, 1, $3) "
 "ON CONFLICT (queue, message_id) DO UPDATE "
-"   SET attempts = a.attempts + 1, last_error = excluded.last_error, last_failed_at = now() "
+"   SET attempts = a.attempts + 1, last_error = excluded.last_error, last_failed_at = pg_catalog.now() "
 "RETURNING attempts";
 
+/*
+ * The alert names the dead letter and its queue, nothing of the message:
+ * anyone who can connect may LISTEN, and the error text often quotes the
+ * payload.  The rest is in mqtx.dead_letter, for whoever may read it.
+ */
 static const char *const dead_letter_sql =
 "WITH attempt AS ("
 "  DELETE FROM mqtx.consumer_attempts WHERE queue = $1 AND message_id = $2"
@@ -77,19 +84,18 @@ static const char *const dead_letter_sql =
 "      body, body_text, body_json, error_message, error_detail, error_context,"
 "      attempts, first_failed_at, last_failed_at)"
 "  SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
-"      coalesce((SELECT first_failed_at FROM attempt), now()), now()"
-"  RETURNING id, queue, message_id, error_message"
+"      coalesce((SELECT first_failed_at FROM attempt), pg_catalog.now()), pg_catalog.now()"
+"  RETURNING id, queue"
 ") "
-"SELECT id, pg_notify('mqtx_dead_letter', json_build_object("
-"    'event', 'dead_letter', 'database', current_database(), 'id', id,"
-"    'queue', queue, 'message_id', message_id,"
-"    'error', left(error_message, 2000))::text) "
+"SELECT id, pg_catalog.pg_notify('mqtx_dead_letter', pg_catalog.json_build_object("
+"    'event', 'dead_letter', 'database', pg_catalog.current_database(),"
+"    'id', id, 'queue', queue)::text) "
 "FROM letter";
 
 static const char *const retention_sql =
 "DELETE FROM mqtx.inbox WHERE ctid = ANY (ARRAY("
 "  SELECT ctid FROM mqtx.inbox"
-"   WHERE applied_at < now() - make_interval(secs => $1) LIMIT $2))";
+"   WHERE applied_at < pg_catalog.now() - pg_catalog.make_interval(secs => $1) LIMIT $2))";
 
 typedef struct Subscription
 {
@@ -365,39 +371,67 @@ execute(SPIPlanPtr *plan, const char *sql, int nargs, Oid *types, Datum *values,
 }
 
 /*
- * The handler's FmgrInfo, looked up once per batch: a function keeps what
- * it caches (a SQL function its parsed and planned body) in its FmgrInfo,
- * for as long as the transaction, and subtransaction, it was built in.
+ * A handler as the batch calls it: the function, and who it runs as.
  */
-static FmgrInfo *
-handler_info(List **handlers, Oid handler)
+typedef struct Handler
+{
+	FmgrInfo	info;
+	Oid			owner;
+	char	   *search_path;	/* what a new session of the owner would get */
+} Handler;
+
+/*
+ * The handler, looked up once per batch: a function keeps what it caches
+ * (a SQL function its parsed and planned body) in its FmgrInfo, for as
+ * long as the transaction, and subtransaction, it was built in.  Its owner
+ * is looked up with it, so a handler given to another role runs as that
+ * role from the next batch on.
+ */
+static Handler *
+handler_info(List **handlers, Oid function)
 {
 	ListCell   *lc;
-	FmgrInfo   *info;
+	Handler    *handler;
+	HeapTuple	proc;
 
 	foreach(lc, *handlers)
 	{
-		info = lfirst(lc);
-		if (info->fn_oid == handler)
-			return info;
+		handler = lfirst(lc);
+		if (handler->info.fn_oid == function)
+			return handler;
 	}
-	info = palloc(sizeof(FmgrInfo));
-	fmgr_info(handler, info);
-	*handlers = lappend(*handlers, info);
-	return info;
+	handler = palloc(sizeof(Handler));
+	fmgr_info(function, &handler->info);
+	proc = SearchSysCache1(PROCOID, ObjectIdGetDatum(function));
+	if (!HeapTupleIsValid(proc))
+		elog(ERROR, "cache lookup failed for function %u", function);
+	handler->owner = ((Form_pg_proc) GETSTRUCT(proc))->proowner;
+	ReleaseSysCache(proc);
+	handler->search_path = mqtx_session_search_path(handler->owner);
+	*handlers = lappend(*handlers, handler);
+	return handler;
 }
 
+/*
+ * Call a handler with its owner's privileges and search_path, never the
+ * worker's: the owner may replace the function's body at any time, and it
+ * must not gain anything by that.  Like a SECURITY DEFINER function's own
+ * SET clauses, the handler's are honoured (fmgr applies them inside).
+ */
 static void
-call_handler(FmgrInfo *handler, Jsonb *payload, Jsonb *headers)
+call_handler(Handler *handler, Jsonb *payload, Jsonb *headers)
 {
 	LOCAL_FCINFO(fcinfo, 2);
+	MqtxIdentity saved;
 
-	InitFunctionCallInfoData(*fcinfo, handler, 2, InvalidOid, NULL, NULL);
+	InitFunctionCallInfoData(*fcinfo, &handler->info, 2, InvalidOid, NULL, NULL);
 	fcinfo->args[0].value = JsonbPGetDatum(payload);
 	fcinfo->args[0].isnull = false;
 	fcinfo->args[1].value = JsonbPGetDatum(headers);
 	fcinfo->args[1].isnull = false;
+	mqtx_become(&saved, handler->owner, handler->search_path);
 	(void) FunctionCallInvoke(fcinfo);
+	mqtx_restore_identity(&saved);
 }
 
 /*

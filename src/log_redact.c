@@ -1,7 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * log_redact.c
- *	  Keep broker passwords out of the server log.
+ *	  Keep broker passwords out of the server log and out of the text of
+ *	  statements that other sessions and extensions can read.
  *
  * mqtx.broker_url carries a password, and PostgreSQL itself repeats
  * setting values in the log: "parameter ... changed to ..." on reload,
@@ -12,11 +13,28 @@
  * message is written anywhere; the client that caused the message sees
  * the masked text too, which costs a superuser nothing they do not know.
  *
+ * The statement that sets the URL (ALTER SYSTEM SET mqtx.broker_url = ...)
+ * is also kept as text outside the log: pg_stat_activity shows it to
+ * pg_read_all_stats members for as long as the session stays idle after
+ * it, and pg_stat_statements records it for good.  A ProcessUtility hook
+ * masks the password in the text of setting statements before either
+ * sees it: pg_stat_activity gets the masked text re-reported, and the
+ * hooks called after mqtx's (pg_stat_statements' among them) get it as
+ * the statement's text.  That masking keeps the text's length, because
+ * pg_stat_statements cuts a statement out of a multi-statement string by
+ * offset.  It only works for libraries whose hook mqtx's calls, that is
+ * those loaded before mqtx; a library loaded after it is reported once,
+ * at server start.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include "nodes/parsenodes.h"
+#include "pgstat.h"
 #include "tcop/tcopprot.h"
+#include "tcop/utility.h"
+#include "utils/backend_status.h"
 #include "utils/elog.h"
 
 #include "mqtx.h"
@@ -24,6 +42,7 @@
 #define REDACTED_PASSWORD "********"
 
 static emit_log_hook_type previous_emit_log_hook = NULL;
+static ProcessUtility_hook_type previous_process_utility_hook = NULL;
 
 /*
  * Characters that end a URL inside a log message.
@@ -61,10 +80,6 @@ find_password(const char *authority, const char **start, const char **end)
 	return true;
 }
 
-/*
- * Return a copy of text with the password of every AMQP URL masked, or
- * NULL when there is nothing to mask.
- */
 /*
  * Does an AMQP scheme end just before "://" at sep?  Matched without
  * regard to case, as URL schemes are.
@@ -153,9 +168,91 @@ redact_log_hook(ErrorData *edata)
 		previous_emit_log_hook(edata);
 }
 
+/*
+ * Mask the password of every AMQP URL in text, in place, one '*' per
+ * character.  Returns whether there was one.
+ */
+static bool
+mask_secrets_in_place(char *text)
+{
+	char	   *cursor = text;
+	char	   *sep;
+	bool		masked = false;
+
+	while ((sep = strstr(cursor, "://")) != NULL)
+	{
+		const char *pw_start;
+		const char *pw_end;
+
+		cursor = sep + 3;
+		if (!is_amqp_scheme(text, sep) || !find_password(cursor, &pw_start, &pw_end))
+			continue;
+		memset((char *) pw_start, '*', pw_end - pw_start);
+		cursor = (char *) pw_end;
+		masked = true;
+	}
+	return masked;
+}
+
+/*
+ * The statements that can carry a setting's value.
+ */
+static bool
+sets_a_parameter(Node *statement)
+{
+	return IsA(statement, AlterSystemStmt) || IsA(statement, VariableSetStmt) ||
+		IsA(statement, AlterDatabaseSetStmt) || IsA(statement, AlterRoleSetStmt);
+}
+
+static void
+mask_statement_hook(PlannedStmt *pstmt, const char *queryString,
+					bool readOnlyTree, ProcessUtilityContext context,
+					ParamListInfo params, QueryEnvironment *queryEnv,
+					DestReceiver *dest, QueryCompletion *qc)
+{
+	if (queryString != NULL && sets_a_parameter(pstmt->utilityStmt))
+	{
+		char	   *masked = pstrdup(queryString);
+
+		if (mask_secrets_in_place(masked))
+		{
+			queryString = masked;
+			if (context == PROCESS_UTILITY_TOPLEVEL)
+			{
+				pgstat_report_activity(STATE_RUNNING, masked);
+				pgstat_report_query_id(pstmt->queryId, true);
+			}
+		}
+	}
+
+	if (previous_process_utility_hook)
+		previous_process_utility_hook(pstmt, queryString, readOnlyTree, context,
+									  params, queryEnv, dest, qc);
+	else
+		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context,
+								params, queryEnv, dest, qc);
+}
+
 void
 mqtx_install_log_redaction(void)
 {
 	previous_emit_log_hook = emit_log_hook;
 	emit_log_hook = redact_log_hook;
+	previous_process_utility_hook = ProcessUtility_hook;
+	ProcessUtility_hook = mask_statement_hook;
+}
+
+/*
+ * Called in the postmaster once every preloaded library has installed its
+ * hooks: a library loaded after mqtx sees setting statements before they
+ * are masked.
+ */
+void
+mqtx_check_statement_masking(void)
+{
+	if (ProcessUtility_hook != mask_statement_hook)
+		ereport(WARNING,
+				(errmsg("mqtx: a library loaded after mqtx sees statements before mqtx masks broker passwords in them"),
+				 errdetail("pg_stat_statements, for one, would record ALTER SYSTEM SET mqtx.broker_url with the password."),
+				 errhint("List mqtx last in shared_preload_libraries.")));
 }

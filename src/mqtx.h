@@ -221,8 +221,22 @@ extern void mqtx_worker_apply_retention(MqtxWorker *w, const char *delete_sql,
 extern PGDLLEXPORT void mqtx_relay_main(Datum main_arg);
 extern PGDLLEXPORT void mqtx_consumer_main(Datum main_arg);
 
+/* Running work as another role (identity.c) */
+typedef struct MqtxIdentity
+{
+	Oid			user;
+	int			sec_context;
+	int			guc_nest_level;
+} MqtxIdentity;
+
+extern void mqtx_remember_server_search_path(void);
+extern char *mqtx_session_search_path(Oid role);
+extern void mqtx_become(MqtxIdentity *saved, Oid role, const char *search_path);
+extern void mqtx_restore_identity(MqtxIdentity *saved);
+
 /* Log redaction (log_redact.c) */
 extern void mqtx_install_log_redaction(void);
+extern void mqtx_check_statement_masking(void);
 extern char *mqtx_redact_secrets(const char *text);
 
 #endif							/* MQTX_H */

@@ -166,9 +166,7 @@ insert_outbox_row(text *exchange, text *routing_key, Jsonb *payload,
 	Oid			argtypes[4] = {TEXTOID, TEXTOID, JSONBOID, JSONBOID};
 	Datum		values[4];
 	char		nulls[4] = {' ', ' ', ' ', headers ? ' ' : 'n'};
-	Oid			saved_user;
-	int			saved_sec_context;
-	int			guc_nest_level;
+	MqtxIdentity saved;
 	bool		isnull;
 	int			rc;
 
@@ -177,15 +175,8 @@ insert_outbox_row(text *exchange, text *routing_key, Jsonb *payload,
 	values[2] = JsonbPGetDatum(payload);
 	values[3] = headers ? JsonbPGetDatum(headers) : (Datum) 0;
 
-	GetUserIdAndSecContext(&saved_user, &saved_sec_context);
-	SetUserIdAndSecContext(outbox_owner(),
-						   saved_sec_context | SECURITY_LOCAL_USERID_CHANGE |
-						   SECURITY_RESTRICTED_OPERATION);
 	/* nothing the caller put on search_path runs with the owner's rights */
-	guc_nest_level = NewGUCNestLevel();
-	(void) set_config_option("search_path", "pg_catalog, pg_temp",
-							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
-							 true, 0, false);
+	mqtx_become(&saved, outbox_owner(), "pg_catalog, pg_temp");
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
@@ -200,8 +191,7 @@ insert_outbox_row(text *exchange, text *routing_key, Jsonb *payload,
 	SPI_finish();
 
 	/* on error, transaction abort restores both */
-	AtEOXact_GUC(true, guc_nest_level);
-	SetUserIdAndSecContext(saved_user, saved_sec_context);
+	mqtx_restore_identity(&saved);
 	mqtx_wake_relay_at_commit();
 	return UUIDPGetDatum(message_id);
 }

@@ -62,20 +62,24 @@ static const char *const claim_sql =
 "SELECT id, message_id::text, exchange, routing_key, payload::text, headers, "
 "       extract(epoch FROM created_at)::bigint "
 "FROM mqtx.outbox "
-"WHERE status = 'pending' AND next_attempt_at <= now() "
-"  AND id NOT IN (SELECT unnest($2::bigint[])) "
+"WHERE status = 'pending' AND next_attempt_at <= pg_catalog.now() "
+"  AND id NOT IN (SELECT pg_catalog.unnest($2::bigint[])) "
 "ORDER BY next_attempt_at, id "
 "LIMIT $1 "
 "FOR UPDATE SKIP LOCKED";
 
 static const char *const mark_published_sql =
-"UPDATE mqtx.outbox SET status = 'published', published_at = now() "
+"UPDATE mqtx.outbox SET status = 'published', published_at = pg_catalog.now() "
 "WHERE id = ANY($1) AND status = 'pending'";
 
 /*
  * One failed attempt per row: back off exponentially with jitter (half the
  * delay fixed, half random), or give up past max_attempts and raise the
  * alert.  Only the rows that gave up come back.
+ *
+ * LISTEN needs no privilege, so the alert names the row and nothing of
+ * the message: its exchange, routing key and error text (which can quote
+ * the payload) stay in the table, for whoever may read it.
  */
 static const char *const record_failures_sql =
 "WITH attempt AS ("
@@ -83,26 +87,24 @@ static const char *const record_failures_sql =
 "     SET attempts = o.attempts + 1,"
 "         last_error = f.error,"
 "         status = CASE WHEN o.attempts + 1 >= $3 THEN 'failed' ELSE 'pending' END,"
-"         next_attempt_at = now() + make_interval(secs =>"
-"             least($5::float8, $4::float8 * power(2, least(o.attempts, 40)))"
-"             * (0.5 + random() / 2) / 1000)"
-"    FROM unnest($1::bigint[], $2::text[]) AS f(id, error)"
+"         next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs =>"
+"             least($5::float8, $4::float8 * pg_catalog.power(2, least(o.attempts, 40)))"
+"             * (0.5 + pg_catalog.random() / 2) / 1000)"
+"    FROM pg_catalog.unnest($1::bigint[], $2::text[]) AS f(id, error)"
 "   WHERE o.id = f.id AND o.status = 'pending'"
-"  RETURNING o.id, o.message_id, o.exchange, o.routing_key, o.attempts,"
-"            o.last_error, o.status"
+"  RETURNING o.id, o.message_id, o.attempts, o.last_error, o.status"
 ") "
 "SELECT id, message_id::text, attempts, last_error,"
-"       pg_notify('mqtx_alert', json_build_object("
-"           'event', 'outbox_message_failed', 'database', current_database(),"
-"           'id', id, 'message_id', message_id, 'exchange', exchange,"
-"           'routing_key', routing_key, 'attempts', attempts,"
-"           'error', left(last_error, 2000))::text) "
+"       pg_catalog.pg_notify('mqtx_alert', pg_catalog.json_build_object("
+"           'event', 'outbox_message_failed',"
+"           'database', pg_catalog.current_database(), 'id', id)::text) "
 "FROM attempt WHERE status = 'failed'";
 
 static const char *const retention_sql =
 "DELETE FROM mqtx.outbox WHERE id IN ("
 "  SELECT id FROM mqtx.outbox"
-"   WHERE status = 'published' AND published_at < now() - make_interval(secs => $1)"
+"   WHERE status = 'published'"
+"     AND published_at < pg_catalog.now() - pg_catalog.make_interval(secs => $1)"
 "   ORDER BY id LIMIT $2)";
 
 /* The batch being relayed: rows and their messages, index-aligned. */

@@ -57,6 +57,8 @@ request_shared_memory(void)
 	if (previous_shmem_request_hook)
 		previous_shmem_request_hook();
 	RequestAddinShmemSpace(shared_state_size());
+	/* the one moment after every preloaded library has set its hooks */
+	mqtx_check_statement_masking();
 }
 
 static void

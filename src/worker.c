@@ -102,7 +102,35 @@ mqtx_worker_start(MqtxWorker *w, MqtxWorkerKind kind, Datum main_arg)
 	w->context = AllocSetContextCreate(TopMemoryContext, "mqtx worker step",
 									   ALLOCSET_DEFAULT_SIZES);
 
+	/*
+	 * What the server's configuration gives a new session for search_path,
+	 * before this database's settings apply: a handler's owner without
+	 * settings of its own gets it.
+	 */
+	mqtx_remember_server_search_path();
+
+	/*
+	 * The workers connect as the bootstrap superuser, and that is sound
+	 * only because of what they run as that role: mqtx's own statements,
+	 * on tables in schema mqtx that only the extension's owner can alter
+	 * (no triggers, rules or policies a user could add), with every name
+	 * resolved in pg_catalog alone; user code, the consumer's handlers,
+	 * runs as its owner (consumer.c).  A dedicated non-superuser role
+	 * would not be safer: in PostgreSQL 15 a background worker may only
+	 * connect as a role that can log in, so it would be a login role with
+	 * write access to every served database's outbox, inbox and dead
+	 * letters, and a password or trust rule of its own to guard.
+	 *
+	 * The search_path is set at session level: a database owner's
+	 * ALTER DATABASE ... SET search_path (or one on this role) must not
+	 * reach the workers' statements, where a look-alike of a pg_catalog
+	 * function with an exact argument-type match in an earlier schema
+	 * would be chosen over the real one (CVE-2018-1058).  pg_temp comes
+	 * last explicitly, and functions and operators are never looked up
+	 * there.
+	 */
 	BackgroundWorkerInitializeConnection(w->slot->dbname, NULL, 0);
+	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_SESSION);
 	pgstat_report_appname(psprintf("mqtx %s", w->role));
 
 	mqtx_slot_attach(w->slot, kind, MyDatabaseId);

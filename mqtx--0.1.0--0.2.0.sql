@@ -1,0 +1,159 @@
+/* mqtx--0.1.0--0.2.0.sql: least privilege */
+
+-- complain if script is sourced in psql, rather than via ALTER EXTENSION
+\echo Use "ALTER EXTENSION mqtx UPDATE TO '0.2.0'" to load this file. \quit
+
+--
+-- Publishing rights are per database.  0.1.0 granted them to the role
+-- mqtx_publisher, which is cluster-wide: a member granted it for one
+-- database could enqueue in every other database with mqtx, and a role of
+-- that name made by someone else was adopted.  From 0.2.0 nothing is
+-- granted to a shared role; mqtx.grant_publish(role) grants in the
+-- database it runs in.  The upgrade takes away what mqtx_publisher had
+-- here and names the members who publish no more, rather than re-granting
+-- to them: whether each of them should publish in this database is
+-- exactly the question 0.1.0 never asked.  The role itself is left; it
+-- may still serve databases not yet upgraded.
+--
+DO $$
+DECLARE
+	members text;
+BEGIN
+	IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'mqtx_publisher') THEN
+		RETURN;
+	END IF;
+	REVOKE ALL ON FUNCTION mqtx.publish(text, text, jsonb, jsonb) FROM mqtx_publisher;
+	REVOKE ALL ON FUNCTION mqtx.outbox_trigger() FROM mqtx_publisher;
+	REVOKE ALL ON SCHEMA mqtx FROM mqtx_publisher;
+
+	SELECT pg_catalog.string_agg(pg_catalog.quote_ident(r.rolname), ', ' ORDER BY r.rolname)
+	  INTO members
+	  FROM pg_catalog.pg_auth_members m
+	  JOIN pg_catalog.pg_roles r ON r.oid = m.member
+	 WHERE m.roleid = 'mqtx_publisher'::pg_catalog.regrole;
+	IF members IS NOT NULL THEN
+		RAISE WARNING USING
+			MESSAGE = pg_catalog.format('mqtx: members of mqtx_publisher can no longer publish in database %I: %s',
+										pg_catalog.current_database(), members),
+			DETAIL = 'Publishing rights are granted per database since mqtx 0.2.0; mqtx_publisher is cluster-wide and grants nothing any more.',
+			HINT = 'For each role that publishes in this database, run SELECT mqtx.grant_publish(''role'') here.';
+	END IF;
+END
+$$;
+
+CREATE FUNCTION mqtx.grant_publish(role regrole)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF role IS NULL THEN
+		RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+			MESSAGE = 'mqtx.grant_publish needs a role';
+	END IF;
+	EXECUTE format('GRANT USAGE ON SCHEMA mqtx TO %s', role);
+	EXECUTE format('GRANT EXECUTE ON FUNCTION mqtx.publish(text, text, jsonb, jsonb), '
+				   'mqtx.outbox_trigger() TO %s', role);
+END
+$$;
+
+COMMENT ON FUNCTION mqtx.grant_publish(regrole) IS
+	'Let a role enqueue messages in this database (mqtx.publish and mqtx.outbox_trigger)';
+
+CREATE FUNCTION mqtx.revoke_publish(role regrole)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF role IS NULL THEN
+		RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+			MESSAGE = 'mqtx.revoke_publish needs a role';
+	END IF;
+	-- USAGE on the schema stays: by itself it grants nothing, and the
+	-- role may have been given other rights in it
+	EXECUTE format('REVOKE EXECUTE ON FUNCTION mqtx.publish(text, text, jsonb, jsonb), '
+				   'mqtx.outbox_trigger() FROM %s', role);
+END
+$$;
+
+COMMENT ON FUNCTION mqtx.revoke_publish(regrole) IS
+	'Take back the right to enqueue messages in this database';
+
+REVOKE ALL ON FUNCTION mqtx.grant_publish(regrole), mqtx.revoke_publish(regrole) FROM PUBLIC;
+
+--
+-- Subscriptions.  The consumer runs a handler as the handler function's
+-- owner, so writing a subscription means "run this role's function on
+-- every message of the queue".  Whoever writes one must therefore hold
+-- that role's privileges already (be it, be a member of it, or be a
+-- superuser); the check is on the table, so it holds for direct writes
+-- too, and so does the signature check that mqtx.subscribe made alone.
+--
+CREATE FUNCTION mqtx.check_subscription()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	fn pg_proc%ROWTYPE;
+BEGIN
+	SELECT * INTO fn FROM pg_proc WHERE oid = NEW.handler;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION USING ERRCODE = 'undefined_function',
+			MESSAGE = format('mqtx handler function %s does not exist', NEW.handler::oid);
+	END IF;
+	IF fn.pronargs <> 2 OR fn.proargtypes[0] <> 'jsonb'::regtype
+	   OR fn.proargtypes[1] <> 'jsonb'::regtype OR fn.prorettype <> 'void'::regtype
+	   OR fn.proretset OR fn.prokind <> 'f' THEN
+		RAISE EXCEPTION USING ERRCODE = 'invalid_function_definition',
+			MESSAGE = format('mqtx handler %s has the wrong signature', NEW.handler),
+			DETAIL = format('It takes (%s) and returns %s%s.',
+							pg_get_function_identity_arguments(NEW.handler),
+							CASE WHEN fn.proretset THEN 'SETOF ' ELSE '' END,
+							fn.prorettype::regtype),
+			HINT = 'A handler is a function (payload jsonb, headers jsonb) RETURNS void.';
+	END IF;
+	IF NOT pg_has_role(fn.proowner, 'USAGE') THEN
+		RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',
+			MESSAGE = format('permission denied to subscribe handler %s', NEW.handler),
+			DETAIL = format('The consumer runs a handler as its owner, %s; role %s does not have the privileges of that role.',
+							quote_ident(fn.proowner::regrole::text), quote_ident(current_user)),
+			HINT = 'Subscribe a function you own, or have its owner subscribe it.';
+	END IF;
+	RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER subscriptions_check BEFORE INSERT OR UPDATE OF handler
+	ON mqtx.subscriptions FOR EACH ROW EXECUTE FUNCTION mqtx.check_subscription();
+
+REVOKE ALL ON FUNCTION mqtx.check_subscription() FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION mqtx.subscribe(queue text, handler regprocedure,
+										  prefetch integer DEFAULT 100,
+										  max_attempts integer DEFAULT 5)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF queue IS NULL OR handler IS NULL THEN
+		RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+			MESSAGE = 'mqtx.subscribe needs a queue and a handler';
+	END IF;
+	IF NOT EXISTS (SELECT FROM mqtx.queues q WHERE q.name = subscribe.queue) THEN
+		PERFORM mqtx.declare_queue(queue);
+	END IF;
+	-- the table's trigger checks the signature, and the caller's right to
+	-- run the handler's owner's code
+	INSERT INTO mqtx.subscriptions AS s (queue, handler, prefetch, max_attempts)
+		VALUES (subscribe.queue, subscribe.handler, subscribe.prefetch, subscribe.max_attempts)
+	ON CONFLICT ON CONSTRAINT subscriptions_pkey DO UPDATE
+		SET handler = excluded.handler, prefetch = excluded.prefetch,
+			max_attempts = excluded.max_attempts;
+END
+$$;
+
+COMMENT ON FUNCTION mqtx.subscribe(text, regprocedure, integer, integer) IS
+	'Apply the messages of a queue with handler(payload jsonb, headers jsonb), run as the handler''s owner; declares the queue if needed';

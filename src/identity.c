@@ -1,0 +1,147 @@
+/*-------------------------------------------------------------------------
+ *
+ * identity.c
+ *	  Running a piece of work as another role, with a search_path of its
+ *	  own: the outbox insert as the outbox's owner, a consumer handler as
+ *	  the handler's owner.
+ *
+ * This is what PostgreSQL does around a SECURITY DEFINER call and
+ * REFRESH MATERIALIZED VIEW: SetUserIdAndSecContext for the identity, a
+ * new GUC nest level for search_path.  Leaving the nest level rolls back
+ * every setting the work changed, even with plain SET or
+ * set_config(..., false), so nothing the work does outlives it in the
+ * calling session.  The work runs as a security-restricted operation:
+ * it cannot SET ROLE, create temporary objects or LISTEN, any of which
+ * would stay behind in a long-lived worker session and reach the code
+ * that runs next, as another role.  A transaction or subtransaction
+ * abort restores the identity and the settings by itself.
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
+#include "catalog/pg_db_role_setting.h"
+#include "catalog/pg_type.h"
+#include "miscadmin.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/fmgroids.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+
+#include "mqtx.h"
+
+#define SEARCH_PATH_PREFIX "search_path="
+
+/* search_path from the server's configuration, before any database's */
+static char *server_search_path = NULL;
+
+/*
+ * Call before connecting to a database, while search_path is still what
+ * postgresql.conf, ALTER SYSTEM or the command line made it.
+ */
+void
+mqtx_remember_server_search_path(void)
+{
+	server_search_path = MemoryContextStrdup(TopMemoryContext,
+											 GetConfigOption("search_path", false, false));
+}
+
+/*
+ * The search_path of one pg_db_role_setting row (ALTER ROLE/DATABASE ...
+ * SET), or NULL.  Of two entries the later counts, as when applied.
+ */
+static char *
+stored_search_path(Relation settings, Oid database, Oid role)
+{
+	ScanKeyData keys[2];
+	SysScanDesc scan;
+	HeapTuple	tuple;
+	char	   *result = NULL;
+
+	ScanKeyInit(&keys[0], Anum_pg_db_role_setting_setdatabase,
+				BTEqualStrategyNumber, F_OIDEQ, ObjectIdGetDatum(database));
+	ScanKeyInit(&keys[1], Anum_pg_db_role_setting_setrole,
+				BTEqualStrategyNumber, F_OIDEQ, ObjectIdGetDatum(role));
+	scan = systable_beginscan(settings, DbRoleSettingDatidRolidIndexId, true,
+							  NULL, 2, keys);
+	tuple = systable_getnext(scan);
+	if (HeapTupleIsValid(tuple))
+	{
+		bool		isnull;
+		Datum		config = heap_getattr(tuple, Anum_pg_db_role_setting_setconfig,
+										  RelationGetDescr(settings), &isnull);
+		Datum	   *entries;
+		int			count;
+
+		if (!isnull)
+		{
+			deconstruct_array(DatumGetArrayTypeP(config), TEXTOID, -1, false,
+							  TYPALIGN_INT, &entries, NULL, &count);
+			for (int i = 0; i < count; i++)
+			{
+				char	   *entry = TextDatumGetCString(entries[i]);
+
+				if (pg_strncasecmp(entry, SEARCH_PATH_PREFIX,
+								   strlen(SEARCH_PATH_PREFIX)) == 0)
+					result = entry + strlen(SEARCH_PATH_PREFIX);
+			}
+		}
+	}
+	systable_endscan(scan);
+	return result;
+}
+
+/*
+ * The search_path a new session of role would get in this database: the
+ * settings for the role in this database, for the role, for the database,
+ * for all roles, in that order (as InitPostgres applies them), else the
+ * server's.  A change to the server's own setting is seen by workers
+ * started after it.
+ */
+char *
+mqtx_session_search_path(Oid role)
+{
+	Oid			scopes[4][2] = {
+		{MyDatabaseId, role}, {InvalidOid, role},
+		{MyDatabaseId, InvalidOid}, {InvalidOid, InvalidOid}
+	};
+	Relation	settings = table_open(DbRoleSettingRelationId, AccessShareLock);
+	char	   *result = NULL;
+
+	for (size_t i = 0; i < lengthof(scopes) && result == NULL; i++)
+		result = stored_search_path(settings, scopes[i][0], scopes[i][1]);
+	table_close(settings, AccessShareLock);
+
+	if (result == NULL)
+		result = pstrdup(server_search_path ? server_search_path :
+						 GetConfigOption("search_path", false, false));
+	return result;
+}
+
+/*
+ * Become role, with search_path, until mqtx_restore_identity(saved).
+ */
+void
+mqtx_become(MqtxIdentity *saved, Oid role, const char *search_path)
+{
+	GetUserIdAndSecContext(&saved->user, &saved->sec_context);
+	SetUserIdAndSecContext(role, saved->sec_context |
+						   SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
+	saved->guc_nest_level = NewGUCNestLevel();
+	(void) set_config_option("search_path", search_path,
+							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
+							 true, 0, false);
+}
+
+void
+mqtx_restore_identity(MqtxIdentity *saved)
+{
+	AtEOXact_GUC(false, saved->guc_nest_level);
+	SetUserIdAndSecContext(saved->user, saved->sec_context);
+}
