@@ -33,9 +33,9 @@ BEGIN
 	 WHERE m.roleid = 'mqtx_publisher'::pg_catalog.regrole;
 	IF members IS NOT NULL THEN
 		RAISE WARNING USING
-			MESSAGE = pg_catalog.format('mqtx: members of mqtx_publisher can no longer publish in database %I: %s',
+			MESSAGE = pg_catalog.format('mqtx: members of mqtx_publisher can no longer call mqtx.publish or create outbox triggers in database %I: %s',
 										pg_catalog.current_database(), members),
-			DETAIL = 'Publishing rights are granted per database since mqtx 0.2.0; mqtx_publisher is cluster-wide and grants nothing any more.',
+			DETAIL = 'Publishing rights are granted per database since mqtx 0.2.0; mqtx_publisher is cluster-wide and grants nothing any more. Outbox triggers created earlier keep enqueueing.',
 			HINT = 'For each role that publishes in this database, run SELECT mqtx.grant_publish(''role'') here.';
 	END IF;
 END
@@ -78,7 +78,7 @@ END
 $$;
 
 COMMENT ON FUNCTION mqtx.revoke_publish(regrole) IS
-	'Take back the right to enqueue messages in this database';
+	'Take back the right to call mqtx.publish and to create outbox triggers in this database; existing triggers keep enqueueing';
 
 REVOKE ALL ON FUNCTION mqtx.grant_publish(regrole), mqtx.revoke_publish(regrole) FROM PUBLIC;
 
@@ -118,7 +118,7 @@ BEGIN
 		RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',
 			MESSAGE = format('permission denied to subscribe handler %s', NEW.handler),
 			DETAIL = format('The consumer runs a handler as its owner, %s; role %s does not have the privileges of that role.',
-							quote_ident(fn.proowner::regrole::text), quote_ident(current_user)),
+							fn.proowner::regrole, quote_ident(current_user)),
 			HINT = 'Subscribe a function you own, or have its owner subscribe it.';
 	END IF;
 	RETURN NEW;

@@ -269,7 +269,7 @@ BEGIN
 		RAISE EXCEPTION USING ERRCODE = 'insufficient_privilege',
 			MESSAGE = format('permission denied to subscribe handler %s', NEW.handler),
 			DETAIL = format('The consumer runs a handler as its owner, %s; role %s does not have the privileges of that role.',
-							quote_ident(fn.proowner::regrole::text), quote_ident(current_user)),
+							fn.proowner::regrole, quote_ident(current_user)),
 			HINT = 'Subscribe a function you own, or have its owner subscribe it.';
 	END IF;
 	RETURN NEW;
@@ -453,7 +453,7 @@ END
 $$;
 
 COMMENT ON FUNCTION mqtx.revoke_publish(regrole) IS
-	'Take back the right to enqueue messages in this database';
+	'Take back the right to call mqtx.publish and to create outbox triggers in this database; existing triggers keep enqueueing';
 
 REVOKE ALL ON FUNCTION mqtx.grant_publish(regrole), mqtx.revoke_publish(regrole) FROM PUBLIC;
 

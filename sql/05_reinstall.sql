@@ -5,8 +5,9 @@ DROP EXTENSION mqtx CASCADE;
 -- the schema CREATE EXTENSION made is left behind, empty
 SELECT count(*) FROM pg_class WHERE relnamespace = 'mqtx'::regnamespace;
 SELECT count(*) FROM pg_proc WHERE pronamespace = 'mqtx'::regnamespace;
--- the publisher role is cluster-wide and outlives the extension
-SELECT count(*) FROM pg_roles WHERE rolname = 'mqtx_publisher';
+-- and it grants nothing to anyone but its owner (04 took back what it gave)
+SELECT count(*) FROM pg_namespace n, aclexplode(coalesce(n.nspacl, acldefault('n', n.nspowner))) a
+WHERE n.nspname = 'mqtx' AND a.grantee <> n.nspowner;
 
 CREATE EXTENSION mqtx;
 -- the cached insert plan follows the new table

@@ -46,9 +46,11 @@ SELECT database, broker_connected, published, nacked, returned, retried, failed,
 FROM mqtx.relay_stats;
 
 -- topology and stats are for the extension's owner, not for publishers
-CREATE ROLE mqtx_regress_app IN ROLE mqtx_publisher;
+CREATE ROLE mqtx_regress_app;
+SELECT mqtx.grant_publish('mqtx_regress_app');
 SET ROLE mqtx_regress_app;
 SELECT mqtx.declare_queue('sneaky');
 SELECT * FROM mqtx.outbox_stats;
 RESET ROLE;
+DROP OWNED BY mqtx_regress_app;
 DROP ROLE mqtx_regress_app;

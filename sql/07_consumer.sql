@@ -72,10 +72,12 @@ SELECT database, broker_connected, consumed, applied, duplicates, retried, dead_
 FROM mqtx.consumer_stats;
 
 -- all of it is for the extension's owner, not for publishers
-CREATE ROLE mqtx_regress_app IN ROLE mqtx_publisher;
+CREATE ROLE mqtx_regress_app;
+SELECT mqtx.grant_publish('mqtx_regress_app');
 SET ROLE mqtx_regress_app;
 SELECT mqtx.subscribe('sneaky', 'apply_order(jsonb,jsonb)');
 SELECT count(*) FROM mqtx.dead_letter;
 SELECT count(*) FROM mqtx.inbox;
 RESET ROLE;
+DROP OWNED BY mqtx_regress_app;
 DROP ROLE mqtx_regress_app;
