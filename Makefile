@@ -3,7 +3,7 @@
 EXTENSION = mqtx
 
 MODULE_big = mqtx
-OBJS = src/mqtx.o src/shared.o src/broker.o src/outbox.o src/worker.o src/relay.o src/consumer.o src/identity.o src/log_redact.o
+OBJS = src/mqtx.o src/shared.o src/broker.o src/outbox.o src/worker.o src/relay.o src/consumer.o src/crash_guard.o src/identity.o src/log_redact.o
 # every release's install script stays, with the upgrade scripts between them
 DATA = $(wildcard $(EXTENSION)--*.sql)
 
@@ -29,6 +29,9 @@ include $(PGXS)
 
 # (after PGXS, which resets it)
 PROVE_FLAGS += -I ./test/perl --timer
+
+# Every part includes the shared header; PGXS does not track it.
+$(OBJS): src/mqtx.h
 
 # The TAP tests inspect and inject AMQP messages with a small rabbitmq-c tool.
 .PHONY: test-tools

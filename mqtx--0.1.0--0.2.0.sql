@@ -130,9 +130,25 @@ CREATE TRIGGER subscriptions_check BEFORE INSERT OR UPDATE OF handler
 
 REVOKE ALL ON FUNCTION mqtx.check_subscription() FROM PUBLIC;
 
-CREATE OR REPLACE FUNCTION mqtx.subscribe(queue text, handler regprocedure,
-										  prefetch integer DEFAULT 100,
-										  max_attempts integer DEFAULT 5)
+--
+-- The consumer (poison-proof, exactly one outcome per message).
+--
+
+-- A handler's call is bounded; mqtx.subscribe takes the bound.
+ALTER TABLE mqtx.subscriptions
+	ADD COLUMN handler_timeout interval NOT NULL DEFAULT '30 seconds',
+	ADD CONSTRAINT subscriptions_handler_timeout_check
+		CHECK (handler_timeout BETWEEN '1 millisecond' AND '1 day');
+
+COMMENT ON COLUMN mqtx.subscriptions.handler_timeout IS
+	'How long one call of the handler may run; one that takes longer fails like any handler error';
+
+DROP FUNCTION mqtx.subscribe(text, regprocedure, integer, integer);
+
+CREATE FUNCTION mqtx.subscribe(queue text, handler regprocedure,
+							   prefetch integer DEFAULT 100,
+							   max_attempts integer DEFAULT 5,
+							   handler_timeout interval DEFAULT '30 seconds')
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -147,13 +163,100 @@ BEGIN
 	END IF;
 	-- the table's trigger checks the signature, and the caller's right to
 	-- run the handler's owner's code
-	INSERT INTO mqtx.subscriptions AS s (queue, handler, prefetch, max_attempts)
-		VALUES (subscribe.queue, subscribe.handler, subscribe.prefetch, subscribe.max_attempts)
+	INSERT INTO mqtx.subscriptions AS s (queue, handler, prefetch, max_attempts, handler_timeout)
+		VALUES (subscribe.queue, subscribe.handler, subscribe.prefetch, subscribe.max_attempts,
+				subscribe.handler_timeout)
 	ON CONFLICT ON CONSTRAINT subscriptions_pkey DO UPDATE
 		SET handler = excluded.handler, prefetch = excluded.prefetch,
-			max_attempts = excluded.max_attempts;
+			max_attempts = excluded.max_attempts, handler_timeout = excluded.handler_timeout;
 END
 $$;
 
-COMMENT ON FUNCTION mqtx.subscribe(text, regprocedure, integer, integer) IS
+COMMENT ON FUNCTION mqtx.subscribe(text, regprocedure, integer, integer, interval) IS
 	'Apply the messages of a queue with handler(payload jsonb, headers jsonb), run as the handler''s owner; declares the queue if needed';
+
+REVOKE ALL ON FUNCTION mqtx.subscribe(text, regprocedure, integer, integer, interval) FROM PUBLIC;
+
+-- One dead letter per message and queue: 0.1.0 wrote one per copy, so
+-- the copies beyond the first (the same message, by its dedupe key) go;
+-- and so do the letters of messages that a later copy applied (their
+-- inbox row says so), which a redrive would apply a second time.
+DO $$
+DECLARE
+	copies bigint;
+	applied bigint;
+BEGIN
+	DELETE FROM mqtx.dead_letter d
+	 USING mqtx.dead_letter first
+	 WHERE first.queue = d.queue AND first.message_id = d.message_id AND first.id < d.id;
+	GET DIAGNOSTICS copies = ROW_COUNT;
+	DELETE FROM mqtx.dead_letter d
+	 USING mqtx.inbox i
+	 WHERE i.queue = d.queue AND i.message_id = d.message_id;
+	GET DIAGNOSTICS applied = ROW_COUNT;
+	-- a NOTICE would not be seen: extension scripts run with
+	-- client_min_messages at WARNING or above
+	IF copies > 0 OR applied > 0 THEN
+		RAISE WARNING USING
+			MESSAGE = pg_catalog.format('mqtx: removed %s dead letters: %s further copies of a message dead-lettered on the same queue, %s of messages applied since',
+										copies + applied, copies, applied),
+			DETAIL = 'A message has at most one dead letter per queue since mqtx 0.2.0, and none once it is applied.';
+	END IF;
+END
+$$;
+
+DROP INDEX mqtx.dead_letter_queue_idx;
+ALTER TABLE mqtx.dead_letter
+	ADD CONSTRAINT dead_letter_queue_message_id_key UNIQUE (queue, message_id);
+
+-- A dead-lettered message is in the inbox, so its later copies are
+-- duplicates; mqtx.redrive takes the row out again.
+INSERT INTO mqtx.inbox (queue, message_id)
+	SELECT DISTINCT queue, message_id FROM mqtx.dead_letter
+	ON CONFLICT DO NOTHING;
+
+COMMENT ON TABLE mqtx.inbox IS
+	'Messages applied or dead-lettered, by queue and message_id (or sha256:<hex> of the body when a message has no message_id)';
+
+-- Attempts of messages applied since (0.1.0 kept them).
+DELETE FROM mqtx.consumer_attempts a
+ USING mqtx.inbox i
+ WHERE i.queue = a.queue AND i.message_id = a.message_id;
+
+-- What was applied is the application's state as much as what it did:
+-- restored without it, every redelivery would be applied again.
+SELECT pg_catalog.pg_extension_config_dump('mqtx.inbox', '');
+SELECT pg_catalog.pg_extension_config_dump('mqtx.consumer_attempts', '');
+
+CREATE OR REPLACE FUNCTION mqtx.redrive(id bigint)
+RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	letter mqtx.dead_letter;
+BEGIN
+	DELETE FROM mqtx.dead_letter d WHERE d.id = redrive.id RETURNING * INTO letter;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION USING ERRCODE = 'no_data_found',
+			MESSAGE = format('mqtx dead letter %s does not exist', id);
+	END IF;
+	IF letter.body_json IS NULL THEN
+		RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+			MESSAGE = format('mqtx dead letter %s cannot be redriven: its body is not JSON', id),
+			HINT = 'Inspect body and body_text, then remove it with mqtx.discard().';
+	END IF;
+	-- The message keeps its identity: the consumer dedupes it on the
+	-- original id carried in the header, and its inbox row, written when
+	-- it was dead-lettered, goes, so that exactly one copy is applied.
+	DELETE FROM mqtx.inbox i
+	 WHERE i.queue = letter.queue AND i.message_id = letter.message_id;
+	-- through the outbox, so it takes the whole way again
+	RETURN mqtx.publish('', letter.queue, letter.body_json,
+						coalesce(letter.headers, '{}')
+						|| jsonb_build_object('x-mqtx-redriven-from', letter.message_id));
+END
+$$;
+
+COMMENT ON FUNCTION mqtx.redrive(bigint) IS
+	'Send a dead letter to its queue again, through the outbox, under its original identity; returns the new AMQP message id';

@@ -170,9 +170,15 @@ CREATE TABLE mqtx.subscriptions (
 	prefetch		integer NOT NULL DEFAULT 100,
 	max_attempts	integer NOT NULL DEFAULT 5,
 	created_at		timestamptz NOT NULL DEFAULT now(),
+	handler_timeout interval NOT NULL DEFAULT '30 seconds',
 	CONSTRAINT subscriptions_prefetch_check CHECK (prefetch BETWEEN 1 AND 65535),
-	CONSTRAINT subscriptions_max_attempts_check CHECK (max_attempts BETWEEN 1 AND 1000)
+	CONSTRAINT subscriptions_max_attempts_check CHECK (max_attempts BETWEEN 1 AND 1000),
+	CONSTRAINT subscriptions_handler_timeout_check
+		CHECK (handler_timeout BETWEEN '1 millisecond' AND '1 day')
 );
+
+COMMENT ON COLUMN mqtx.subscriptions.handler_timeout IS
+	'How long one call of the handler may run; one that takes longer fails like any handler error';
 
 SELECT pg_catalog.pg_extension_config_dump('mqtx.subscriptions', '');
 
@@ -191,7 +197,11 @@ CREATE TABLE mqtx.inbox (
 CREATE INDEX inbox_applied_at_idx ON mqtx.inbox (applied_at);
 
 COMMENT ON TABLE mqtx.inbox IS
-	'Messages applied, by queue and message_id (or sha256:<hex> of the body when a message has no message_id)';
+	'Messages applied or dead-lettered, by queue and message_id (or sha256:<hex> of the body when a message has no message_id)';
+
+-- What was applied is the application's state as much as what it did:
+-- restored without it, every redelivery would be applied again.
+SELECT pg_catalog.pg_extension_config_dump('mqtx.inbox', '');
 
 CREATE TABLE mqtx.consumer_attempts (
 	queue			text NOT NULL,
@@ -205,6 +215,8 @@ CREATE TABLE mqtx.consumer_attempts (
 
 COMMENT ON TABLE mqtx.consumer_attempts IS
 	'Failed attempts of messages not yet applied nor dead-lettered';
+
+SELECT pg_catalog.pg_extension_config_dump('mqtx.consumer_attempts', '');
 
 CREATE TABLE mqtx.dead_letter (
 	id				bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -221,10 +233,10 @@ CREATE TABLE mqtx.dead_letter (
 	error_context	text,
 	attempts		integer NOT NULL,
 	first_failed_at timestamptz NOT NULL,
-	last_failed_at	timestamptz NOT NULL
+	last_failed_at	timestamptz NOT NULL,
+	-- one dead letter per message and queue, however many copies came
+	CONSTRAINT dead_letter_queue_message_id_key UNIQUE (queue, message_id)
 );
-
-CREATE INDEX dead_letter_queue_idx ON mqtx.dead_letter (queue);
 
 COMMENT ON TABLE mqtx.dead_letter IS
 	'Messages the consumer could not apply, with the reason; redrive or discard them';
@@ -283,7 +295,8 @@ REVOKE ALL ON FUNCTION mqtx.check_subscription() FROM PUBLIC;
 
 CREATE FUNCTION mqtx.subscribe(queue text, handler regprocedure,
 							   prefetch integer DEFAULT 100,
-							   max_attempts integer DEFAULT 5)
+							   max_attempts integer DEFAULT 5,
+							   handler_timeout interval DEFAULT '30 seconds')
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -298,15 +311,16 @@ BEGIN
 	END IF;
 	-- the table's trigger checks the signature, and the caller's right to
 	-- run the handler's owner's code
-	INSERT INTO mqtx.subscriptions AS s (queue, handler, prefetch, max_attempts)
-		VALUES (subscribe.queue, subscribe.handler, subscribe.prefetch, subscribe.max_attempts)
+	INSERT INTO mqtx.subscriptions AS s (queue, handler, prefetch, max_attempts, handler_timeout)
+		VALUES (subscribe.queue, subscribe.handler, subscribe.prefetch, subscribe.max_attempts,
+				subscribe.handler_timeout)
 	ON CONFLICT ON CONSTRAINT subscriptions_pkey DO UPDATE
 		SET handler = excluded.handler, prefetch = excluded.prefetch,
-			max_attempts = excluded.max_attempts;
+			max_attempts = excluded.max_attempts, handler_timeout = excluded.handler_timeout;
 END
 $$;
 
-COMMENT ON FUNCTION mqtx.subscribe(text, regprocedure, integer, integer) IS
+COMMENT ON FUNCTION mqtx.subscribe(text, regprocedure, integer, integer, interval) IS
 	'Apply the messages of a queue with handler(payload jsonb, headers jsonb), run as the handler''s owner; declares the queue if needed';
 
 CREATE FUNCTION mqtx.unsubscribe(queue text)
@@ -340,6 +354,11 @@ BEGIN
 			MESSAGE = format('mqtx dead letter %s cannot be redriven: its body is not JSON', id),
 			HINT = 'Inspect body and body_text, then remove it with mqtx.discard().';
 	END IF;
+	-- The message keeps its identity: the consumer dedupes it on the
+	-- original id carried in the header, and its inbox row, written when
+	-- it was dead-lettered, goes, so that exactly one copy is applied.
+	DELETE FROM mqtx.inbox i
+	 WHERE i.queue = letter.queue AND i.message_id = letter.message_id;
 	-- through the outbox, so it takes the whole way again
 	RETURN mqtx.publish('', letter.queue, letter.body_json,
 						coalesce(letter.headers, '{}')
@@ -348,7 +367,7 @@ END
 $$;
 
 COMMENT ON FUNCTION mqtx.redrive(bigint) IS
-	'Send a dead letter to its queue again, through the outbox; returns the new message id';
+	'Send a dead letter to its queue again, through the outbox, under its original identity; returns the new AMQP message id';
 
 CREATE FUNCTION mqtx.redrive_all(queue text)
 RETURNS integer

@@ -329,6 +329,7 @@ struct BrokerConnection
 
 	MemoryContext cache_context;	/* holds known_exchanges */
 	List	   *known_exchanges;	/* checked to exist on this connection */
+	TimestampTz last_keep_alive;	/* when broker_keep_alive last sent */
 };
 
 #define PUBLISH_CHANNEL 1
@@ -412,6 +413,15 @@ accept_close(BrokerConnection *conn, amqp_channel_t channel,
 			conn->channel_open[channel] = false;
 		if (amqp_send_method(conn->state, channel,
 							 AMQP_CHANNEL_CLOSE_OK_METHOD, &ok) != AMQP_STATUS_OK)
+			mark_connection_lost(conn);
+
+		/*
+		 * Deliveries the consumer holds are acknowledged by tags of the
+		 * consume channel; a new channel would number its deliveries from 1
+		 * again, and an old tag would ack another message.  Only a new
+		 * connection is safe: the broker requeues what was unacked.
+		 */
+		if (channel == CONSUME_CHANNEL)
 			mark_connection_lost(conn);
 	}
 	else
@@ -1063,29 +1073,75 @@ broker_poll(BrokerConnection *conn, char **error)
 }
 
 /*
+ * Header tables nest at most this deep; a deeper one makes the delivery
+ * poison.  Far more than any real header needs, and it bounds the
+ * recursion below.  It does not bound rabbitmq-c 0.11's own decoder,
+ * which recurses to any depth a frame can hold (some 20,000 levels in
+ * the default 128 kB frame, a few MB of stack: within the 8 MB a process
+ * has, but a reason to keep frame_max at its default).
+ */
+#define MAX_HEADER_DEPTH 64
+
+/*
+ * Bytes from the wire as a string: themselves when they are UTF-8 text
+ * without NUL bytes (and do not begin with "hex:"), else "hex:" and their
+ * hexadecimal digits.  What the
+ * consumer stores must be valid text (pg_restore of a table holding
+ * invalid UTF-8 fails), and a NUL would cut a message id short, so that
+ * two different messages shared one dedupe key.
+ */
+static bool
+is_plain_text(const char *data, int len)
+{
+	return memchr(data, '\0', len) == NULL && pg_verify_mbstr(PG_UTF8, data, len, true);
+}
+
+static char *
+wire_string(amqp_bytes_t bytes)
+{
+	const char *data = bytes.bytes;
+	int			len = (int) bytes.len;
+	char	   *hex;
+
+	/* a string that starts like an encoded one is encoded too */
+	if (is_plain_text(data, len) && !(len >= 4 && memcmp(data, "hex:", 4) == 0))
+		return pnstrdup(data, len);
+	hex = palloc(4 + 2 * len + 1);
+	memcpy(hex, "hex:", 4);
+	hex_encode(data, len, hex + 4);
+	hex[4 + 2 * len] = '\0';
+	return hex;
+}
+
+/*
  * AMQP field values as JSON, for the headers handed to a consumer's
  * handler.  Integers of any width become numbers, byte arrays and
- * timestamps strings and numbers, decimals numbers.
+ * timestamps strings and numbers, decimals numbers.  Returns false when
+ * the table nests deeper than MAX_HEADER_DEPTH.
  */
-static void field_to_json(StringInfo out, amqp_field_value_t *field);
+static bool field_to_json(StringInfo out, amqp_field_value_t *field, int depth);
 
-static void
-table_to_json(StringInfo out, amqp_table_t *table)
+static bool
+table_to_json(StringInfo out, amqp_table_t *table, int depth)
 {
+	if (depth > MAX_HEADER_DEPTH)
+		return false;
 	appendStringInfoChar(out, '{');
 	for (int i = 0; i < table->num_entries; i++)
 	{
 		if (i > 0)
 			appendStringInfoString(out, ", ");
-		escape_json(out, amqp_bytes_to_cstring(table->entries[i].key));
+		escape_json(out, wire_string(table->entries[i].key));
 		appendStringInfoString(out, ": ");
-		field_to_json(out, &table->entries[i].value);
+		if (!field_to_json(out, &table->entries[i].value, depth))
+			return false;
 	}
 	appendStringInfoChar(out, '}');
+	return true;
 }
 
-static void
-field_to_json(StringInfo out, amqp_field_value_t *field)
+static bool
+field_to_json(StringInfo out, amqp_field_value_t *field, int depth)
 {
 	switch (field->kind)
 	{
@@ -1140,25 +1196,54 @@ field_to_json(StringInfo out, amqp_field_value_t *field)
 			}
 		case AMQP_FIELD_KIND_UTF8:
 		case AMQP_FIELD_KIND_BYTES:
-			escape_json(out, amqp_bytes_to_cstring(field->value.bytes));
+			escape_json(out, wire_string(field->value.bytes));
 			break;
 		case AMQP_FIELD_KIND_ARRAY:
+			if (depth + 1 > MAX_HEADER_DEPTH)
+				return false;
 			appendStringInfoChar(out, '[');
 			for (int i = 0; i < field->value.array.num_entries; i++)
 			{
 				if (i > 0)
 					appendStringInfoString(out, ", ");
-				field_to_json(out, &field->value.array.entries[i]);
+				if (!field_to_json(out, &field->value.array.entries[i], depth + 1))
+					return false;
 			}
 			appendStringInfoChar(out, ']');
 			break;
 		case AMQP_FIELD_KIND_TABLE:
-			table_to_json(out, &field->value.table);
-			break;
+			return table_to_json(out, &field->value.table, depth + 1);
 		default:
 			appendStringInfoString(out, "null");
 			break;
 	}
+	return true;
+}
+
+/*
+ * The original id of a redriven message: a string header at the top level.
+ */
+static char *
+redriven_from(amqp_table_t *headers)
+{
+	for (int i = 0; i < headers->num_entries; i++)
+	{
+		amqp_table_entry_t *entry = &headers->entries[i];
+
+		if (entry->key.len == strlen(MQTX_REDRIVEN_FROM_HEADER) &&
+			memcmp(entry->key.bytes, MQTX_REDRIVEN_FROM_HEADER, entry->key.len) == 0 &&
+			(entry->value.kind == AMQP_FIELD_KIND_UTF8 ||
+			 entry->value.kind == AMQP_FIELD_KIND_BYTES) &&
+			entry->value.value.bytes.len > 0)
+		{
+			amqp_bytes_t id = entry->value.value.bytes;
+
+			/* a dedupe key already, written by mqtx.redrive: taken as it is */
+			return is_plain_text(id.bytes, id.len) ? pnstrdup(id.bytes, id.len) :
+				wire_string(id);
+		}
+	}
+	return NULL;
 }
 
 /*
@@ -1199,20 +1284,25 @@ copy_envelope(amqp_envelope_t *envelope, BrokerDelivery *delivery)
 	amqp_basic_properties_t *props = &envelope->message.properties;
 
 	memset(delivery, 0, sizeof(*delivery));
+	/* the consumer tag is the queue name mqtx sent: taken as it is */
 	delivery->queue = amqp_bytes_to_cstring(envelope->consumer_tag);
 	delivery->delivery_tag = envelope->delivery_tag;
 	delivery->redelivered = envelope->redelivered;
-	delivery->exchange = amqp_bytes_to_cstring(envelope->exchange);
-	delivery->routing_key = amqp_bytes_to_cstring(envelope->routing_key);
+	delivery->exchange = wire_string(envelope->exchange);
+	delivery->routing_key = wire_string(envelope->routing_key);
 	if ((props->_flags & AMQP_BASIC_MESSAGE_ID_FLAG) && props->message_id.len > 0)
-		delivery->message_id = amqp_bytes_to_cstring(props->message_id);
+		delivery->message_id = wire_string(props->message_id);
 	if (props->_flags & AMQP_BASIC_HEADERS_FLAG)
 	{
 		StringInfoData json;
 
 		initStringInfo(&json);
-		table_to_json(&json, &props->headers);
-		delivery->headers_json = json.data;
+		if (table_to_json(&json, &props->headers, 1))
+			delivery->headers_json = json.data;
+		else
+			delivery->headers_error = psprintf("headers nest deeper than %d levels",
+											   MAX_HEADER_DEPTH);
+		delivery->redriven_from = redriven_from(&props->headers);
 	}
 	delivery->body_len = (int) envelope->message.body.len;
 	delivery->body = palloc(delivery->body_len + 1);
@@ -1302,6 +1392,38 @@ broker_ack(BrokerConnection *conn, uint64 delivery_tag, bool multiple,
 	*error = psprintf("acknowledging: %s", amqp_error_string2(rc));
 	mark_connection_lost(conn);
 	return false;
+}
+
+/*
+ * Send a heartbeat when one is due, so that a long stretch of database
+ * work (a large batch, slow handlers) does not make the broker close the
+ * connection for silence.  Returns false when the connection failed.
+ */
+bool
+broker_keep_alive(BrokerConnection *conn, char **error)
+{
+	amqp_frame_t heartbeat;
+	int			interval = amqp_get_heartbeat(conn->state);
+	TimestampTz now;
+	int			rc;
+
+	if (!conn->open || interval <= 0)
+		return conn->open;
+	now = GetCurrentTimestamp();
+	if (!TimestampDifferenceExceeds(conn->last_keep_alive, now, interval * 1000 / 2))
+		return true;
+	memset(&heartbeat, 0, sizeof(heartbeat));
+	heartbeat.frame_type = AMQP_FRAME_HEARTBEAT;
+	heartbeat.channel = 0;
+	rc = amqp_send_frame(conn->state, &heartbeat);
+	if (rc != AMQP_STATUS_OK)
+	{
+		*error = psprintf("sending a heartbeat: %s", amqp_error_string2(rc));
+		mark_connection_lost(conn);
+		return false;
+	}
+	conn->last_keep_alive = now;
+	return true;
 }
 
 bool

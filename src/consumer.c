@@ -8,31 +8,51 @@
  * One consumer runs per database in mqtx.database and consumes every queue
  * in mqtx.subscriptions, with manual acks and a prefetch per queue.
  * Deliveries are applied in batches, one transaction per batch: for each,
- * the message id is recorded in mqtx.inbox (a unique key: a duplicate is
- * recognised there and acked without calling the handler) and the
- * subscription's handler runs.  The batch is tried in one subtransaction;
- * when anything in it fails, it is applied again with one subtransaction
- * per delivery.  Acks are sent only after the batch commits, so a crash at
- * any point means redelivery, and the inbox makes redelivery harmless.
+ * the message's dedupe key is recorded in mqtx.inbox (a unique key: a
+ * duplicate is recognised there and acked without calling the handler)
+ * and the subscription's handler runs, as its owner.  The batch is tried
+ * in one subtransaction; when anything in it fails, it is applied again
+ * with one subtransaction per delivery.  Acks are sent only after the
+ * batch's commit is flushed to disk, so a crash at any point means
+ * redelivery, and the inbox makes redelivery harmless.
  *
- * A handler error rolls back that delivery's subtransaction only.  The
- * attempt is recorded (mqtx.consumer_attempts, committed with the batch)
- * and the delivery is held, unacknowledged, until its backoff has passed:
- * no hot redelivery loop, and a crash while it waits hands it back to the
- * broker.  After max_attempts it is written to mqtx.dead_letter and acked.
- * A body that can never be applied (not UTF-8, not JSON, too large) is
- * dead-lettered at once.
+ * Every delivery ends in exactly one outcome, and no message can stop the
+ * worker:
+ *
+ * - A handler error rolls back that delivery's subtransaction only.  The
+ *   attempt is recorded (mqtx.consumer_attempts) and the delivery is held,
+ *   unacknowledged, until its backoff has passed: no hot redelivery loop,
+ *   and a crash while it waits hands it back to the broker.  After
+ *   max_attempts it is dead-lettered and acked.
+ * - A message that can never be applied (a body that is not UTF-8 or not
+ *   JSON or too large, headers nested too deep) is dead-lettered at once.
+ * - A dead letter also writes the message's inbox row, so any later copy
+ *   of it is a duplicate, and a message has at most one dead letter per
+ *   queue.  Writing a dead letter parses nothing that already failed to
+ *   parse; when even that fails, a minimal one is written, and when that
+ *   fails the delivery is held and tried again.
+ * - An error at commit (a deferred constraint, a serialization failure),
+ *   or any other error while a batch is applied, aborts the batch; its
+ *   deliveries are then applied one transaction each, so that the error
+ *   falls on the delivery that caused it, which fails like a handler.
+ * - An error anywhere else in a pass (the broker connection, reading the
+ *   subscriptions) is logged, the connection is dropped, and the broker
+ *   hands the unacknowledged deliveries out again.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#ifdef __GLIBC__
 #include <malloc.h>
+#endif
 #include <math.h>
 
 #include "access/xact.h"
+#include "access/xlog.h"
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
+#include "commands/trigger.h"
 #include "common/cryptohash.h"
 #include "common/pg_prng.h"
 #include "executor/spi.h"
@@ -46,6 +66,7 @@
 #include "utils/memutils.h"
 #include "utils/resowner.h"
 #include "utils/syscache.h"
+#include "utils/timeout.h"
 #include "utils/timestamp.h"
 
 #include "mqtx.h"
@@ -53,15 +74,26 @@
 /* How long one wait for a delivery may block the loop. */
 #define DELIVERY_WAIT_MS 100
 
-static const char *const subscriptions_sql =
-"SELECT queue, handler::oid, prefetch, max_attempts FROM mqtx.subscriptions ORDER BY queue";
+/* The pause after an error escaped a pass, doubling while they repeat. */
+#define ERROR_PAUSE_MIN_MS 1000
+#define ERROR_PAUSE_MAX_MS 60000
 
+static const char *const subscriptions_sql =
+"SELECT queue, handler::oid, prefetch, max_attempts,"
+"       (extract(epoch FROM handler_timeout) * 1000)::int4 "
+"FROM mqtx.subscriptions ORDER BY queue";
+
+/*
+ * Attempts of a message that is applied now, or turns out a duplicate,
+ * are history: removed in the same statement, which costs an index probe
+ * of a table that is nearly always empty.
+ */
 static const char *const inbox_sql =
+"WITH applied AS ("
+"  DELETE FROM mqtx.consumer_attempts WHERE queue = $1 AND message_id = $2"
+") "
 "INSERT INTO mqtx.inbox (queue, message_id) VALUES ($1, $2) "
 "ON CONFLICT DO NOTHING";
-
-static const char *const forget_attempts_sql =
-"DELETE FROM mqtx.consumer_attempts WHERE queue = $1 AND message_id = $2";
 
 static const char *const record_attempt_sql =
 "INSERT INTO mqtx.consumer_attempts AS a (queue, message_id, attempts, last_error) "
@@ -71,31 +103,52 @@ static const char *const record_attempt_sql =
 "RETURNING attempts";
 
 /*
+ * A dead letter, and the message's inbox row: a later copy of the message
+ * is then a duplicate, and redrive removes the row again.  A message that
+ * is in the inbox already (applied, or dead-lettered by an earlier copy in
+ * the same batch) gets no letter: it is a duplicate.
+ *
  * The alert names the dead letter and its queue, nothing of the message:
  * anyone who can connect may LISTEN, and the error text often quotes the
- * payload.  The rest is in mqtx.dead_letter, for whoever may read it.
+ * payload.  The rest is in mqtx.dead_letter, for whoever may read it.  It
+ * is skipped while the NOTIFY queue is more than half full: a full queue
+ * fails the commit, and an alert is not worth a dead letter.
  */
 static const char *const dead_letter_sql =
 "WITH attempt AS ("
 "  DELETE FROM mqtx.consumer_attempts WHERE queue = $1 AND message_id = $2"
 "  RETURNING first_failed_at"
+"), seen AS ("
+"  INSERT INTO mqtx.inbox (queue, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+"  RETURNING 1"
 "), letter AS ("
 "  INSERT INTO mqtx.dead_letter (queue, message_id, exchange, routing_key, headers,"
 "      body, body_text, body_json, error_message, error_detail, error_context,"
 "      attempts, first_failed_at, last_failed_at)"
 "  SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
 "      coalesce((SELECT first_failed_at FROM attempt), pg_catalog.now()), pg_catalog.now()"
+"  WHERE EXISTS (SELECT FROM seen)"
+"  ON CONFLICT ON CONSTRAINT dead_letter_queue_message_id_key DO NOTHING"
 "  RETURNING id, queue"
 ") "
-"SELECT id, pg_catalog.pg_notify('mqtx_dead_letter', pg_catalog.json_build_object("
-"    'event', 'dead_letter', 'database', pg_catalog.current_database(),"
-"    'id', id, 'queue', queue)::text) "
-"FROM letter";
+"SELECT l.id, n.notified IS NOT NULL FROM letter l LEFT JOIN LATERAL ("
+"  SELECT true AS notified, pg_catalog.pg_notify('mqtx_dead_letter',"
+"      pg_catalog.json_build_object('event', 'dead_letter',"
+"          'database', pg_catalog.current_database(), 'id', l.id, 'queue', l.queue)::text)"
+"  WHERE pg_catalog.pg_notification_queue_usage() < 0.5"
+") n ON true";
 
+/*
+ * The inbox row of a dead letter stays while the letter does: a late copy
+ * applied meanwhile would make a redrive apply the message twice.
+ */
 static const char *const retention_sql =
 "DELETE FROM mqtx.inbox WHERE ctid = ANY (ARRAY("
-"  SELECT ctid FROM mqtx.inbox"
-"   WHERE applied_at < pg_catalog.now() - pg_catalog.make_interval(secs => $1) LIMIT $2))";
+"  SELECT i.ctid FROM mqtx.inbox i"
+"   WHERE i.applied_at < pg_catalog.now() - pg_catalog.make_interval(secs => $1)"
+"     AND NOT EXISTS (SELECT FROM mqtx.dead_letter d"
+"                      WHERE d.queue = i.queue AND d.message_id = i.message_id)"
+"   LIMIT $2))";
 
 typedef struct Subscription
 {
@@ -103,6 +156,7 @@ typedef struct Subscription
 	Oid			handler;
 	int			prefetch;
 	int			max_attempts;
+	int			handler_timeout_ms;
 	bool		consuming;		/* basic.consume issued on this connection */
 } Subscription;
 
@@ -121,6 +175,25 @@ typedef enum ApplyResult
 	POISON
 } ApplyResult;
 
+/*
+ * One delivery of a batch and what became of it.  The outcome is decided
+ * in the transaction and acted on (counted, acked, held) only once that
+ * transaction has committed.
+ */
+typedef struct Work
+{
+	BrokerDelivery *d;
+	Subscription *sub;			/* NULL: the queue is no longer subscribed */
+	char	   *key;			/* dedupe key, in the transaction's memory */
+	ApplyResult result;
+	ErrorData  *edata;			/* why it failed, for HANDLER_FAILED and POISON */
+	int			attempts;		/* failed attempts on record */
+	bool		settled;		/* applied, a duplicate or dead-lettered: ack it */
+	bool		dead_lettered;	/* a new dead letter was written */
+	bool		suspect;		/* the delivery earlier consumers died on */
+	bool		quarantined;	/* dead-letter it without applying it */
+} Work;
+
 typedef struct ConsumerState
 {
 	MqtxWorker	worker;
@@ -128,20 +201,108 @@ typedef struct ConsumerState
 	List	   *subscriptions;
 	uint32		subscriptions_generation;
 	bool		subscriptions_loaded;
+	bool		draining;		/* the last queue went: take in what is in flight */
 	List	   *held;			/* of HeldDelivery, in long_context */
+	int			error_pause_ms; /* after the next escaped error */
+	int			one_at_a_time;	/* deliveries to apply one per transaction */
+	MqtxCrashRecord suspect;	/* a delivery earlier consumers died on */
+	TimestampTz started_at;
 	TimestampTz next_retention_at;
 } ConsumerState;
 
 static ConsumerState consumer;
 
+static Datum wire_text_datum(const char *utf8);
+
+/* Plans of the statements above, prepared on first use */
+static SPIPlanPtr inbox_plan = NULL;
+static SPIPlanPtr record_attempt_plan = NULL;
+static SPIPlanPtr dead_letter_plan = NULL;
+
 /*
- * Deliveries held on a connection die with it: the broker hands them out
- * again, and their attempts are on record.
+ * Error texts are kept (attempts, dead letters) and logged; one that quotes
+ * a whole payload must not make every later line as large.
  */
+#define ERROR_TEXT_MAX 8000
+
+static char *
+clip_text(char *text)
+{
+	int			len;
+
+	if (text == NULL || (len = strlen(text)) <= ERROR_TEXT_MAX)
+		return text;
+	len = pg_mbcliplen(text, len, ERROR_TEXT_MAX);
+	return psprintf("%.*s... (%d bytes cut)", len, text, (int) strlen(text) - len);
+}
+
+static void
+clip_error(ErrorData *edata)
+{
+	edata->message = clip_text(edata->message);
+	edata->detail = clip_text(edata->detail);
+	edata->context = clip_text(edata->context);
+}
+
+/*
+ * Run fn(arg) in a subtransaction of its own.  Returns NULL when it
+ * succeeded; else its error, copied into the caller's memory context,
+ * with everything it did rolled back (the identity and settings of a
+ * handler included).
+ */
+static ErrorData *
+in_subtransaction(void (*fn) (void *), void *arg)
+{
+	MemoryContext context = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	ErrorData  *volatile edata = NULL;
+	int			level;
+
+	BeginInternalSubTransaction(NULL);
+	level = GetCurrentTransactionNestLevel();
+	MemoryContextSwitchTo(context);
+	PG_TRY();
+	{
+		fn(arg);
+
+		/*
+		 * C code may leave a subtransaction of its own open; releasing ours
+		 * would then release that one, and the batch's commit would commit
+		 * nothing while its acks went out.
+		 */
+		if (GetCurrentTransactionNestLevel() != level)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_TRANSACTION_STATE),
+					 errmsg("a subtransaction was left open")));
+		ReleaseCurrentSubTransaction();
+	}
+	PG_CATCH();
+	{
+		disable_timeout(STATEMENT_TIMEOUT, false);
+		MemoryContextSwitchTo(context);
+		edata = CopyErrorData();
+		FlushErrorState();
+		while (GetCurrentTransactionNestLevel() > level)
+			RollbackAndReleaseCurrentSubTransaction();
+		RollbackAndReleaseCurrentSubTransaction();
+		clip_error(edata);
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(context);
+	CurrentResourceOwner = owner;
+	return edata;
+}
+
 /*
  * A deep copy of a delivery in the current memory context: held deliveries
  * move between the long-lived context and a pass's.
  */
+static char *
+copy_string(const char *s)
+{
+	return s ? pstrdup(s) : NULL;
+}
+
 static void
 copy_delivery(BrokerDelivery *dst, const BrokerDelivery *src)
 {
@@ -149,10 +310,19 @@ copy_delivery(BrokerDelivery *dst, const BrokerDelivery *src)
 	dst->queue = pstrdup(src->queue);
 	dst->exchange = pstrdup(src->exchange);
 	dst->routing_key = pstrdup(src->routing_key);
-	dst->message_id = src->message_id ? pstrdup(src->message_id) : NULL;
-	dst->headers_json = src->headers_json ? pstrdup(src->headers_json) : NULL;
+	dst->message_id = copy_string(src->message_id);
+	dst->redriven_from = copy_string(src->redriven_from);
+	dst->headers_json = copy_string(src->headers_json);
+	dst->headers_error = copy_string(src->headers_error);
 	dst->body = palloc(src->body_len + 1);
 	memcpy(dst->body, src->body, src->body_len + 1);
+}
+
+static void
+free_string(char *s)
+{
+	if (s)
+		pfree(s);
 }
 
 static void
@@ -161,13 +331,17 @@ free_delivery_copy(BrokerDelivery *d)
 	pfree(d->queue);
 	pfree(d->exchange);
 	pfree(d->routing_key);
-	if (d->message_id)
-		pfree(d->message_id);
-	if (d->headers_json)
-		pfree(d->headers_json);
+	free_string(d->message_id);
+	free_string(d->redriven_from);
+	free_string(d->headers_json);
+	free_string(d->headers_error);
 	pfree(d->body);
 }
 
+/*
+ * Deliveries held on a connection die with it: the broker hands them out
+ * again, and their attempts are on record.
+ */
 static void
 forget_connection_state(const char *error)
 {
@@ -182,16 +356,17 @@ forget_connection_state(const char *error)
 	}
 	list_free(consumer.held);
 	consumer.held = NIL;
+	consumer.draining = false;
 	foreach(lc, consumer.subscriptions)
 		((Subscription *) lfirst(lc))->consuming = false;
 }
 
 static Subscription *
-find_subscription(const char *queue)
+find_subscription(List *subscriptions, const char *queue)
 {
 	ListCell   *lc;
 
-	foreach(lc, consumer.subscriptions)
+	foreach(lc, subscriptions)
 	{
 		Subscription *sub = lfirst(lc);
 
@@ -202,19 +377,22 @@ find_subscription(const char *queue)
 }
 
 /*
- * Re-read mqtx.subscriptions when it (or the topology) changed, cancel the
- * consumers of queues no longer subscribed.
+ * The queue a delivery came from, in the server encoding: its consumer tag
+ * is the queue name mqtx sent, in UTF-8.  In a transaction.
  */
-static void
-load_subscriptions(void)
+static const char *
+server_queue_name(BrokerDelivery *d)
 {
-	uint32		generation = pg_atomic_read_u32(&consumer.worker.slot->topology_generation);
-	List	   *loaded = NIL;
-	ListCell   *lc;
-	MemoryContext old;
+	if (GetDatabaseEncoding() == PG_UTF8)
+		return d->queue;
+	return pg_any_to_server(d->queue, strlen(d->queue), PG_UTF8);
+}
 
-	if (consumer.subscriptions_loaded && generation == consumer.subscriptions_generation)
-		return;
+static List *
+read_subscriptions(void)
+{
+	List	   *loaded = NIL;
+	MemoryContext old;
 
 	mqtx_worker_begin_step("mqtx consumer: reading subscriptions");
 	if (SPI_execute(subscriptions_sql, true, 0) != SPI_OK_SELECT)
@@ -225,34 +403,64 @@ load_subscriptions(void)
 		HeapTuple	tuple = SPI_tuptable->vals[i];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
 		Subscription *sub = palloc0(sizeof(Subscription));
-		Subscription *previous;
 		bool		isnull;
 
 		sub->queue = SPI_getvalue(tuple, desc, 1);
 		sub->handler = DatumGetObjectId(SPI_getbinval(tuple, desc, 2, &isnull));
 		sub->prefetch = DatumGetInt32(SPI_getbinval(tuple, desc, 3, &isnull));
 		sub->max_attempts = DatumGetInt32(SPI_getbinval(tuple, desc, 4, &isnull));
-		previous = find_subscription(sub->queue);
-		sub->consuming = previous != NULL && previous->consuming;
+		sub->handler_timeout_ms = DatumGetInt32(SPI_getbinval(tuple, desc, 5, &isnull));
 		loaded = lappend(loaded, sub);
 	}
 	MemoryContextSwitchTo(old);
 	mqtx_worker_end_step(&consumer.worker);
+	return loaded;
+}
+
+/*
+ * Re-read mqtx.subscriptions when it (or the topology) changed.  Consumers
+ * of queues no longer subscribed, or subscribed with another prefetch, are
+ * cancelled; start_consuming starts the new ones.  Returns false when the
+ * connection failed.
+ */
+static bool
+load_subscriptions(void)
+{
+	uint32		generation = pg_atomic_read_u32(&consumer.worker.slot->topology_generation);
+	List	   *loaded;
+	ListCell   *lc;
+	bool		was_consuming = false;
+
+	if (consumer.subscriptions_loaded && generation == consumer.subscriptions_generation)
+		return true;
+
+	loaded = read_subscriptions();
+
+	/*
+	 * A subscription's queue is declared by the topology, which the
+	 * connection declared as of an earlier generation; consumed before it
+	 * is declared, the queue may not exist yet, and the broker closes the
+	 * channel.  Declaring now, after the read, covers every queue read.
+	 */
+	if (consumer.worker.declared_generation !=
+		pg_atomic_read_u32(&consumer.worker.slot->topology_generation))
+		(void) mqtx_worker_ensure_broker(&consumer.worker);
 
 	foreach(lc, consumer.subscriptions)
 	{
 		Subscription *sub = lfirst(lc);
+		Subscription *now = find_subscription(loaded, sub->queue);
 		char	   *error = NULL;
-		ListCell   *lc2;
-		bool		kept = false;
 
-		foreach(lc2, loaded)
-			kept |= strcmp(((Subscription *) lfirst(lc2))->queue, sub->queue) == 0;
-		if (!kept && sub->consuming && consumer.worker.conn != NULL &&
-			!broker_cancel(consumer.worker.conn, sub->queue, &error))
-			ereport(WARNING,
-					(errmsg("mqtx consumer: could not stop consuming queue \"%s\"", sub->queue),
-					 errdetail_internal("%s", error)));
+		was_consuming |= sub->consuming;
+		if (now != NULL && now->prefetch == sub->prefetch)
+			now->consuming = sub->consuming;
+		else if (sub->consuming && consumer.worker.conn != NULL &&
+				 !broker_cancel(consumer.worker.conn, sub->queue, &error))
+		{
+			mqtx_worker_drop_broker(&consumer.worker, error);
+			break;
+		}
 	}
 	foreach(lc, consumer.subscriptions)
 	{
@@ -265,6 +473,17 @@ load_subscriptions(void)
 	consumer.subscriptions = loaded;
 	consumer.subscriptions_generation = generation;
 	consumer.subscriptions_loaded = true;
+
+	if (consumer.worker.conn == NULL)
+	{
+		foreach(lc, loaded)
+			((Subscription *) lfirst(lc))->consuming = false;
+		return false;
+	}
+	/* deliveries may still be in flight, and some held: hand them back */
+	if (loaded == NIL && was_consuming)
+		consumer.draining = true;
+	return true;
 }
 
 /*
@@ -299,8 +518,9 @@ start_consuming(void)
 }
 
 /*
- * Message id for deduplication: the AMQP message_id, or for a message
- * without one a hash of its body (the same body is then the same message).
+ * The key a message is deduplicated on: the original id of a redriven
+ * message, its AMQP message_id, or for a message without one a hash of its
+ * body (the same body is then the same message).
  */
 static char *
 dedupe_key(BrokerDelivery *d)
@@ -309,6 +529,8 @@ dedupe_key(BrokerDelivery *d)
 	uint8		digest[32];
 	char		hex[65];
 
+	if (d->redriven_from != NULL)
+		return d->redriven_from;
 	if (d->message_id != NULL)
 		return d->message_id;
 
@@ -336,6 +558,10 @@ parse_body(BrokerDelivery *d)
 				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
 				 errmsg("body is %d bytes, more than mqtx.max_payload (%d bytes)",
 						d->body_len, mqtx_max_payload)));
+	if (memchr(d->body, '\0', d->body_len) != NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNTRANSLATABLE_CHARACTER),
+				 errmsg("body contains a NUL byte")));
 	if (!pg_verify_mbstr(PG_UTF8, d->body, d->body_len, true))
 		ereport(ERROR,
 				(errcode(ERRCODE_CHARACTER_NOT_IN_REPERTOIRE),
@@ -347,16 +573,17 @@ parse_body(BrokerDelivery *d)
 static Jsonb *
 parse_headers(BrokerDelivery *d)
 {
+	if (d->headers_error != NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("message headers cannot be read: %s", d->headers_error)));
+	if (d->headers_json == NULL)
+		return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum("{}")));
 	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in,
-											  CStringGetDatum(d->headers_json ?
-															  d->headers_json : "{}")));
+											  CStringGetDatum(pg_any_to_server(d->headers_json,
+																			   strlen(d->headers_json),
+																			   PG_UTF8))));
 }
-
-/* Plans of the statements above, prepared on first use */
-static SPIPlanPtr inbox_plan = NULL;
-static SPIPlanPtr forget_attempts_plan = NULL;
-static SPIPlanPtr record_attempt_plan = NULL;
-static SPIPlanPtr dead_letter_plan = NULL;
 
 static uint64
 execute(SPIPlanPtr *plan, const char *sql, int nargs, Oid *types, Datum *values,
@@ -368,6 +595,19 @@ execute(SPIPlanPtr *plan, const char *sql, int nargs, Oid *types, Datum *values,
 		elog(ERROR, "mqtx consumer query failed (%s): %s",
 			 SPI_result_code_string(rc), sql);
 	return SPI_processed;
+}
+
+/*
+ * Keep the broker connection alive while the database works.  A failed
+ * send is noticed, and the connection dropped, when the batch is acked.
+ */
+static void
+keep_alive(void)
+{
+	char	   *error = NULL;
+
+	if (consumer.worker.conn != NULL)
+		(void) broker_keep_alive(consumer.worker.conn, &error);
 }
 
 /*
@@ -413,13 +653,39 @@ handler_info(List **handlers, Oid function)
 }
 
 /*
+ * SET CONSTRAINTS ALL DEFERRED (true) or ALL IMMEDIATE (false).  A handler
+ * runs between the two, so that its deferrable constraints are checked,
+ * and its deferred triggers fired, when it returns and as its owner:
+ * fired at the batch's commit, they would run as the worker, a
+ * superuser, and one handler's checks would fall on the whole batch.
+ * (PostgreSQL forbids deferred triggers in a security-restricted operation
+ * for the same reason; handlers use them too much to forbid them.)
+ */
+static void
+set_constraints(bool deferred)
+{
+	ConstraintsSetStmt stmt;
+
+	memset(&stmt, 0, sizeof(stmt));
+	stmt.type = T_ConstraintsSetStmt;
+	stmt.constraints = NIL;
+	stmt.deferred = deferred;
+	AfterTriggerSetState(&stmt);
+}
+
+/*
  * Call a handler with its owner's privileges and search_path, never the
  * worker's: the owner may replace the function's body at any time, and it
  * must not gain anything by that.  Like a SECURITY DEFINER function's own
  * SET clauses, the handler's are honoured (fmgr applies them inside).
+ *
+ * The subscription's handler_timeout bounds the call (statement_timeout
+ * is only armed for client statements), so a handler waiting on a lock
+ * or a remote call cannot stop every queue; on an error, the caller's
+ * subtransaction catches it and disarms the timer.
  */
 static void
-call_handler(Handler *handler, Jsonb *payload, Jsonb *headers)
+call_handler(Handler *handler, Subscription *sub, Jsonb *payload, Jsonb *headers)
 {
 	LOCAL_FCINFO(fcinfo, 2);
 	MqtxIdentity saved;
@@ -429,72 +695,89 @@ call_handler(Handler *handler, Jsonb *payload, Jsonb *headers)
 	fcinfo->args[0].isnull = false;
 	fcinfo->args[1].value = JsonbPGetDatum(headers);
 	fcinfo->args[1].isnull = false;
-	mqtx_become(&saved, handler->owner, handler->search_path);
+	mqtx_become(&saved, handler->owner, handler->search_path, false);
+	set_constraints(true);
+	enable_timeout_after(STATEMENT_TIMEOUT, sub->handler_timeout_ms);
 	(void) FunctionCallInvoke(fcinfo);
+	disable_timeout(STATEMENT_TIMEOUT, false);
+	/* the timer may have gone off after the call returned */
+	if (get_timeout_indicator(STATEMENT_TIMEOUT, true))
+		QueryCancelPending = false;
+	set_constraints(false);
 	mqtx_restore_identity(&saved);
+	mqtx_forget_session_state();
 }
 
 /*
- * Apply one parsed delivery: record its key in the inbox and, unless it was
- * there already, run the handler.  Errors propagate: the caller's
- * subtransaction holds its effects.
+ * Apply one delivery: record its key in the inbox and, unless it was there
+ * already, parse it and run the handler.  Errors propagate: the caller's
+ * subtransaction holds its effects.  *stage says what an error means: the
+ * inbox first, so that a copy of a message already applied or dead-
+ * lettered is a duplicate whatever its body.
  */
-static ApplyResult
-apply_one(BrokerDelivery *d, Subscription *sub, const char *key, Jsonb *payload,
-		  Jsonb *headers, List **handlers)
+typedef struct ApplyArgs
 {
+	Work	   *work;
+	List	  **handlers;
+	ApplyResult stage;
+} ApplyArgs;
+
+static void
+apply_one(void *arg)
+{
+	ApplyArgs  *args = arg;
+	Work	   *w = args->work;
 	Oid			types[2] = {TEXTOID, TEXTOID};
-	Datum		values[2] = {CStringGetTextDatum(sub->queue), CStringGetTextDatum(key)};
+	Datum		values[2] = {CStringGetTextDatum(w->sub->queue), wire_text_datum(w->key)};
+	Jsonb	   *payload;
+	Jsonb	   *headers;
 
+	args->stage = HANDLER_FAILED;
 	if (execute(&inbox_plan, inbox_sql, 2, types, values, NULL, SPI_OK_INSERT) == 0)
-		return DUPLICATE;
-	call_handler(handler_info(handlers, sub->handler), payload, headers);
-	if (d->redelivered)
-		execute(&forget_attempts_plan, forget_attempts_sql, 2, types, values,
-				NULL, SPI_OK_DELETE);
-	return APPLIED;
+	{
+		w->result = DUPLICATE;
+		return;
+	}
+	args->stage = POISON;
+	payload = parse_body(w->d);
+	headers = parse_headers(w->d);
+	args->stage = HANDLER_FAILED;
+	call_handler(handler_info(args->handlers, w->sub->handler), w->sub, payload, headers);
+	w->result = APPLIED;
 }
 
 /*
- * Apply one delivery in a subtransaction of its own.  On failure *edata
- * describes the error (a poison body or the handler's).
+ * Apply one delivery in a subtransaction of its own.
  */
-static ApplyResult
-apply_delivery(BrokerDelivery *d, Subscription *sub, const char *key,
-			   List **handlers, ErrorData **edata)
+static void
+apply_delivery(Work *w, List **handlers)
 {
-	MemoryContext context = CurrentMemoryContext;
-	ResourceOwner owner = CurrentResourceOwner;
-	volatile ApplyResult result = POISON;
+	ApplyArgs	args = {w, handlers, HANDLER_FAILED};
+	TimestampTz started = GetCurrentTimestamp();
 
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(context);
-	PG_TRY();
-	{
-		Jsonb	   *payload = parse_body(d);
-		Jsonb	   *headers = parse_headers(d);
+	w->edata = in_subtransaction(apply_one, &args);
+	if (w->edata == NULL)
+		return;
+	/* what it left outside the rolled-back subtransaction */
+	mqtx_forget_session_state();
 
-		result = HANDLER_FAILED;	/* an error from here on is not the body's */
-		result = apply_one(d, sub, key, payload, headers, handlers);
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(context);
-		CurrentResourceOwner = owner;
-	}
-	PG_CATCH();
-	{
-		MemoryContextSwitchTo(context);
-		*edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(context);
-		CurrentResourceOwner = owner;
-	}
-	PG_END_TRY();
-
+	/*
+	 * A serialization failure or a deadlock is the transaction's, not the
+	 * delivery's: what follows it in the batch would fail the same way.
+	 * The batch is then applied one transaction per delivery.
+	 */
+	if (w->edata->sqlerrcode == ERRCODE_T_R_SERIALIZATION_FAILURE ||
+		w->edata->sqlerrcode == ERRCODE_T_R_DEADLOCK_DETECTED)
+		ReThrowError(w->edata);
+	w->result = args.stage;
 	/* jsonb_in's own words are about "input syntax"; say what was parsed */
-	if (result == POISON && (*edata)->sqlerrcode == ERRCODE_INVALID_TEXT_REPRESENTATION)
-		(*edata)->message = psprintf("body is not valid JSON: %s", (*edata)->message);
-	return result;
+	if (w->result == POISON && strncmp(w->edata->message, "body ", 5) != 0 &&
+		strncmp(w->edata->message, "message headers ", 16) != 0)
+		w->edata->message = psprintf("body is not valid JSON: %s", w->edata->message);
+	if (w->edata->sqlerrcode == ERRCODE_QUERY_CANCELED && w->result == HANDLER_FAILED &&
+		TimestampDifferenceExceeds(started, GetCurrentTimestamp(), w->sub->handler_timeout_ms))
+		w->edata->message = psprintf("handler ran longer than its timeout of %d ms (handler_timeout of the subscription of queue \"%s\")",
+									 w->sub->handler_timeout_ms, w->sub->queue);
 }
 
 /*
@@ -505,133 +788,306 @@ apply_delivery(BrokerDelivery *d, Subscription *sub, const char *key,
  * (or had no subscription); the caller then applies them one by one, each
  * failure on its own.
  */
-static bool
-apply_all_at_once(BrokerDelivery *batch, Subscription **subs, char **keys,
-				  int count, List **handlers, ApplyResult *results)
+typedef struct BatchArgs
 {
-	MemoryContext context = CurrentMemoryContext;
-	ResourceOwner owner = CurrentResourceOwner;
-	volatile bool applied = false;
+	Work	   *work;
+	int			count;
+	List	  **handlers;
+} BatchArgs;
+
+static void
+apply_each(void *arg)
+{
+	BatchArgs  *args = arg;
+
+	for (int i = 0; i < args->count; i++)
+	{
+		ApplyArgs	one = {&args->work[i], args->handlers, HANDLER_FAILED};
+
+		apply_one(&one);
+		keep_alive();
+	}
+}
+
+static bool
+apply_all_at_once(Work *work, int count, List **handlers)
+{
+	BatchArgs	args = {work, count, handlers};
+	ErrorData  *edata;
 
 	for (int i = 0; i < count; i++)
-		if (subs[i] == NULL)
+		if (work[i].sub == NULL || work[i].quarantined)
 			return false;
+	edata = in_subtransaction(apply_each, &args);
+	if (edata == NULL)
+		return true;
+	mqtx_forget_session_state();
+	FreeErrorData(edata);
+	return false;
+}
 
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(context);
-	PG_TRY();
-	{
-		for (int i = 0; i < count; i++)
-			results[i] = apply_one(&batch[i], subs[i], keys[i], parse_body(&batch[i]),
-								   parse_headers(&batch[i]), handlers);
-		ReleaseCurrentSubTransaction();
-		applied = true;
-	}
-	PG_CATCH();
-	{
-		MemoryContextSwitchTo(context);
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-	}
-	PG_END_TRY();
-	MemoryContextSwitchTo(context);
-	CurrentResourceOwner = owner;
-	return applied;
+/*
+ * A string of the delivery as a text datum.  Wire strings are UTF-8; in a
+ * database of another encoding they are converted, or kept as hex where
+ * that encoding cannot hold them.
+ */
+typedef struct ConvertArgs
+{
+	const char *utf8;
+	char	   *converted;
+} ConvertArgs;
+
+static void
+convert_to_server(void *arg)
+{
+	ConvertArgs *args = arg;
+
+	args->converted = pg_any_to_server(args->utf8, strlen(args->utf8), PG_UTF8);
+}
+
+static Datum
+wire_text_datum(const char *utf8)
+{
+	ConvertArgs args = {utf8, NULL};
+	ErrorData  *edata;
+	int			len;
+
+	if (GetDatabaseEncoding() == PG_UTF8)
+		return CStringGetTextDatum(utf8);
+	edata = in_subtransaction(convert_to_server, &args);
+	if (edata == NULL)
+		return CStringGetTextDatum(args.converted);
+	FreeErrorData(edata);
+	len = strlen(utf8);
+	args.converted = palloc(4 + 2 * len + 1);
+	memcpy(args.converted, "hex:", 4);
+	hex_encode(utf8, len, args.converted + 4);
+	args.converted[4 + 2 * len] = '\0';
+	return CStringGetTextDatum(args.converted);
+}
+
+/*
+ * The dead letter's columns.  full: everything that can be derived, each
+ * part parsed afresh (whatever failed to parse before is simply left out);
+ * otherwise only what needs no parsing or conversion at all.
+ */
+typedef struct DeadLetterArgs
+{
+	Work	   *work;
+	bool		full;
+	int64		id;				/* the new letter, or 0: there was one */
+	bool		notified;
+} DeadLetterArgs;
+
+typedef struct ParseArgs
+{
+	BrokerDelivery *d;
+	Datum		result;
+	bool		body_text;		/* else: the body as JSON */
+} ParseArgs;
+
+static void
+parse_for_dead_letter(void *arg)
+{
+	ParseArgs  *args = arg;
+
+	if (args->body_text)
+		args->result = CStringGetTextDatum(pg_any_to_server(args->d->body, args->d->body_len, PG_UTF8));
+	else
+		args->result = JsonbPGetDatum(parse_body(args->d));
 }
 
 static void
-dead_letter(BrokerDelivery *d, const char *key, ErrorData *edata, int attempts)
+parse_headers_for_dead_letter(void *arg)
 {
+	ParseArgs  *args = arg;
+
+	args->result = JsonbPGetDatum(parse_headers(args->d));
+}
+
+/*
+ * A part of the dead letter that may fail to parse: in a subtransaction,
+ * NULL when it failed.
+ */
+static bool
+try_part(void (*fn) (void *), BrokerDelivery *d, bool body_text, Datum *value)
+{
+	ParseArgs	args = {d, (Datum) 0, body_text};
+	ErrorData  *edata = in_subtransaction(fn, &args);
+
+	if (edata != NULL)
+	{
+		FreeErrorData(edata);
+		return false;
+	}
+	*value = args.result;
+	return true;
+}
+
+static void
+insert_dead_letter(void *arg)
+{
+	DeadLetterArgs *args = arg;
+	Work	   *w = args->work;
+	BrokerDelivery *d = w->d;
+	ErrorData  *edata = w->edata;
 	Oid			types[12] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, JSONBOID, BYTEAOID,
 	TEXTOID, JSONBOID, TEXTOID, TEXTOID, TEXTOID, INT4OID};
 	Datum		values[12];
 	char		nulls[12];
 	bytea	   *body = palloc(VARHDRSZ + d->body_len);
 	bool		utf8 = pg_verify_mbstr(PG_UTF8, d->body, d->body_len, true);
-	Datum		body_json = (Datum) 0;
+	bool		isnull;
 
 	memcpy(VARDATA(body), d->body, d->body_len);
 	SET_VARSIZE(body, VARHDRSZ + d->body_len);
-	memset(nulls, ' ', sizeof(nulls));
+	memset(nulls, 'n', sizeof(nulls));
 
-	/* the body as JSON, where it is JSON */
-	if (utf8 && d->body_len <= mqtx_max_payload)
-	{
-		MemoryContext context = CurrentMemoryContext;
-		ResourceOwner owner = CurrentResourceOwner;
-
-		BeginInternalSubTransaction(NULL);
-		MemoryContextSwitchTo(context);
-		PG_TRY();
-		{
-			body_json = JsonbPGetDatum(parse_body(d));
-			ReleaseCurrentSubTransaction();
-		}
-		PG_CATCH();
-		{
-			MemoryContextSwitchTo(context);
-			FlushErrorState();
-			RollbackAndReleaseCurrentSubTransaction();
-			body_json = (Datum) 0;
-		}
-		PG_END_TRY();
-		MemoryContextSwitchTo(context);
-		CurrentResourceOwner = owner;
-	}
-
-	values[0] = CStringGetTextDatum(d->queue);
-	values[1] = CStringGetTextDatum(key);
-	values[2] = CStringGetTextDatum(d->exchange);
-	values[3] = CStringGetTextDatum(d->routing_key);
-	values[4] = (Datum) 0;
-	nulls[4] = 'n';
-	if (d->headers_json != NULL)
-	{
-		values[4] = DirectFunctionCall1(jsonb_in, CStringGetDatum(d->headers_json));
+	values[0] = wire_text_datum(d->queue);
+	values[1] = wire_text_datum(w->key);
+	values[2] = wire_text_datum(d->exchange);
+	values[3] = wire_text_datum(d->routing_key);
+	nulls[0] = nulls[1] = nulls[2] = nulls[3] = ' ';
+	if (args->full && d->headers_json != NULL &&
+		try_part(parse_headers_for_dead_letter, d, false, &values[4]))
 		nulls[4] = ' ';
-	}
 	values[5] = PointerGetDatum(body);
-	values[6] = utf8 ? CStringGetTextDatum(pg_any_to_server(d->body, d->body_len, PG_UTF8)) : (Datum) 0;
-	nulls[6] = utf8 ? ' ' : 'n';
-	values[7] = body_json;
-	nulls[7] = body_json ? ' ' : 'n';
+	nulls[5] = ' ';
+	if (args->full && utf8 && try_part(parse_for_dead_letter, d, true, &values[6]))
+		nulls[6] = ' ';
+	if (args->full && utf8 && d->body_len <= mqtx_max_payload &&
+		try_part(parse_for_dead_letter, d, false, &values[7]))
+		nulls[7] = ' ';
 	values[8] = CStringGetTextDatum(edata->message ? edata->message : "unknown error");
-	values[9] = edata->detail ? CStringGetTextDatum(edata->detail) : (Datum) 0;
-	nulls[9] = edata->detail ? ' ' : 'n';
-	values[10] = edata->context ? CStringGetTextDatum(edata->context) : (Datum) 0;
-	nulls[10] = edata->context ? ' ' : 'n';
-	values[11] = Int32GetDatum(attempts);
+	nulls[8] = ' ';
+	if (args->full && edata->detail)
+	{
+		values[9] = CStringGetTextDatum(edata->detail);
+		nulls[9] = ' ';
+	}
+	if (args->full && edata->context)
+	{
+		values[10] = CStringGetTextDatum(edata->context);
+		nulls[10] = ' ';
+	}
+	values[11] = Int32GetDatum(Max(w->attempts, 1));
+	nulls[11] = ' ';
 
-	execute(&dead_letter_plan, dead_letter_sql, 12, types, values, nulls,
-			SPI_OK_SELECT);
-	ereport(WARNING,
-			(errmsg("mqtx consumer: dead-lettered message %s from queue \"%s\" after %d attempt%s (mqtx.dead_letter id %s)",
-					key, d->queue, attempts, attempts == 1 ? "" : "s",
-					SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1)),
-			 errdetail_internal("%s", edata->message),
-			 errhint("Fix the cause, then SELECT mqtx.redrive(id) or mqtx.discard(id).")));
-	mqtx_count(consumer.worker.slot, MQTX_CONSUMER_DEAD_LETTERED, 1);
+	execute(&dead_letter_plan, dead_letter_sql, 12, types, values, nulls, SPI_OK_SELECT);
+	args->id = 0;
+	if (SPI_processed == 1)
+	{
+		args->id = DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
+											   1, &isnull));
+		args->notified = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
+													SPI_tuptable->tupdesc, 2, &isnull));
+	}
 }
 
-static int
-record_attempt(BrokerDelivery *d, const char *key, ErrorData *edata)
+/*
+ * Dead-letter a delivery, with all that can be said of it, or else with
+ * the least; each try in a subtransaction, so that nothing in a message
+ * (or a locked table) can take the batch down.  Returns whether the
+ * message now has its dead letter.
+ */
+static bool
+dead_letter(Work *w)
 {
+	DeadLetterArgs args = {w, true, 0, false};
+	ErrorData  *edata = in_subtransaction(insert_dead_letter, &args);
+
+	if (edata != NULL)
+	{
+		ereport(WARNING,
+				(errmsg("mqtx consumer: could not write the full dead letter of message %s from queue \"%s\"; writing a minimal one",
+						w->key, w->d->queue),
+				 errdetail_internal("%s", edata->message)));
+		FreeErrorData(edata);
+		args.full = false;
+		edata = in_subtransaction(insert_dead_letter, &args);
+	}
+	if (edata != NULL)
+	{
+		ereport(WARNING,
+				(errmsg("mqtx consumer: could not dead-letter message %s from queue \"%s\"; it is held and tried again",
+						w->key, w->d->queue),
+				 errdetail_internal("%s", edata->message)));
+		FreeErrorData(edata);
+		return false;
+	}
+	if (args.id == 0)
+		return true;			/* a copy was dead-lettered already */
+
+	w->dead_lettered = true;
+	ereport(WARNING,
+			(errmsg("mqtx consumer: dead-lettered message %s from queue \"%s\" after %d attempt%s (mqtx.dead_letter id " INT64_FORMAT ")",
+					w->key, w->d->queue, Max(w->attempts, 1), w->attempts > 1 ? "s" : "",
+					args.id),
+			 errdetail_internal("%s", w->edata->message),
+			 errhint("Fix the cause, then SELECT mqtx.redrive(id) or mqtx.discard(id).")));
+	if (!args.notified)
+		ereport(WARNING,
+				(errmsg("mqtx consumer: no NOTIFY mqtx_dead_letter for dead letter " INT64_FORMAT ": the notification queue is more than half full",
+						args.id)));
+	return true;
+}
+
+static void
+insert_attempt(void *arg)
+{
+	Work	   *w = arg;
 	Oid			types[3] = {TEXTOID, TEXTOID, TEXTOID};
-	Datum		values[3] = {CStringGetTextDatum(d->queue), CStringGetTextDatum(key),
-	CStringGetTextDatum(edata->message ? edata->message : "unknown error")};
+	Datum		values[3] = {wire_text_datum(w->d->queue), wire_text_datum(w->key),
+	CStringGetTextDatum(w->edata->message ? w->edata->message : "unknown error")};
 	bool		isnull;
 
 	execute(&record_attempt_plan, record_attempt_sql, 3, types, values, NULL,
 			SPI_OK_INSERT_RETURNING);
-	return DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
-									   1, &isnull));
+	w->attempts = DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
+											  1, &isnull));
+}
+
+/*
+ * Count a failed attempt.  When it cannot be recorded (a lock, say), the
+ * delivery is held for a retry all the same, its attempt unrecorded.
+ */
+static void
+record_attempt(Work *w)
+{
+	ErrorData  *edata = in_subtransaction(insert_attempt, w);
+
+	if (edata == NULL)
+		return;
+	ereport(WARNING,
+			(errmsg("mqtx consumer: could not record the failed attempt of message %s from queue \"%s\"",
+					w->key, w->d->queue),
+			 errdetail_internal("%s", edata->message)));
+	FreeErrorData(edata);
+	w->attempts = 0;
+}
+
+/*
+ * Decide, in the transaction, what becomes of a delivery that failed.
+ */
+static void
+settle_failure(Work *w)
+{
+	if (w->result == POISON)
+	{
+		w->attempts = 1;
+		w->settled = dead_letter(w);
+		return;
+	}
+	record_attempt(w);
+	if (w->attempts >= w->sub->max_attempts)
+		w->settled = dead_letter(w);
 }
 
 static void
 hold_for_retry(BrokerDelivery *d, int attempts)
 {
 	double		delay = Min((double) mqtx_retry_max,
-							mqtx_retry_base * pow(2.0, attempts - 1));
+							mqtx_retry_base * pow(2.0, Max(attempts, 1) - 1));
 	MemoryContext old = MemoryContextSwitchTo(consumer.long_context);
 	HeldDelivery *held = palloc(sizeof(HeldDelivery));
 
@@ -644,77 +1100,262 @@ hold_for_retry(BrokerDelivery *d, int attempts)
 }
 
 /*
- * Apply a batch in one transaction.  Returns the delivery tags to ack (in
- * *ack, count returned) and those to put back on their queue (deliveries
- * of a queue no longer subscribed).
+ * The commit must be on disk before the ack goes out: once acked, the
+ * broker forgets the message, and a commit lost in a crash (as an
+ * asynchronous one can be, with synchronous_commit = off anywhere in the
+ * configuration) would lose the message with it.  A flush of what is on
+ * disk already costs nothing.
+ */
+static void
+commit_durably(void)
+{
+	mqtx_worker_end_step(&consumer.worker);
+	if (IsTransactionOrTransactionBlock())
+		elog(ERROR, "mqtx consumer: the batch's transaction did not end at its commit");
+	XLogFlush(XactLastCommitEnd);
+}
+
+/*
+ * Is this the delivery earlier consumers died on?  (In the transaction:
+ * the digest needs its resource owner.)  And often enough to be
+ * dead-lettered instead of applied?  Then it is, with that as its reason.
+ */
+static bool
+is_suspect(Work *w)
+{
+	return consumer.suspect.digest != NULL && w->key != NULL &&
+		strcmp(consumer.suspect.digest, mqtx_crash_guard_digest(w->d->queue, w->key)) == 0;
+}
+
+static bool
+is_quarantined(Work *w)
+{
+	MqtxCrashRecord *suspect = &consumer.suspect;
+
+	if (!w->suspect || suspect->deaths < MQTX_DEATHS_BEFORE_QUARANTINE)
+		return false;
+	w->result = POISON;
+	w->edata = palloc0(sizeof(ErrorData));
+	w->edata->sqlerrcode = ERRCODE_INTERNAL_ERROR;
+	w->edata->message = psprintf("quarantined: the consumer process died %d times while applying this message alone",
+								 suspect->deaths);
+	w->edata->detail = pstrdup("A crash, the OOM killer or a FATAL error ended the process; the server log has the details.");
+	return true;
+}
+
+/*
+ * Write down what is about to be applied, for the next consumer should
+ * this one die in it.
+ */
+static void
+note_applying(Work *work, int count)
+{
+	int			deaths = count == 1 && work[0].suspect ? consumer.suspect.deaths : 0;
+
+	mqtx_crash_guard_applying(count, work[0].d->queue, work[0].key, deaths);
+}
+
+/*
+ * The suspect came through, applied or dead-lettered or a duplicate: it is
+ * a suspect no more.
+ */
+static void
+forget_suspect(Work *work, int count)
+{
+	for (int i = 0; i < count; i++)
+		if (work[i].settled && work[i].suspect)
+			memset(&consumer.suspect, 0, sizeof(consumer.suspect));
+}
+
+/*
+ * What the previous consumer of this database left: did it die applying?
+ */
+static void
+learn_from_predecessor(void)
+{
+	const MqtxCrashRecord *record = mqtx_crash_guard_open();
+
+	if (!record->died_applying)
+		return;
+	consumer.one_at_a_time = Max(record->deliveries, mqtx_batch_size);
+	if (record->digest == NULL)
+	{
+		ereport(LOG,
+				(errmsg("mqtx consumer: the previous consumer died while applying a batch of %d deliveries; applying the next %d one at a time",
+						record->deliveries, consumer.one_at_a_time)));
+		return;
+	}
+	consumer.suspect = *record;
+	consumer.suspect.deaths = record->deaths + 1;
+	ereport(LOG,
+			(errmsg("mqtx consumer: a consumer died while applying message %s from queue \"%s\" alone (%d time%s)",
+					record->key, record->queue, consumer.suspect.deaths,
+					consumer.suspect.deaths == 1 ? "" : "s"),
+			 consumer.suspect.deaths >= MQTX_DEATHS_BEFORE_QUARANTINE ?
+			 errdetail("It will be dead-lettered without being applied.") : 0));
+}
+
+/*
+ * Apply deliveries in one transaction and decide each one's outcome.
+ * Returns whether the transaction committed; when it did not, nothing of
+ * it happened and *commit_error says why.
+ */
+static bool
+try_in_one_transaction(Work *work, int count, ErrorData **commit_error)
+{
+	MemoryContext pass_context = CurrentMemoryContext;
+	volatile bool committed = false;
+
+	PG_TRY();
+	{
+		List	   *handlers = NIL;
+
+		mqtx_worker_begin_step("mqtx consumer: applying a batch");
+		/* what handlers of an aborted batch left outside it */
+		mqtx_forget_session_state();
+		for (int i = 0; i < count; i++)
+		{
+			Work	   *w = &work[i];
+
+			w->sub = find_subscription(consumer.subscriptions, server_queue_name(w->d));
+			w->key = w->sub ? dedupe_key(w->d) : NULL;
+			w->edata = NULL;
+			w->attempts = 0;
+			w->settled = w->dead_lettered = false;
+			w->suspect = w->sub != NULL && is_suspect(w);
+			w->quarantined = is_quarantined(w);
+		}
+		note_applying(work, count);
+		if (!(count > 1 && apply_all_at_once(work, count, &handlers)))
+			for (int i = 0; i < count; i++)
+			{
+				if (work[i].sub != NULL && !work[i].quarantined)
+					apply_delivery(&work[i], &handlers);
+				keep_alive();
+			}
+		for (int i = 0; i < count; i++)
+		{
+			Work	   *w = &work[i];
+
+			if (w->sub == NULL)
+				continue;
+			if (w->result == APPLIED || w->result == DUPLICATE)
+				w->settled = true;
+			else
+				settle_failure(w);
+		}
+		commit_durably();
+		committed = true;
+	}
+	PG_CATCH();
+	{
+		disable_timeout(STATEMENT_TIMEOUT, false);
+		MemoryContextSwitchTo(pass_context);
+		*commit_error = CopyErrorData();
+		FlushErrorState();
+		AbortOutOfAnyTransaction();
+		MemoryContextSwitchTo(pass_context);
+		clip_error(*commit_error);
+		pgstat_report_activity(STATE_IDLE, NULL);
+	}
+	PG_END_TRY();
+	mqtx_crash_guard_idle();
+	if (committed)
+		forget_suspect(work, count);
+	return committed;
+}
+
+/*
+ * A delivery whose transaction failed on its own, at commit or anywhere
+ * else outside a subtransaction: it fails like a handler, in a transaction
+ * of its own.  An error here is no message's doing, and is left to the
+ * worker's own recovery.
+ */
+static void
+record_transaction_failure(Work *w, ErrorData *commit_error)
+{
+	mqtx_worker_begin_step("mqtx consumer: recording a failed attempt");
+	w->sub = find_subscription(consumer.subscriptions, server_queue_name(w->d));
+	w->key = dedupe_key(w->d);
+	w->edata = commit_error;
+	w->result = HANDLER_FAILED;
+	w->settled = w->dead_lettered = false;
+	w->attempts = 0;
+
+	/*
+	 * A serialization failure or deadlock says nothing about the message:
+	 * it is tried again, after the backoff, without spending an attempt.
+	 */
+	if (commit_error->sqlerrcode == ERRCODE_T_R_SERIALIZATION_FAILURE ||
+		commit_error->sqlerrcode == ERRCODE_T_R_DEADLOCK_DETECTED)
+		ereport(LOG,
+				(errmsg("mqtx consumer: message %s from queue \"%s\" is tried again after its backoff",
+						w->key, w->d->queue),
+				 errdetail_internal("%s", commit_error->message)));
+	else if (w->sub != NULL)
+		settle_failure(w);
+	commit_durably();
+}
+
+/*
+ * Apply a batch: in one transaction, or, when that fails, one transaction
+ * per delivery, so that a failure at commit falls on the delivery that
+ * caused it.
+ */
+static void
+apply_batch(Work *work, int count)
+{
+	ErrorData  *commit_error = NULL;
+
+	if (try_in_one_transaction(work, count, &commit_error))
+		return;
+	if (count > 1)
+	{
+		ereport(LOG,
+				(errmsg("mqtx consumer: a batch of %d deliveries failed as a whole; applying them one at a time",
+						count),
+				 errdetail_internal("%s", commit_error->message)));
+		/* the errors stay in the pass's memory, gone with it */
+		for (int i = 0; i < count; i++)
+			if (!try_in_one_transaction(&work[i], 1, &commit_error))
+				record_transaction_failure(&work[i], commit_error);
+		return;
+	}
+	record_transaction_failure(&work[0], commit_error);
+}
+
+/*
+ * After the commit: count, and sort into acks, requeues and holds.
  */
 static int
-apply_batch(BrokerDelivery *batch, int count, uint64 *ack, uint64 *requeue,
-			int *nrequeue)
+act_on_outcomes(Work *work, int count, uint64 *ack, uint64 *requeue, int *nrequeue)
 {
 	int			nack = 0;
-	Subscription **subs = palloc(sizeof(Subscription *) * count);
-	char	  **keys = palloc(sizeof(char *) * count);
-	ApplyResult *results = palloc(sizeof(ApplyResult) * count);
-	List	   *handlers = NIL;
-	bool		at_once;
 
 	*nrequeue = 0;
-	/* in the transaction: hashing a body needs its resource owner */
-	mqtx_worker_begin_step("mqtx consumer: applying a batch");
 	for (int i = 0; i < count; i++)
 	{
-		subs[i] = find_subscription(batch[i].queue);
-		keys[i] = subs[i] ? dedupe_key(&batch[i]) : NULL;
-	}
-	at_once = count > 1 &&
-		apply_all_at_once(batch, subs, keys, count, &handlers, results);
-	for (int i = 0; i < count; i++)
-	{
-		BrokerDelivery *d = &batch[i];
-		Subscription *sub = subs[i];
-		char	   *key = keys[i];
-		ErrorData  *edata = NULL;
-		ApplyResult result;
-		int			attempts;
+		Work	   *w = &work[i];
 
-		if (sub == NULL)
+		if (w->sub == NULL)
 		{
-			requeue[(*nrequeue)++] = d->delivery_tag;
+			requeue[(*nrequeue)++] = w->d->delivery_tag;
 			continue;
 		}
-		result = at_once ? results[i] :
-			apply_delivery(d, sub, key, &handlers, &edata);
-		switch (result)
-		{
-			case APPLIED:
-				mqtx_count(consumer.worker.slot, MQTX_CONSUMER_APPLIED, 1);
-				ack[nack++] = d->delivery_tag;
-				break;
-			case DUPLICATE:
-				mqtx_count(consumer.worker.slot, MQTX_CONSUMER_DUPLICATES, 1);
-				ack[nack++] = d->delivery_tag;
-				break;
-			case POISON:
-				dead_letter(d, key, edata, 1);
-				ack[nack++] = d->delivery_tag;
-				break;
-			case HANDLER_FAILED:
-				attempts = record_attempt(d, key, edata);
-				if (attempts >= sub->max_attempts)
-				{
-					dead_letter(d, key, edata, attempts);
-					ack[nack++] = d->delivery_tag;
-				}
-				else
-				{
-					mqtx_count(consumer.worker.slot, MQTX_CONSUMER_RETRIED, 1);
-					hold_for_retry(d, attempts);
-				}
-				break;
-		}
+		if (w->settled)
+			ack[nack++] = w->d->delivery_tag;
+		else
+			hold_for_retry(w->d, w->attempts);
+
+		if (w->result == APPLIED)
+			mqtx_count(consumer.worker.slot, MQTX_CONSUMER_APPLIED, 1);
+		else if (w->result == DUPLICATE || (w->settled && !w->dead_lettered))
+			mqtx_count(consumer.worker.slot, MQTX_CONSUMER_DUPLICATES, 1);
+		else if (w->dead_lettered)
+			mqtx_count(consumer.worker.slot, MQTX_CONSUMER_DEAD_LETTERED, 1);
+		else
+			mqtx_count(consumer.worker.slot, MQTX_CONSUMER_RETRIED, 1);
 	}
-	mqtx_worker_end_step(&consumer.worker);
 	return nack;
 }
 
@@ -749,7 +1390,8 @@ acknowledge(uint64 *ack, int nack, uint64 *requeue, int nrequeue, char **error)
 }
 
 /*
- * Held deliveries whose retry time has come, moved into the batch.
+ * Held deliveries whose retry time has come, moved into the batch; all of
+ * them once no queue is subscribed, to be handed back.
  */
 static int
 take_due_held(BrokerDelivery *batch, int capacity)
@@ -764,7 +1406,7 @@ take_due_held(BrokerDelivery *batch, int capacity)
 	{
 		HeldDelivery *held = lfirst(lc);
 
-		if (count < capacity && held->retry_at <= now)
+		if (count < capacity && (held->retry_at <= now || consumer.draining))
 		{
 			/* into the pass's memory; the held copy is freed */
 			copy_delivery(&batch[count++], &held->delivery);
@@ -814,14 +1456,34 @@ collect_batch(BrokerDelivery *batch, int capacity, char **error)
 }
 
 /*
+ * Apply one delivery per transaction, to find the one that killed the
+ * previous consumer: for as many as it had in hand, and while a suspect
+ * has not come back (for at most SUSPECT_WAIT_MS: it may have been taken
+ * off its queue meanwhile).
+ */
+#define SUSPECT_WAIT_MS (5 * 60 * 1000)
+
+static bool
+one_at_a_time(void)
+{
+	if (consumer.one_at_a_time > 0)
+		return true;
+	if (consumer.suspect.digest != NULL &&
+		TimestampDifferenceExceeds(consumer.started_at, GetCurrentTimestamp(), SUSPECT_WAIT_MS))
+		memset(&consumer.suspect, 0, sizeof(consumer.suspect));
+	return consumer.suspect.digest != NULL;
+}
+
+/*
  * One pass: collect, apply, commit, acknowledge.  Returns whether the
  * batch was full.
  */
 static bool
 consume_pass(void)
 {
-	int			capacity = mqtx_batch_size;
+	int			capacity = one_at_a_time() ? 1 : mqtx_batch_size;
 	BrokerDelivery *batch = palloc(sizeof(BrokerDelivery) * capacity);
+	Work	   *work;
 	uint64	   *ack = palloc(sizeof(uint64) * capacity);
 	uint64	   *requeue = palloc(sizeof(uint64) * capacity);
 	int			nrequeue;
@@ -836,20 +1498,91 @@ consume_pass(void)
 		return false;
 	}
 	if (count == 0)
+	{
+		consumer.draining = consumer.draining && consumer.held != NIL;
 		return false;
+	}
 	mqtx_count(consumer.worker.slot, MQTX_CONSUMER_CONSUMED, count);
+	consumer.one_at_a_time = Max(consumer.one_at_a_time - count, 0);
 
-	nack = apply_batch(batch, count, ack, requeue, &nrequeue);
+	work = palloc0(sizeof(Work) * count);
+	for (int i = 0; i < count; i++)
+		work[i].d = &batch[i];
+	apply_batch(work, count);
+	nack = act_on_outcomes(work, count, ack, requeue, &nrequeue);
 	if (!acknowledge(ack, nack, requeue, nrequeue, &error))
 		mqtx_worker_drop_broker(&consumer.worker, error);
 	return count == capacity;
 }
 
+/*
+ * An error escaped a pass outside any delivery's handling: from the broker
+ * connection, reading subscriptions, or recording an attempt.  It is no
+ * message's doing; log it, clean up as PostgresMain would, and start over
+ * on a new connection (the broker requeues what was unacknowledged) after
+ * the usual backoff, instead of exiting and coming back to the same state.
+ */
+static void
+recover_from_error(void)
+{
+	HOLD_INTERRUPTS();
+	disable_timeout(STATEMENT_TIMEOUT, false);
+	QueryCancelPending = false;
+	EmitErrorReport();
+	AbortOutOfAnyTransaction();
+	FlushErrorState();
+	MemoryContextSwitchTo(consumer.worker.context);
+	pgstat_report_activity(STATE_IDLE, NULL);
+	RESUME_INTERRUPTS();
+
+	mqtx_worker_restart_broker(&consumer.worker,
+							   "an error interrupted the consumer (logged just before)");
+	consumer.subscriptions_loaded = false;
+
+	/* a persistent error costs a log line now and then, not a busy loop */
+	(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+					 consumer.error_pause_ms, PG_WAIT_EXTENSION);
+	ResetLatch(MyLatch);
+	consumer.error_pause_ms = Min(consumer.error_pause_ms * 2, ERROR_PAUSE_MAX_MS);
+}
+
+/*
+ * One turn of the loop: connect, follow the subscriptions, consume.
+ */
+static void
+consumer_turn(void)
+{
+	bool		ready;
+	bool		consuming;
+	bool		more_work;
+
+	ready = mqtx_worker_extension_ready(&consumer.worker);
+	consuming = ready && mqtx_worker_ensure_broker(&consumer.worker) &&
+		load_subscriptions();
+	consuming = consuming &&
+		(consumer.subscriptions != NIL || consumer.draining) && start_consuming();
+	consumer.worker.receiving = consuming;
+
+	/*
+	 * While consuming, the wait for deliveries is the loop's sleep; the
+	 * latch is checked on every turn through it.
+	 */
+	more_work = consuming && consume_pass();
+	if (consuming)
+		consumer.error_pause_ms = ERROR_PAUSE_MIN_MS;
+	if (!more_work && ready)
+		mqtx_worker_apply_retention(&consumer.worker, retention_sql, mqtx_inbox_retention,
+									&consumer.next_retention_at);
+	if (!consuming)
+		mqtx_worker_wait(&consumer.worker, mqtx_poll_interval);
+}
+
+/*
+ * Entry point of the consumer worker (one per served database).
+ */
 void
 mqtx_consumer_main(Datum main_arg)
 {
-	bool		more_work = false;
-
 	memset(&consumer, 0, sizeof(consumer));
 	mqtx_worker_start(&consumer.worker, MQTX_CONSUMER, main_arg);
 
@@ -860,42 +1593,35 @@ mqtx_consumer_main(Datum main_arg)
 	 * again page by page for the next batch, which measured 3-4 times
 	 * slower.  Keep freed memory in the process.
 	 */
+#ifdef __GLIBC__
 	mallopt(M_TRIM_THRESHOLD, 256 * 1024 * 1024);
 	mallopt(M_MMAP_THRESHOLD, 64 * 1024 * 1024);
+#endif
 	consumer.worker.on_disconnect = forget_connection_state;
+	consumer.error_pause_ms = ERROR_PAUSE_MIN_MS;
 	consumer.long_context = AllocSetContextCreate(TopMemoryContext,
 												  "mqtx consumer state",
 												  ALLOCSET_DEFAULT_SIZES);
+	consumer.started_at = GetCurrentTimestamp();
+	learn_from_predecessor();
 
 	for (;;)
 	{
-		bool		ready;
-		bool		consuming;
-
-		CHECK_FOR_INTERRUPTS();
 		MemoryContextReset(consumer.worker.context);
 		MemoryContextSwitchTo(consumer.worker.context);
 		if (ConfigReloadPending)
 			mqtx_worker_reload(&consumer.worker);
 
-		ready = mqtx_worker_extension_ready(&consumer.worker);
-		consuming = ready && mqtx_worker_ensure_broker(&consumer.worker);
-		if (consuming)
+		PG_TRY();
 		{
-			load_subscriptions();
-			consuming = consumer.subscriptions != NIL && start_consuming();
+			/* in here: a cancel that arrives between calls is an ERROR too */
+			CHECK_FOR_INTERRUPTS();
+			consumer_turn();
 		}
-		consumer.worker.receiving = consuming;
-
-		/*
-		 * While consuming, the wait for deliveries is the loop's sleep; the
-		 * latch is checked on every turn through it.
-		 */
-		more_work = consuming && consume_pass();
-		if (!more_work && ready)
-			mqtx_worker_apply_retention(&consumer.worker, retention_sql, mqtx_inbox_retention,
-										&consumer.next_retention_at);
-		if (!consuming)
-			mqtx_worker_wait(&consumer.worker, mqtx_poll_interval);
+		PG_CATCH();
+		{
+			recover_from_error();
+		}
+		PG_END_TRY();
 	}
 }

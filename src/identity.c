@@ -5,16 +5,19 @@
  *	  own: the outbox insert as the outbox's owner, a consumer handler as
  *	  the handler's owner.
  *
- * This is what PostgreSQL does around a SECURITY DEFINER call and
- * REFRESH MATERIALIZED VIEW: SetUserIdAndSecContext for the identity, a
- * new GUC nest level for search_path.  Leaving the nest level rolls back
- * every setting the work changed, even with plain SET or
- * set_config(..., false), so nothing the work does outlives it in the
- * calling session.  The work runs as a security-restricted operation:
- * it cannot SET ROLE, create temporary objects or LISTEN, any of which
- * would stay behind in a long-lived worker session and reach the code
- * that runs next, as another role.  A transaction or subtransaction
- * abort restores the identity and the settings by itself.
+ * This is what PostgreSQL does around a SECURITY DEFINER call:
+ * SetUserIdAndSecContext for the identity (which forbids SET ROLE and SET
+ * SESSION AUTHORIZATION inside), a new GUC nest level for search_path.
+ * Leaving the nest level rolls back every setting the work changed, even
+ * with plain SET or set_config(..., false).  Our own statements (the
+ * outbox insert) also run as a security-restricted operation, as
+ * REFRESH MATERIALIZED VIEW does; a handler cannot, because that forbids
+ * deferred triggers, which handlers legitimately use.  What a handler
+ * leaves in the long-lived worker session instead (temporary objects,
+ * open cursors, prepared statements, LISTEN, session advisory locks) is
+ * removed by mqtx_forget_session_state before the next handler, possibly
+ * another role's, runs.  A transaction or subtransaction abort restores
+ * the identity and the settings by itself.
  *
  *-------------------------------------------------------------------------
  */
@@ -23,14 +26,19 @@
 #include "access/genam.h"
 #include "access/htup_details.h"
 #include "access/table.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_db_role_setting.h"
 #include "catalog/pg_type.h"
+#include "commands/async.h"
+#include "commands/prepare.h"
 #include "miscadmin.h"
+#include "storage/lock.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
+#include "utils/portal.h"
 #include "utils/rel.h"
 
 #include "mqtx.h"
@@ -124,15 +132,17 @@ mqtx_session_search_path(Oid role)
 }
 
 /*
- * Become role, with search_path, until mqtx_restore_identity(saved).
+ * Become role, with search_path, until mqtx_restore_identity(saved);
+ * restricted: as a security-restricted operation.
  */
 void
-mqtx_become(MqtxIdentity *saved, Oid role, const char *search_path)
+mqtx_become(MqtxIdentity *saved, Oid role, const char *search_path,
+			bool restricted)
 {
 	GetUserIdAndSecContext(&saved->user, &saved->sec_context);
 	SetUserIdAndSecContext(role, saved->sec_context |
 						   SECURITY_LOCAL_USERID_CHANGE |
-						   SECURITY_RESTRICTED_OPERATION);
+						   (restricted ? SECURITY_RESTRICTED_OPERATION : 0));
 	saved->guc_nest_level = NewGUCNestLevel();
 	(void) set_config_option("search_path", search_path,
 							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
@@ -144,4 +154,27 @@ mqtx_restore_identity(MqtxIdentity *saved)
 {
 	AtEOXact_GUC(false, saved->guc_nest_level);
 	SetUserIdAndSecContext(saved->user, saved->sec_context);
+}
+
+/*
+ * Remove what code run as another role may have left in this session and
+ * that would outlive it: another role's code could use it (fetch from its
+ * cursor, find its temporary table first on the search path) or be held
+ * up by it (its advisory locks, a LISTEN whose notifications nobody
+ * reads).  Each is cheap when there is nothing to remove; the temporary
+ * namespace is only looked into once one exists.  Needs a transaction.
+ */
+void
+mqtx_forget_session_state(void)
+{
+	Oid			temp_namespace;
+	Oid			temp_toast_namespace;
+
+	PortalHashTableDeleteAll();
+	DropAllPreparedStatements();
+	Async_UnlistenAll();
+	LockReleaseSession(USER_LOCKMETHOD);
+	GetTempNamespaceState(&temp_namespace, &temp_toast_namespace);
+	if (OidIsValid(temp_namespace))
+		ResetTempTableNamespace();
 }

@@ -130,7 +130,12 @@ typedef struct BrokerMessage
 	char	   *error;			/* why, for NACKED, RETURNED and REJECTED */
 } BrokerMessage;
 
-/* A message received by the consumer, copied out of rabbitmq-c's buffers */
+/*
+ * A message received by the consumer, copied out of rabbitmq-c's buffers.
+ * Every string is valid UTF-8 without NUL bytes: wire bytes that are not
+ * are given as "hex:" and their hexadecimal digits, so that they can be
+ * stored, compared and dumped, and two different ids never become one.
+ */
 typedef struct BrokerDelivery
 {
 	char	   *queue;
@@ -139,10 +144,15 @@ typedef struct BrokerDelivery
 	char	   *exchange;
 	char	   *routing_key;
 	char	   *message_id;		/* NULL when the message has none */
+	char	   *redriven_from;	/* header x-mqtx-redriven-from, or NULL */
 	char	   *headers_json;	/* NULL when the message has none */
+	char	   *headers_error;	/* why the headers could not be read, or NULL */
 	char	   *body;			/* raw bytes, NUL-terminated for convenience */
 	int			body_len;
 } BrokerDelivery;
+
+/* The header that carries a redriven message's original id */
+#define MQTX_REDRIVEN_FROM_HEADER "x-mqtx-redriven-from"
 
 extern bool broker_consume(BrokerConnection *conn, const char *queue,
 						   int prefetch, char **error);
@@ -154,6 +164,7 @@ extern bool broker_ack(BrokerConnection *conn, uint64 delivery_tag,
 					   bool multiple, char **error);
 extern bool broker_requeue(BrokerConnection *conn, uint64 delivery_tag,
 						   char **error);
+extern bool broker_keep_alive(BrokerConnection *conn, char **error);
 extern bool mqtx_broker_url_is_valid(const char *url, char **reason);
 extern bool mqtx_headers_are_valid(Jsonb *headers, char **reason);
 extern char *broker_describe(const char *url);
@@ -177,6 +188,10 @@ extern bool broker_await_confirms(BrokerConnection *conn, BrokerMessage *message
 extern bool broker_all_settled(BrokerMessage *messages, int count);
 
 /* Worker plumbing shared by the relay and the consumer (worker.c) */
+
+/* The oldest version of the SQL objects the consumer's statements work with */
+#define MQTX_CONSUMER_SCHEMA_VERSION "0.2.0"
+
 typedef enum MqtxBrokerState
 {
 	MQTX_BROKER_UNKNOWN,
@@ -194,6 +209,8 @@ typedef struct MqtxWorker
 	MqtxBrokerState broker_state;
 	bool		ever_connected;
 	int			reconnect_delay_ms;
+	TimestampTz connected_at;	/* of the current or last connection */
+	bool		waiting_for_update; /* logged that the schema is too old */
 	TimestampTz next_connect_at;
 	uint32		declared_generation;
 	bool		topology_declared;
@@ -212,6 +229,7 @@ extern int	mqtx_execute_prepared(SPIPlanPtr *plan, const char *sql, int nargs,
 extern bool mqtx_worker_extension_ready(MqtxWorker *w);
 extern bool mqtx_worker_ensure_broker(MqtxWorker *w);
 extern void mqtx_worker_drop_broker(MqtxWorker *w, const char *error);
+extern void mqtx_worker_restart_broker(MqtxWorker *w, const char *reason);
 extern void mqtx_worker_reload(MqtxWorker *w);
 extern void mqtx_worker_wait(MqtxWorker *w, long poll_ms);
 extern void mqtx_worker_apply_retention(MqtxWorker *w, const char *delete_sql,
@@ -220,6 +238,25 @@ extern void mqtx_worker_apply_retention(MqtxWorker *w, const char *delete_sql,
 /* The workers (relay.c, consumer.c) */
 extern PGDLLEXPORT void mqtx_relay_main(Datum main_arg);
 extern PGDLLEXPORT void mqtx_consumer_main(Datum main_arg);
+
+/* The consumer's memory of its own deaths (crash_guard.c) */
+#define MQTX_DEATHS_BEFORE_QUARANTINE 2
+
+typedef struct MqtxCrashRecord
+{
+	bool		died_applying;	/* the previous consumer died in a batch */
+	int			deliveries;		/* of that many deliveries */
+	int			deaths;			/* for one: consumers that died on it before */
+	char	   *digest;			/* for one: which (mqtx_crash_guard_digest) */
+	char	   *queue;			/* and, for the log, its queue and key */
+	char	   *key;
+} MqtxCrashRecord;
+
+extern const MqtxCrashRecord *mqtx_crash_guard_open(void);
+extern char *mqtx_crash_guard_digest(const char *queue, const char *key);
+extern void mqtx_crash_guard_applying(int deliveries, const char *queue,
+									  const char *key, int deaths);
+extern void mqtx_crash_guard_idle(void);
 
 /* Running work as another role (identity.c) */
 typedef struct MqtxIdentity
@@ -231,8 +268,10 @@ typedef struct MqtxIdentity
 
 extern void mqtx_remember_server_search_path(void);
 extern char *mqtx_session_search_path(Oid role);
-extern void mqtx_become(MqtxIdentity *saved, Oid role, const char *search_path);
+extern void mqtx_become(MqtxIdentity *saved, Oid role, const char *search_path,
+						bool restricted);
 extern void mqtx_restore_identity(MqtxIdentity *saved);
+extern void mqtx_forget_session_state(void);
 
 /* Log redaction (log_redact.c) */
 extern void mqtx_install_log_redaction(void);

@@ -119,11 +119,46 @@ check_payload_size(Jsonb *payload)
 	pfree(text.data);
 }
 
+/*
+ * Headers named x-mqtx-... are mqtx's own: x-mqtx-redriven-from sets the
+ * key the consumer dedupes on, so a publisher who could send it could have
+ * another producer's message dropped as a duplicate of its own.  Only
+ * mqtx.redrive, run by a superuser, writes them.
+ */
+static void
+check_reserved_headers(Jsonb *headers)
+{
+	JsonbIterator *it;
+	JsonbValue	v;
+	JsonbIteratorToken token;
+	int			depth = 0;
+
+	if (headers == NULL || superuser() || !JB_ROOT_IS_OBJECT(headers))
+		return;
+	it = JsonbIteratorInit(&headers->root);
+	while ((token = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		if (token == WJB_BEGIN_OBJECT || token == WJB_BEGIN_ARRAY)
+			depth++;
+		else if (token == WJB_END_OBJECT || token == WJB_END_ARRAY)
+			depth--;
+		else if (token == WJB_KEY && depth == 1 && v.val.string.len >= 7 &&
+				 pg_strncasecmp(v.val.string.val, "x-mqtx-", 7) == 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+					 errmsg("mqtx message header \"%.*s\" is reserved",
+							v.val.string.len, v.val.string.val),
+					 errdetail("Headers named x-mqtx-... are written by mqtx itself; x-mqtx-redriven-from sets the key the consumer deduplicates on."),
+					 errhint("Use another header name.")));
+	}
+}
+
 static void
 check_headers(Jsonb *headers)
 {
 	char	   *reason;
 
+	check_reserved_headers(headers);
 	if (headers != NULL && !mqtx_headers_are_valid(headers, &reason))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -176,7 +211,7 @@ insert_outbox_row(text *exchange, text *routing_key, Jsonb *payload,
 	values[3] = headers ? JsonbPGetDatum(headers) : (Datum) 0;
 
 	/* nothing the caller put on search_path runs with the owner's rights */
-	mqtx_become(&saved, outbox_owner(), "pg_catalog, pg_temp");
+	mqtx_become(&saved, outbox_owner(), "pg_catalog, pg_temp", true);
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");

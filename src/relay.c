@@ -79,7 +79,9 @@ static const char *const mark_published_sql =
  *
  * LISTEN needs no privilege, so the alert names the row and nothing of
  * the message: its exchange, routing key and error text (which can quote
- * the payload) stay in the table, for whoever may read it.
+ * the payload) stay in the table, for whoever may read it.  No alert goes
+ * out while the NOTIFY queue is more than half full: a full one would fail
+ * the commit, and the WARNING is logged all the same.
  */
 static const char *const record_failures_sql =
 "WITH attempt AS ("
@@ -95,11 +97,14 @@ static const char *const record_failures_sql =
 "   WHERE o.id = f.id AND o.status = 'pending'"
 "  RETURNING o.id, o.message_id, o.attempts, o.last_error, o.status"
 ") "
-"SELECT id, message_id::text, attempts, last_error,"
-"       pg_catalog.pg_notify('mqtx_alert', pg_catalog.json_build_object("
-"           'event', 'outbox_message_failed',"
-"           'database', pg_catalog.current_database(), 'id', id)::text) "
-"FROM attempt WHERE status = 'failed'";
+"SELECT a.id, a.message_id::text, a.attempts, a.last_error "
+"FROM attempt a LEFT JOIN LATERAL ("
+"  SELECT pg_catalog.pg_notify('mqtx_alert', pg_catalog.json_build_object("
+"      'event', 'outbox_message_failed',"
+"      'database', pg_catalog.current_database(), 'id', a.id)::text)"
+"  WHERE pg_catalog.pg_notification_queue_usage() < 0.5"
+") n ON true "
+"WHERE a.status = 'failed'";
 
 static const char *const retention_sql =
 "DELETE FROM mqtx.outbox WHERE id IN ("

@@ -10,7 +10,11 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/table.h"
 #include "access/xact.h"
+#include "catalog/pg_extension.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
@@ -21,8 +25,11 @@
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/fmgroids.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
+#include "utils/rel.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
@@ -32,9 +39,16 @@
 #define RETENTION_BATCH 1000
 #define RETENTION_INTERVAL_MS 10000
 
-/* Reconnect backoff: doubled per failed attempt, up to the cap. */
+/*
+ * Reconnect backoff: doubled per failed attempt, up to the cap.  A
+ * connection counts as a success only once it has lasted
+ * CONNECTION_STABLE_MS: one the broker closes at once (it refuses a
+ * subscription, say) must not make a reconnect loop as fast as the
+ * network.
+ */
 #define RECONNECT_MIN_MS 200
 #define RECONNECT_MAX_MS 10000
+#define CONNECTION_STABLE_MS 30000
 
 static const char *const topology_sql =
 "SELECT 'exchange', name, type, durable, NULL::jsonb, NULL FROM mqtx.exchanges "
@@ -194,14 +208,80 @@ mqtx_execute_prepared(SPIPlanPtr *plan, const char *sql, int nargs,
  * Is the extension installed and committed here?  A database without it,
  * or with CREATE EXTENSION still in progress, is waited on.
  */
+/*
+ * The version of the extension's objects in this database, or NULL.
+ */
+static char *
+installed_version(Oid extension)
+{
+	Relation	rel = table_open(ExtensionRelationId, AccessShareLock);
+	ScanKeyData key;
+	SysScanDesc scan;
+	HeapTuple	tuple;
+	char	   *version = NULL;
+
+	ScanKeyInit(&key, Anum_pg_extension_oid, BTEqualStrategyNumber, F_OIDEQ,
+				ObjectIdGetDatum(extension));
+	scan = systable_beginscan(rel, ExtensionOidIndexId, true, NULL, 1, &key);
+	tuple = systable_getnext(scan);
+	if (HeapTupleIsValid(tuple))
+	{
+		bool		isnull;
+		Datum		value = heap_getattr(tuple, Anum_pg_extension_extversion,
+										 RelationGetDescr(rel), &isnull);
+
+		if (!isnull)
+			version = TextDatumGetCString(value);
+	}
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return version;
+}
+
+/* "a.b.c" compared as numbers */
+static bool
+version_older(const char *version, const char *than)
+{
+	int			a[3] = {0, 0, 0};
+	int			b[3] = {0, 0, 0};
+
+	(void) sscanf(version, "%d.%d.%d", &a[0], &a[1], &a[2]);
+	(void) sscanf(than, "%d.%d.%d", &b[0], &b[1], &b[2]);
+	for (int i = 0; i < 3; i++)
+		if (a[i] != b[i])
+			return a[i] < b[i];
+	return false;
+}
+
+/*
+ * Is the extension installed and committed here, at a version this
+ * worker's statements work with?  A database without it, with CREATE
+ * EXTENSION still in progress, or (after the library was upgraded) with
+ * ALTER EXTENSION mqtx UPDATE still to run, is waited on, the last with
+ * one log line.
+ */
 bool
 mqtx_worker_extension_ready(MqtxWorker *w)
 {
+	const char *needed = w->kind == MQTX_CONSUMER ? MQTX_CONSUMER_SCHEMA_VERSION : NULL;
+	Oid			extension;
+	char	   *version = NULL;
 	bool		ready;
 
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
-	ready = OidIsValid(get_extension_oid("mqtx", true));
+	extension = get_extension_oid("mqtx", true);
+	ready = OidIsValid(extension);
+	if (ready && needed != NULL)
+	{
+		version = installed_version(extension);
+		ready = version != NULL && !version_older(version, needed);
+		if (!ready && !w->waiting_for_update)
+			ereport(LOG,
+					(errmsg("mqtx %s: waiting for ALTER EXTENSION mqtx UPDATE: this database has version %s, the worker needs %s",
+							w->role, version ? version : "(unknown)", needed)));
+		w->waiting_for_update = !ready;
+	}
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(w->context);
 	return ready;
@@ -224,20 +304,51 @@ log_broker_down(MqtxWorker *w, const char *error)
 	mqtx_slot_set_connected(w->slot, w->kind, false);
 }
 
+static void
+forget_broker(MqtxWorker *w, const char *reason)
+{
+	if (w->on_disconnect)
+		w->on_disconnect(reason);
+	broker_disconnect(w->conn);
+	w->conn = NULL;
+	w->topology_declared = false;
+	w->receiving = false;
+}
+
 /*
  * Give up on the connection; reconnect on the next pass.
  */
 void
 mqtx_worker_drop_broker(MqtxWorker *w, const char *error)
 {
-	if (w->on_disconnect)
-		w->on_disconnect(error);
-	broker_disconnect(w->conn);
-	w->conn = NULL;
-	w->topology_declared = false;
-	w->receiving = false;
-	w->next_connect_at = GetCurrentTimestamp();
+	TimestampTz now = GetCurrentTimestamp();
+
+	forget_broker(w, error);
+	if (TimestampDifferenceExceeds(w->connected_at, now, CONNECTION_STABLE_MS))
+	{
+		w->reconnect_delay_ms = RECONNECT_MIN_MS;
+		w->next_connect_at = now;
+	}
+	else
+	{
+		w->next_connect_at = TimestampTzPlusMilliseconds(now, w->reconnect_delay_ms);
+		w->reconnect_delay_ms = Min(w->reconnect_delay_ms * 2, RECONNECT_MAX_MS);
+	}
 	log_broker_down(w, error);
+}
+
+/*
+ * Start again on a new connection after an error that was not the
+ * broker's and was logged already: no "unavailable" line, and the next
+ * connect logs as a first one.
+ */
+void
+mqtx_worker_restart_broker(MqtxWorker *w, const char *reason)
+{
+	forget_broker(w, reason);
+	w->broker_state = MQTX_BROKER_UNKNOWN;
+	mqtx_slot_set_connected(w->slot, w->kind, false);
+	w->next_connect_at = GetCurrentTimestamp();
 }
 
 /*
@@ -332,7 +443,7 @@ mqtx_worker_ensure_broker(MqtxWorker *w)
 							w->role, broker_describe(mqtx_broker_url))));
 		w->ever_connected = true;
 		w->broker_state = MQTX_BROKER_UP;
-		w->reconnect_delay_ms = RECONNECT_MIN_MS;
+		w->connected_at = GetCurrentTimestamp();
 		mqtx_slot_set_connected(w->slot, w->kind, true);
 	}
 
@@ -366,12 +477,7 @@ mqtx_worker_reload(MqtxWorker *w)
 	ereport(LOG,
 			(errmsg("mqtx %s: broker settings changed, connecting to %s",
 					w->role, broker_describe(mqtx_broker_url))));
-	if (w->on_disconnect)
-		w->on_disconnect("the broker settings changed");
-	broker_disconnect(w->conn);
-	w->conn = NULL;
-	w->topology_declared = false;
-	w->receiving = false;
+	forget_broker(w, "the broker settings changed");
 	w->broker_state = MQTX_BROKER_UNKNOWN;
 	w->reconnect_delay_ms = RECONNECT_MIN_MS;
 	w->next_connect_at = 0;

@@ -9,7 +9,7 @@ packages=(
 	build-essential pkg-config
 	postgresql-15 postgresql-server-dev-15 postgresql-contrib
 	rabbitmq-server librabbitmq-dev libssl-dev amqp-tools openssl
-	libipc-run-perl
+	libipc-run-perl python3-pika
 	procps iproute2
 	"$@"
 )
