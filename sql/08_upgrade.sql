@@ -62,10 +62,19 @@ SELECT mqtx.subscribe('dispatch', 'upgrade_handler(jsonb,jsonb)', 10, 3);
 INSERT INTO mqtx.inbox (queue, message_id, applied_at) VALUES
 	('dispatch', 'm-1', '2026-01-01 11:00:00+00'),
 	('dispatch', 'sha256:' || encode(sha256('{"order_id": 9}'), 'hex'), '2026-01-01 11:00:01+00');
+-- attempts of a message not applied (m-5, and m-1 on another queue), and
+-- stale ones 0.1.0 kept: of a message applied since (m-1) and of one
+-- dead-lettered (m-8)
 INSERT INTO mqtx.consumer_attempts (queue, message_id, attempts, last_error,
 	first_failed_at, last_failed_at)
 VALUES ('dispatch', 'm-5', 2, 'no depot serves city "Atlantis"',
-	'2026-01-01 11:01:00+00', '2026-01-01 11:02:00+00');
+	'2026-01-01 11:01:00+00', '2026-01-01 11:02:00+00'),
+	('dispatch.retry', 'm-1', 1, 'lock timeout',
+	'2026-01-01 11:03:00+00', '2026-01-01 11:03:00+00'),
+	('dispatch', 'm-1', 1, 'deadlock detected',
+	'2026-01-01 10:59:00+00', '2026-01-01 10:59:00+00'),
+	('dispatch', 'm-8', 2, 'dispatch refused',
+	'2026-01-01 12:03:00+00', '2026-01-01 12:03:30+00');
 INSERT INTO mqtx.dead_letter (queue, message_id, exchange, routing_key, headers, body,
 	body_text, body_json, error_message, error_detail, error_context, attempts,
 	first_failed_at, last_failed_at)
@@ -80,6 +89,28 @@ VALUES
 	('dispatch', 'm-8', 'orders', 'order.created', NULL,
 	 '{"order_id": 8}', '{"order_id": 8}', '{"order_id": 8}', 'dispatch refused',
 	 NULL, NULL, 3, '2026-01-01 12:03:00+00', '2026-01-01 12:04:00+00');
+-- 0.1.0 wrote a dead letter per copy of a message: a second one of m-6;
+-- m-6 on another queue is another message
+INSERT INTO mqtx.dead_letter (queue, message_id, exchange, routing_key, headers, body,
+	body_text, body_json, error_message, error_detail, error_context, attempts,
+	first_failed_at, last_failed_at)
+VALUES
+	('dispatch', 'm-6', 'orders', 'order.created', '{"tenant": "acme"}',
+	 '{"order_id": 6}', '{"order_id": 6}', '{"order_id": 6}', 'dispatch refused (copy)',
+	 NULL, NULL, 3, '2026-01-01 12:05:00+00', '2026-01-01 12:06:00+00'),
+	('dispatch.retry', 'm-6', '', 'dispatch.retry', NULL,
+	 '{"order_id": 6}', '{"order_id": 6}', '{"order_id": 6}', 'retry refused',
+	 NULL, NULL, 1, '2026-01-01 12:07:00+00', '2026-01-01 12:07:00+00');
+-- and a dead letter of a message that a later copy applied (m-1 is in the
+-- inbox): a redrive would apply it twice
+INSERT INTO mqtx.dead_letter (queue, message_id, exchange, routing_key, headers, body,
+	body_text, body_json, error_message, error_detail, error_context, attempts,
+	first_failed_at, last_failed_at)
+VALUES
+	('dispatch', 'm-1', '', 'dispatch', NULL,
+	 '{"order_id": 1}', '{"order_id": 1}', '{"order_id": 1}', 'dispatch refused (then applied)',
+	 NULL, NULL, 5, '2026-01-01 10:00:00+00', '2026-01-01 10:30:00+00');
+SELECT id, queue, message_id, error_message FROM mqtx.dead_letter ORDER BY id;
 
 -- copies of every row, to compare with after the upgrade
 CREATE TEMP TABLE before_outbox AS SELECT * FROM mqtx.outbox;
@@ -228,12 +259,17 @@ $fp$;
 --
 -- The upgrade
 --
+-- it names the members of mqtx_publisher, and says how many dead letters
+-- it removed as further copies (one: the second m-6 on dispatch)
+SELECT clock_timestamp() AS before_upgrade \gset
 ALTER EXTENSION mqtx UPDATE;
 SELECT extversion FROM pg_extension WHERE extname = 'mqtx';
 INSERT INTO mqtx_regress_fingerprint SELECT 'upgraded', * FROM mqtx_regress_fingerprint();
 
--- every row is there, unchanged, and nothing else: per table the rows
--- before and after, those missing after and those that appeared
+-- every row is there, unchanged, and nothing else, but for what the
+-- upgrade is for (shown below): per table the rows before and after, those
+-- missing after and those that appeared; subscriptions by the columns
+-- 0.1.0 had
 SELECT 'outbox' AS tbl, (SELECT count(*) FROM before_outbox) AS before,
        (SELECT count(*) FROM mqtx.outbox) AS after,
        (SELECT count(*) FROM (TABLE before_outbox EXCEPT ALL TABLE mqtx.outbox) d) AS missing,
@@ -252,8 +288,12 @@ SELECT 'bindings', (SELECT count(*) FROM before_bindings), (SELECT count(*) FROM
        (SELECT count(*) FROM (TABLE mqtx.bindings EXCEPT ALL TABLE before_bindings) d)
 UNION ALL
 SELECT 'subscriptions', (SELECT count(*) FROM before_subscriptions), (SELECT count(*) FROM mqtx.subscriptions),
-       (SELECT count(*) FROM (TABLE before_subscriptions EXCEPT ALL TABLE mqtx.subscriptions) d),
-       (SELECT count(*) FROM (TABLE mqtx.subscriptions EXCEPT ALL TABLE before_subscriptions) d)
+       (SELECT count(*) FROM (TABLE before_subscriptions EXCEPT ALL
+                              SELECT queue, handler, prefetch, max_attempts, created_at
+                              FROM mqtx.subscriptions) d),
+       (SELECT count(*) FROM (SELECT queue, handler, prefetch, max_attempts, created_at
+                              FROM mqtx.subscriptions
+                              EXCEPT ALL TABLE before_subscriptions) d)
 UNION ALL
 SELECT 'inbox', (SELECT count(*) FROM before_inbox), (SELECT count(*) FROM mqtx.inbox),
        (SELECT count(*) FROM (TABLE before_inbox EXCEPT ALL TABLE mqtx.inbox) d),
@@ -266,6 +306,46 @@ UNION ALL
 SELECT 'dead_letter', (SELECT count(*) FROM before_dead_letter), (SELECT count(*) FROM mqtx.dead_letter),
        (SELECT count(*) FROM (TABLE before_dead_letter EXCEPT ALL TABLE mqtx.dead_letter) d),
        (SELECT count(*) FROM (TABLE mqtx.dead_letter EXCEPT ALL TABLE before_dead_letter) d);
+
+-- the subscription has the new column, at its default
+SELECT queue, handler_timeout FROM mqtx.subscriptions ORDER BY queue;
+
+-- one dead letter per message and queue: the later copy of m-6 is gone
+-- (the one the upgrade's message counts), the first one is kept as it was
+SELECT id, queue, message_id, error_message
+FROM (TABLE before_dead_letter EXCEPT ALL TABLE mqtx.dead_letter) d ORDER BY id;
+SELECT d.id, d.queue, d.message_id, d.error_message,
+       d.id = (SELECT min(b.id) FROM before_dead_letter b
+               WHERE b.queue = d.queue AND b.message_id = d.message_id) AS lowest_id
+FROM mqtx.dead_letter d ORDER BY d.id;
+-- and the key is in force
+INSERT INTO mqtx.dead_letter (queue, message_id, body, error_message, attempts,
+	first_failed_at, last_failed_at)
+VALUES ('dispatch', 'm-7', '\xfffe', 'a copy', 1, now(), now());
+SELECT to_regclass('mqtx.dead_letter_queue_idx') AS old_index;
+
+-- every dead-lettered message is in the inbox now, so that its later copies
+-- are duplicates; the rows of applied messages are as they were
+SELECT i.queue, i.message_id, b.queue IS NULL AS added,
+       CASE WHEN b.queue IS NULL THEN i.applied_at >= :'before_upgrade'::timestamptz
+            ELSE i.applied_at = b.applied_at END AS applied_at_ok
+FROM mqtx.inbox i LEFT JOIN before_inbox b USING (queue, message_id)
+ORDER BY i.queue, i.message_id;
+SELECT count(*) AS dead_letters_not_in_inbox
+FROM mqtx.dead_letter d
+WHERE NOT EXISTS (SELECT FROM mqtx.inbox i WHERE i.queue = d.queue AND i.message_id = d.message_id);
+
+-- the attempts of messages in the inbox are gone, the others are kept
+SELECT queue, message_id, last_error
+FROM (TABLE before_consumer_attempts EXCEPT ALL TABLE mqtx.consumer_attempts) d
+ORDER BY queue, message_id;
+SELECT queue, message_id, attempts, last_error FROM mqtx.consumer_attempts
+ORDER BY queue, message_id;
+
+-- the inbox and the attempts are kept by pg_dump now, like the dead letters
+SELECT cfg::regclass AS dumped_table, cond
+FROM pg_extension, unnest(extconfig, extcondition) AS u(cfg, cond)
+WHERE extname = 'mqtx' ORDER BY cfg::regclass::text;
 
 -- mqtx_publisher holds nothing in this database any more
 SELECT pg_describe_object(o.classid, o.objid, 0) AS object, a.privilege_type
@@ -312,22 +392,30 @@ SELECT :'LAST_ERROR_SQLSTATE' AS sqlstate;
 INSERT INTO mqtx.subscriptions (queue, handler) VALUES ('legacy.wrong', 'mqtx.publish(text,text,jsonb,jsonb)');
 SELECT :'LAST_ERROR_SQLSTATE' AS sqlstate;
 RESET ROLE;
--- and mqtx.subscribe, replaced, still updates in place
-SELECT mqtx.subscribe('dispatch', 'upgrade_handler(jsonb,jsonb)', 20, 3);
-SELECT queue, handler, prefetch, max_attempts FROM mqtx.subscriptions ORDER BY queue;
+-- and mqtx.subscribe, replaced, still updates in place, the handler's bound
+-- too, within the bounds
+SELECT mqtx.subscribe('dispatch', 'upgrade_handler(jsonb,jsonb)', 20, 3, '45 seconds');
+SELECT queue, handler, prefetch, max_attempts, handler_timeout FROM mqtx.subscriptions ORDER BY queue;
+\set VERBOSITY terse
+SELECT mqtx.subscribe('dispatch', 'upgrade_handler(jsonb,jsonb)', 20, 3, '2 days');
+UPDATE mqtx.subscriptions SET handler_timeout = '0' WHERE queue = 'legacy';
+\set VERBOSITY default
+SELECT queue, handler_timeout FROM mqtx.subscriptions ORDER BY queue;
 
--- redrive works on the dead letters kept
-SELECT mqtx.redrive(id) AS redriven_id FROM mqtx.dead_letter WHERE message_id = 'm-6' \gset
+-- redrive works on the dead letters kept, and takes their inbox rows out
+SELECT mqtx.redrive(id) AS redriven_id FROM mqtx.dead_letter
+WHERE queue = 'dispatch' AND message_id = 'm-6' \gset
 SELECT exchange, routing_key, payload, headers, status
 FROM mqtx.outbox WHERE message_id = :'redriven_id';
 SELECT mqtx.redrive(id) FROM mqtx.dead_letter WHERE message_id = 'm-7';
 SELECT mqtx.redrive_all('dispatch');
-SELECT message_id FROM mqtx.dead_letter ORDER BY id;
+SELECT queue, message_id FROM mqtx.dead_letter ORDER BY id;
+SELECT queue, message_id FROM mqtx.inbox ORDER BY queue, message_id;
 -- and the dead letters' identity goes on from where it was too
 INSERT INTO mqtx.dead_letter (queue, message_id, body, error_message, attempts,
 	first_failed_at, last_failed_at)
 VALUES ('dispatch', 'm-9', '\x00', 'new', 1, now(), now());
-SELECT message_id, id > (SELECT max(id) FROM before_dead_letter) AS id_after_old_ones
+SELECT queue, message_id, id > (SELECT max(id) FROM before_dead_letter) AS id_after_old_ones
 FROM mqtx.dead_letter ORDER BY id;
 
 

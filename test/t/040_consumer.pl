@@ -339,9 +339,10 @@ is( $node->safe_psql('postgres',
 is($node->safe_psql('postgres', "SELECT headers->>'tenant' FROM refused_applied"),
 	'acme', 'and the message\'s original headers');
 is( $node->safe_psql('postgres',
-		"SELECT (SELECT count(*) FROM mqtx.inbox WHERE queue = 'refuse.q' AND message_id = '$redriven'), "
+		"SELECT (SELECT count(*) FROM mqtx.inbox WHERE queue = 'refuse.q' AND message_id = 'refuse-7'), "
+		  . "(SELECT count(*) FROM mqtx.inbox WHERE queue = 'refuse.q' AND message_id = '$redriven'), "
 		  . "(SELECT count(*) FROM mqtx.dead_letter WHERE queue = 'refuse.q')"),
-	'1|0', 'the new message id is in the inbox; no dead letter is left');
+	'1|0|0', 'it keeps its original id in the inbox, not the new one; no dead letter is left');
 
 # ------------------------------------------------------------------
 # f. poison messages are dead-lettered at once
@@ -529,8 +530,8 @@ like( $node->safe_psql('postgres',
 	qr/^2 .*mixed_applied_order_id_check/,
 	'after max_attempts, with the check constraint\'s error');
 is( $node->safe_psql('postgres',
-		"SELECT count(*) FROM mqtx.inbox WHERE queue = 'mixed.q'"),
-	'39', 'the inbox holds the 39 applied ids, not the failed one');
+		"SELECT count(*), count(*) FILTER (WHERE message_id = 'mixed-13') FROM mqtx.inbox WHERE queue = 'mixed.q'"),
+	'40|1', 'the inbox holds the 39 applied ids and the dead-lettered one');
 wait_queue_drained($mq, 'mixed.q', 'mixed.q is drained');
 
 # ------------------------------------------------------------------
