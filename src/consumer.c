@@ -987,8 +987,9 @@ insert_dead_letter(void *arg)
 /*
  * Dead-letter a delivery, with all that can be said of it, or else with
  * the least; each try in a subtransaction, so that nothing in a message
- * (or a locked table) can take the batch down.  Returns whether the
- * message now has its dead letter.
+ * (nor an error writing it: a lock timeout, where lock_timeout is set)
+ * can take the batch down.  Returns whether the message now has its dead
+ * letter.
  */
 static bool
 dead_letter(Work *w)
@@ -1048,8 +1049,9 @@ insert_attempt(void *arg)
 }
 
 /*
- * Count a failed attempt.  When it cannot be recorded (a lock, say), the
- * delivery is held for a retry all the same, its attempt unrecorded.
+ * Count a failed attempt.  When it cannot be recorded (a lock timeout,
+ * say), the delivery is held for a retry all the same, its attempt
+ * unrecorded.
  */
 static void
 record_attempt(Work *w)
