@@ -79,20 +79,6 @@ sub ready_count
 	return $n;
 }
 
-# Consumers the broker sees on $queue (undef: no such queue).
-sub consumer_count
-{
-	my ($queue) = @_;
-	my $out = $mq->ctl('list_queues', '-q', '--no-table-headers',
-		'name', 'consumers');
-	for my $line (split /\n/, $out)
-	{
-		my ($name, $n) = $line =~ /^(.*)\t(\d+)$/ or next;
-		return $n + 0 if $name eq $queue;
-	}
-	return undef;
-}
-
 sub stat_value
 {
 	my ($column) = @_;
@@ -434,7 +420,7 @@ is( $node->safe_psql('postgres',
 # h. unsubscribe stops consumption; subscribing again drains the queue
 
 wait_until('the broker sees a consumer on orders.q',
-	sub { (consumer_count('orders.q') // 0) >= 1 });
+	sub { ($mq->consumer_count('orders.q') // 0) >= 1 });
 is($node->safe_psql('postgres', "SELECT mqtx.unsubscribe('orders.q')"),
 	't', 'unsubscribe returns true for a subscribed queue');
 is( $node->safe_psql('postgres',
@@ -443,7 +429,7 @@ is( $node->safe_psql('postgres',
 is($node->safe_psql('postgres', "SELECT mqtx.unsubscribe('orders.q')"),
 	'f', 'unsubscribe returns false when there is no subscription');
 wait_until('the consumer cancels its consumer on orders.q',
-	sub { (consumer_count('orders.q') // -1) == 0 });
+	sub { ($mq->consumer_count('orders.q') // -1) == 0 });
 
 publish_many('orders.q', map { [ "late-$_", qq({"order_id": $_}) ] } 2001 .. 2005);
 my $stable = 1;

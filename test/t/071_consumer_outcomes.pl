@@ -112,20 +112,6 @@ sub ready_unacked
 	return defined $c ? "$c->[0]/$c->[1]" : 'no queue';
 }
 
-# Consumers the broker sees on $queue (undef: no such queue).
-sub consumer_count
-{
-	my ($queue) = @_;
-	my $out = $mq->ctl('list_queues', '-q', '--no-table-headers',
-		'name', 'consumers');
-	for my $line (split /\n/, $out)
-	{
-		my ($name, $n) = $line =~ /^(.*)\t(\d+)$/ or next;
-		return $n + 0 if $name eq $queue;
-	}
-	return undef;
-}
-
 # The prefetch counts of the broker's consumers of $queue, sorted.
 sub consumer_prefetch
 {
@@ -335,13 +321,13 @@ is(sql('SELECT count(*) FROM dump_calls', $nodeb, 'restored'), '5',
 # while dump.q still keeps A's consumer busy.
 sql("SELECT mqtx.unsubscribe('dumpfail.q')");
 wait_until('2: A cancels its consumer of dumpfail.q',
-	sub { (consumer_count('dumpfail.q') // -1) == 0 });
+	sub { ($mq->consumer_count('dumpfail.q') // -1) == 0 });
 wait_until('2: A gives df-1 back (1 ready, 0 unacked)',
 	sub { ready_unacked('dumpfail.q') eq '1/0' })
   or diag('dumpfail.q ready/unacked: ' . ready_unacked('dumpfail.q'));
 sql("SELECT mqtx.unsubscribe('dump.q')");
 wait_until('2: A cancels its consumer of dump.q',
-	sub { (consumer_count('dump.q') // -1) == 0 });
+	sub { ($mq->consumer_count('dump.q') // -1) == 0 });
 
 # B: one more failure of df-1 dead-letters it, if its attempts came along
 my $df_max = $df_attempts + 1;
@@ -353,7 +339,7 @@ wait_for($nodeb, 'restored',
 	"SELECT broker_connected FROM mqtx.consumer_stats WHERE database = 'restored'",
 	't', '2: B\'s consumer serves "restored" and connects');
 wait_until('2: B consumes dump.q',
-	sub { (consumer_count('dump.q') // 0) == 1 });
+	sub { ($mq->consumer_count('dump.q') // 0) == 1 });
 
 my $b_dups = stat_value('duplicates', $nodeb, 'restored');
 publish('dump.q', id => 'dump-3', body => '{"id": "dump-3"}');
@@ -662,7 +648,7 @@ for my $round (1 .. 3)
 		"SELECT broker_connected FROM mqtx.consumer_stats WHERE database = 'postgres'",
 		't', "3.$round: the consumer is back");
 	wait_until("3.$round: it consumes durable.q again",
-		sub { (consumer_count('durable.q') // 0) == 1 });
+		sub { ($mq->consumer_count('durable.q') // 0) == 1 });
 }
 
 # ==================================================================
@@ -696,7 +682,7 @@ ok(defined $given_back,
 	'7: within 10 s of the unsubscribe, hold.q shows 3 ready and 0 unacked'
 	  . (defined $given_back ? sprintf(' (%.1f s)', $given_back) : ''))
   or diag('hold.q ready/unacked: ' . ready_unacked('hold.q'));
-is(consumer_count('hold.q'), 0, '7: nobody consumes hold.q');
+is($mq->consumer_count('hold.q'), 0, '7: nobody consumes hold.q');
 is(consumer_pid(), $pid, '7: the consumer is the same process');
 is(sql("SELECT max(attempts) FROM mqtx.consumer_attempts WHERE queue = 'hold.q'"), '1',
 	'7: giving them back is not counted as an attempt');

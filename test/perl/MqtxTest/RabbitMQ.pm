@@ -215,8 +215,22 @@ sub add_user
 sub queue_depth
 {
 	my ($self, $queue) = @_;
+	return $self->queue_number($queue, 'messages');
+}
+
+# Consumers the broker sees on a queue, or undef if there is no such queue.
+sub consumer_count
+{
+	my ($self, $queue) = @_;
+	return $self->queue_number($queue, 'consumers');
+}
+
+# One numeric column of rabbitmqctl list_queues for a queue (undef: none).
+sub queue_number
+{
+	my ($self, $queue, $column) = @_;
 	my $out = $self->ctl('list_queues', '-q', '--no-table-headers',
-		'name', 'messages');
+		'name', $column);
 	for my $line (split /\n/, $out)
 	{
 		my ($name, $n) = $line =~ /^(.*)\t(\d+)$/ or next;
