@@ -190,6 +190,7 @@ typedef struct Work
 	int			attempts;		/* failed attempts on record */
 	bool		settled;		/* applied, a duplicate or dead-lettered: ack it */
 	bool		dead_lettered;	/* a new dead letter was written */
+	bool		failed;			/* failed already, in the batch's first try */
 	bool		suspect;		/* the delivery earlier consumers died on */
 	bool		quarantined;	/* dead-letter it without applying it */
 } Work;
@@ -747,17 +748,11 @@ apply_one(void *arg)
 }
 
 /*
- * Apply one delivery in a subtransaction of its own.
+ * What a delivery's error (in w->edata) means, and in what words.
  */
 static void
-apply_delivery(Work *w, List **handlers)
+classify_failure(Work *w, ApplyResult stage, TimestampTz started)
 {
-	ApplyArgs	args = {w, handlers, HANDLER_FAILED};
-	TimestampTz started = GetCurrentTimestamp();
-
-	w->edata = in_subtransaction(apply_one, &args);
-	if (w->edata == NULL)
-		return;
 	/* what it left outside the rolled-back subtransaction */
 	mqtx_forget_session_state();
 
@@ -769,7 +764,8 @@ apply_delivery(Work *w, List **handlers)
 	if (w->edata->sqlerrcode == ERRCODE_T_R_SERIALIZATION_FAILURE ||
 		w->edata->sqlerrcode == ERRCODE_T_R_DEADLOCK_DETECTED)
 		ReThrowError(w->edata);
-	w->result = args.stage;
+	w->result = stage;
+	w->failed = true;
 	/* jsonb_in's own words are about "input syntax"; say what was parsed */
 	if (w->result == POISON && strncmp(w->edata->message, "body ", 5) != 0 &&
 		strncmp(w->edata->message, "message headers ", 16) != 0)
@@ -778,6 +774,17 @@ apply_delivery(Work *w, List **handlers)
 		TimestampDifferenceExceeds(started, GetCurrentTimestamp(), w->sub->handler_timeout_ms))
 		w->edata->message = psprintf("handler ran longer than its timeout of %d ms (handler_timeout of the subscription of queue \"%s\")",
 									 w->sub->handler_timeout_ms, w->sub->queue);
+}
+
+static void
+apply_delivery(Work *w, List **handlers)
+{
+	ApplyArgs	args = {w, handlers, HANDLER_FAILED};
+	TimestampTz started = GetCurrentTimestamp();
+
+	w->edata = in_subtransaction(apply_one, &args);
+	if (w->edata != NULL)
+		classify_failure(w, args.stage, started);
 }
 
 /*
@@ -792,7 +799,8 @@ typedef struct BatchArgs
 {
 	Work	   *work;
 	int			count;
-	List	  **handlers;
+	ApplyArgs	current;		/* the delivery being applied */
+	TimestampTz started;		/* when it started */
 } BatchArgs;
 
 static void
@@ -802,17 +810,22 @@ apply_each(void *arg)
 
 	for (int i = 0; i < args->count; i++)
 	{
-		ApplyArgs	one = {&args->work[i], args->handlers, HANDLER_FAILED};
-
-		apply_one(&one);
+		args->current.work = &args->work[i];
+		args->current.stage = HANDLER_FAILED;
+		args->started = GetCurrentTimestamp();
+		apply_one(&args->current);
 		keep_alive();
 	}
 }
 
+/*
+ * The delivery that failed is not applied again with the others: its
+ * outcome is known, and a slow or timed-out handler would cost twice.
+ */
 static bool
 apply_all_at_once(Work *work, int count, List **handlers)
 {
-	BatchArgs	args = {work, count, handlers};
+	BatchArgs	args = {work, count, {NULL, handlers, HANDLER_FAILED}, 0};
 	ErrorData  *edata;
 
 	for (int i = 0; i < count; i++)
@@ -821,8 +834,8 @@ apply_all_at_once(Work *work, int count, List **handlers)
 	edata = in_subtransaction(apply_each, &args);
 	if (edata == NULL)
 		return true;
-	mqtx_forget_session_state();
-	FreeErrorData(edata);
+	args.current.work->edata = edata;
+	classify_failure(args.current.work, args.current.stage, args.started);
 	return false;
 }
 
@@ -1223,7 +1236,7 @@ try_in_one_transaction(Work *work, int count, ErrorData **commit_error)
 			w->key = w->sub ? dedupe_key(w->d) : NULL;
 			w->edata = NULL;
 			w->attempts = 0;
-			w->settled = w->dead_lettered = false;
+			w->settled = w->dead_lettered = w->failed = false;
 			w->suspect = w->sub != NULL && is_suspect(w);
 			w->quarantined = is_quarantined(w);
 		}
@@ -1231,7 +1244,7 @@ try_in_one_transaction(Work *work, int count, ErrorData **commit_error)
 		if (!(count > 1 && apply_all_at_once(work, count, &handlers)))
 			for (int i = 0; i < count; i++)
 			{
-				if (work[i].sub != NULL && !work[i].quarantined)
+				if (work[i].sub != NULL && !work[i].quarantined && !work[i].failed)
 					apply_delivery(&work[i], &handlers);
 				keep_alive();
 			}
