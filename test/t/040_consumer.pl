@@ -5,9 +5,7 @@
 use strict;
 use warnings;
 
-use Cwd qw(abs_path);
 use Digest::SHA qw(sha256_hex);
-use File::Basename qw(dirname);
 use JSON::PP;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
@@ -17,7 +15,6 @@ use Time::HiRes qw(usleep);
 use MqtxTest::RabbitMQ;
 use MqtxTest::Util;
 
-my $tool = abs_path(dirname(__FILE__) . '/../tools') . '/amqp_tool';
 
 my $mq = MqtxTest::RabbitMQ->new(name => 'consumer');
 $mq->start;
@@ -28,45 +25,16 @@ my $node = mqtx_node('consumer', 'mqtx.broker_url' => "'$url'");
 # ------------------------------------------------------------------
 # helpers
 
-# Arguments of one confirmed publish to the default exchange, routed to
-# $queue.  %o: id (message_id; none if absent), body or body_file,
-# headers (list of "k=v"), repeat.
-sub publish_args
-{
-	my ($queue, %o) = @_;
-	my @args = ('publish', '--url', $url, '--routing-key', $queue,
-		'--persistent');
-	push @args, '--message-id', $o{id} if defined $o{id};
-	push @args, '--header', $_ for @{ $o{headers} // [] };
-	push @args, '--repeat', $o{repeat} if $o{repeat};
-	if (defined $o{body_file})
-	{
-		push @args, '--body-file', $o{body_file};
-	}
-	else
-	{
-		push @args, '--body', $o{body};
-	}
-	return @args;
-}
-
 sub publish
 {
 	my ($queue, %o) = @_;
-	amqp_tool(publish_args($queue, %o));
+	amqp_publish($url, $queue, %o);
 }
 
-# Publish many [message_id, body] pairs, one confirmed publish each.  One
-# process at a time: the broker's connection setup is the cost, and
-# parallel connections do not make it cheaper.
 sub publish_many
 {
 	my ($queue, @messages) = @_;
-	for my $m (@messages)
-	{
-		system($tool, publish_args($queue, id => $m->[0], body => $m->[1])) == 0
-		  or die "amqp_tool publish $m->[0] failed (status $?)";
-	}
+	amqp_publish_many($url, $queue, @messages);
 }
 
 # Ready messages in $queue, or undef if the broker has no such queue.

@@ -19,8 +19,6 @@
 use strict;
 use warnings;
 
-use Cwd qw(abs_path);
-use File::Basename qw(dirname);
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
@@ -29,7 +27,6 @@ use Time::HiRes qw(time usleep);
 use MqtxTest::RabbitMQ;
 use MqtxTest::Util;
 
-my $tool = abs_path(dirname(__FILE__) . '/../tools') . '/amqp_tool';
 
 my $mq = MqtxTest::RabbitMQ->new(name => 'outcomes');
 $mq->start;
@@ -44,33 +41,16 @@ my $node = mqtx_node('outcomes',
 # ------------------------------------------------------------------
 # helpers
 
-sub publish_args
-{
-	my ($queue, %o) = @_;
-	my @args = ('publish', '--url', $url, '--routing-key', $queue,
-		'--persistent');
-	push @args, '--message-id', $o{id} if defined $o{id};
-	push @args, '--header', $_ for @{ $o{headers} // [] };
-	push @args, '--repeat', $o{repeat} if $o{repeat};
-	push @args, '--body', $o{body};
-	return @args;
-}
-
 sub publish
 {
 	my ($queue, %o) = @_;
-	amqp_tool(publish_args($queue, %o));
+	amqp_publish($url, $queue, %o);
 }
 
-# [message_id, body] pairs, one confirmed publish each
 sub publish_many
 {
 	my ($queue, @messages) = @_;
-	for my $m (@messages)
-	{
-		system($tool, publish_args($queue, id => $m->[0], body => $m->[1])) == 0
-		  or die "amqp_tool publish $m->[0] failed (status $?)";
-	}
+	amqp_publish_many($url, $queue, @messages);
 }
 
 sub sql

@@ -14,7 +14,8 @@ use Time::HiRes qw(usleep);
 
 use Exporter qw(import);
 our @EXPORT = qw(mqtx_node wait_for wait_until wait_queue_exists wait_queue_drained
-  amqp_tool amqp_messages message_body relay_pid);
+  amqp_tool amqp_publish_args amqp_publish amqp_publish_many amqp_messages
+  message_body relay_pid);
 
 # Servers listen on 127.0.0.1 TCP, like a deployment, not on a socket dir.
 $PostgreSQL::Test::Utils::use_unix_sockets = 0;
@@ -94,6 +95,47 @@ sub amqp_tool
 	IPC::Run::run([ $tool, @args ], '>', \$stdout, '2>', \$stderr)
 	  or die "amqp_tool @args failed: $stderr";
 	return $stdout;
+}
+
+# Arguments of one confirmed, persistent publish to the default exchange,
+# routed to $queue.  %o: id (message_id; none if absent), body or
+# body_file, headers (list of "k=v"), repeat.
+sub amqp_publish_args
+{
+	my ($url, $queue, %o) = @_;
+	my @args = ('publish', '--url', $url, '--routing-key', $queue,
+		'--persistent');
+	push @args, '--message-id', $o{id} if defined $o{id};
+	push @args, '--header', $_ for @{ $o{headers} // [] };
+	push @args, '--repeat', $o{repeat} if $o{repeat};
+	if (defined $o{body_file})
+	{
+		push @args, '--body-file', $o{body_file};
+	}
+	else
+	{
+		push @args, '--body', $o{body};
+	}
+	return @args;
+}
+
+sub amqp_publish
+{
+	my ($url, $queue, %o) = @_;
+	return amqp_tool(amqp_publish_args($url, $queue, %o));
+}
+
+# Publish many [message_id, body] pairs, one confirmed publish each.  One
+# process at a time: the broker's connection setup is the cost, and
+# parallel connections do not make it cheaper.
+sub amqp_publish_many
+{
+	my ($url, $queue, @messages) = @_;
+	for my $m (@messages)
+	{
+		system($tool, amqp_publish_args($url, $queue, id => $m->[0], body => $m->[1])) == 0
+		  or die "amqp_tool publish $m->[0] failed (status $?)";
+	}
 }
 
 # Every message in a queue, as hashes decoded from the tool's JSON lines.
