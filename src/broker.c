@@ -1082,35 +1082,30 @@ broker_poll(BrokerConnection *conn, char **error)
  */
 #define MAX_HEADER_DEPTH 64
 
-/*
- * Bytes from the wire as a string: themselves when they are UTF-8 text
- * without NUL bytes (and do not begin with "hex:"), else "hex:" and their
- * hexadecimal digits.  What the
- * consumer stores must be valid text (pg_restore of a table holding
- * invalid UTF-8 fails), and a NUL would cut a message id short, so that
- * two different messages shared one dedupe key.
- */
+/* UTF-8 text without NUL bytes */
 static bool
 is_plain_text(const char *data, int len)
 {
 	return memchr(data, '\0', len) == NULL && pg_verify_mbstr(PG_UTF8, data, len, true);
 }
 
+/*
+ * Bytes from the wire as a string: themselves when they are plain text
+ * (and do not begin with "hex:"), else "hex:" and their hexadecimal
+ * digits.  What the consumer stores must be valid text (pg_restore of a
+ * table holding invalid UTF-8 fails), and a NUL would cut a message id
+ * short, so that two different messages shared one dedupe key.
+ */
 static char *
 wire_string(amqp_bytes_t bytes)
 {
 	const char *data = bytes.bytes;
 	int			len = (int) bytes.len;
-	char	   *hex;
 
 	/* a string that starts like an encoded one is encoded too */
 	if (is_plain_text(data, len) && !(len >= 4 && memcmp(data, "hex:", 4) == 0))
 		return pnstrdup(data, len);
-	hex = palloc(4 + 2 * len + 1);
-	memcpy(hex, "hex:", 4);
-	hex_encode(data, len, hex + 4);
-	hex[4 + 2 * len] = '\0';
-	return hex;
+	return mqtx_hex_string(data, len);
 }
 
 /*

@@ -53,7 +53,6 @@
 #include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
-#include "common/cryptohash.h"
 #include "common/pg_prng.h"
 #include "executor/spi.h"
 #include "fmgr.h"
@@ -526,24 +525,11 @@ start_consuming(void)
 static char *
 dedupe_key(BrokerDelivery *d)
 {
-	pg_cryptohash_ctx *ctx;
-	uint8		digest[32];
-	char		hex[65];
-
 	if (d->redriven_from != NULL)
 		return d->redriven_from;
 	if (d->message_id != NULL)
 		return d->message_id;
-
-	ctx = pg_cryptohash_create(PG_SHA256);
-	if (ctx == NULL || pg_cryptohash_init(ctx) < 0 ||
-		pg_cryptohash_update(ctx, (uint8 *) d->body, d->body_len) < 0 ||
-		pg_cryptohash_final(ctx, digest, sizeof(digest)) < 0)
-		elog(ERROR, "could not compute a SHA-256 digest");
-	pg_cryptohash_free(ctx);
-	hex_encode((char *) digest, sizeof(digest), hex);
-	hex[64] = '\0';
-	return psprintf("sha256:%s", hex);
+	return psprintf("sha256:%s", mqtx_sha256_hex(d->body, d->body_len));
 }
 
 /*
@@ -748,6 +734,17 @@ apply_one(void *arg)
 }
 
 /*
+ * A serialization failure or a deadlock: the transaction's fault, not the
+ * message's.
+ */
+static bool
+is_transient(ErrorData *edata)
+{
+	return edata->sqlerrcode == ERRCODE_T_R_SERIALIZATION_FAILURE ||
+		edata->sqlerrcode == ERRCODE_T_R_DEADLOCK_DETECTED;
+}
+
+/*
  * What a delivery's error (in w->edata) means, and in what words.
  */
 static void
@@ -761,8 +758,7 @@ classify_failure(Work *w, ApplyResult stage, TimestampTz started)
 	 * delivery's: what follows it in the batch would fail the same way.
 	 * The batch is then applied one transaction per delivery.
 	 */
-	if (w->edata->sqlerrcode == ERRCODE_T_R_SERIALIZATION_FAILURE ||
-		w->edata->sqlerrcode == ERRCODE_T_R_DEADLOCK_DETECTED)
+	if (is_transient(w->edata))
 		ReThrowError(w->edata);
 	w->result = stage;
 	w->failed = true;
@@ -787,14 +783,6 @@ apply_delivery(Work *w, List **handlers)
 		classify_failure(w, args.stage, started);
 }
 
-/*
- * Apply the whole batch in one subtransaction, on the bet that nothing in
- * it fails: a subtransaction per delivery costs as much as a small
- * handler, and a SQL-language handler is parsed and planned again in each
- * new one.  Returns false, with nothing applied, when a delivery failed
- * (or had no subscription); the caller then applies them one by one, each
- * failure on its own.
- */
 typedef struct BatchArgs
 {
 	Work	   *work;
@@ -819,8 +807,13 @@ apply_each(void *arg)
 }
 
 /*
- * The delivery that failed is not applied again with the others: its
- * outcome is known, and a slow or timed-out handler would cost twice.
+ * Apply the whole batch in one subtransaction, on the bet that nothing in
+ * it fails: a subtransaction per delivery costs as much as a small
+ * handler, and a SQL-language handler is parsed and planned again in each
+ * new one.  Returns false, with nothing applied, when a delivery failed
+ * (or had no subscription); the caller then applies the others one by
+ * one, each failure on its own.  The one that failed is not applied again:
+ * its outcome is known, and a slow or timed-out handler would cost twice.
  */
 static bool
 apply_all_at_once(Work *work, int count, List **handlers)
@@ -863,7 +856,6 @@ wire_text_datum(const char *utf8)
 {
 	ConvertArgs args = {utf8, NULL};
 	ErrorData  *edata;
-	int			len;
 
 	if (GetDatabaseEncoding() == PG_UTF8)
 		return CStringGetTextDatum(utf8);
@@ -871,12 +863,7 @@ wire_text_datum(const char *utf8)
 	if (edata == NULL)
 		return CStringGetTextDatum(args.converted);
 	FreeErrorData(edata);
-	len = strlen(utf8);
-	args.converted = palloc(4 + 2 * len + 1);
-	memcpy(args.converted, "hex:", 4);
-	hex_encode(utf8, len, args.converted + 4);
-	args.converted[4 + 2 * len] = '\0';
-	return CStringGetTextDatum(args.converted);
+	return CStringGetTextDatum(mqtx_hex_string(utf8, strlen(utf8)));
 }
 
 /*
@@ -896,22 +883,26 @@ typedef struct ParseArgs
 {
 	BrokerDelivery *d;
 	Datum		result;
-	bool		body_text;		/* else: the body as JSON */
 } ParseArgs;
 
 static void
-parse_for_dead_letter(void *arg)
+body_text_part(void *arg)
 {
 	ParseArgs  *args = arg;
 
-	if (args->body_text)
-		args->result = CStringGetTextDatum(pg_any_to_server(args->d->body, args->d->body_len, PG_UTF8));
-	else
-		args->result = JsonbPGetDatum(parse_body(args->d));
+	args->result = CStringGetTextDatum(pg_any_to_server(args->d->body, args->d->body_len, PG_UTF8));
 }
 
 static void
-parse_headers_for_dead_letter(void *arg)
+body_json_part(void *arg)
+{
+	ParseArgs  *args = arg;
+
+	args->result = JsonbPGetDatum(parse_body(args->d));
+}
+
+static void
+headers_part(void *arg)
 {
 	ParseArgs  *args = arg;
 
@@ -923,9 +914,9 @@ parse_headers_for_dead_letter(void *arg)
  * NULL when it failed.
  */
 static bool
-try_part(void (*fn) (void *), BrokerDelivery *d, bool body_text, Datum *value)
+try_part(void (*fn) (void *), BrokerDelivery *d, Datum *value)
 {
-	ParseArgs	args = {d, (Datum) 0, body_text};
+	ParseArgs	args = {d, (Datum) 0};
 	ErrorData  *edata = in_subtransaction(fn, &args);
 
 	if (edata != NULL)
@@ -962,14 +953,14 @@ insert_dead_letter(void *arg)
 	values[3] = wire_text_datum(d->routing_key);
 	nulls[0] = nulls[1] = nulls[2] = nulls[3] = ' ';
 	if (args->full && d->headers_json != NULL &&
-		try_part(parse_headers_for_dead_letter, d, false, &values[4]))
+		try_part(headers_part, d, &values[4]))
 		nulls[4] = ' ';
 	values[5] = PointerGetDatum(body);
 	nulls[5] = ' ';
-	if (args->full && utf8 && try_part(parse_for_dead_letter, d, true, &values[6]))
+	if (args->full && utf8 && try_part(body_text_part, d, &values[6]))
 		nulls[6] = ' ';
 	if (args->full && utf8 && d->body_len <= mqtx_max_payload &&
-		try_part(parse_for_dead_letter, d, false, &values[7]))
+		try_part(body_json_part, d, &values[7]))
 		nulls[7] = ' ';
 	values[8] = CStringGetTextDatum(edata->message ? edata->message : "unknown error");
 	nulls[8] = ' ';
@@ -1301,8 +1292,7 @@ record_transaction_failure(Work *w, ErrorData *commit_error)
 	 * A serialization failure or deadlock says nothing about the message:
 	 * it is tried again, after the backoff, without spending an attempt.
 	 */
-	if (commit_error->sqlerrcode == ERRCODE_T_R_SERIALIZATION_FAILURE ||
-		commit_error->sqlerrcode == ERRCODE_T_R_DEADLOCK_DETECTED)
+	if (is_transient(commit_error))
 		ereport(LOG,
 				(errmsg("mqtx consumer: message %s from queue \"%s\" is tried again after its backoff",
 						w->key, w->d->queue),

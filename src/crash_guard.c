@@ -35,7 +35,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "common/cryptohash.h"
 #include "common/file_perm.h"
 #include "miscadmin.h"
 #include "postmaster/interrupt.h"
@@ -130,19 +129,13 @@ guard_sigquit(SIGNAL_ARGS)
 char *
 mqtx_crash_guard_digest(const char *queue, const char *key)
 {
-	pg_cryptohash_ctx *ctx = pg_cryptohash_create(PG_SHA256);
-	uint8		digest[32];
-	char	   *hex = palloc(65);
+	size_t		queue_len = strlen(queue) + 1;
+	size_t		key_len = strlen(key);
+	char	   *both = palloc(queue_len + key_len);
 
-	if (ctx == NULL || pg_cryptohash_init(ctx) < 0 ||
-		pg_cryptohash_update(ctx, (const uint8 *) queue, strlen(queue) + 1) < 0 ||
-		pg_cryptohash_update(ctx, (const uint8 *) key, strlen(key)) < 0 ||
-		pg_cryptohash_final(ctx, digest, sizeof(digest)) < 0)
-		elog(ERROR, "could not compute a SHA-256 digest");
-	pg_cryptohash_free(ctx);
-	hex_encode((char *) digest, sizeof(digest), hex);
-	hex[64] = '\0';
-	return hex;
+	memcpy(both, queue, queue_len);
+	memcpy(both + queue_len, key, key_len);
+	return mqtx_sha256_hex(both, queue_len + key_len);
 }
 
 /* A string for the log line: cut short, without line breaks */

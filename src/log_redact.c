@@ -92,6 +92,25 @@ is_amqp_scheme(const char *text, const char *sep)
 }
 
 /*
+ * The bounds of the first password of an AMQP URL in text at or after
+ * from; false when there is none.
+ */
+static bool
+next_password(const char *text, const char *from, const char **start,
+			  const char **end)
+{
+	const char *sep;
+
+	while ((sep = strstr(from, "://")) != NULL)
+	{
+		from = sep + 3;
+		if (is_amqp_scheme(text, sep) && find_password(from, start, end))
+			return true;
+	}
+	return false;
+}
+
+/*
  * Return a copy of text with the password of every AMQP URL masked, or
  * NULL when there is nothing to mask.
  */
@@ -100,38 +119,19 @@ mqtx_redact_secrets(const char *text)
 {
 	StringInfoData out;
 	const char *cursor = text;
-	const char *sep;
-	bool		changed = false;
+	const char *pw_start;
+	const char *pw_end;
 
-	if (text == NULL)
+	if (text == NULL || !next_password(text, text, &pw_start, &pw_end))
 		return NULL;
 
 	initStringInfo(&out);
-	while ((sep = strstr(cursor, "://")) != NULL)
+	do
 	{
-		const char *authority = sep + 3;
-		const char *pw_start;
-		const char *pw_end;
-
-		if (is_amqp_scheme(text, sep) && find_password(authority, &pw_start, &pw_end))
-		{
-			appendBinaryStringInfo(&out, cursor, pw_start - cursor);
-			appendStringInfoString(&out, REDACTED_PASSWORD);
-			cursor = pw_end;
-			changed = true;
-		}
-		else
-		{
-			appendBinaryStringInfo(&out, cursor, authority - cursor);
-			cursor = authority;
-		}
-	}
-
-	if (!changed)
-	{
-		pfree(out.data);
-		return NULL;
-	}
+		appendBinaryStringInfo(&out, cursor, pw_start - cursor);
+		appendStringInfoString(&out, REDACTED_PASSWORD);
+		cursor = pw_end;
+	} while (next_password(text, cursor, &pw_start, &pw_end));
 	appendStringInfoString(&out, cursor);
 	return out.data;
 }
@@ -175,20 +175,15 @@ redact_log_hook(ErrorData *edata)
 static bool
 mask_secrets_in_place(char *text)
 {
-	char	   *cursor = text;
-	char	   *sep;
+	const char *cursor = text;
+	const char *pw_start;
+	const char *pw_end;
 	bool		masked = false;
 
-	while ((sep = strstr(cursor, "://")) != NULL)
+	while (next_password(text, cursor, &pw_start, &pw_end))
 	{
-		const char *pw_start;
-		const char *pw_end;
-
-		cursor = sep + 3;
-		if (!is_amqp_scheme(text, sep) || !find_password(cursor, &pw_start, &pw_end))
-			continue;
 		memset((char *) pw_start, '*', pw_end - pw_start);
-		cursor = (char *) pw_end;
+		cursor = pw_end;
 		masked = true;
 	}
 	return masked;

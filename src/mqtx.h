@@ -232,6 +232,8 @@ extern void mqtx_worker_drop_broker(MqtxWorker *w, const char *error);
 extern void mqtx_worker_restart_broker(MqtxWorker *w, const char *reason);
 extern void mqtx_worker_reload(MqtxWorker *w);
 extern void mqtx_worker_wait(MqtxWorker *w, long poll_ms);
+extern char *mqtx_hex_string(const char *data, int len);
+extern char *mqtx_sha256_hex(const char *data, size_t len);
 extern void mqtx_worker_apply_retention(MqtxWorker *w, const char *delete_sql,
 										int keep_seconds, TimestampTz *next_at);
 

@@ -17,6 +17,7 @@
 #include "catalog/pg_extension.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
+#include "common/cryptohash.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -204,10 +205,6 @@ mqtx_execute_prepared(SPIPlanPtr *plan, const char *sql, int nargs,
 	return SPI_execute_plan(*plan, args, nulls, false, 0);
 }
 
-/*
- * Is the extension installed and committed here?  A database without it,
- * or with CREATE EXTENSION still in progress, is waited on.
- */
 /*
  * The version of the extension's objects in this database, or NULL.
  */
@@ -477,10 +474,8 @@ mqtx_worker_reload(MqtxWorker *w)
 	ereport(LOG,
 			(errmsg("mqtx %s: broker settings changed, connecting to %s",
 					w->role, broker_describe(mqtx_broker_url))));
-	forget_broker(w, "the broker settings changed");
-	w->broker_state = MQTX_BROKER_UNKNOWN;
+	mqtx_worker_restart_broker(w, "the broker settings changed");
 	w->reconnect_delay_ms = RECONNECT_MIN_MS;
-	w->next_connect_at = 0;
 }
 
 /*
@@ -527,4 +522,40 @@ mqtx_worker_apply_retention(MqtxWorker *w, const char *delete_sql,
 
 	*next_at = deleted == RETENTION_BATCH ? 0 :
 		TimestampTzPlusMilliseconds(GetCurrentTimestamp(), RETENTION_INTERVAL_MS);
+}
+
+/*
+ * "hex:" and the hexadecimal digits of len bytes: how the consumer stores
+ * strings that are not text it can keep as they are.
+ */
+char *
+mqtx_hex_string(const char *data, int len)
+{
+	char	   *hex = palloc(4 + 2 * len + 1);
+
+	memcpy(hex, "hex:", 4);
+	hex_encode(data, len, hex + 4);
+	hex[4 + 2 * len] = '\0';
+	return hex;
+}
+
+/*
+ * The hexadecimal SHA-256 of len bytes.  In a transaction: with OpenSSL,
+ * the digest is a resource of its resource owner.
+ */
+char *
+mqtx_sha256_hex(const char *data, size_t len)
+{
+	pg_cryptohash_ctx *ctx = pg_cryptohash_create(PG_SHA256);
+	uint8		digest[32];
+	char	   *hex = palloc(65);
+
+	if (ctx == NULL || pg_cryptohash_init(ctx) < 0 ||
+		pg_cryptohash_update(ctx, (const uint8 *) data, len) < 0 ||
+		pg_cryptohash_final(ctx, digest, sizeof(digest)) < 0)
+		elog(ERROR, "could not compute a SHA-256 digest");
+	pg_cryptohash_free(ctx);
+	hex_encode((char *) digest, sizeof(digest), hex);
+	hex[64] = '\0';
+	return hex;
 }
