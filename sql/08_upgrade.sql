@@ -130,6 +130,7 @@ CREATE TEMP TABLE before_dead_letter AS SELECT * FROM mqtx.dead_letter;
 -- the tables pg_dump keeps.  The schema is not a member: for it a NULL ACL
 -- is the default, and so is no initial one.  Some servers record a
 -- per-relation pg_attver column option; it defines nothing and is left out.
+-- (09_upgrade_0_3 compares its upgrades by the same function.)
 CREATE TABLE mqtx_regress_fingerprint (install text, aspect text, object text, detail text);
 CREATE FUNCTION mqtx_regress_fingerprint()
 RETURNS TABLE (aspect text, object text, detail text)
@@ -262,7 +263,7 @@ $fp$;
 -- it names the members of mqtx_publisher, and says how many dead letters
 -- it removed as further copies (one: the second m-6 on dispatch)
 SELECT clock_timestamp() AS before_upgrade \gset
-ALTER EXTENSION mqtx UPDATE;
+ALTER EXTENSION mqtx UPDATE TO '0.2.0';
 SELECT extversion FROM pg_extension WHERE extname = 'mqtx';
 INSERT INTO mqtx_regress_fingerprint SELECT 'upgraded', * FROM mqtx_regress_fingerprint();
 
@@ -432,7 +433,7 @@ INSERT INTO mqtx_regress_fingerprint SELECT 'upgraded empty', * FROM mqtx_regres
 -- and a fresh install, in a new schema
 DROP EXTENSION mqtx CASCADE;
 DROP SCHEMA mqtx;
-CREATE EXTENSION mqtx;
+CREATE EXTENSION mqtx VERSION '0.2.0';
 SELECT extversion FROM pg_extension WHERE extname = 'mqtx';
 INSERT INTO mqtx_regress_fingerprint SELECT 'fresh', * FROM mqtx_regress_fingerprint();
 
@@ -458,9 +459,9 @@ LATERAL (SELECT aspect, object, detail FROM mqtx_regress_fingerprint WHERE insta
          SELECT aspect, object, detail FROM mqtx_regress_fingerprint f WHERE f.install = u.install) d
 ORDER BY 1, 2, 3, 4, 5;
 
--- tidy up: 0.2.0 stays installed, the roles and tables made here go
+-- tidy up: 0.2.0 stays installed, the roles and tables made here go (the
+-- fingerprint function stays, for 09_upgrade_0_3)
 DROP TABLE mqtx_regress_fingerprint;
-DROP FUNCTION mqtx_regress_fingerprint();
 DROP TABLE legacy_events, legacy_more;
 DROP FUNCTION legacy_handler(jsonb, jsonb), upgrade_handler(jsonb, jsonb);
 REVOKE CREATE ON SCHEMA public FROM mqtx_regress_legacy;
