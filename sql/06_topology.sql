@@ -42,7 +42,7 @@ SELECT pending, published, failed, oldest_pending_age >= '0'::interval AS has_ag
 FROM mqtx.outbox_stats;
 
 -- one relay row per served database (no broker is configured here)
-SELECT database, broker_connected, published, nacked, returned, retried, failed, reconnects
+SELECT database, broker_connected, broker_blocked, published, nacked, returned, retried, failed, reconnects
 FROM mqtx.relay_stats;
 
 -- topology and stats are for the extension's owner, not for publishers
@@ -54,3 +54,16 @@ SELECT * FROM mqtx.outbox_stats;
 RESET ROLE;
 DROP OWNED BY mqtx_regress_app;
 DROP ROLE mqtx_regress_app;
+
+-- two-phase commit: a topology change cannot be prepared (COMMIT PREPARED
+-- would never tell the workers), an enqueue can
+BEGIN;
+SELECT mqtx.declare_exchange('two_phase');
+PREPARE TRANSACTION 'mqtx_topology';
+SELECT count(*) AS declared FROM mqtx.exchanges WHERE name = 'two_phase';
+SELECT count(*) AS prepared FROM pg_prepared_xacts WHERE gid = 'mqtx_topology';
+BEGIN;
+SELECT mqtx.publish('orders', 'two.phase', '{"n": 1}') IS NOT NULL AS enqueued;
+PREPARE TRANSACTION 'mqtx_enqueue';
+COMMIT PREPARED 'mqtx_enqueue';
+SELECT count(*) AS enqueued FROM mqtx.outbox WHERE routing_key = 'two.phase';

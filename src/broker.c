@@ -3,12 +3,16 @@
  * broker.c
  *	  Everything that speaks to rabbitmq-c: broker URL parsing, AMQP field
  *	  tables, connecting (TCP or TLS), declaring topology, publishing with
- *	  publisher confirms.
+ *	  publisher confirms, consuming.
  *
  * This is the only file that includes the rabbitmq-c headers; the rest of
  * mqtx sees plain C and PostgreSQL types.  Functions here report problems
  * as text in *reason rather than with ereport(ERROR), so that a caller in
  * the middle of a broker exchange can decide what failure means.
+ *
+ * Every wait for the broker is made in WaitLatchOrSocket, never in the
+ * library: a worker answers SIGTERM, cancellation and postmaster death
+ * while it waits, and gives up a wait that would hold a transaction open.
  *
  *-------------------------------------------------------------------------
  */
@@ -17,6 +21,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <math.h>
+#include <poll.h>
 
 #include <amqp.h>
 #include <amqp_ssl_socket.h>
@@ -24,8 +29,12 @@
 #include <openssl/ssl.h>
 #include <openssl/x509_vfy.h>
 
+#include "access/xact.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
+#include "pgstat.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 #include "utils/builtins.h"
@@ -303,19 +312,69 @@ mqtx_headers_are_valid(Jsonb *headers, char **reason)
 }
 
 /*
- * One connection, two channels: one in confirm mode for publishing, one
- * for RPCs (topology, exchange checks).  A declaration the broker refuses
- * closes its channel; on a separate channel that never costs the confirms
- * of messages in flight.
+ * One connection, and on it a channel per purpose: one in confirm mode for
+ * publishing, one for RPCs (topology, exchange checks), and one per
+ * consumed queue.  A declaration the broker refuses closes its channel; on
+ * a separate channel that never costs the confirms of messages in flight,
+ * and a queue the broker will not let us consume closes only its own
+ * channel, never the deliveries of the others.
  *
  * The struct lives in TopMemoryContext; the library's own state is
  * malloc'd by rabbitmq-c and must be released with broker_disconnect().
  */
+#define PUBLISH_CHANNEL 1
+#define RPC_CHANNEL 2
+#define FIRST_CONSUME_CHANNEL 3
+#define MAX_CHANNELS 1024		/* channel numbers below this */
+
+/*
+ * rabbitmq-c's socket object and its table of functions, as declared by
+ * the library's private amqp_socket.h (the same from 0.5 to 0.15).  The
+ * library waits for its socket in poll() with no regard for signals, and
+ * sends with no deadline at all; mqtx puts its own send and recv in the
+ * table so that every wait the library would make is made here instead:
+ * in WaitLatchOrSocket, bounded, and given up when the process is asked
+ * to stop.
+ */
+typedef struct LibrarySocketClass
+{
+	ssize_t		(*send) (void *self, const void *buf, size_t len, int flags);
+	ssize_t		(*recv) (void *self, void *buf, size_t len, int flags);
+	int			(*open) (void *self, const char *host, int port,
+						 const struct timeval *timeout);
+	int			(*close) (void *self, int force);
+	int			(*get_sockfd) (void *self);
+	void		(*delete) (void *self);
+} LibrarySocketClass;
+
+typedef struct LibrarySocket
+{
+	const LibrarySocketClass *klass;
+} LibrarySocket;
+
+/* amqp_private.h: "try again when the socket is readable / writable" */
+#define LIBRARY_SOCKET_NEEDREAD (-0x1301)
+#define LIBRARY_SOCKET_NEEDWRITE (-0x1302)
+
+/* A missing exchange is asked about again after this long. */
+#define MISSING_EXCHANGE_RECHECK_MS 5000
+
+/* Room kept in a header frame for the properties other than the headers */
+#define PROPERTIES_RESERVE 1024
+
+typedef struct MissingExchange
+{
+	char	   *name;
+	char	   *reason;
+	TimestampTz recheck_at;
+} MissingExchange;
+
 struct BrokerConnection
 {
 	amqp_connection_state_t state;
 	bool		open;			/* false once the connection is unusable */
-	bool		channel_open[4];	/* indexed by channel number */
+	bool		channel_open[MAX_CHANNELS];
+	int			channel_max;	/* negotiated, capped at MAX_CHANNELS - 1 */
 	uint64		next_delivery_tag;	/* confirm tags restart at 1 per channel */
 
 	/*
@@ -327,14 +386,30 @@ struct BrokerConnection
 	int			unsettled_count;
 	int			unsettled_capacity;
 
-	MemoryContext cache_context;	/* holds known_exchanges */
+	/* connection.blocked from the broker: publish nothing until unblocked */
+	bool		blocked;
+	char		blocked_reason[256];
+
+	/* a consume channel the broker closed, or whose consumer it cancelled */
+	int			lost_channel;
+	char		lost_channel_reason[512];
+
+	/* the socket, and the library's own functions behind ours */
+	LibrarySocket *socket;
+	const LibrarySocketClass *library_class;
+	LibrarySocketClass wrapped_class;
+	TimestampTz reply_deadline; /* a reply is awaited until then; 0: none */
+	char	   *io_error;		/* why our send or recv gave up, or NULL */
+	BrokerConnection *next;		/* in open_connections */
+
+	MemoryContext cache_context;	/* holds the exchange caches */
 	List	   *known_exchanges;	/* checked to exist on this connection */
+	List	   *missing_exchanges;	/* of MissingExchange */
 	TimestampTz last_keep_alive;	/* when broker_keep_alive last sent */
 };
 
-#define PUBLISH_CHANNEL 1
-#define RPC_CHANNEL 2
-#define CONSUME_CHANNEL 3
+/* Connections whose socket functions are ours, to find one from its socket */
+static BrokerConnection *open_connections = NULL;
 
 static struct timeval
 timeval_from_ms(int ms)
@@ -375,13 +450,244 @@ broker_describe(const char *url)
 }
 
 /*
- * The publish channel is gone: its unsettled messages will never be
- * confirmed (they stay PUBLISH_UNCONFIRMED for the caller to retry), and a
- * new channel starts its delivery tags again at 1.
+ * The wait events broker waits are shown with in pg_stat_activity: named
+ * ones where PostgreSQL lets an extension name them (17 and later), the
+ * generic "Extension" before that; the activity text says which wait it is.
+ */
+typedef enum BrokerWait
+{
+	BROKER_WAIT_READ,
+	BROKER_WAIT_WRITE,
+	BROKER_WAIT_REPLY,
+	BROKER_NWAITS
+} BrokerWait;
+
+static uint32
+wait_event_for(BrokerWait wait)
+{
+#if PG_VERSION_NUM >= 170000
+	static uint32 events[BROKER_NWAITS];
+	static const char *const names[BROKER_NWAITS] = {
+		"MqtxBrokerRead", "MqtxBrokerWrite", "MqtxBrokerReply"
+	};
+
+	if (events[wait] == 0)
+		events[wait] = WaitEventExtensionNew(names[wait]);
+	return events[wait];
+#else
+	return PG_WAIT_EXTENSION;
+#endif
+}
+
+/*
+ * Does the process have to stop rather than wait?  Only termination and
+ * cancellation count: other interrupts (a barrier, a request to log memory
+ * contexts) are served at the next CHECK_FOR_INTERRUPTS, once the library
+ * has returned.
+ */
+static bool
+must_stop_waiting(void)
+{
+	return ProcDiePending || QueryCancelPending || proc_exit_inprogress;
+}
+
+/*
+ * Wait, inside a library call, until the socket is ready for the event or
+ * the deadline passes.  A latch set meanwhile is reset (it would end every
+ * wait at once) and set again on return, so that the wake-up still reaches
+ * the worker's loop.  Returns false when the wait was given up: deadline,
+ * stop request, or a transaction in progress (no network wait may hold
+ * one open).
+ */
+static bool
+wait_in_library(BrokerConnection *conn, int socket_event, TimestampTz deadline)
+{
+	int			fd = amqp_get_sockfd(conn->state);
+	bool		woken = false;
+	bool		ready = false;
+
+	if (IsTransactionOrTransactionBlock())
+	{
+		conn->io_error = "the broker was not ready and the worker holds a transaction";
+		return false;
+	}
+	for (;;)
+	{
+		long		timeout_ms;
+		int			events;
+
+		if (must_stop_waiting())
+		{
+			conn->io_error = "interrupted";
+			break;
+		}
+		timeout_ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
+		if (timeout_ms <= 0)
+		{
+			conn->io_error = socket_event == WL_SOCKET_WRITEABLE ?
+				"the broker took no data within the timeout" :
+				"no reply from the broker within the timeout";
+			break;
+		}
+		events = WaitLatchOrSocket(MyLatch,
+								   WL_LATCH_SET | socket_event | WL_TIMEOUT |
+								   WL_EXIT_ON_PM_DEATH,
+								   fd, timeout_ms,
+								   wait_event_for(socket_event == WL_SOCKET_WRITEABLE ?
+												  BROKER_WAIT_WRITE : BROKER_WAIT_REPLY));
+		if (events & WL_LATCH_SET)
+		{
+			ResetLatch(MyLatch);
+			woken = true;
+		}
+		if (events & socket_event)
+		{
+			ready = true;
+			break;
+		}
+	}
+	if (woken)
+		SetLatch(MyLatch);
+	return ready;
+}
+
+static BrokerConnection *
+connection_of(void *socket)
+{
+	for (BrokerConnection *conn = open_connections; conn != NULL; conn = conn->next)
+		if ((void *) conn->socket == socket)
+			return conn;
+	elog(FATAL, "mqtx: a broker socket without its connection");
+	return NULL;				/* keep the compiler quiet */
+}
+
+/*
+ * The socket's send, as the library calls it.  The library would wait for
+ * a full socket in poll() with no deadline; this waits until the broker
+ * takes data again, for at most the longer of mqtx.confirm_timeout and
+ * mqtx.connect_timeout without progress, and never when the process must
+ * stop.  Giving up is a socket error: the connection is lost, part of a
+ * frame may have gone out.
+ */
+static ssize_t
+interruptible_send(void *self, const void *buf, size_t len, int flags)
+{
+	BrokerConnection *conn = connection_of(self);
+
+	for (;;)
+	{
+		ssize_t		res = conn->library_class->send(self, buf, len, flags);
+		int			event;
+		int			stall_ms = Max(mqtx_confirm_timeout, mqtx_connect_timeout);
+
+		if (res != LIBRARY_SOCKET_NEEDWRITE && res != LIBRARY_SOCKET_NEEDREAD)
+			return res;
+		event = res == LIBRARY_SOCKET_NEEDREAD ? WL_SOCKET_READABLE : WL_SOCKET_WRITEABLE;
+		if (!wait_in_library(conn, event,
+							 TimestampTzPlusMilliseconds(GetCurrentTimestamp(), stall_ms)))
+			return AMQP_STATUS_SOCKET_ERROR;
+	}
+}
+
+/*
+ * The socket's recv, as the library calls it.  When no reply is awaited
+ * (reply_deadline 0) it never waits: the caller asked the library not to,
+ * and waits in WaitLatchOrSocket itself.  When one is (an RPC, the rest of
+ * a message), it waits here until the deadline, then gives up with a
+ * socket error rather than let the library wait on.
+ */
+static ssize_t
+interruptible_recv(void *self, void *buf, size_t len, int flags)
+{
+	BrokerConnection *conn = connection_of(self);
+
+	for (;;)
+	{
+		ssize_t		res = conn->library_class->recv(self, buf, len, flags);
+		int			event;
+
+		if (res != LIBRARY_SOCKET_NEEDWRITE && res != LIBRARY_SOCKET_NEEDREAD)
+			return res;
+		if (conn->reply_deadline == 0)
+			return res;
+		event = res == LIBRARY_SOCKET_NEEDREAD ? WL_SOCKET_READABLE : WL_SOCKET_WRITEABLE;
+		if (!wait_in_library(conn, event, conn->reply_deadline))
+			return AMQP_STATUS_SOCKET_ERROR;
+	}
+}
+
+static void
+wrap_socket(BrokerConnection *conn, amqp_socket_t *socket)
+{
+	conn->socket = (LibrarySocket *) socket;
+	conn->library_class = conn->socket->klass;
+	conn->wrapped_class = *conn->library_class;
+	conn->wrapped_class.send = interruptible_send;
+	conn->wrapped_class.recv = interruptible_recv;
+	conn->socket->klass = &conn->wrapped_class;
+	conn->next = open_connections;
+	open_connections = conn;
+}
+
+static void
+unwrap_socket(BrokerConnection *conn)
+{
+	for (BrokerConnection **p = &open_connections; *p != NULL; p = &(*p)->next)
+		if (*p == conn)
+		{
+			*p = conn->next;
+			break;
+		}
+}
+
+/*
+ * A reply is awaited from now on, for at most mqtx.connect_timeout (the
+ * library's own RPC timeout is the same); expect_no_reply ends that.
  */
 static void
-forget_publish_channel(BrokerConnection *conn)
+expect_reply(BrokerConnection *conn)
 {
+	conn->reply_deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													   mqtx_connect_timeout);
+	conn->io_error = NULL;
+}
+
+static void
+expect_no_reply(BrokerConnection *conn)
+{
+	conn->reply_deadline = 0;
+}
+
+/* The library's error, or ours when our send or recv gave up */
+static const char *
+io_error_string(BrokerConnection *conn, int status)
+{
+	if (conn->io_error != NULL && status == AMQP_STATUS_SOCKET_ERROR)
+		return conn->io_error;
+	return amqp_error_string2(status);
+}
+
+/*
+ * The publish channel is gone: its unsettled messages will never be
+ * confirmed, and a new channel starts its delivery tags again at 1.  When
+ * the broker closed it for something it refused (refusal != NULL), every
+ * unsettled message counts as refused with that reason; otherwise their
+ * fate is unknown and they stay PUBLISH_UNCONFIRMED.
+ */
+static void set_message_error(BrokerMessage *message, PublishOutcome outcome,
+							  const char *error);
+
+static void
+forget_publish_channel(BrokerConnection *conn, const char *refusal)
+{
+	for (int i = 0; refusal != NULL && i < conn->unsettled_count; i++)
+	{
+		BrokerMessage *m = conn->unsettled[i];
+
+		if (m->outcome == PUBLISH_UNCONFIRMED)
+			set_message_error(m, PUBLISH_NACKED, refusal);
+		m->settled = true;
+	}
 	conn->channel_open[PUBLISH_CHANNEL] = false;
 	conn->unsettled_count = 0;
 }
@@ -390,69 +696,106 @@ static void
 mark_connection_lost(BrokerConnection *conn)
 {
 	conn->open = false;
-	conn->channel_open[RPC_CHANNEL] = false;
-	conn->channel_open[CONSUME_CHANNEL] = false;
-	forget_publish_channel(conn);
+	for (int channel = 0; channel < MAX_CHANNELS; channel++)
+		if (channel != PUBLISH_CHANNEL)
+			conn->channel_open[channel] = false;
+	forget_publish_channel(conn, NULL);
+}
+
+/*
+ * Reply codes by which the broker refuses something the client sent (AMQP
+ * 0-9-1 section 1.9).  Others (320 connection-forced, 541 internal error)
+ * say nothing about the messages in flight.
+ */
+static bool
+is_refusal(uint16 code)
+{
+	switch (code)
+	{
+		case 403:				/* access-refused */
+		case 404:				/* not-found */
+		case 405:				/* resource-locked */
+		case 406:				/* precondition-failed */
+		case 501:				/* frame-error */
+		case 502:				/* syntax-error */
+		case 503:				/* command-invalid */
+		case 504:				/* channel-error */
+		case 505:				/* unexpected-frame */
+		case 506:				/* resource-error */
+		case 530:				/* not-allowed */
+		case 540:				/* not-implemented */
+			return true;
+		default:
+			return false;
+	}
+}
+
+static uint16
+close_code(amqp_method_number_t method, void *decoded)
+{
+	return method == AMQP_CHANNEL_CLOSE_METHOD ?
+		((amqp_channel_close_t *) decoded)->reply_code :
+		((amqp_connection_close_t *) decoded)->reply_code;
+}
+
+static char *
+describe_close(const char *what, amqp_method_number_t method, void *decoded)
+{
+	amqp_bytes_t text;
+
+	if (method == AMQP_CHANNEL_CLOSE_METHOD)
+		text = ((amqp_channel_close_t *) decoded)->reply_text;
+	else
+		text = ((amqp_connection_close_t *) decoded)->reply_text;
+	return psprintf("%s: broker closed the %s: %u %.*s", what,
+					method == AMQP_CHANNEL_CLOSE_METHOD ? "channel" : "connection",
+					close_code(method, decoded), (int) text.len, (char *) text.bytes);
+}
+
+static bool
+is_consume_channel(amqp_channel_t channel)
+{
+	return channel >= FIRST_CONSUME_CHANNEL && channel < MAX_CHANNELS;
 }
 
 /*
  * The broker closed a channel or the connection: acknowledge it as AMQP
- * requires and remember what is left usable.
+ * requires and remember what is left usable.  A consume channel's
+ * deliveries can no longer be acknowledged (the broker requeues them); the
+ * consumer learns of it through broker_next_delivery.
  */
 static void
 accept_close(BrokerConnection *conn, amqp_channel_t channel,
-			 amqp_method_number_t method)
+			 amqp_method_number_t method, const char *description, uint16 code)
 {
 	if (method == AMQP_CHANNEL_CLOSE_METHOD)
 	{
 		amqp_channel_close_ok_t ok = {0};
 
 		if (channel == PUBLISH_CHANNEL)
-			forget_publish_channel(conn);
+			forget_publish_channel(conn, is_refusal(code) ? description : NULL);
 		else
 			conn->channel_open[channel] = false;
+		if (is_consume_channel(channel))
+		{
+			conn->lost_channel = channel;
+			strlcpy(conn->lost_channel_reason, description,
+					sizeof(conn->lost_channel_reason));
+		}
 		if (amqp_send_method(conn->state, channel,
 							 AMQP_CHANNEL_CLOSE_OK_METHOD, &ok) != AMQP_STATUS_OK)
-			mark_connection_lost(conn);
-
-		/*
-		 * Deliveries the consumer holds are acknowledged by tags of the
-		 * consume channel; a new channel would number its deliveries from 1
-		 * again, and an old tag would ack another message.  Only a new
-		 * connection is safe: the broker requeues what was unacked.
-		 */
-		if (channel == CONSUME_CHANNEL)
 			mark_connection_lost(conn);
 	}
 	else
 	{
 		amqp_connection_close_ok_t ok = {0};
 
+		if (is_refusal(code))
+			forget_publish_channel(conn, description);
 		(void) amqp_send_method(conn->state, 0,
 								AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
 		mark_connection_lost(conn);
 	}
-}
-
-static char *
-describe_close(const char *what, amqp_method_number_t method, void *decoded)
-{
-	uint16		code;
-	amqp_bytes_t text;
-
-	if (method == AMQP_CHANNEL_CLOSE_METHOD)
-	{
-		code = ((amqp_channel_close_t *) decoded)->reply_code;
-		text = ((amqp_channel_close_t *) decoded)->reply_text;
-	}
-	else
-	{
-		code = ((amqp_connection_close_t *) decoded)->reply_code;
-		text = ((amqp_connection_close_t *) decoded)->reply_text;
-	}
-	return psprintf("%s: broker closed the %s: %u %.*s", what,
-					method == AMQP_CHANNEL_CLOSE_METHOD ? "channel" : "connection",
-					code, (int) text.len, (char *) text.bytes);
 }
 
 /*
@@ -468,14 +811,16 @@ handle_failed_reply(BrokerConnection *conn, amqp_channel_t channel,
 	{
 		case AMQP_RESPONSE_LIBRARY_EXCEPTION:
 			/* timeouts and socket errors leave the connection unusable */
+			error = psprintf("%s: %s", what, io_error_string(conn, reply.library_error));
 			mark_connection_lost(conn);
-			return psprintf("%s: %s", what, amqp_error_string2(reply.library_error));
+			return error;
 		case AMQP_RESPONSE_SERVER_EXCEPTION:
 			if (reply.reply.id == AMQP_CHANNEL_CLOSE_METHOD ||
 				reply.reply.id == AMQP_CONNECTION_CLOSE_METHOD)
 			{
 				error = describe_close(what, reply.reply.id, reply.reply.decoded);
-				accept_close(conn, channel, reply.reply.id);
+				accept_close(conn, channel, reply.reply.id, error,
+							 close_code(reply.reply.id, reply.reply.decoded));
 				return error;
 			}
 			mark_connection_lost(conn);
@@ -487,12 +832,16 @@ handle_failed_reply(BrokerConnection *conn, amqp_channel_t channel,
 	}
 }
 
+/*
+ * Did the RPC just made succeed?  Ends the wait for its reply.
+ */
 static bool
 rpc_succeeded(BrokerConnection *conn, amqp_channel_t channel, const char *what,
 			  char **error)
 {
 	amqp_rpc_reply_t reply = amqp_get_rpc_reply(conn->state);
 
+	expect_no_reply(conn);
 	if (reply.reply_type == AMQP_RESPONSE_NORMAL)
 		return true;
 	*error = handle_failed_reply(conn, channel, reply, what);
@@ -513,11 +862,13 @@ ensure_channel(BrokerConnection *conn, amqp_channel_t channel, char **error)
 	if (conn->channel_open[channel])
 		return true;
 
+	expect_reply(conn);
 	amqp_channel_open(conn->state, channel);
 	if (!rpc_succeeded(conn, channel, "opening a channel", error))
 		return false;
 	if (channel == PUBLISH_CHANNEL)
 	{
+		expect_reply(conn);
 		amqp_confirm_select(conn->state, channel);
 		if (!rpc_succeeded(conn, channel, "enabling publisher confirms", error))
 			return false;
@@ -605,18 +956,54 @@ new_tls_socket(amqp_connection_state_t state, const char *host, char **error)
 	return socket;
 }
 
+
+
+/*
+ * What mqtx tells the broker about itself.  RabbitMQ sends connection.blocked
+ * and basic.cancel only to clients that say they understand them, and
+ * shows the connection's name in its management tools.
+ */
+static amqp_table_t
+client_properties(const char *name)
+{
+	static amqp_table_entry_t capabilities[3];
+	static amqp_table_entry_t properties[2];
+	amqp_table_t table;
+
+	capabilities[0].key = amqp_cstring_bytes("connection.blocked");
+	capabilities[1].key = amqp_cstring_bytes("consumer_cancel_notify");
+	capabilities[2].key = amqp_cstring_bytes("authentication_failure_close");
+	for (int i = 0; i < (int) lengthof(capabilities); i++)
+	{
+		capabilities[i].value.kind = AMQP_FIELD_KIND_BOOLEAN;
+		capabilities[i].value.value.boolean = true;
+	}
+	properties[0].key = amqp_cstring_bytes("capabilities");
+	properties[0].value.kind = AMQP_FIELD_KIND_TABLE;
+	properties[0].value.value.table.num_entries = lengthof(capabilities);
+	properties[0].value.value.table.entries = capabilities;
+	properties[1].key = amqp_cstring_bytes("connection_name");
+	properties[1].value.kind = AMQP_FIELD_KIND_UTF8;
+	properties[1].value.value.bytes = cstring_to_amqp_bytes(name);
+	table.num_entries = lengthof(properties);
+	table.entries = properties;
+	return table;
+}
+
 /*
  * Connect, log in and open the channels, every step bounded by
- * mqtx.connect_timeout.  Returns NULL with *error set on failure.
+ * mqtx.connect_timeout; "name" is what the broker shows the connection as.
+ * Returns NULL with *error set on failure.
  */
 BrokerConnection *
-broker_connect(const char *url, char **error)
+broker_connect(const char *url, const char *name, char **error)
 {
 	struct amqp_connection_info info;
 	struct timeval timeout = timeval_from_ms(mqtx_connect_timeout);
 	BrokerConnection *conn;
 	amqp_socket_t *socket;
 	amqp_rpc_reply_t reply;
+	amqp_table_t properties;
 	int			rc;
 
 	if (url == NULL || url[0] == '\0')
@@ -645,6 +1032,7 @@ broker_connect(const char *url, char **error)
 			*error = pstrdup("cannot create a TCP socket");
 		goto fail;
 	}
+	wrap_socket(conn, socket);
 	rc = amqp_socket_open_noblock(socket, info.host, info.port, &timeout);
 	if (rc != AMQP_STATUS_OK)
 	{
@@ -655,9 +1043,13 @@ broker_connect(const char *url, char **error)
 	amqp_set_handshake_timeout(conn->state, &timeout);
 	amqp_set_rpc_timeout(conn->state, &timeout);
 
-	reply = amqp_login(conn->state, info.vhost, 0, AMQP_DEFAULT_FRAME_SIZE,
-					   mqtx_heartbeat, AMQP_SASL_METHOD_PLAIN,
-					   info.user, info.password);
+	properties = client_properties(name);
+	expect_reply(conn);
+	reply = amqp_login_with_properties(conn->state, info.vhost, 0,
+									   AMQP_DEFAULT_FRAME_SIZE, mqtx_heartbeat,
+									   &properties, AMQP_SASL_METHOD_PLAIN,
+									   info.user, info.password);
+	expect_no_reply(conn);
 	if (reply.reply_type != AMQP_RESPONSE_NORMAL)
 	{
 		*error = handle_failed_reply(conn, 0, reply,
@@ -666,6 +1058,9 @@ broker_connect(const char *url, char **error)
 		goto fail;
 	}
 	conn->open = true;
+	conn->channel_max = amqp_get_channel_max(conn->state);
+	if (conn->channel_max <= 0 || conn->channel_max >= MAX_CHANNELS)
+		conn->channel_max = MAX_CHANNELS - 1;
 	if (!ensure_channel(conn, RPC_CHANNEL, error) ||
 		!ensure_channel(conn, PUBLISH_CHANNEL, error))
 		goto fail;
@@ -676,6 +1071,11 @@ fail:
 	return NULL;
 }
 
+/*
+ * Close the connection (politely, unless that would mean waiting where the
+ * process may not: while it exits on a signal, the send and recv above
+ * give up at once) and free it.
+ */
 void
 broker_disconnect(BrokerConnection *conn)
 {
@@ -684,9 +1084,15 @@ broker_disconnect(BrokerConnection *conn)
 	if (conn->state != NULL)
 	{
 		if (conn->open)
+		{
+			expect_reply(conn);
 			(void) amqp_connection_close(conn->state, AMQP_REPLY_SUCCESS);
+		}
 		amqp_destroy_connection(conn->state);
 	}
+	unwrap_socket(conn);
+	if (conn->unsettled != NULL)
+		pfree(conn->unsettled);
 	MemoryContextDelete(conn->cache_context);
 	pfree(conn);
 }
@@ -697,17 +1103,36 @@ broker_is_open(BrokerConnection *conn)
 	return conn != NULL && conn->open;
 }
 
+/*
+ * Has the broker blocked this connection (connection.blocked: a memory or
+ * disk alarm)?  *reason, when not NULL, gets the broker's reason.
+ */
+bool
+broker_is_blocked(BrokerConnection *conn, const char **reason)
+{
+	if (reason != NULL)
+		*reason = conn != NULL && conn->blocked ? conn->blocked_reason : NULL;
+	return conn != NULL && conn->blocked;
+}
+
+static bool
+rpc_on_channel_succeeded(BrokerConnection *conn, const char *what, char **error)
+{
+	return rpc_succeeded(conn, RPC_CHANNEL, what, error);
+}
+
 bool
 broker_declare_exchange(BrokerConnection *conn, const char *name,
 						const char *type, bool durable, char **error)
 {
 	if (!ensure_channel(conn, RPC_CHANNEL, error))
 		return false;
+	expect_reply(conn);
 	amqp_exchange_declare(conn->state, RPC_CHANNEL,
 						  cstring_to_amqp_bytes(name), cstring_to_amqp_bytes(type),
 						  false, durable, false, false, amqp_empty_table);
-	return rpc_succeeded(conn, RPC_CHANNEL,
-						 psprintf("declaring exchange \"%s\"", name), error);
+	return rpc_on_channel_succeeded(conn, psprintf("declaring exchange \"%s\"", name),
+									error);
 }
 
 bool
@@ -720,10 +1145,11 @@ broker_declare_queue(BrokerConnection *conn, const char *name, bool durable,
 		return false;
 	if (!ensure_channel(conn, RPC_CHANNEL, error))
 		return false;
+	expect_reply(conn);
 	amqp_queue_declare(conn->state, RPC_CHANNEL, cstring_to_amqp_bytes(name),
 					   false, durable, false, false, table);
-	return rpc_succeeded(conn, RPC_CHANNEL,
-						 psprintf("declaring queue \"%s\"", name), error);
+	return rpc_on_channel_succeeded(conn, psprintf("declaring queue \"%s\"", name),
+									error);
 }
 
 bool
@@ -732,45 +1158,100 @@ broker_bind(BrokerConnection *conn, const char *queue, const char *exchange,
 {
 	if (!ensure_channel(conn, RPC_CHANNEL, error))
 		return false;
+	expect_reply(conn);
 	amqp_queue_bind(conn->state, RPC_CHANNEL, cstring_to_amqp_bytes(queue),
 					cstring_to_amqp_bytes(exchange),
 					cstring_to_amqp_bytes(routing_key), amqp_empty_table);
-	return rpc_succeeded(conn, RPC_CHANNEL,
-						 psprintf("binding queue \"%s\" to exchange \"%s\"",
-								  queue, exchange), error);
+	return rpc_on_channel_succeeded(conn,
+									psprintf("binding queue \"%s\" to exchange \"%s\"",
+											 queue, exchange), error);
+}
+
+/*
+ * Forget what the connection learnt about exchanges: the topology was
+ * declared again, or the broker said an exchange is gone.
+ */
+void
+broker_forget_exchanges(BrokerConnection *conn)
+{
+	MemoryContextReset(conn->cache_context);
+	conn->known_exchanges = NIL;
+	conn->missing_exchanges = NIL;
+}
+
+static MissingExchange *
+missing_exchange(BrokerConnection *conn, const char *name)
+{
+	ListCell   *lc;
+
+	foreach(lc, conn->missing_exchanges)
+	{
+		MissingExchange *missing = lfirst(lc);
+
+		if (strcmp(missing->name, name) == 0)
+			return missing;
+	}
+	return NULL;
 }
 
 /*
  * Does the exchange exist?  Asked with a passive declare, once per
- * connection: publishing to a missing exchange would close the publish
- * channel and take every unconfirmed message with it.  Returns false with
- * *error when it does not exist or when the connection failed
- * (broker_is_open() tells which).
+ * connection for one that exists and at most every
+ * MISSING_EXCHANGE_RECHECK_MS for one that does not: publishing to a
+ * missing exchange would close the publish channel and take every
+ * unconfirmed message with it, and each question about a missing one
+ * costs the RPC channel.  Returns false with *error when it does not exist
+ * or when the connection failed (broker_is_open() tells which).
  */
 bool
 broker_exchange_exists(BrokerConnection *conn, const char *name, char **error)
 {
 	ListCell   *lc;
+	MissingExchange *missing;
 	MemoryContext old;
+	bool		exists;
 
 	if (name[0] == '\0')
 		return true;			/* the default exchange always exists */
 	foreach(lc, conn->known_exchanges)
 		if (strcmp(lfirst(lc), name) == 0)
 			return true;
+	missing = missing_exchange(conn, name);
+	if (missing != NULL && GetCurrentTimestamp() < missing->recheck_at)
+	{
+		*error = pstrdup(missing->reason);
+		return false;
+	}
 	if (!ensure_channel(conn, RPC_CHANNEL, error))
 		return false;
 
+	expect_reply(conn);
 	amqp_exchange_declare(conn->state, RPC_CHANNEL, cstring_to_amqp_bytes(name),
 						  amqp_cstring_bytes("direct"), true, false, false, false,
 						  amqp_empty_table);
-	if (!rpc_succeeded(conn, RPC_CHANNEL, psprintf("exchange \"%s\"", name), error))
+	exists = rpc_on_channel_succeeded(conn, psprintf("exchange \"%s\"", name), error);
+	if (!exists && !conn->open)
 		return false;
 
 	old = MemoryContextSwitchTo(conn->cache_context);
-	conn->known_exchanges = lappend(conn->known_exchanges, pstrdup(name));
+	if (exists)
+		conn->known_exchanges = lappend(conn->known_exchanges, pstrdup(name));
+	else
+	{
+		if (missing == NULL)
+		{
+			missing = palloc0(sizeof(MissingExchange));
+			missing->name = pstrdup(name);
+			conn->missing_exchanges = lappend(conn->missing_exchanges, missing);
+		}
+		missing->reason = pstrdup(*error);
+		missing->recheck_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+														  MISSING_EXCHANGE_RECHECK_MS);
+	}
 	MemoryContextSwitchTo(old);
-	return true;
+	if (exists && missing != NULL)
+		conn->missing_exchanges = list_delete_ptr(conn->missing_exchanges, missing);
+	return exists;
 }
 
 /*
@@ -792,7 +1273,7 @@ track_unsettled(BrokerConnection *conn, BrokerMessage *message)
 	{
 		conn->unsettled_capacity = Max(64, conn->unsettled_capacity * 2);
 		conn->unsettled = conn->unsettled == NULL ?
-			MemoryContextAlloc(conn->cache_context,
+			MemoryContextAlloc(TopMemoryContext,
 							   sizeof(BrokerMessage *) * conn->unsettled_capacity) :
 			repalloc(conn->unsettled,
 					 sizeof(BrokerMessage *) * conn->unsettled_capacity);
@@ -801,11 +1282,38 @@ track_unsettled(BrokerConnection *conn, BrokerMessage *message)
 }
 
 /*
- * Send one message on the confirm channel, without waiting.  Returns false
- * only when the connection or channel failed (stop sending); a message that
- * cannot be encoded is marked PUBLISH_REJECTED and sending goes on.  The
- * message must stay allocated until it settles (broker_await_confirms) or
- * the connection is dropped.
+ * The headers as an AMQP table, if they fit in a header frame of the size
+ * this connection negotiated: rabbitmq-c finds out only after the publish
+ * method went out, which loses the channel.
+ */
+static bool
+headers_fit_frame(BrokerConnection *conn, Jsonb *headers, amqp_table_t *table,
+				  char **reason)
+{
+	amqp_bytes_t buffer;
+	size_t		offset = 0;
+
+	if (!headers_to_table(headers, table, reason))
+		return false;
+	buffer.len = Max(amqp_get_frame_max(conn->state) - PROPERTIES_RESERVE, 0);
+	buffer.bytes = palloc(Max(buffer.len, 1));
+	if (amqp_encode_table(buffer, table, &offset) != AMQP_STATUS_OK)
+	{
+		*reason = psprintf("the headers take more than the %zu bytes a header frame of this broker leaves them",
+						   buffer.len);
+		pfree(buffer.bytes);
+		return false;
+	}
+	pfree(buffer.bytes);
+	return true;
+}
+
+/*
+ * Send one message on the confirm channel, without waiting for its
+ * confirm.  Returns false only when the connection or channel failed (stop
+ * sending); a message that cannot be encoded is marked PUBLISH_REJECTED
+ * and sending goes on.  The message must stay allocated until it settles
+ * or the connection is dropped; its body may be freed once this returns.
  */
 bool
 broker_publish(BrokerConnection *conn, BrokerMessage *message, char **error)
@@ -830,7 +1338,7 @@ broker_publish(BrokerConnection *conn, BrokerMessage *message, char **error)
 	{
 		char	   *reason;
 
-		if (!headers_to_table(message->headers, &props.headers, &reason))
+		if (!headers_fit_frame(conn, message->headers, &props.headers, &reason))
 		{
 			set_message_error(message, PUBLISH_REJECTED, reason);
 			return true;
@@ -839,22 +1347,14 @@ broker_publish(BrokerConnection *conn, BrokerMessage *message, char **error)
 	}
 	body = server_text_to_amqp_bytes(message->body, message->body_len);
 
+	conn->io_error = NULL;
 	rc = amqp_basic_publish(conn->state, PUBLISH_CHANNEL,
 							cstring_to_amqp_bytes(message->exchange),
 							cstring_to_amqp_bytes(message->routing_key),
 							true, false, &props, body);
-	if (rc == AMQP_STATUS_TABLE_TOO_BIG)
-	{
-		/* the method frame went out without its header: the channel is lost */
-		set_message_error(message, PUBLISH_REJECTED,
-						  "the headers are too large for an AMQP frame");
-		*error = pstrdup("publishing: a message's headers were too large for a frame");
-		mark_connection_lost(conn);
-		return false;
-	}
 	if (rc != AMQP_STATUS_OK)
 	{
-		*error = psprintf("publishing: %s", amqp_error_string2(rc));
+		*error = psprintf("publishing: %s", io_error_string(conn, rc));
 		mark_connection_lost(conn);
 		return false;
 	}
@@ -863,6 +1363,27 @@ broker_publish(BrokerConnection *conn, BrokerMessage *message, char **error)
 	message->settled = false;
 	track_unsettled(conn, message);
 	return true;
+}
+
+/*
+ * The caller is about to free these messages: confirms that still come
+ * for them are ignored.
+ */
+void
+broker_forget_messages(BrokerConnection *conn, BrokerMessage *messages, int count)
+{
+	int			kept = 0;
+
+	if (conn == NULL)
+		return;
+	for (int i = 0; i < conn->unsettled_count; i++)
+	{
+		BrokerMessage *m = conn->unsettled[i];
+
+		if (m < messages || m >= messages + count)
+			conn->unsettled[kept++] = m;
+	}
+	conn->unsettled_count = kept;
 }
 
 /*
@@ -896,6 +1417,22 @@ apply_confirm(BrokerConnection *conn, uint64 delivery_tag, bool multiple,
 }
 
 /*
+ * Read the content (header and body frames) that follows a basic.return or
+ * basic.deliver on the channel, waiting for it at most mqtx.connect_timeout
+ * at a time.
+ */
+static amqp_rpc_reply_t
+read_content(BrokerConnection *conn, amqp_channel_t channel, amqp_message_t *message)
+{
+	amqp_rpc_reply_t reply;
+
+	expect_reply(conn);
+	reply = amqp_read_message(conn->state, channel, message, 0);
+	expect_no_reply(conn);
+	return reply;
+}
+
+/*
  * basic.return: the message body follows and must be read off the wire.
  * It carries no delivery tag, so it is matched on its message_id.
  */
@@ -913,7 +1450,7 @@ apply_return(BrokerConnection *conn, amqp_basic_return_t *ret, char **error)
 					  (int) ret->exchange.len, (char *) ret->exchange.bytes,
 					  (int) ret->routing_key.len, (char *) ret->routing_key.bytes);
 
-	reply = amqp_read_message(conn->state, PUBLISH_CHANNEL, &returned, 0);
+	reply = read_content(conn, PUBLISH_CHANNEL, &returned);
 	if (reply.reply_type != AMQP_RESPONSE_NORMAL)
 	{
 		*error = handle_failed_reply(conn, PUBLISH_CHANNEL, reply,
@@ -938,9 +1475,40 @@ apply_return(BrokerConnection *conn, amqp_basic_return_t *ret, char **error)
 	return true;
 }
 
+static void
+set_blocked(BrokerConnection *conn, bool blocked, amqp_bytes_t reason)
+{
+	conn->blocked = blocked;
+	snprintf(conn->blocked_reason, sizeof(conn->blocked_reason), "%.*s",
+			 (int) reason.len, (char *) reason.bytes);
+}
+
 /*
- * Handle one frame the broker sent unprompted.  Returns false when the
- * publish channel or the connection closed (with *error set).
+ * The broker cancelled a consumer (its queue was deleted, or it is a
+ * quorum queue whose leader moved away): its channel is closed here, which
+ * hands its unacknowledged deliveries back, and reported as lost.
+ */
+static void
+accept_cancel(BrokerConnection *conn, amqp_channel_t channel,
+			  amqp_basic_cancel_t *cancel)
+{
+	char	   *tag = amqp_bytes_to_cstring(cancel->consumer_tag);
+	char	   *ignored;
+
+	conn->lost_channel = channel;
+	snprintf(conn->lost_channel_reason, sizeof(conn->lost_channel_reason),
+			 "the broker cancelled the consumer of queue \"%s\" (was the queue deleted?)",
+			 tag);
+	expect_reply(conn);
+	amqp_channel_close(conn->state, channel, AMQP_REPLY_SUCCESS);
+	(void) rpc_succeeded(conn, channel, "closing a cancelled consumer's channel", &ignored);
+	conn->channel_open[channel] = false;
+}
+
+/*
+ * Handle one frame the broker sent unprompted (anything but a delivery).
+ * Returns false when the publish channel or the connection closed (with
+ * *error set).
  */
 static bool
 handle_frame(BrokerConnection *conn, amqp_frame_t *frame, char **error)
@@ -962,12 +1530,34 @@ handle_frame(BrokerConnection *conn, amqp_frame_t *frame, char **error)
 			return true;
 		case AMQP_BASIC_RETURN_METHOD:
 			return apply_return(conn, decoded, error);
+		case AMQP_CONNECTION_BLOCKED_METHOD:
+			set_blocked(conn, true, ((amqp_connection_blocked_t *) decoded)->reason);
+			return true;
+		case AMQP_CONNECTION_UNBLOCKED_METHOD:
+			set_blocked(conn, false, amqp_empty_bytes);
+			return true;
+		case AMQP_BASIC_CANCEL_METHOD:
+			accept_cancel(conn, frame->channel, decoded);
+			return conn->open;
 		case AMQP_CHANNEL_CLOSE_METHOD:
 		case AMQP_CONNECTION_CLOSE_METHOD:
-			*error = describe_close("while publishing", frame->payload.method.id,
-									decoded);
-			accept_close(conn, frame->channel, frame->payload.method.id);
-			return frame->channel != PUBLISH_CHANNEL && conn->open;
+			{
+				char	   *description = describe_close(frame->channel == PUBLISH_CHANNEL ?
+														 "while publishing" : "unprompted",
+														 frame->payload.method.id,
+														 decoded);
+
+				accept_close(conn, frame->channel, frame->payload.method.id,
+							 description, close_code(frame->payload.method.id, decoded));
+				if (frame->channel == PUBLISH_CHANNEL || !conn->open)
+				{
+					*error = description;
+					/* an exchange the relay thought it knew may be gone */
+					broker_forget_exchanges(conn);
+					return false;
+				}
+				return true;
+			}
 		default:
 			return true;
 	}
@@ -975,7 +1565,7 @@ handle_frame(BrokerConnection *conn, amqp_frame_t *frame, char **error)
 
 /*
  * Has every message sent from the array been acked or nacked?  Confirms
- * are taken in by broker_poll and broker_await_confirms.
+ * are taken in by broker_wait.
  */
 bool
 broker_all_settled(BrokerMessage *messages, int count)
@@ -989,86 +1579,92 @@ broker_all_settled(BrokerMessage *messages, int count)
 }
 
 /*
- * Wait until every sent message of the array is acked or nacked (returned
- * ones included: their ack follows the return), or timeout_ms passes.
- * Confirms for other messages in flight are applied as they come.  Returns
- * false on timeout or when the channel or connection closed; messages
- * still PUBLISH_UNCONFIRMED then have an unknown fate.
+ * The next frame the broker sent, waiting for it until the deadline (0:
+ * not at all) in WaitLatchOrSocket, in slices short enough to send
+ * heartbeats on time.  Returns AMQP_STATUS_OK with *frame set,
+ * AMQP_STATUS_TIMEOUT when the deadline passed or the latch was set (then
+ * *woken is true and the latch is reset: the caller acts on the wake-up),
+ * or a library error.  Termination and cancel requests are served here,
+ * between library calls.
  */
-bool
-broker_await_confirms(BrokerConnection *conn, BrokerMessage *messages,
-					  int count, int timeout_ms, char **error)
+static int
+next_frame(BrokerConnection *conn, amqp_frame_t *frame, TimestampTz deadline,
+		   bool *woken)
 {
-	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
-													   timeout_ms);
+	long		slice_ms = mqtx_heartbeat > 0 ? mqtx_heartbeat * 1000L / 2 : 1000L;
 
-	while (!broker_all_settled(messages, count))
-	{
-		long		remaining_ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
-																   deadline);
-		struct timeval tv = timeval_from_ms((int) remaining_ms);
-		amqp_frame_t frame;
-		int			rc;
-
-		CHECK_FOR_INTERRUPTS();
-		if (!conn->channel_open[PUBLISH_CHANNEL])
-		{
-			*error = pstrdup("the publish channel closed before every confirm arrived");
-			return false;
-		}
-		if (remaining_ms <= 0)
-		{
-			*error = psprintf("no publisher confirm within %d ms", timeout_ms);
-			return false;
-		}
-		amqp_maybe_release_buffers(conn->state);
-		rc = amqp_simple_wait_frame_noblock(conn->state, &frame, &tv);
-		if (rc == AMQP_STATUS_TIMEOUT)
-			continue;
-		if (rc != AMQP_STATUS_OK)
-		{
-			*error = psprintf("waiting for publisher confirms: %s",
-							  amqp_error_string2(rc));
-			mark_connection_lost(conn);
-			return false;
-		}
-		if (!handle_frame(conn, &frame, error))
-			return false;
-	}
-	return true;
-}
-
-/*
- * Service the connection between batches without blocking: heartbeats go
- * out, confirms and closes from the broker are taken in.  Returns false
- * when the connection is gone.
- */
-bool
-broker_poll(BrokerConnection *conn, char **error)
-{
+	*woken = false;
 	for (;;)
 	{
 		struct timeval no_wait = {0, 0};
-		amqp_frame_t frame;
+		long		timeout_ms;
+		int			events;
 		int			rc;
 
 		if (!conn->open)
+			return AMQP_STATUS_CONNECTION_CLOSED;
+		if (!amqp_frames_enqueued(conn->state) && !amqp_data_in_buffer(conn->state))
+			amqp_maybe_release_buffers(conn->state);
+		conn->io_error = NULL;
+		rc = amqp_simple_wait_frame_noblock(conn->state, frame, &no_wait);
+		if (rc != AMQP_STATUS_TIMEOUT)
+			return rc;
+
+		timeout_ms = deadline == 0 ? 0 :
+			TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
+		if (timeout_ms <= 0)
+			return AMQP_STATUS_TIMEOUT;
+		events = WaitLatchOrSocket(MyLatch,
+								   WL_LATCH_SET | WL_SOCKET_READABLE | WL_TIMEOUT |
+								   WL_EXIT_ON_PM_DEATH,
+								   amqp_get_sockfd(conn->state),
+								   Min(timeout_ms, slice_ms),
+								   wait_event_for(BROKER_WAIT_READ));
+		if (events & WL_LATCH_SET)
 		{
-			*error = pstrdup("the broker connection is closed");
-			return false;
+			ResetLatch(MyLatch);
+			CHECK_FOR_INTERRUPTS();
+			*woken = true;
+			return AMQP_STATUS_TIMEOUT;
 		}
-		amqp_maybe_release_buffers(conn->state);
-		rc = amqp_simple_wait_frame_noblock(conn->state, &frame, &no_wait);
+	}
+}
+
+static void
+lose_connection(BrokerConnection *conn, const char *what, int rc, char **error)
+{
+	*error = psprintf("%s: %s", what, io_error_string(conn, rc));
+	mark_connection_lost(conn);
+}
+
+/*
+ * Take in what the broker sent (confirms, returns, blocked and unblocked,
+ * closes), waiting for it until the deadline when nothing has come yet (0:
+ * not at all).  Returns once something was taken in, the deadline passed
+ * or the latch was set; false when the connection or the publish channel
+ * failed.  Heartbeats go out on the way.
+ */
+bool
+broker_wait(BrokerConnection *conn, TimestampTz deadline, char **error)
+{
+	bool		taken = false;
+
+	for (;;)
+	{
+		amqp_frame_t frame;
+		bool		woken;
+		int			rc = next_frame(conn, &frame, taken ? 0 : deadline, &woken);
+
 		if (rc == AMQP_STATUS_TIMEOUT)
 			return true;
 		if (rc != AMQP_STATUS_OK)
 		{
-			*error = psprintf("broker connection lost: %s", amqp_error_string2(rc));
-			mark_connection_lost(conn);
+			lose_connection(conn, "broker connection lost", rc, error);
 			return false;
 		}
 		if (!handle_frame(conn, &frame, error))
 			return false;
+		taken = true;
 	}
 }
 
@@ -1241,50 +1837,85 @@ redriven_from(amqp_table_t *headers)
 	return NULL;
 }
 
+
 /*
- * Start consuming a queue on the consume channel, with manual acks and at
+ * Start consuming a queue on a channel of its own, with manual acks and at
  * most "prefetch" unacknowledged deliveries; the consumer tag is the queue
- * name.
+ * name.  Returns the channel, or 0 when the broker refused (the connection
+ * is still open: broker_is_open) or the connection failed.
  */
-bool
+int
 broker_consume(BrokerConnection *conn, const char *queue, int prefetch,
 			   char **error)
 {
-	if (!ensure_channel(conn, CONSUME_CHANNEL, error))
-		return false;
-	amqp_basic_qos(conn->state, CONSUME_CHANNEL, 0, (uint16_t) prefetch, false);
-	if (!rpc_succeeded(conn, CONSUME_CHANNEL, "setting the prefetch count", error))
-		return false;
-	amqp_basic_consume(conn->state, CONSUME_CHANNEL, cstring_to_amqp_bytes(queue),
-					   cstring_to_amqp_bytes(queue), false, false, false,
-					   amqp_empty_table);
-	return rpc_succeeded(conn, CONSUME_CHANNEL,
-						 psprintf("consuming queue \"%s\"", queue), error);
+	int			channel = 0;
+
+	if (!conn->open)
+	{
+		*error = pstrdup("the broker connection is closed");
+		return 0;
+	}
+	for (int c = FIRST_CONSUME_CHANNEL; c <= conn->channel_max; c++)
+		if (!conn->channel_open[c])
+		{
+			channel = c;
+			break;
+		}
+	if (channel == 0)
+	{
+		*error = psprintf("consuming queue \"%s\": every one of the %d channels the broker allows is in use",
+						  queue, conn->channel_max);
+		return 0;
+	}
+	if (!ensure_channel(conn, channel, error))
+		return 0;
+	expect_reply(conn);
+	amqp_basic_qos(conn->state, channel, 0, (uint16_t) prefetch, false);
+	if (rpc_succeeded(conn, channel, "setting the prefetch count", error))
+	{
+		expect_reply(conn);
+		amqp_basic_consume(conn->state, channel, cstring_to_amqp_bytes(queue),
+						   cstring_to_amqp_bytes(queue), false, false, false,
+						   amqp_empty_table);
+		if (rpc_succeeded(conn, channel, psprintf("consuming queue \"%s\"", queue), error))
+			return channel;
+	}
+	/* the caller has the refusal: it is not a channel lost later */
+	if (conn->lost_channel == channel)
+		conn->lost_channel = 0;
+	return 0;
 }
 
+/*
+ * Stop consuming: close the queue's channel.  The broker hands its
+ * unacknowledged deliveries back to the queue.
+ */
 bool
-broker_cancel(BrokerConnection *conn, const char *queue, char **error)
+broker_cancel(BrokerConnection *conn, int channel, const char *queue, char **error)
 {
-	if (!ensure_channel(conn, CONSUME_CHANNEL, error))
-		return false;
-	amqp_basic_cancel(conn->state, CONSUME_CHANNEL, cstring_to_amqp_bytes(queue));
-	return rpc_succeeded(conn, CONSUME_CHANNEL,
-						 psprintf("cancelling the consumer of queue \"%s\"", queue),
-						 error);
+	if (!conn->open || !conn->channel_open[channel])
+		return conn->open;
+	expect_reply(conn);
+	amqp_channel_close(conn->state, channel, AMQP_REPLY_SUCCESS);
+	conn->channel_open[channel] = false;
+	return rpc_succeeded(conn, channel,
+						 psprintf("closing the channel of queue \"%s\"", queue),
+						 error) || conn->open;
+}
+
+/* Can deliveries that came on this channel still be acknowledged? */
+bool
+broker_channel_is_open(BrokerConnection *conn, int channel)
+{
+	return conn != NULL && conn->open && channel > 0 && channel < MAX_CHANNELS &&
+		conn->channel_open[channel];
 }
 
 static void
-copy_envelope(amqp_envelope_t *envelope, BrokerDelivery *delivery)
+copy_content(amqp_message_t *message, BrokerDelivery *delivery)
 {
-	amqp_basic_properties_t *props = &envelope->message.properties;
+	amqp_basic_properties_t *props = &message->properties;
 
-	memset(delivery, 0, sizeof(*delivery));
-	/* the consumer tag is the queue name mqtx sent: taken as it is */
-	delivery->queue = amqp_bytes_to_cstring(envelope->consumer_tag);
-	delivery->delivery_tag = envelope->delivery_tag;
-	delivery->redelivered = envelope->redelivered;
-	delivery->exchange = wire_string(envelope->exchange);
-	delivery->routing_key = wire_string(envelope->routing_key);
 	if ((props->_flags & AMQP_BASIC_MESSAGE_ID_FLAG) && props->message_id.len > 0)
 		delivery->message_id = wire_string(props->message_id);
 	if (props->_flags & AMQP_BASIC_HEADERS_FLAG)
@@ -1299,106 +1930,144 @@ copy_envelope(amqp_envelope_t *envelope, BrokerDelivery *delivery)
 											   MAX_HEADER_DEPTH);
 		delivery->redriven_from = redriven_from(&props->headers);
 	}
-	delivery->body_len = (int) envelope->message.body.len;
+	delivery->body_len = (int) message->body.len;
 	delivery->body = palloc(delivery->body_len + 1);
-	memcpy(delivery->body, envelope->message.body.bytes, delivery->body_len);
+	memcpy(delivery->body, message->body.bytes, delivery->body_len);
 	delivery->body[delivery->body_len] = '\0';
 }
 
 /*
+ * A basic.deliver came: copy it, and read and copy its content, in the
+ * current memory context.  Returns 1, or 0 when the broker closed the
+ * delivery's channel meanwhile, or -1 when the connection failed.
+ */
+static int
+read_delivery(BrokerConnection *conn, amqp_frame_t *frame,
+			  BrokerDelivery *delivery, char **error)
+{
+	amqp_basic_deliver_t *deliver = frame->payload.method.decoded;
+	amqp_message_t message;
+	amqp_rpc_reply_t reply;
+
+	memset(delivery, 0, sizeof(*delivery));
+	delivery->channel = frame->channel;
+	/* the consumer tag is the queue name mqtx sent: taken as it is */
+	delivery->queue = amqp_bytes_to_cstring(deliver->consumer_tag);
+	delivery->delivery_tag = deliver->delivery_tag;
+	delivery->redelivered = deliver->redelivered;
+	delivery->exchange = wire_string(deliver->exchange);
+	delivery->routing_key = wire_string(deliver->routing_key);
+
+	reply = read_content(conn, delivery->channel, &message);
+	if (reply.reply_type != AMQP_RESPONSE_NORMAL)
+	{
+		*error = handle_failed_reply(conn, delivery->channel, reply, "reading a delivery");
+		return conn->open ? 0 : -1;
+	}
+	copy_content(&message, delivery);
+	amqp_destroy_message(&message);
+	return 1;
+}
+
+/*
  * Wait up to timeout_ms for the next delivery and copy it, in the current
- * memory context, into *delivery.  Returns 1 for a delivery, 0 for none,
- * -1 when the connection or the consume channel failed (*error says why).
+ * memory context, into *delivery.  Returns 1 for a delivery; 0 for none
+ * (the time passed, or the latch was set); BROKER_CHANNEL_LOST when the
+ * broker closed a queue's channel or cancelled its consumer
+ * (delivery->channel says which, *error why; the other queues go on); -1
+ * when the connection failed (*error says why).
  */
 int
 broker_next_delivery(BrokerConnection *conn, int timeout_ms,
 					 BrokerDelivery *delivery, char **error)
 {
-	struct timeval tv = timeval_from_ms(timeout_ms);
-	amqp_envelope_t envelope;
-	amqp_rpc_reply_t reply;
-	amqp_frame_t frame;
-	int			rc;
+	TimestampTz deadline = timeout_ms > 0 ?
+		TimestampTzPlusMilliseconds(GetCurrentTimestamp(), timeout_ms) : 0;
 
-	if (!conn->open || !conn->channel_open[CONSUME_CHANNEL])
+	for (;;)
 	{
-		*error = pstrdup("the broker connection is closed");
-		return -1;
-	}
-	amqp_maybe_release_buffers(conn->state);
-	reply = amqp_consume_message(conn->state, &envelope, &tv, 0);
-	if (reply.reply_type == AMQP_RESPONSE_NORMAL)
-	{
-		copy_envelope(&envelope, delivery);
-		amqp_destroy_envelope(&envelope);
-		return 1;
-	}
-	if (reply.reply_type == AMQP_RESPONSE_LIBRARY_EXCEPTION &&
-		reply.library_error == AMQP_STATUS_TIMEOUT)
-		return 0;
-	if (reply.reply_type != AMQP_RESPONSE_LIBRARY_EXCEPTION ||
-		reply.library_error != AMQP_STATUS_UNEXPECTED_STATE)
-	{
-		*error = handle_failed_reply(conn, CONSUME_CHANNEL, reply, "consuming");
-		mark_connection_lost(conn);
-		return -1;
-	}
+		amqp_frame_t frame;
+		bool		woken;
+		int			rc;
 
-	/* Another frame came first: a close, or a confirm for the publisher. */
-	tv = timeval_from_ms(0);
-	rc = amqp_simple_wait_frame_noblock(conn->state, &frame, &tv);
-	if (rc == AMQP_STATUS_TIMEOUT)
-		return 0;
-	if (rc != AMQP_STATUS_OK)
-	{
-		*error = psprintf("consuming: %s", amqp_error_string2(rc));
-		mark_connection_lost(conn);
-		return -1;
+		if (conn->lost_channel != 0)
+		{
+			memset(delivery, 0, sizeof(*delivery));
+			delivery->channel = conn->lost_channel;
+			*error = pstrdup(conn->lost_channel_reason);
+			conn->lost_channel = 0;
+			return BROKER_CHANNEL_LOST;
+		}
+		rc = next_frame(conn, &frame, deadline, &woken);
+		if (rc == AMQP_STATUS_TIMEOUT)
+			return 0;
+		if (rc != AMQP_STATUS_OK)
+		{
+			lose_connection(conn, "consuming", rc, error);
+			return -1;
+		}
+		if (frame.frame_type == AMQP_FRAME_METHOD &&
+			frame.payload.method.id == AMQP_BASIC_DELIVER_METHOD)
+		{
+			rc = read_delivery(conn, &frame, delivery, error);
+			if (rc != 0)
+				return rc;
+			continue;
+		}
+		/* a consumer publishes nothing: only a lost connection matters */
+		if (!handle_frame(conn, &frame, error) && !conn->open)
+			return -1;
 	}
-	if (frame.frame_type == AMQP_FRAME_METHOD &&
-		frame.payload.method.id == AMQP_BASIC_CANCEL_METHOD)
-	{
-		*error = pstrdup("the broker cancelled a consumer (was its queue deleted?)");
-		return -1;
-	}
-	if (!handle_frame(conn, &frame, error))
-		return -1;
-	if (!conn->channel_open[CONSUME_CHANNEL])
-	{
-		if (*error == NULL)
-			*error = pstrdup("the broker closed the consume channel");
-		return -1;
-	}
-	return 0;
 }
 
 /*
- * Acknowledge one delivery, or with "multiple" every one up to it; or
- * reject one back onto its queue.
+ * Acknowledge one delivery, or with "multiple" every one up to it on its
+ * channel; or reject one back onto its queue.  A delivery whose channel
+ * has closed needs neither: the broker has requeued it.
  */
 bool
-broker_ack(BrokerConnection *conn, uint64 delivery_tag, bool multiple,
-		   char **error)
+broker_ack(BrokerConnection *conn, int channel, uint64 delivery_tag,
+		   bool multiple, char **error)
 {
-	int			rc = amqp_basic_ack(conn->state, CONSUME_CHANNEL, delivery_tag, multiple);
+	int			rc;
 
+	if (!broker_channel_is_open(conn, channel))
+		return conn->open;
+	rc = amqp_basic_ack(conn->state, channel, delivery_tag, multiple);
 	if (rc == AMQP_STATUS_OK)
 		return true;
-	*error = psprintf("acknowledging: %s", amqp_error_string2(rc));
-	mark_connection_lost(conn);
+	lose_connection(conn, "acknowledging", rc, error);
+	return false;
+}
+
+bool
+broker_requeue(BrokerConnection *conn, int channel, uint64 delivery_tag,
+			   char **error)
+{
+	int			rc;
+
+	if (!broker_channel_is_open(conn, channel))
+		return conn->open;
+	rc = amqp_basic_reject(conn->state, channel, delivery_tag, true);
+	if (rc == AMQP_STATUS_OK)
+		return true;
+	lose_connection(conn, "requeueing", rc, error);
 	return false;
 }
 
 /*
  * Send a heartbeat when one is due, so that a long stretch of database
  * work (a large batch, slow handlers) does not make the broker close the
- * connection for silence.  Returns false when the connection failed.
+ * connection for silence.  This runs inside the consumer's transaction,
+ * so only when the socket takes the frame at once; a full socket is the
+ * broker's silence, not ours.  Returns false when the connection failed.
  */
 bool
 broker_keep_alive(BrokerConnection *conn, char **error)
 {
 	amqp_frame_t heartbeat;
 	int			interval = amqp_get_heartbeat(conn->state);
+	struct pollfd writable;
 	TimestampTz now;
 	int			rc;
 
@@ -1407,28 +2076,19 @@ broker_keep_alive(BrokerConnection *conn, char **error)
 	now = GetCurrentTimestamp();
 	if (!TimestampDifferenceExceeds(conn->last_keep_alive, now, interval * 1000 / 2))
 		return true;
+	writable.fd = amqp_get_sockfd(conn->state);
+	writable.events = POLLOUT;
+	if (poll(&writable, 1, 0) != 1 || !(writable.revents & POLLOUT))
+		return true;
 	memset(&heartbeat, 0, sizeof(heartbeat));
 	heartbeat.frame_type = AMQP_FRAME_HEARTBEAT;
 	heartbeat.channel = 0;
 	rc = amqp_send_frame(conn->state, &heartbeat);
 	if (rc != AMQP_STATUS_OK)
 	{
-		*error = psprintf("sending a heartbeat: %s", amqp_error_string2(rc));
-		mark_connection_lost(conn);
+		lose_connection(conn, "sending a heartbeat", rc, error);
 		return false;
 	}
 	conn->last_keep_alive = now;
 	return true;
-}
-
-bool
-broker_requeue(BrokerConnection *conn, uint64 delivery_tag, char **error)
-{
-	int			rc = amqp_basic_reject(conn->state, CONSUME_CHANNEL, delivery_tag, true);
-
-	if (rc == AMQP_STATUS_OK)
-		return true;
-	*error = psprintf("requeueing: %s", amqp_error_string2(rc));
-	mark_connection_lost(conn);
-	return false;
 }

@@ -156,7 +156,7 @@ typedef struct Subscription
 	int			prefetch;
 	int			max_attempts;
 	int			handler_timeout_ms;
-	bool		consuming;		/* basic.consume issued on this connection */
+	int			channel;		/* consumed on this channel; 0: not consumed */
 } Subscription;
 
 /* A delivery waiting for its retry time, unacknowledged. */
@@ -201,7 +201,6 @@ typedef struct ConsumerState
 	List	   *subscriptions;
 	uint32		subscriptions_generation;
 	bool		subscriptions_loaded;
-	bool		draining;		/* the last queue went: take in what is in flight */
 	List	   *held;			/* of HeldDelivery, in long_context */
 	int			error_pause_ms; /* after the next escaped error */
 	int			one_at_a_time;	/* deliveries to apply one per transaction */
@@ -356,9 +355,36 @@ forget_connection_state(const char *error)
 	}
 	list_free(consumer.held);
 	consumer.held = NIL;
-	consumer.draining = false;
 	foreach(lc, consumer.subscriptions)
-		((Subscription *) lfirst(lc))->consuming = false;
+		((Subscription *) lfirst(lc))->channel = 0;
+}
+
+/*
+ * A queue's channel is gone (cancelled, or closed by the broker): the
+ * deliveries held from it are the broker's again.
+ */
+static void
+forget_channel(int channel)
+{
+	List	   *kept = NIL;
+	ListCell   *lc;
+	MemoryContext old = MemoryContextSwitchTo(consumer.long_context);
+
+	foreach(lc, consumer.held)
+	{
+		HeldDelivery *held = lfirst(lc);
+
+		if (held->delivery.channel == channel)
+		{
+			free_delivery_copy(&held->delivery);
+			pfree(held);
+		}
+		else
+			kept = lappend(kept, held);
+	}
+	list_free(consumer.held);
+	consumer.held = kept;
+	MemoryContextSwitchTo(old);
 }
 
 static Subscription *
@@ -418,10 +444,11 @@ read_subscriptions(void)
 }
 
 /*
- * Re-read mqtx.subscriptions when it (or the topology) changed.  Consumers
- * of queues no longer subscribed, or subscribed with another prefetch, are
- * cancelled; start_consuming starts the new ones.  Returns false when the
- * connection failed.
+ * Re-read mqtx.subscriptions when it (or the topology) changed.  Queues no
+ * longer subscribed, or subscribed with another prefetch, have their
+ * channels closed (the broker takes back what was in flight on them);
+ * start_consuming starts the new ones.  Returns false when the connection
+ * failed.
  */
 static bool
 load_subscriptions(void)
@@ -429,7 +456,6 @@ load_subscriptions(void)
 	uint32		generation = pg_atomic_read_u32(&consumer.worker.slot->topology_generation);
 	List	   *loaded;
 	ListCell   *lc;
-	bool		was_consuming = false;
 
 	if (consumer.subscriptions_loaded && generation == consumer.subscriptions_generation)
 		return true;
@@ -439,8 +465,8 @@ load_subscriptions(void)
 	/*
 	 * A subscription's queue is declared by the topology, which the
 	 * connection declared as of an earlier generation; consumed before it
-	 * is declared, the queue may not exist yet, and the broker closes the
-	 * channel.  Declaring now, after the read, covers every queue read.
+	 * is declared, the queue may not exist yet, and the broker refuses.
+	 * Declaring now, after the read, covers every queue read.
 	 */
 	if (consumer.worker.declared_generation !=
 		pg_atomic_read_u32(&consumer.worker.slot->topology_generation))
@@ -452,14 +478,16 @@ load_subscriptions(void)
 		Subscription *now = find_subscription(loaded, sub->queue);
 		char	   *error = NULL;
 
-		was_consuming |= sub->consuming;
 		if (now != NULL && now->prefetch == sub->prefetch)
-			now->consuming = sub->consuming;
-		else if (sub->consuming && consumer.worker.conn != NULL &&
-				 !broker_cancel(consumer.worker.conn, sub->queue, &error))
+			now->channel = sub->channel;
+		else if (sub->channel != 0 && consumer.worker.conn != NULL)
 		{
-			mqtx_worker_drop_broker(&consumer.worker, error);
-			break;
+			forget_channel(sub->channel);
+			if (!broker_cancel(consumer.worker.conn, sub->channel, sub->queue, &error))
+			{
+				mqtx_worker_drop_broker(&consumer.worker, error);
+				break;
+			}
 		}
 	}
 	foreach(lc, consumer.subscriptions)
@@ -477,44 +505,73 @@ load_subscriptions(void)
 	if (consumer.worker.conn == NULL)
 	{
 		foreach(lc, loaded)
-			((Subscription *) lfirst(lc))->consuming = false;
+			((Subscription *) lfirst(lc))->channel = 0;
 		return false;
 	}
-	/* deliveries may still be in flight, and some held: hand them back */
-	if (loaded == NIL && was_consuming)
-		consumer.draining = true;
 	return true;
 }
 
+static const char *const subscription_type[] = {"subscription"};
+
 /*
- * Issue basic.consume for every subscription not yet consumed on this
- * connection.  Returns false when the connection failed.
+ * Consume every subscribed queue not yet consumed on this connection.  A
+ * queue the broker will not let us consume (no such queue, no read
+ * permission) is refused on its own channel: it is reported, tried again
+ * with a backoff, and the other queues go on.  Returns false when the
+ * connection failed.
  */
 static bool
 start_consuming(void)
 {
 	ListCell   *lc;
 
+	mqtx_worker_begin_round(&consumer.worker, subscription_type, 1);
 	foreach(lc, consumer.subscriptions)
 	{
 		Subscription *sub = lfirst(lc);
 		char	   *error = NULL;
 
-		if (sub->consuming)
+		if (!mqtx_worker_may_try(&consumer.worker, subscription_type[0], sub->queue) ||
+			sub->channel != 0)
 			continue;
-		if (broker_consume(consumer.worker.conn, sub->queue, sub->prefetch, &error))
+		sub->channel = broker_consume(consumer.worker.conn, sub->queue, sub->prefetch,
+									  &error);
+		if (sub->channel != 0)
+			mqtx_worker_accepted(&consumer.worker, subscription_type[0], sub->queue);
+		else if (broker_is_open(consumer.worker.conn))
+			mqtx_worker_refused(&consumer.worker, subscription_type[0], sub->queue, error);
+		else
 		{
-			sub->consuming = true;
-			consumer.worker.receiving = true;
-			continue;
+			mqtx_worker_drop_broker(&consumer.worker, error);
+			return false;
 		}
-		ereport(WARNING,
-				(errmsg("mqtx consumer: cannot consume queue \"%s\"", sub->queue),
-				 errdetail_internal("%s", error)));
-		mqtx_worker_drop_broker(&consumer.worker, error);
-		return false;
 	}
+	mqtx_worker_end_round(&consumer.worker);
+	mqtx_worker_save_refusals(&consumer.worker);
 	return true;
+}
+
+/*
+ * The broker closed a queue's channel or cancelled its consumer: that
+ * queue is refused until it is consumed again, the others go on.
+ */
+static void
+lose_subscription_channel(int channel, const char *error)
+{
+	ListCell   *lc;
+
+	forget_channel(channel);
+	foreach(lc, consumer.subscriptions)
+	{
+		Subscription *sub = lfirst(lc);
+
+		if (sub->channel == channel)
+		{
+			sub->channel = 0;
+			mqtx_worker_refused(&consumer.worker, subscription_type[0], sub->queue, error);
+		}
+	}
+	mqtx_worker_save_refusals(&consumer.worker);
 }
 
 /*
@@ -1329,11 +1386,19 @@ apply_batch(Work *work, int count)
 	record_transaction_failure(&work[0], commit_error);
 }
 
+/* A delivery as the broker knows it: its channel and its tag there */
+typedef struct DeliveryTag
+{
+	int			channel;
+	uint64		tag;
+} DeliveryTag;
+
 /*
  * After the commit: count, and sort into acks, requeues and holds.
  */
 static int
-act_on_outcomes(Work *work, int count, uint64 *ack, uint64 *requeue, int *nrequeue)
+act_on_outcomes(Work *work, int count, DeliveryTag *ack, DeliveryTag *requeue,
+				int *nrequeue)
 {
 	int			nack = 0;
 
@@ -1341,14 +1406,15 @@ act_on_outcomes(Work *work, int count, uint64 *ack, uint64 *requeue, int *nreque
 	for (int i = 0; i < count; i++)
 	{
 		Work	   *w = &work[i];
+		DeliveryTag tag = {w->d->channel, w->d->delivery_tag};
 
 		if (w->sub == NULL)
 		{
-			requeue[(*nrequeue)++] = w->d->delivery_tag;
+			requeue[(*nrequeue)++] = tag;
 			continue;
 		}
 		if (w->settled)
-			ack[nack++] = w->d->delivery_tag;
+			ack[nack++] = tag;
 		else
 			hold_for_retry(w->d, w->attempts);
 
@@ -1365,38 +1431,75 @@ act_on_outcomes(Work *work, int count, uint64 *ack, uint64 *requeue, int *nreque
 }
 
 /*
- * After the commit: acknowledge.  One "multiple" ack covers the batch when
- * no older delivery is still held back for a retry.
+ * Acknowledge a channel's deliveries: with one "multiple" ack when no
+ * older delivery of the channel is still held back for a retry or handed
+ * back.
  */
 static bool
-acknowledge(uint64 *ack, int nack, uint64 *requeue, int nrequeue, char **error)
+acknowledge_channel(int channel, DeliveryTag *ack, int nack, bool requeued,
+					char **error)
 {
 	uint64		max_tag = 0;
 	uint64		oldest_held = PG_UINT64_MAX;
+	int			nchannel = 0;
 	ListCell   *lc;
 
-	for (int i = 0; i < nrequeue; i++)
-		if (!broker_requeue(consumer.worker.conn, requeue[i], error))
-			return false;
-	if (nack == 0)
+	for (int i = 0; i < nack; i++)
+		if (ack[i].channel == channel)
+		{
+			max_tag = Max(max_tag, ack[i].tag);
+			nchannel++;
+		}
+	if (nchannel == 0)
 		return true;
-
-	for (int i = 0; i < nack; i++)
-		max_tag = Max(max_tag, ack[i]);
 	foreach(lc, consumer.held)
-		oldest_held = Min(oldest_held, ((HeldDelivery *) lfirst(lc))->delivery.delivery_tag);
+	{
+		BrokerDelivery *held = &((HeldDelivery *) lfirst(lc))->delivery;
 
-	if (nrequeue == 0 && oldest_held > max_tag)
-		return broker_ack(consumer.worker.conn, max_tag, true, error);
+		if (held->channel == channel)
+			oldest_held = Min(oldest_held, held->delivery_tag);
+	}
+	if (!requeued && oldest_held > max_tag)
+		return broker_ack(consumer.worker.conn, channel, max_tag, true, error);
 	for (int i = 0; i < nack; i++)
-		if (!broker_ack(consumer.worker.conn, ack[i], false, error))
+		if (ack[i].channel == channel &&
+			!broker_ack(consumer.worker.conn, channel, ack[i].tag, false, error))
 			return false;
 	return true;
 }
 
 /*
- * Held deliveries whose retry time has come, moved into the batch; all of
- * them once no queue is subscribed, to be handed back.
+ * After the commit: acknowledge, channel by channel, and hand back what
+ * is no longer subscribed.
+ */
+static bool
+acknowledge(DeliveryTag *ack, int nack, DeliveryTag *requeue, int nrequeue,
+			char **error)
+{
+	for (int i = 0; i < nrequeue; i++)
+		if (!broker_requeue(consumer.worker.conn, requeue[i].channel, requeue[i].tag,
+							error))
+			return false;
+	for (int i = 0; i < nack; i++)
+	{
+		bool		first = true;
+		bool		requeued = false;
+
+		/* each channel once, at its first delivery */
+		for (int j = 0; j < i && first; j++)
+			first = ack[j].channel != ack[i].channel;
+		if (!first)
+			continue;
+		for (int j = 0; j < nrequeue; j++)
+			requeued |= requeue[j].channel == ack[i].channel;
+		if (!acknowledge_channel(ack[i].channel, ack, nack, requeued, error))
+			return false;
+	}
+	return true;
+}
+
+/*
+ * Held deliveries whose retry time has come, moved into the batch.
  */
 static int
 take_due_held(BrokerDelivery *batch, int capacity)
@@ -1411,7 +1514,7 @@ take_due_held(BrokerDelivery *batch, int capacity)
 	{
 		HeldDelivery *held = lfirst(lc);
 
-		if (count < capacity && (held->retry_at <= now || consumer.draining))
+		if (count < capacity && held->retry_at <= now)
 		{
 			/* into the pass's memory; the held copy is freed */
 			copy_delivery(&batch[count++], &held->delivery);
@@ -1443,8 +1546,12 @@ static int
 collect_batch(BrokerDelivery *batch, int capacity, char **error)
 {
 	int			count = take_due_held(batch, capacity);
+	int64		budget = (int64) mqtx_batch_max_bytes * 1024;
+	int64		bytes = 0;
 
-	while (count < capacity)
+	for (int i = 0; i < count; i++)
+		bytes += batch[i].body_len;
+	while (count < capacity && bytes < budget)
 	{
 		int			rc;
 
@@ -1453,8 +1560,15 @@ collect_batch(BrokerDelivery *batch, int capacity, char **error)
 								  &batch[count], error);
 		if (rc < 0)
 			return -1;
+		if (rc == BROKER_CHANNEL_LOST)
+		{
+			lose_subscription_channel(batch[count].channel, *error);
+			*error = NULL;
+			continue;
+		}
 		if (rc == 0)
 			break;
+		bytes += batch[count].body_len;
 		count++;
 	}
 	return count;
@@ -1489,8 +1603,8 @@ consume_pass(void)
 	int			capacity = one_at_a_time() ? 1 : mqtx_batch_size;
 	BrokerDelivery *batch = palloc(sizeof(BrokerDelivery) * capacity);
 	Work	   *work;
-	uint64	   *ack = palloc(sizeof(uint64) * capacity);
-	uint64	   *requeue = palloc(sizeof(uint64) * capacity);
+	DeliveryTag *ack = palloc(sizeof(DeliveryTag) * capacity);
+	DeliveryTag *requeue = palloc(sizeof(DeliveryTag) * capacity);
 	int			nrequeue;
 	char	   *error = NULL;
 	int			count;
@@ -1503,10 +1617,7 @@ consume_pass(void)
 		return false;
 	}
 	if (count == 0)
-	{
-		consumer.draining = consumer.draining && consumer.held != NIL;
 		return false;
-	}
 	mqtx_count(consumer.worker.slot, MQTX_CONSUMER_CONSUMED, count);
 	consumer.one_at_a_time = Max(consumer.one_at_a_time - count, 0);
 
@@ -1564,8 +1675,7 @@ consumer_turn(void)
 	ready = mqtx_worker_extension_ready(&consumer.worker);
 	consuming = ready && mqtx_worker_ensure_broker(&consumer.worker) &&
 		load_subscriptions();
-	consuming = consuming &&
-		(consumer.subscriptions != NIL || consumer.draining) && start_consuming();
+	consuming = consuming && consumer.subscriptions != NIL && start_consuming();
 	consumer.worker.receiving = consuming;
 
 	/*

@@ -30,6 +30,7 @@ bool		mqtx_relay_enabled = true;
 bool		mqtx_consumer_enabled = true;
 int			mqtx_inbox_retention = 7 * 24 * 3600;
 int			mqtx_batch_size = 1000;
+int			mqtx_batch_max_bytes = 16 * 1024;
 int			mqtx_poll_interval = 1000;
 int			mqtx_max_attempts = 10;
 int			mqtx_retry_base = 1000;
@@ -130,6 +131,11 @@ define_worker_settings(void)
 							"The batch is published with pipelined confirms: one round trip per batch.",
 							&mqtx_batch_size, 1000, 1, 10000,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtx.batch_max_bytes",
+							"Message payload a worker holds in memory at once.",
+							"The relay's messages in flight, and the consumer's batch, stop growing at this many bytes of payload; a single larger message goes alone.",
+							&mqtx_batch_max_bytes, 16 * 1024, 64, 1024 * 1024,
+							PGC_SIGHUP, GUC_UNIT_KB, NULL, NULL, NULL);
 	DefineCustomIntVariable("mqtx.poll_interval",
 							"How often the relay looks for due rows when nothing wakes it.",
 							"Committed messages wake the relay at once; this covers retries and missed wake-ups.",
@@ -151,8 +157,8 @@ define_worker_settings(void)
 							&mqtx_retry_max, 300000, 1, 24 * 3600 * 1000,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 	DefineCustomIntVariable("mqtx.confirm_timeout",
-							"How long the relay waits for a batch's publisher confirms.",
-							"Unconfirmed messages count as a failed attempt and the relay reconnects.",
+							"How long the relay waits for a message's publisher confirm before sending it again.",
+							"A message not confirmed in time has an unknown fate: it is sent again, without counting an attempt, and a confirm that comes later still counts.",
 							&mqtx_confirm_timeout, 10000, 100, 600 * 1000,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 	DefineCustomIntVariable("mqtx.connect_timeout",

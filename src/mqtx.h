@@ -33,6 +33,7 @@ extern bool mqtx_relay_enabled;
 extern bool mqtx_consumer_enabled;
 extern int	mqtx_inbox_retention;
 extern int	mqtx_batch_size;
+extern int	mqtx_batch_max_bytes;
 extern int	mqtx_poll_interval;
 extern int	mqtx_max_attempts;
 extern int	mqtx_retry_base;
@@ -76,6 +77,7 @@ typedef struct MqtxWorkerInfo
 	pid_t		pid;
 	Latch	   *latch;
 	bool		broker_connected;
+	bool		broker_blocked; /* connection.blocked by the broker */
 } MqtxWorkerInfo;
 
 typedef struct MqtxSlot
@@ -94,6 +96,8 @@ extern void mqtx_slot_attach(MqtxSlot *slot, MqtxWorkerKind kind, Oid dboid);
 extern void mqtx_slot_detach(MqtxSlot *slot, MqtxWorkerKind kind);
 extern void mqtx_slot_set_connected(MqtxSlot *slot, MqtxWorkerKind kind,
 									bool connected);
+extern void mqtx_slot_set_blocked(MqtxSlot *slot, MqtxWorkerKind kind,
+								  bool blocked);
 extern void mqtx_count(MqtxSlot *slot, MqtxCounter counter, uint64 n);
 extern void mqtx_wake_relay_at_commit(void);
 extern void mqtx_topology_changed_at_commit(void);
@@ -138,6 +142,7 @@ typedef struct BrokerMessage
  */
 typedef struct BrokerDelivery
 {
+	int			channel;		/* what it must be acknowledged on */
 	char	   *queue;
 	uint64		delivery_tag;
 	bool		redelivered;
@@ -154,24 +159,30 @@ typedef struct BrokerDelivery
 /* The header that carries a redriven message's original id */
 #define MQTX_REDRIVEN_FROM_HEADER "x-mqtx-redriven-from"
 
-extern bool broker_consume(BrokerConnection *conn, const char *queue,
+/* broker_next_delivery: a queue's channel was closed or its consumer cancelled */
+#define BROKER_CHANNEL_LOST 2
+
+extern int	broker_consume(BrokerConnection *conn, const char *queue,
 						   int prefetch, char **error);
-extern bool broker_cancel(BrokerConnection *conn, const char *queue,
+extern bool broker_cancel(BrokerConnection *conn, int channel, const char *queue,
 						  char **error);
+extern bool broker_channel_is_open(BrokerConnection *conn, int channel);
 extern int	broker_next_delivery(BrokerConnection *conn, int timeout_ms,
 								 BrokerDelivery *delivery, char **error);
-extern bool broker_ack(BrokerConnection *conn, uint64 delivery_tag,
+extern bool broker_ack(BrokerConnection *conn, int channel, uint64 delivery_tag,
 					   bool multiple, char **error);
-extern bool broker_requeue(BrokerConnection *conn, uint64 delivery_tag,
-						   char **error);
+extern bool broker_requeue(BrokerConnection *conn, int channel,
+						   uint64 delivery_tag, char **error);
 extern bool broker_keep_alive(BrokerConnection *conn, char **error);
 extern bool mqtx_broker_url_is_valid(const char *url, char **reason);
 extern bool mqtx_headers_are_valid(Jsonb *headers, char **reason);
 extern char *broker_describe(const char *url);
-extern BrokerConnection *broker_connect(const char *url, char **error);
+extern BrokerConnection *broker_connect(const char *url, const char *name,
+										char **error);
 extern void broker_disconnect(BrokerConnection *conn);
 extern bool broker_is_open(BrokerConnection *conn);
-extern bool broker_poll(BrokerConnection *conn, char **error);
+extern bool broker_is_blocked(BrokerConnection *conn, const char **reason);
+extern bool broker_wait(BrokerConnection *conn, TimestampTz deadline, char **error);
 extern bool broker_declare_exchange(BrokerConnection *conn, const char *name,
 									const char *type, bool durable, char **error);
 extern bool broker_declare_queue(BrokerConnection *conn, const char *name,
@@ -181,11 +192,12 @@ extern bool broker_bind(BrokerConnection *conn, const char *queue,
 						char **error);
 extern bool broker_exchange_exists(BrokerConnection *conn, const char *name,
 								   char **error);
+extern void broker_forget_exchanges(BrokerConnection *conn);
 extern bool broker_publish(BrokerConnection *conn, BrokerMessage *message,
 						   char **error);
-extern bool broker_await_confirms(BrokerConnection *conn, BrokerMessage *messages,
-								  int count, int timeout_ms, char **error);
 extern bool broker_all_settled(BrokerMessage *messages, int count);
+extern void broker_forget_messages(BrokerConnection *conn, BrokerMessage *messages,
+								   int count);
 
 /* Worker plumbing shared by the relay and the consumer (worker.c) */
 
@@ -214,6 +226,11 @@ typedef struct MqtxWorker
 	TimestampTz next_connect_at;
 	uint32		declared_generation;
 	bool		topology_declared;
+	TimestampTz next_topology_retry_at; /* a refused object is due again */
+	MemoryContext long_context; /* what outlives passes: the refusals */
+	List	   *refusals;		/* what the broker refused, and when to retry */
+	bool		refusals_saved; /* mqtx.broker_errors is this process's */
+	char		schema_version[NAMEDATALEN];	/* of the extension's objects */
 	bool		receiving;		/* deliveries may arrive: don't poll frames */
 	void		(*on_disconnect) (const char *error);	/* before the connection goes */
 } MqtxWorker;
@@ -234,6 +251,18 @@ extern void mqtx_worker_reload(MqtxWorker *w);
 extern void mqtx_worker_wait(MqtxWorker *w, long poll_ms);
 extern char *mqtx_hex_string(const char *data, int len);
 extern char *mqtx_sha256_hex(const char *data, size_t len);
+extern bool mqtx_version_older(const char *version, const char *than);
+extern bool mqtx_worker_may_try(MqtxWorker *w, const char *object_type,
+								const char *object_name);
+extern void mqtx_worker_refused(MqtxWorker *w, const char *object_type,
+								const char *object_name, const char *error);
+extern void mqtx_worker_accepted(MqtxWorker *w, const char *object_type,
+								 const char *object_name);
+extern void mqtx_worker_begin_round(MqtxWorker *w, const char *const *object_types,
+									int ntypes);
+extern void mqtx_worker_end_round(MqtxWorker *w);
+extern TimestampTz mqtx_worker_next_retry(MqtxWorker *w, const char *object_type);
+extern void mqtx_worker_save_refusals(MqtxWorker *w);
 extern void mqtx_worker_apply_retention(MqtxWorker *w, const char *delete_sql,
 										int keep_seconds, TimestampTz *next_at);
 

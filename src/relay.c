@@ -4,28 +4,34 @@
  *	  The relay worker: publishes mqtx.outbox to RabbitMQ with publisher
  *	  confirms and records each message's fate.
  *
- * One relay runs per database in mqtx.database.  Each pass, in one
- * transaction, claims a batch of due pending rows, oldest first, with FOR
- * UPDATE SKIP LOCKED, puts the whole batch on the wire, takes in the
- * publisher confirms that have arrived, and records the outcome of every
- * earlier batch whose confirms are all in.  Confirms are pipelined twice
- * over: one wait per batch rather than per message, and up to
- * MAX_BATCHES_IN_FLIGHT batches await theirs while the database records
- * and claims, so the broker always has work.
+ * One relay runs per database in mqtx.database.  Each pass has two halves.
+ * In one short transaction it records the outcome of every message the
+ * broker has decided (confirmed, refused, returned) and reads the next
+ * batch of due pending rows, oldest first, up to mqtx.batch_size rows or
+ * mqtx.batch_max_bytes of payload; the transaction commits.  Then, holding
+ * no transaction, no snapshot and no lock, it flushes WAL as far as the
+ * batch's commits need (make_durable), puts the batch on the wire and
+ * takes in the confirms that have arrived, waiting for them only when the
+ * pipeline is full or there is nothing else to send.  A broker that is
+ * slow, blocked or gone therefore never holds back vacuum, and every wait
+ * for it answers signals (broker.c).
  *
- * Row locks are therefore held from the claim until the end of that pass,
- * not until the batch's own confirms arrive; later claims skip the rows in
- * flight explicitly, through a hashed subplan (NOT (id = ANY (array))
- * compared every candidate row with every id in flight: a tenth of a
- * second per claim at 5000 in flight).  That is deliberate: nothing is
- * lost by it, since an outbox row leaves "pending" only in the transaction
- * that records its confirm, so a crash at any point leaves every
- * unconfirmed row pending and it is sent again (a duplicate, never a
- * loss; consumers dedupe on message_id).  What it buys is throughput: the
- * database's work overlaps the broker's, and no transaction waits a whole
- * confirm round trip while holding locks.  What it costs: a second relay on the same table (mqtx
- * starts one per database) could, between two passes, claim rows still in
- * flight and send duplicates.
+ * The claim is the in-flight list, not row locks: later claims skip the
+ * rows in flight explicitly, through a hashed subplan (NOT (id = ANY
+ * (array)) compared every candidate row with every id in flight: a tenth
+ * of a second per claim at 5000 in flight).  Nothing is lost by it, since
+ * an outbox row leaves "pending" only in the transaction that records its
+ * confirm, so a crash at any point leaves every unconfirmed row pending
+ * and it is sent again (a duplicate, never a loss; consumers dedupe on
+ * message_id).  Up to MAX_BATCHES_IN_FLIGHT batches await their confirms
+ * while the database records and claims, so the broker always has work.
+ * What it costs: a second relay on the same table (mqtx starts one per
+ * database) could claim rows still in flight and send duplicates.
+ *
+ * Attempts count what the broker refused, never what could not be
+ * observed: a message whose confirm is late, or whose connection was lost,
+ * has an unknown fate, stays pending and is sent again without being
+ * charged (note_late_confirms, forget_in_flight).
  *
  * The relay commits asynchronously (synchronous_commit = off): losing the
  * last commits in a crash only turns "published" rows back into pending
@@ -36,7 +42,10 @@
  */
 #include "postgres.h"
 
+#include "access/transam.h"
 #include "access/xact.h"
+#include "access/xlog.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
@@ -58,19 +67,33 @@
 #include "mqtx.h"
 
 
+/*
+ * Due pending rows, oldest first, other than those in flight.  A plain
+ * read: the relay's claim is the in-flight list, not row locks, so the
+ * transaction that reads them can end before anything is sent.  xmin
+ * tells whose commit made a row visible, for make_durable.
+ */
 static const char *const claim_sql =
 "SELECT id, message_id::text, exchange, routing_key, payload::text, headers, "
-"       extract(epoch FROM created_at)::bigint "
+"       extract(epoch FROM created_at)::bigint, xmin "
 "FROM mqtx.outbox "
 "WHERE status = 'pending' AND next_attempt_at <= pg_catalog.now() "
 "  AND id NOT IN (SELECT pg_catalog.unnest($2::bigint[])) "
 "ORDER BY next_attempt_at, id "
-"LIMIT $1 "
-"FOR UPDATE SKIP LOCKED";
+"LIMIT $1";
 
+/*
+ * Outcomes are written to the rows that were sent: the same id and the
+ * same message id.  Ids alone could name other messages by then: after
+ * DROP and CREATE EXTENSION, or TRUNCATE ... RESTART IDENTITY, they start
+ * again at 1 while confirms of the old rows may still be coming in.
+ */
 static const char *const mark_published_sql =
-"UPDATE mqtx.outbox SET status = 'published', published_at = pg_catalog.now() "
-"WHERE id = ANY($1) AND status = 'pending'";
+"UPDATE mqtx.outbox o SET status = 'published', published_at = pg_catalog.now() "
+"  FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::text[]))"
+"       AS p(id, message_id) "
+"WHERE o.id = p.id AND o.message_id = p.message_id::pg_catalog.uuid "
+"  AND o.status = 'pending'";
 
 /*
  * One failed attempt per row: back off exponentially with jitter (half the
@@ -88,13 +111,15 @@ static const char *const record_failures_sql =
 "  UPDATE mqtx.outbox o"
 "     SET attempts = o.attempts + 1,"
 "         last_error = f.error,"
-"         status = CASE WHEN o.attempts + 1 >= $3 THEN 'failed' ELSE 'pending' END,"
+"         status = CASE WHEN o.attempts + 1 >= $4 THEN 'failed' ELSE 'pending' END,"
 "         next_attempt_at = pg_catalog.now() + pg_catalog.make_interval(secs =>"
-"             least($5::float8, $4::float8 * pg_catalog.power(2, least(o.attempts, 40)))"
+"             least($6::float8, $5::float8 * pg_catalog.power(2, least(o.attempts, 40)))"
 "             * (0.5 + pg_catalog.random() / 2) / 1000)"
-"    FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::text[]))"
-"         AS f(id, error)"
-"   WHERE o.id = f.id AND o.status = 'pending'"
+"    FROM ROWS FROM (pg_catalog.unnest($1::bigint[]), pg_catalog.unnest($2::text[]),"
+"                    pg_catalog.unnest($3::text[]))"
+"         AS f(id, message_id, error)"
+"   WHERE o.id = f.id AND o.message_id = f.message_id::pg_catalog.uuid"
+"     AND o.status = 'pending'"
 "  RETURNING o.id, o.message_id, o.attempts, o.last_error, o.status"
 ") "
 "SELECT a.id, a.message_id::text, a.attempts, a.last_error "
@@ -113,30 +138,41 @@ static const char *const retention_sql =
 "     AND published_at < pg_catalog.now() - pg_catalog.make_interval(secs => $1)"
 "   ORDER BY id LIMIT $2)";
 
-/* The batch being relayed: rows and their messages, index-aligned. */
+/*
+ * A batch sent to the broker: rows and their messages, index-aligned.  A
+ * message's body is freed as soon as it is on the wire; what stays until
+ * its outcome is recorded is its id, message id and outcome.
+ */
 typedef struct RelayBatch
 {
 	MemoryContext context;		/* holds the batch; deleted once recorded */
+	Oid			outbox;			/* the table its rows are in */
 	int			count;
 	int64	   *ids;
 	BrokerMessage *messages;
+	bool	   *recorded;		/* its outcome is written */
+	TimestampTz sent_at;		/* confirms are due confirm_timeout later */
+	bool		timed_out;		/* its unconfirmed rows may be sent again */
 } RelayBatch;
 
 /*
  * How many sent batches may await their confirms at once.  RabbitMQ
  * confirms persistent messages in bursts, when a queue has written them
  * out; with one batch awaiting, the relay blocks on it while the broker
- * runs out of work.  Four kept the median of six 60000-message drains at
- * 6500 msg/s against 5900 with one, at the default batch size.
+ * runs out of work.  Batches whose confirms are late count too: they bound
+ * how much is sent again to a broker that is slow to confirm.
  */
 #define MAX_BATCHES_IN_FLIGHT 4
 
 typedef struct RelayState
 {
 	MqtxWorker	worker;			/* worker.context is reset every pass */
-	/* sent, confirms not all recorded yet; oldest first */
+	/* sent, outcomes not all recorded yet; oldest first */
 	RelayBatch *in_flight[MAX_BATCHES_IN_FLIGHT];
 	int			batches_in_flight;
+	bool		blocked;		/* the broker blocked the connection */
+	bool		confirms_late;	/* logged that a batch timed out */
+	bool		outbox_replaced;	/* logged that in-flight rows were dropped */
 	TimestampTz next_retention_at;
 } RelayState;
 
@@ -152,86 +188,375 @@ static SPIPlanPtr claim_plan = NULL;
 static SPIPlanPtr mark_published_plan = NULL;
 static SPIPlanPtr record_failures_plan = NULL;
 
-static Datum build_array(Datum *elements, int count, Oid element_type);
-static void record_outcomes(RelayBatch *batch, const char *batch_error);
-
-/*
- * The connection is going: batches still awaiting their confirms will not
- * get them, so their rows get a failed attempt now.
- */
-static void
-record_cut_off_batches(const char *error)
+static Datum
+build_array(Datum *elements, int count, Oid element_type)
 {
-	if (relay.batches_in_flight == 0)
+	int16		typlen;
+	bool		typbyval;
+	char		typalign;
+
+	get_typlenbyvalalign(element_type, &typlen, &typbyval, &typalign);
+	return PointerGetDatum(construct_array(elements, count, element_type,
+										   typlen, typbyval, typalign));
+}
+
+/* mqtx.outbox as of now, or InvalidOid when the extension is gone */
+static Oid
+current_outbox(void)
+{
+	Oid			namespace = get_namespace_oid("mqtx", true);
+
+	return OidIsValid(namespace) ? get_relname_relid("outbox", namespace) : InvalidOid;
+}
+
+/* Its messages may still await confirms: the connection must let go of them. */
+static void
+free_batch(RelayBatch *batch)
+{
+	broker_forget_messages(relay.worker.conn, batch->messages, batch->count);
+	MemoryContextDelete(batch->context);
+}
+
+static void
+mark_published(Datum *ids, Datum *message_ids, int count)
+{
+	Oid			argtypes[2] = {INT8ARRAYOID, TEXTARRAYOID};
+	Datum		args[2];
+
+	if (count == 0)
 		return;
-	mqtx_worker_begin_step("mqtx relay: recording batches cut off from the broker");
-	for (int i = 0; i < relay.batches_in_flight; i++)
-		record_outcomes(relay.in_flight[i], error);
-	mqtx_worker_end_step(&relay.worker);
-	for (int i = 0; i < relay.batches_in_flight; i++)
-		MemoryContextDelete(relay.in_flight[i]->context);
-	relay.batches_in_flight = 0;
+	args[0] = build_array(ids, count, INT8OID);
+	args[1] = build_array(message_ids, count, TEXTOID);
+	if (mqtx_execute_prepared(&mark_published_plan, mark_published_sql, 2,
+							  argtypes, args, NULL) != SPI_OK_UPDATE)
+		elog(ERROR, "marking outbox rows published failed");
+	mqtx_count(relay.worker.slot, MQTX_RELAY_PUBLISHED, count);
 }
 
 /*
- * Claim due rows, other than those still in flight, and copy them into the
- * pass context; the transaction (and the row locks) stay open.
+ * Record a failed attempt for each row; rows past mqtx.max_attempts become
+ * failed, with a WARNING and a NOTIFY mqtx_alert each.
  */
-static RelayBatch *
-claim_batch(void)
+static void
+record_failures(Datum *ids, Datum *message_ids, Datum *errors, int count)
 {
-	Oid			argtypes[2] = {INT4OID, INT8ARRAYOID};
-	Datum		args[2];
-	Datum	   *in_flight_ids;
-	int			in_flight_count = 0;
-	RelayBatch *batch;
-	MemoryContext batch_context;
-	MemoryContext spi_context;
+	Oid			argtypes[6] = {INT8ARRAYOID, TEXTARRAYOID, TEXTARRAYOID,
+	INT4OID, INT4OID, INT4OID};
+	Datum		args[6];
+	uint64		gave_up;
 
-	for (int b = 0; b < relay.batches_in_flight; b++)
-		in_flight_count += relay.in_flight[b]->count;
-	in_flight_ids = palloc(sizeof(Datum) * Max(in_flight_count, 1));
-	in_flight_count = 0;
-	for (int b = 0; b < relay.batches_in_flight; b++)
-		for (int i = 0; i < relay.in_flight[b]->count; i++)
-			in_flight_ids[in_flight_count++] = Int64GetDatum(relay.in_flight[b]->ids[i]);
+	if (count == 0)
+		return;
+	args[0] = build_array(ids, count, INT8OID);
+	args[1] = build_array(message_ids, count, TEXTOID);
+	args[2] = build_array(errors, count, TEXTOID);
+	args[3] = Int32GetDatum(mqtx_max_attempts);
+	args[4] = Int32GetDatum(mqtx_retry_base);
+	args[5] = Int32GetDatum(mqtx_retry_max);
+	if (mqtx_execute_prepared(&record_failures_plan, record_failures_sql, 6,
+							  argtypes, args, NULL) != SPI_OK_SELECT)
+		elog(ERROR, "recording failed outbox attempts failed");
 
-	mqtx_worker_begin_step("mqtx relay: publishing");
-	args[0] = Int32GetDatum(mqtx_batch_size);
-	args[1] = build_array(in_flight_ids, in_flight_count, INT8OID);
-	if (mqtx_execute_prepared(&claim_plan, claim_sql, 2, argtypes, args, NULL) != SPI_OK_SELECT)
-		elog(ERROR, "claiming outbox rows failed");
-
-	batch_context = AllocSetContextCreate(TopMemoryContext, "mqtx relay batch",
-										  ALLOCSET_DEFAULT_SIZES);
-	spi_context = MemoryContextSwitchTo(batch_context);
-	batch = palloc0(sizeof(RelayBatch));
-	batch->context = batch_context;
-	batch->count = (int) SPI_processed;
-	batch->ids = palloc0(sizeof(int64) * Max(batch->count, 1));
-	batch->messages = palloc0(sizeof(BrokerMessage) * Max(batch->count, 1));
-	for (int i = 0; i < batch->count; i++)
+	gave_up = SPI_processed;
+	for (uint64 i = 0; i < gave_up; i++)
 	{
 		HeapTuple	tuple = SPI_tuptable->vals[i];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
-		BrokerMessage *m = &batch->messages[i];
-		bool		isnull;
-		Datum		headers;
 
-		batch->ids[i] = DatumGetInt64(SPI_getbinval(tuple, desc, 1, &isnull));
-		m->context = batch_context;
-		m->message_id = SPI_getvalue(tuple, desc, 2);
-		m->exchange = SPI_getvalue(tuple, desc, 3);
-		m->routing_key = SPI_getvalue(tuple, desc, 4);
-		m->body = SPI_getvalue(tuple, desc, 5);
-		m->body_len = strlen(m->body);
-		headers = SPI_getbinval(tuple, desc, 6, &isnull);
-		m->headers = isnull ? NULL : DatumGetJsonbPCopy(headers);
-		m->timestamp = DatumGetInt64(SPI_getbinval(tuple, desc, 7, &isnull));
-		m->outcome = PUBLISH_NOT_SENT;
+		ereport(WARNING,
+				(errmsg("mqtx relay: gave up on message %s (outbox id %s) after %s attempts",
+						SPI_getvalue(tuple, desc, 2), SPI_getvalue(tuple, desc, 1),
+						SPI_getvalue(tuple, desc, 3)),
+				 errdetail_internal("Last error: %s", SPI_getvalue(tuple, desc, 4)),
+				 errhint("Its outbox row is now failed; fix the cause, then set its status to 'pending' and attempts to 0 to send it again.")));
 	}
-	MemoryContextSwitchTo(spi_context);
+	mqtx_count(relay.worker.slot, MQTX_RELAY_FAILED, gave_up);
+	mqtx_count(relay.worker.slot, MQTX_RELAY_RETRIED, count - gave_up);
+}
+
+/* Has the broker decided the message's fate (or did we, before sending)? */
+static bool
+is_decided(BrokerMessage *m)
+{
+	return m->settled || m->outcome == PUBLISH_REJECTED;
+}
+
+/*
+ * Write the outcome of every message whose fate is decided and not yet
+ * written: published, or a failed attempt for what the broker refused
+ * (nack, return, unknown exchange, a channel it closed over the message).
+ * A message whose fate is unknown (not sent, or no confirm) is left
+ * pending: it goes out again, and costs no attempt.
+ */
+static void
+record_decided(RelayBatch **batches, int nbatches)
+{
+	int			capacity = 0;
+	Datum	   *published_ids;
+	Datum	   *published_mids;
+	Datum	   *failed_ids;
+	Datum	   *failed_mids;
+	Datum	   *errors;
+	int			npublished = 0;
+	int			nfailed = 0;
+
+	for (int b = 0; b < nbatches; b++)
+		capacity += batches[b]->count;
+	published_ids = palloc(sizeof(Datum) * Max(capacity, 1));
+	published_mids = palloc(sizeof(Datum) * Max(capacity, 1));
+	failed_ids = palloc(sizeof(Datum) * Max(capacity, 1));
+	failed_mids = palloc(sizeof(Datum) * Max(capacity, 1));
+	errors = palloc(sizeof(Datum) * Max(capacity, 1));
+
+	for (int b = 0; b < nbatches; b++)
+	{
+		RelayBatch *batch = batches[b];
+
+		for (int i = 0; i < batch->count; i++)
+		{
+			BrokerMessage *m = &batch->messages[i];
+
+			if (batch->recorded[i] || !is_decided(m))
+				continue;
+			batch->recorded[i] = true;
+			if (m->outcome == PUBLISH_ACKED)
+			{
+				published_ids[npublished] = Int64GetDatum(batch->ids[i]);
+				published_mids[npublished++] = CStringGetTextDatum(m->message_id);
+				continue;
+			}
+			if (m->outcome == PUBLISH_NACKED)
+				mqtx_count(relay.worker.slot, MQTX_RELAY_NACKED, 1);
+			else if (m->outcome == PUBLISH_RETURNED)
+				mqtx_count(relay.worker.slot, MQTX_RELAY_RETURNED, 1);
+			failed_ids[nfailed] = Int64GetDatum(batch->ids[i]);
+			failed_mids[nfailed] = CStringGetTextDatum(m->message_id);
+			errors[nfailed++] = CStringGetTextDatum(m->error ? m->error : "refused by the broker");
+		}
+	}
+	mark_published(published_ids, published_mids, npublished);
+	record_failures(failed_ids, failed_mids, errors, nfailed);
+}
+
+/* Is every message of the batch either recorded or of unknown fate for good? */
+static bool
+is_finished(RelayBatch *batch, bool connection_gone)
+{
+	for (int i = 0; i < batch->count; i++)
+	{
+		BrokerMessage *m = &batch->messages[i];
+
+		if (batch->recorded[i] || m->outcome == PUBLISH_NOT_SENT)
+			continue;
+		if (m->outcome == PUBLISH_UNCONFIRMED && !m->settled && connection_gone)
+			continue;
+		return false;
+	}
+	return true;
+}
+
+/*
+ * Record what is decided in the batches in flight, and drop the batches
+ * that are finished (all of them when the connection is gone: what was not
+ * confirmed will not be).  Batches of an outbox that is no longer there
+ * (the extension was dropped, and maybe created again) are dropped
+ * unrecorded: their rows are gone.  In a transaction.
+ */
+static void
+record_in_flight(bool connection_gone)
+{
+	Oid			outbox = current_outbox();
+	RelayBatch *current[MAX_BATCHES_IN_FLIGHT];
+	int			ncurrent = 0;
+	int			kept = 0;
+
+	for (int b = 0; b < relay.batches_in_flight; b++)
+		if (relay.in_flight[b]->outbox == outbox)
+			current[ncurrent++] = relay.in_flight[b];
+		else if (!relay.outbox_replaced)
+		{
+			ereport(LOG,
+					(errmsg("mqtx relay: mqtx.outbox was dropped while messages were in flight; their outcomes are not recorded")));
+			relay.outbox_replaced = true;
+		}
+	record_decided(current, ncurrent);
+
+	for (int b = 0; b < relay.batches_in_flight; b++)
+	{
+		RelayBatch *batch = relay.in_flight[b];
+
+		if (batch->outbox != outbox || is_finished(batch, connection_gone))
+			free_batch(batch);
+		else
+			relay.in_flight[kept++] = batch;
+	}
+	relay.batches_in_flight = kept;
+}
+
+/*
+ * The connection is going: record what the broker decided, and forget the
+ * rest, whose fate is unknown.  Their rows are still pending and go out
+ * again on the next connection; nothing is charged an attempt.
+ */
+static void
+forget_in_flight(const char *error)
+{
+	/* a new connection says for itself whether it is blocked */
+	relay.blocked = false;
+	mqtx_slot_set_blocked(relay.worker.slot, MQTX_RELAY, false);
+	if (relay.batches_in_flight == 0)
+		return;
+	mqtx_worker_begin_step("mqtx relay: recording batches cut off from the broker");
+	record_in_flight(true);
+	mqtx_worker_end_step(&relay.worker);
+	Assert(relay.batches_in_flight == 0);
+}
+
+/*
+ * The ids of the rows in flight whose fate the broker may still decide:
+ * the claim leaves them out.  Those of batches whose confirms are late
+ * are not among them: they are sent again.
+ */
+static Datum
+ids_in_flight(void)
+{
+	Datum	   *ids;
+	int			count = 0;
+
+	for (int b = 0; b < relay.batches_in_flight; b++)
+		count += relay.in_flight[b]->count;
+	ids = palloc(sizeof(Datum) * Max(count, 1));
+	count = 0;
+	for (int b = 0; b < relay.batches_in_flight; b++)
+	{
+		RelayBatch *batch = relay.in_flight[b];
+
+		for (int i = 0; i < batch->count; i++)
+			if (!batch->recorded[i] &&
+				!(batch->timed_out && batch->messages[i].outcome == PUBLISH_UNCONFIRMED))
+				ids[count++] = Int64GetDatum(batch->ids[i]);
+	}
+	return build_array(ids, count, INT8OID);
+}
+
+/*
+ * How many rows to fetch next: as many as may be needed, but never more
+ * than could exceed the byte budget if each were as large as a message may
+ * be, so that a batch holds at most mqtx.batch_max_bytes of payload plus
+ * one message.
+ */
+static int
+rows_to_fetch(int have, int64 bytes, int64 budget)
+{
+	int64		room = (budget - bytes) / Max(mqtx_max_payload, 1);
+
+	return (int) Max(1, Min(Min(64, mqtx_batch_size - have), room));
+}
+
+/*
+ * Copy one claimed row into the batch; returns its payload size.
+ */
+static int64
+copy_row(RelayBatch *batch, HeapTuple tuple, TupleDesc desc, XLogRecPtr *newest_commit)
+{
+	BrokerMessage *m = &batch->messages[batch->count];
+	bool		isnull;
+	Datum		headers;
+	TransactionId xmin;
+	XLogRecPtr	commit;
+
+	batch->ids[batch->count] = DatumGetInt64(SPI_getbinval(tuple, desc, 1, &isnull));
+	m->context = batch->context;
+	m->message_id = SPI_getvalue(tuple, desc, 2);
+	m->exchange = SPI_getvalue(tuple, desc, 3);
+	m->routing_key = SPI_getvalue(tuple, desc, 4);
+	m->body = SPI_getvalue(tuple, desc, 5);
+	m->body_len = strlen(m->body);
+	headers = SPI_getbinval(tuple, desc, 6, &isnull);
+	m->headers = isnull ? NULL : DatumGetJsonbPCopy(headers);
+	m->timestamp = DatumGetInt64(SPI_getbinval(tuple, desc, 7, &isnull));
+	m->outcome = PUBLISH_NOT_SENT;
+	xmin = DatumGetTransactionId(SPI_getbinval(tuple, desc, 8, &isnull));
+	commit = TransactionIdGetCommitLSN(xmin);
+	if (commit > *newest_commit)
+		*newest_commit = commit;
+	batch->count++;
+	return m->body_len + (m->headers ? VARSIZE(m->headers) : 0);
+}
+
+/*
+ * Claim due rows, other than those in flight, into a new batch, fetching
+ * them a few at a time until the batch has mqtx.batch_size rows or
+ * mqtx.batch_max_bytes of payload.  *newest_commit becomes the latest
+ * commit record an asynchronous commit of theirs may still have in
+ * memory only.  In a transaction; the batch outlives it.
+ */
+static RelayBatch *
+claim_batch(XLogRecPtr *newest_commit)
+{
+	Oid			argtypes[2] = {INT4OID, INT8ARRAYOID};
+	Datum		args[2];
+	MemoryContext batch_context;
+	MemoryContext step_context;
+	RelayBatch *batch;
+	Portal		portal;
+	int64		budget = (int64) mqtx_batch_max_bytes * 1024;
+	int64		bytes = 0;
+
+	args[0] = Int32GetDatum(mqtx_batch_size);
+	args[1] = ids_in_flight();
+	if (claim_plan == NULL)
+	{
+		claim_plan = SPI_prepare(claim_sql, 2, argtypes);
+		if (claim_plan == NULL || SPI_keepplan(claim_plan) != 0)
+			elog(ERROR, "preparing the claim of outbox rows failed");
+	}
+	portal = SPI_cursor_open(NULL, claim_plan, args, NULL, false);
+
+	batch_context = AllocSetContextCreate(TopMemoryContext, "mqtx relay batch",
+										  ALLOCSET_DEFAULT_SIZES);
+	step_context = MemoryContextSwitchTo(batch_context);
+	batch = palloc0(sizeof(RelayBatch));
+	batch->context = batch_context;
+	batch->outbox = current_outbox();
+	batch->ids = palloc0(sizeof(int64) * mqtx_batch_size);
+	batch->messages = palloc0(sizeof(BrokerMessage) * mqtx_batch_size);
+	batch->recorded = palloc0(sizeof(bool) * mqtx_batch_size);
+
+	while (batch->count < mqtx_batch_size && bytes < budget)
+	{
+		uint64		fetched;
+
+		SPI_cursor_fetch(portal, true, rows_to_fetch(batch->count, bytes, budget));
+		/* SPI returns to its own memory: the rows are copied into the batch's */
+		MemoryContextSwitchTo(batch_context);
+		fetched = SPI_processed;
+		for (uint64 i = 0; i < fetched; i++)
+			bytes += copy_row(batch, SPI_tuptable->vals[i], SPI_tuptable->tupdesc,
+							  newest_commit);
+		SPI_freetuptable(SPI_tuptable);
+		if (fetched == 0)
+			break;
+	}
+	MemoryContextSwitchTo(step_context);
+	SPI_cursor_close(portal);
 	return batch;
+}
+
+/*
+ * Publish nothing the database could still lose.  A row is visible as soon
+ * as its transaction commits, but a transaction that committed with
+ * synchronous_commit = off may not be on disk yet: sent now, its message
+ * would outlive the order it announces if the server crashed.  Flushing up
+ * to the latest such commit among the claimed rows (the commit LSN clog
+ * keeps for asynchronous commits) costs nothing when they are all on disk
+ * already.
+ */
+static void
+make_durable(XLogRecPtr newest_commit)
+{
+	if (!XLogRecPtrIsInvalid(newest_commit) && XLogNeedsFlush(newest_commit))
+		XLogFlush(newest_commit);
 }
 
 /*
@@ -261,7 +586,7 @@ reject_unknown_exchanges(RelayBatch *batch, char **error)
 			if (strcmp(batch->messages[j].exchange, m->exchange) == 0)
 			{
 				batch->messages[j].outcome = PUBLISH_REJECTED;
-				batch->messages[j].error = reason;
+				batch->messages[j].error = MemoryContextStrdup(batch->context, reason);
 			}
 	}
 	return true;
@@ -269,226 +594,191 @@ reject_unknown_exchanges(RelayBatch *batch, char **error)
 
 /*
  * Put every message of the batch on the wire, without waiting for
- * confirms.  Returns false when the connection (or channel) failed on the
- * way; the messages' outcomes say how far each got.
+ * confirms, freeing each body once sent.  Returns false when the
+ * connection (or channel) failed on the way; the messages' outcomes say
+ * how far each got.
  */
 static bool
 send_batch(RelayBatch *batch, char **error)
 {
-	if (!reject_unknown_exchanges(batch, error))
-		return false;
+	bool		sent = reject_unknown_exchanges(batch, error);
 
-	for (int i = 0; i < batch->count; i++)
-	{
-		if (batch->messages[i].outcome != PUBLISH_NOT_SENT)
-			continue;
-		if (!broker_publish(relay.worker.conn, &batch->messages[i], error))
-			return false;
-	}
-	return true;
-}
-
-static Datum
-build_array(Datum *elements, int count, Oid element_type)
-{
-	int16		typlen;
-	bool		typbyval;
-	char		typalign;
-
-	get_typlenbyvalalign(element_type, &typlen, &typbyval, &typalign);
-	return PointerGetDatum(construct_array(elements, count, element_type,
-										   typlen, typbyval, typalign));
-}
-
-static void
-mark_published(Datum *ids, int count)
-{
-	Oid			argtypes[1] = {INT8ARRAYOID};
-	Datum		args[1];
-
-	if (count == 0)
-		return;
-	args[0] = build_array(ids, count, INT8OID);
-	if (mqtx_execute_prepared(&mark_published_plan, mark_published_sql, 1,
-							  argtypes, args, NULL) != SPI_OK_UPDATE)
-		elog(ERROR, "marking outbox rows published failed");
-	mqtx_count(relay.worker.slot, MQTX_RELAY_PUBLISHED, count);
-}
-
-/*
- * Record a failed attempt for each row; rows past mqtx.max_attempts become
- * failed, with a WARNING and a NOTIFY mqtx_alert each.
- */
-static void
-record_failures(Datum *ids, Datum *errors, int count)
-{
-	Oid			argtypes[5] = {INT8ARRAYOID, TEXTARRAYOID, INT4OID, INT4OID, INT4OID};
-	Datum		args[5];
-	uint64		gave_up;
-
-	if (count == 0)
-		return;
-	args[0] = build_array(ids, count, INT8OID);
-	args[1] = build_array(errors, count, TEXTOID);
-	args[2] = Int32GetDatum(mqtx_max_attempts);
-	args[3] = Int32GetDatum(mqtx_retry_base);
-	args[4] = Int32GetDatum(mqtx_retry_max);
-	if (mqtx_execute_prepared(&record_failures_plan, record_failures_sql, 5,
-							  argtypes, args, NULL) != SPI_OK_SELECT)
-		elog(ERROR, "recording failed outbox attempts failed");
-
-	gave_up = SPI_processed;
-	for (uint64 i = 0; i < gave_up; i++)
-	{
-		HeapTuple	tuple = SPI_tuptable->vals[i];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
-
-		ereport(WARNING,
-				(errmsg("mqtx relay: gave up on message %s (outbox id %s) after %s attempts",
-						SPI_getvalue(tuple, desc, 2), SPI_getvalue(tuple, desc, 1),
-						SPI_getvalue(tuple, desc, 3)),
-				 errdetail_internal("Last error: %s", SPI_getvalue(tuple, desc, 4)),
-				 errhint("Its outbox row is now failed; fix the cause, then set its status to 'pending' and attempts to 0 to send it again.")));
-	}
-	mqtx_count(relay.worker.slot, MQTX_RELAY_FAILED, gave_up);
-	mqtx_count(relay.worker.slot, MQTX_RELAY_RETRIED, count - gave_up);
-}
-
-/*
- * Write every row's outcome.  Messages that never reached the broker are
- * left as they were: they go out with the next batch.
- */
-static void
-record_outcomes(RelayBatch *batch, const char *batch_error)
-{
-	Datum	   *published = palloc(sizeof(Datum) * batch->count);
-	Datum	   *failed = palloc(sizeof(Datum) * batch->count);
-	Datum	   *errors = palloc(sizeof(Datum) * batch->count);
-	int			npublished = 0;
-	int			nfailed = 0;
-
-	for (int i = 0; i < batch->count; i++)
+	for (int i = 0; sent && i < batch->count; i++)
 	{
 		BrokerMessage *m = &batch->messages[i];
-		const char *error;
 
-		switch (m->outcome)
+		if (m->outcome == PUBLISH_NOT_SENT)
+			sent = broker_publish(relay.worker.conn, m, error);
+		if (m->outcome != PUBLISH_NOT_SENT)
 		{
-			case PUBLISH_NOT_SENT:
-				continue;
-			case PUBLISH_ACKED:
-				published[npublished++] = Int64GetDatum(batch->ids[i]);
-				continue;
-			case PUBLISH_NACKED:
-				mqtx_count(relay.worker.slot, MQTX_RELAY_NACKED, 1);
-				error = m->error;
-				break;
-			case PUBLISH_RETURNED:
-				mqtx_count(relay.worker.slot, MQTX_RELAY_RETURNED, 1);
-				error = m->error;
-				break;
-			case PUBLISH_REJECTED:
-				error = m->error;
-				break;
-			case PUBLISH_UNCONFIRMED:
-			default:
-				error = batch_error ? batch_error : "no publisher confirm";
-				break;
+			pfree((char *) m->body);
+			m->body = NULL;
+			if (m->headers)
+				pfree(m->headers);
+			m->headers = NULL;
 		}
-		failed[nfailed] = Int64GetDatum(batch->ids[i]);
-		errors[nfailed++] = CStringGetTextDatum(error);
 	}
-	mark_published(published, npublished);
-	record_failures(failed, errors, nfailed);
+	batch->sent_at = GetCurrentTimestamp();
+	return sent;
 }
 
-/*
- * Take batches off the front of the pipeline into done[], oldest first, as
- * long as their confirms are all in.  Blocks, once, for the oldest when
- * the pipeline is full or nothing new was sent (there is nothing else to
- * do, and returning would spin).  Returns the number taken; *delivered
- * becomes false when the wait failed.
- */
-static int
-take_settled_batches(RelayBatch **done, bool sent_something, bool *delivered,
-					 char **error)
+static bool
+awaits_confirms(RelayBatch *batch)
 {
-	int			taken = 0;
-	bool		waited = false;
-
-	while (relay.batches_in_flight > 0)
-	{
-		RelayBatch *oldest = relay.in_flight[0];
-
-		if (!broker_all_settled(oldest->messages, oldest->count))
-		{
-			bool		must_wait = !waited &&
-				(!sent_something || relay.batches_in_flight == MAX_BATCHES_IN_FLIGHT);
-
-			if (!must_wait)
-				break;
-			waited = true;
-			if (!broker_await_confirms(relay.worker.conn, oldest->messages,
-									   oldest->count, mqtx_confirm_timeout, error))
-			{
-				*delivered = false;
-				break;
-			}
-		}
-		done[taken++] = oldest;
-		relay.batches_in_flight--;
-		memmove(&relay.in_flight[0], &relay.in_flight[1],
-				sizeof(RelayBatch *) * relay.batches_in_flight);
-	}
-	return taken;
+	return !batch->timed_out && !broker_all_settled(batch->messages, batch->count);
 }
 
 /*
- * One pass, in one transaction: claim a batch and send it, take in the
- * confirms that have arrived, and record the outcome of every batch in
- * flight whose confirms are all in.  When the connection fails, this
- * pass's batch is recorded with the error here, and the batches in flight
- * by record_cut_off_batches as the connection is dropped.  Returns whether
+ * Batches whose confirms did not all come within mqtx.confirm_timeout:
+ * their unconfirmed rows have an unknown fate and may be claimed and sent
+ * again (the inbox absorbs the duplicate); a confirm that still comes
+ * counts.  Logged once, until confirms are on time again.
+ */
+static void
+note_late_confirms(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	bool		late = false;
+
+	for (int b = 0; b < relay.batches_in_flight; b++)
+	{
+		RelayBatch *batch = relay.in_flight[b];
+
+		if (awaits_confirms(batch) &&
+			TimestampDifferenceExceeds(batch->sent_at, now, mqtx_confirm_timeout))
+		{
+			batch->timed_out = true;
+			late = true;
+		}
+	}
+	if (late && !relay.confirms_late)
+		ereport(LOG,
+				(errmsg("mqtx relay: broker %s did not confirm messages within mqtx.confirm_timeout (%d ms); sending them again",
+						broker_describe(mqtx_broker_url), mqtx_confirm_timeout),
+				 errdetail("A confirm that arrives later still counts; the consumer's inbox absorbs the duplicates.")));
+	if (late)
+		relay.confirms_late = true;
+	else if (relay.batches_in_flight == 0)
+		relay.confirms_late = false;
+}
+
+/*
+ * connection.blocked: RabbitMQ has stopped reading from publishers (a
+ * memory or disk alarm).  Nothing new is sent until it unblocks, and the
+ * confirm clocks of what is in flight stand still meanwhile.
+ */
+static void
+follow_blocked_state(void)
+{
+	const char *reason;
+	bool		blocked = broker_is_blocked(relay.worker.conn, &reason);
+
+	if (blocked != relay.blocked)
+	{
+		if (blocked)
+			ereport(WARNING,
+					(errmsg("mqtx relay: broker %s blocked publishing: %s",
+							broker_describe(mqtx_broker_url),
+							reason && reason[0] ? reason : "no reason given"),
+					 errdetail("Messages stay pending until the broker unblocks the connection."),
+					 errhint("This is usually a memory or disk alarm on the broker.")));
+		else
+			ereport(LOG,
+					(errmsg("mqtx relay: broker %s unblocked publishing",
+							broker_describe(mqtx_broker_url))));
+		relay.blocked = blocked;
+		mqtx_slot_set_blocked(relay.worker.slot, MQTX_RELAY, blocked);
+	}
+	if (blocked)
+		for (int b = 0; b < relay.batches_in_flight; b++)
+			relay.in_flight[b]->sent_at = GetCurrentTimestamp();
+}
+
+static bool
+may_claim(void)
+{
+	return !relay.blocked && relay.batches_in_flight < MAX_BATCHES_IN_FLIGHT &&
+		broker_is_open(relay.worker.conn);
+}
+
+/*
+ * How long to wait for the broker after this pass: not at all when a batch
+ * was just sent and the pipeline has room, else until the oldest awaited
+ * confirm is due (or the poll interval, for retries coming due).  The
+ * latch ends the wait early: new rows committed.
+ */
+static TimestampTz
+confirm_wait_deadline(bool sent)
+{
+	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													   mqtx_poll_interval);
+
+	if (sent && may_claim())
+		return 0;
+	for (int b = 0; b < relay.batches_in_flight; b++)
+	{
+		RelayBatch *batch = relay.in_flight[b];
+		TimestampTz due = TimestampTzPlusMilliseconds(batch->sent_at,
+													  mqtx_confirm_timeout);
+
+		if (awaits_confirms(batch) && !relay.blocked && due < deadline)
+			deadline = due;
+	}
+	return deadline;
+}
+
+/*
+ * One pass: in one short transaction, record the outcomes the broker has
+ * decided and claim the next batch; then, with no transaction open, make
+ * the batch durable, send it and take in confirms, waiting for them when
+ * the pipeline is full or there is nothing new to send.  Returns whether
  * there is more to do right away.
  */
 static bool
 relay_pass(void)
 {
-	RelayBatch *batch = claim_batch();
-	RelayBatch *done[MAX_BATCHES_IN_FLIGHT + 1];	/* and this pass's batch */
-	int			ndone = 0;
+	RelayBatch *batch = NULL;
+	XLogRecPtr	newest_commit = InvalidXLogRecPtr;
 	char	   *error = NULL;
-	bool		delivered;
+	bool		ok = true;
 
-	if (batch->count == 0 && relay.batches_in_flight == 0)
+	follow_blocked_state();
+	if (relay.batches_in_flight > 0 || may_claim())
 	{
+		mqtx_worker_begin_step("mqtx relay: recording outcomes and claiming rows");
+		record_in_flight(false);
+		if (may_claim())
+			batch = claim_batch(&newest_commit);
 		mqtx_worker_end_step(&relay.worker);
-		MemoryContextDelete(batch->context);
-		return false;
 	}
-
-	delivered = send_batch(batch, &error) &&
-		broker_poll(relay.worker.conn, &error);
-	if (delivered)
-		ndone = take_settled_batches(done, batch->count > 0, &delivered, &error);
-	for (int i = 0; i < ndone; i++)
-		record_outcomes(done[i], NULL);
-	if (delivered && batch->count > 0)
-		relay.in_flight[relay.batches_in_flight++] = batch;
-	else
+	if (batch != NULL && batch->count == 0)
 	{
-		if (!delivered)
-			record_outcomes(batch, error);
-		done[ndone++] = batch;
+		free_batch(batch);
+		batch = NULL;
 	}
-	/* the error text lives in SPI's memory, gone at the end of the step */
-	error = error ? MemoryContextStrdup(relay.worker.context, error) : NULL;
-	mqtx_worker_end_step(&relay.worker);
 
-	for (int i = 0; i < ndone; i++)
-		MemoryContextDelete(done[i]->context);
-	if (!delivered)
+	pgstat_report_activity(STATE_RUNNING, "mqtx relay: publishing");
+	if (batch != NULL)
+	{
+		make_durable(newest_commit);
+		relay.in_flight[relay.batches_in_flight++] = batch;
+		ok = send_batch(batch, &error);
+	}
+	if (ok && relay.batches_in_flight > 0)
+	{
+		pgstat_report_activity(STATE_RUNNING, relay.blocked ?
+							   "mqtx relay: waiting for the broker to unblock publishing" :
+							   "mqtx relay: waiting for publisher confirms");
+		ok = broker_wait(relay.worker.conn, confirm_wait_deadline(batch != NULL), &error);
+		note_late_confirms();
+	}
+	pgstat_report_activity(STATE_IDLE, NULL);
+
+	if (!ok)
+	{
+		/* the error text lives in the pass's memory, which outlives this */
 		mqtx_worker_drop_broker(&relay.worker, error);
+	}
 	return relay.batches_in_flight > 0;
 }
 
@@ -499,7 +789,7 @@ mqtx_relay_main(Datum main_arg)
 
 	memset(&relay, 0, sizeof(relay));
 	mqtx_worker_start(&relay.worker, MQTX_RELAY, main_arg);
-	relay.worker.on_disconnect = record_cut_off_batches;
+	relay.worker.on_disconnect = forget_in_flight;
 	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
 
 	/*

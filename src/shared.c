@@ -172,6 +172,21 @@ wake_at_commit_callback(XactEvent event, void *arg)
 			wake_relay_at_commit = false;
 			topology_changed_at_commit = false;
 			break;
+		case XACT_EVENT_PRE_PREPARE:
+
+			/*
+			 * COMMIT PREPARED runs in another session, or after a restart,
+			 * where no callback of this one can tell the workers; a change
+			 * of topology or subscriptions they never hear of would never
+			 * be declared or consumed.  Messages enqueued in a prepared
+			 * transaction are found by the relay's poll.
+			 */
+			if (topology_changed_at_commit)
+				ereport(ERROR,
+						(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+						 errmsg("cannot PREPARE a transaction that changed the mqtx topology or subscriptions"),
+						 errhint("Change mqtx.exchanges, mqtx.queues, mqtx.bindings and mqtx.subscriptions in a transaction that commits without two-phase commit.")));
+			break;
 		default:
 			break;
 	}
@@ -214,6 +229,7 @@ mqtx_slot_detach(MqtxSlot *slot, MqtxWorkerKind kind)
 	slot->workers[kind].pid = 0;
 	slot->workers[kind].latch = NULL;
 	slot->workers[kind].broker_connected = false;
+	slot->workers[kind].broker_blocked = false;
 	SpinLockRelease(&slot->mutex);
 }
 
@@ -222,6 +238,14 @@ mqtx_slot_set_connected(MqtxSlot *slot, MqtxWorkerKind kind, bool connected)
 {
 	SpinLockAcquire(&slot->mutex);
 	slot->workers[kind].broker_connected = connected;
+	SpinLockRelease(&slot->mutex);
+}
+
+void
+mqtx_slot_set_blocked(MqtxSlot *slot, MqtxWorkerKind kind, bool blocked)
+{
+	SpinLockAcquire(&slot->mutex);
+	slot->workers[kind].broker_blocked = blocked;
 	SpinLockRelease(&slot->mutex);
 }
 
@@ -249,8 +273,8 @@ worker_stats(FunctionCallInfo fcinfo, MqtxWorkerKind kind,
 	for (int i = 0; i < shared_state->nslots; i++)
 	{
 		MqtxSlot   *slot = &shared_state->slots[i];
-		Datum		values[3 + MQTX_NCOUNTERS];
-		bool		nulls[3 + MQTX_NCOUNTERS] = {0};
+		Datum		values[4 + MQTX_NCOUNTERS];
+		bool		nulls[4 + MQTX_NCOUNTERS] = {0};
 		MqtxWorkerInfo info;
 		int			ncols = 3;
 
@@ -262,6 +286,9 @@ worker_stats(FunctionCallInfo fcinfo, MqtxWorkerKind kind,
 		values[1] = Int32GetDatum(info.pid);
 		nulls[1] = (info.pid == 0);
 		values[2] = BoolGetDatum(info.broker_connected);
+		/* only a publishing connection is ever blocked */
+		if (kind == MQTX_RELAY)
+			values[ncols++] = BoolGetDatum(info.broker_blocked);
 		for (int c = (int) first; c <= (int) last; c++)
 			values[ncols++] = Int64GetDatum((int64) pg_atomic_read_u64(&slot->counters[c]));
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);

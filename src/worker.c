@@ -116,6 +116,8 @@ mqtx_worker_start(MqtxWorker *w, MqtxWorkerKind kind, Datum main_arg)
 	w->reconnect_delay_ms = RECONNECT_MIN_MS;
 	w->context = AllocSetContextCreate(TopMemoryContext, "mqtx worker step",
 									   ALLOCSET_DEFAULT_SIZES);
+	w->long_context = AllocSetContextCreate(TopMemoryContext, "mqtx worker state",
+											ALLOCSET_SMALL_SIZES);
 
 	/*
 	 * What the server's configuration gives a new session for search_path,
@@ -236,8 +238,8 @@ installed_version(Oid extension)
 }
 
 /* "a.b.c" compared as numbers */
-static bool
-version_older(const char *version, const char *than)
+bool
+mqtx_version_older(const char *version, const char *than)
 {
 	int			a[3] = {0, 0, 0};
 	int			b[3] = {0, 0, 0};
@@ -269,10 +271,12 @@ mqtx_worker_extension_ready(MqtxWorker *w)
 	StartTransactionCommand();
 	extension = get_extension_oid("mqtx", true);
 	ready = OidIsValid(extension);
+	if (ready)
+		version = installed_version(extension);
+	strlcpy(w->schema_version, version ? version : "", sizeof(w->schema_version));
 	if (ready && needed != NULL)
 	{
-		version = installed_version(extension);
-		ready = version != NULL && !version_older(version, needed);
+		ready = version != NULL && !mqtx_version_older(version, needed);
 		if (!ready && !w->waiting_for_update)
 			ereport(LOG,
 					(errmsg("mqtx %s: waiting for ALTER EXTENSION mqtx UPDATE: this database has version %s, the worker needs %s",
@@ -349,55 +353,391 @@ mqtx_worker_restart_broker(MqtxWorker *w, const char *reason)
 }
 
 /*
- * Declare what mqtx.exchanges, mqtx.queues and mqtx.bindings describe.
- * Declarations are idempotent; one that the broker refuses (say, an
- * exchange redeclared with another type) is reported and the rest go on.
+ * What the broker refused, object by object: an exchange of a type it does
+ * not have, a queue declared with other arguments, a queue mqtx may not
+ * consume.  Each is skipped and tried again with a backoff, logged once
+ * per change of state, and kept in mqtx.broker_errors for operators,
+ * while everything else goes on.
  */
-static void
-declare_topology(MqtxWorker *w)
-{
-	uint32		generation = pg_atomic_read_u32(&w->slot->topology_generation);
-	SPITupleTable *tuptable;
-	uint64		count;
+#define REFUSAL_RETRY_MIN_MS 5000
+#define REFUSAL_RETRY_MAX_MS 60000
 
-	mqtx_worker_begin_step(psprintf("mqtx %s: declaring topology", w->role));
+/* The oldest version of the SQL objects with mqtx.broker_errors */
+#define MQTX_BROKER_ERRORS_VERSION "0.3.0"
+
+typedef struct BrokerRefusal
+{
+	char	   *object_type;	/* exchange, queue, binding, subscription */
+	char	   *object_name;
+	char	   *error;
+	int			failures;
+	TimestampTz retry_at;
+	bool		seen;			/* still configured, as of the last round */
+	bool		unsaved;		/* a failure not yet in mqtx.broker_errors */
+	bool		cleared;		/* accepted now: its row goes */
+} BrokerRefusal;
+
+static const char *const save_refusal_sql =
+"INSERT INTO mqtx.broker_errors AS e (worker, object_type, object_name, error, next_try_at) "
+"VALUES ($1, $2, $3, $4, $5) "
+"ON CONFLICT ON CONSTRAINT broker_errors_pkey DO UPDATE "
+"   SET error = excluded.error, failures = e.failures + 1,"
+"       last_failed_at = pg_catalog.now(), next_try_at = excluded.next_try_at";
+
+static const char *const clear_refusal_sql =
+"DELETE FROM mqtx.broker_errors "
+"WHERE worker = $1 AND object_type = $2 AND object_name = $3";
+
+/* what a process that just started knows: nothing was refused yet */
+static const char *const clear_refusals_sql =
+"DELETE FROM mqtx.broker_errors WHERE worker = $1";
+
+static BrokerRefusal *
+find_refusal(MqtxWorker *w, const char *object_type, const char *object_name)
+{
+	ListCell   *lc;
+
+	foreach(lc, w->refusals)
+	{
+		BrokerRefusal *r = lfirst(lc);
+
+		if (strcmp(r->object_type, object_type) == 0 &&
+			strcmp(r->object_name, object_name) == 0)
+			return r;
+	}
+	return NULL;
+}
+
+/* Not refused, or refused long enough ago to be tried again? */
+bool
+mqtx_worker_may_try(MqtxWorker *w, const char *object_type, const char *object_name)
+{
+	BrokerRefusal *r = find_refusal(w, object_type, object_name);
+
+	if (r != NULL)
+		r->seen = true;
+	return r == NULL || r->cleared || GetCurrentTimestamp() >= r->retry_at;
+}
+
+/*
+ * The broker refused the object: skip it until its backoff has passed.
+ * Logged when it starts, or when the reason changes.
+ */
+void
+mqtx_worker_refused(MqtxWorker *w, const char *object_type,
+					const char *object_name, const char *error)
+{
+	BrokerRefusal *r = find_refusal(w, object_type, object_name);
+	MemoryContext old = MemoryContextSwitchTo(w->long_context);
+	bool		news = r == NULL || r->cleared || strcmp(r->error, error) != 0;
+	int			delay_ms;
+
+	if (r == NULL)
+	{
+		r = palloc0(sizeof(BrokerRefusal));
+		r->object_type = pstrdup(object_type);
+		r->object_name = pstrdup(object_name);
+		w->refusals = lappend(w->refusals, r);
+	}
+	if (r->cleared)
+		r->failures = 0;
+	if (r->error)
+		pfree(r->error);
+	r->error = pstrdup(error);
+	r->failures++;
+	delay_ms = REFUSAL_RETRY_MIN_MS << Min(r->failures - 1, 8);
+	delay_ms = Min(delay_ms, REFUSAL_RETRY_MAX_MS);
+	r->retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), delay_ms);
+	r->seen = true;
+	r->unsaved = true;
+	r->cleared = false;
+	MemoryContextSwitchTo(old);
+
+	if (news)
+		ereport(WARNING,
+				(errmsg("mqtx %s: the broker refused %s \"%s\"; everything else goes on",
+						w->role, object_type, object_name),
+				 errdetail_internal("%s", error),
+				 errhint("It is tried again with a backoff of up to %d s, and listed in mqtx.broker_errors until then.",
+						 REFUSAL_RETRY_MAX_MS / 1000)));
+	else
+		elog(DEBUG1, "mqtx %s: %s \"%s\" still refused: %s",
+			 w->role, object_type, object_name, error);
+}
+
+/* The broker accepted the object: if it had refused it, that is over. */
+void
+mqtx_worker_accepted(MqtxWorker *w, const char *object_type, const char *object_name)
+{
+	BrokerRefusal *r = find_refusal(w, object_type, object_name);
+
+	if (r == NULL || r->cleared)
+		return;
+	ereport(LOG,
+			(errmsg("mqtx %s: the broker accepted %s \"%s\" after %d refusal%s",
+					w->role, object_type, object_name, r->failures,
+					r->failures == 1 ? "" : "s")));
+	r->cleared = true;
+}
+
+/*
+ * Start a round over the objects of these types: those not tried or
+ * skipped (mqtx_worker_may_try) before mqtx_worker_end_round are no longer
+ * configured, and their refusals go.
+ */
+void
+mqtx_worker_begin_round(MqtxWorker *w, const char *const *object_types, int ntypes)
+{
+	ListCell   *lc;
+
+	foreach(lc, w->refusals)
+	{
+		BrokerRefusal *r = lfirst(lc);
+
+		for (int i = 0; i < ntypes; i++)
+			if (strcmp(r->object_type, object_types[i]) == 0)
+				r->seen = false;
+	}
+}
+
+void
+mqtx_worker_end_round(MqtxWorker *w)
+{
+	ListCell   *lc;
+
+	foreach(lc, w->refusals)
+	{
+		BrokerRefusal *r = lfirst(lc);
+
+		if (!r->seen)
+			r->cleared = true;
+	}
+}
+
+/* When the earliest refused object of the type is due again (0: none) */
+TimestampTz
+mqtx_worker_next_retry(MqtxWorker *w, const char *object_type)
+{
+	TimestampTz next = 0;
+	ListCell   *lc;
+
+	foreach(lc, w->refusals)
+	{
+		BrokerRefusal *r = lfirst(lc);
+
+		if (!r->cleared && strcmp(r->object_type, object_type) == 0 &&
+			(next == 0 || r->retry_at < next))
+			next = r->retry_at;
+	}
+	return next;
+}
+
+static void
+execute_refusal_statement(const char *sql, int nargs, Datum *values, const char *nulls)
+{
+	Oid			types[5] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TIMESTAMPTZOID};
+
+	if (SPI_execute_with_args(sql, nargs, types, values, nulls, false, 0) < 0)
+		elog(ERROR, "writing mqtx.broker_errors failed: %s", sql);
+}
+
+/*
+ * Bring mqtx.broker_errors up to date with what changed, in a transaction
+ * of its own (no broker I/O in it).  A database whose objects predate the
+ * table gets the log lines only.
+ */
+void
+mqtx_worker_save_refusals(MqtxWorker *w)
+{
+	bool		changes = !w->refusals_saved;
+	List	   *kept = NIL;
+	ListCell   *lc;
+	MemoryContext old;
+
+	foreach(lc, w->refusals)
+	{
+		BrokerRefusal *r = lfirst(lc);
+
+		changes |= r->unsaved || r->cleared;
+	}
+	if (!changes)
+		return;
+
+	if (w->schema_version[0] != '\0' &&
+		!mqtx_version_older(w->schema_version, MQTX_BROKER_ERRORS_VERSION))
+	{
+		Datum		worker = CStringGetTextDatum(w->role);
+
+		mqtx_worker_begin_step(psprintf("mqtx %s: recording what the broker refused", w->role));
+		if (!w->refusals_saved)
+			execute_refusal_statement(clear_refusals_sql, 1, &worker, NULL);
+		foreach(lc, w->refusals)
+		{
+			BrokerRefusal *r = lfirst(lc);
+			Datum		values[5];
+
+			values[0] = worker;
+			values[1] = CStringGetTextDatum(r->object_type);
+			values[2] = CStringGetTextDatum(r->object_name);
+			if (r->cleared)
+				execute_refusal_statement(clear_refusal_sql, 3, values, NULL);
+			else if (r->unsaved)
+			{
+				values[3] = CStringGetTextDatum(r->error);
+				values[4] = TimestampTzGetDatum(r->retry_at);
+				execute_refusal_statement(save_refusal_sql, 5, values, NULL);
+			}
+		}
+		mqtx_worker_end_step(w);
+		w->refusals_saved = true;
+	}
+
+	old = MemoryContextSwitchTo(w->long_context);
+	foreach(lc, w->refusals)
+	{
+		BrokerRefusal *r = lfirst(lc);
+
+		r->unsaved = false;
+		if (!r->cleared)
+			kept = lappend(kept, r);
+		else
+		{
+			pfree(r->object_type);
+			pfree(r->object_name);
+			pfree(r->error);
+			pfree(r);
+		}
+	}
+	list_free(w->refusals);
+	w->refusals = kept;
+	MemoryContextSwitchTo(old);
+}
+
+/* One row of the topology, read before anything is declared */
+typedef struct TopologyObject
+{
+	const char *object_type;	/* exchange, queue, binding */
+	char	   *name;			/* exchange or queue name */
+	char	   *other;			/* exchange type; binding: the exchange */
+	bool		durable;
+	Jsonb	   *arguments;		/* queue arguments, or NULL */
+	char	   *routing_key;	/* binding */
+	char	   *object_name;	/* as mqtx.broker_errors names it */
+} TopologyObject;
+
+static const char *const topology_types[] = {"exchange", "queue", "binding"};
+
+/*
+ * Read mqtx.exchanges, mqtx.queues and mqtx.bindings into the worker's
+ * pass memory, in the order they are declared in.
+ */
+static TopologyObject *
+read_topology(MqtxWorker *w, uint64 *count)
+{
+	TopologyObject *objects;
+
+	mqtx_worker_begin_step(psprintf("mqtx %s: reading the topology", w->role));
 	if (SPI_execute(topology_sql, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "reading the mqtx topology failed");
-	count = SPI_processed;
-	tuptable = SPI_tuptable;
-
-	for (uint64 i = 0; i < count && broker_is_open(w->conn); i++)
+	*count = SPI_processed;
+	objects = MemoryContextAllocZero(w->context, sizeof(TopologyObject) * Max(*count, 1));
+	for (uint64 i = 0; i < *count; i++)
 	{
-		HeapTuple	tuple = tuptable->vals[i];
-		TupleDesc	desc = tuptable->tupdesc;
+		HeapTuple	tuple = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		TopologyObject *o = &objects[i];
+		MemoryContext old = MemoryContextSwitchTo(w->context);
 		char	   *kind = SPI_getvalue(tuple, desc, 1);
-		char	   *name = SPI_getvalue(tuple, desc, 2);
-		char	   *other = SPI_getvalue(tuple, desc, 3);
 		bool		isnull;
-		bool		durable = DatumGetBool(SPI_getbinval(tuple, desc, 4, &isnull));
-		Datum		arguments = SPI_getbinval(tuple, desc, 5, &isnull);
-		char	   *error = NULL;
-		bool		ok;
+		Datum		arguments;
 
-		if (strcmp(kind, "exchange") == 0)
-			ok = broker_declare_exchange(w->conn, name, other, durable, &error);
-		else if (strcmp(kind, "queue") == 0)
-			ok = broker_declare_queue(w->conn, name, durable,
-									  isnull ? NULL : DatumGetJsonbP(arguments),
-									  &error);
-		else
-			ok = broker_bind(w->conn, name, other,
-							 SPI_getvalue(tuple, desc, 6), &error);
-		if (!ok)
-			ereport(WARNING,
-					(errmsg("mqtx %s: could not declare the topology from mqtx.%ss",
-							w->role, kind),
-					 errdetail_internal("%s", error)));
+		for (int t = 0; t < (int) lengthof(topology_types); t++)
+			if (strcmp(kind, topology_types[t]) == 0)
+				o->object_type = topology_types[t];
+		o->name = SPI_getvalue(tuple, desc, 2);
+		o->other = SPI_getvalue(tuple, desc, 3);
+		o->durable = DatumGetBool(SPI_getbinval(tuple, desc, 4, &isnull));
+		arguments = SPI_getbinval(tuple, desc, 5, &isnull);
+		o->arguments = isnull ? NULL : DatumGetJsonbPCopy(arguments);
+		o->routing_key = SPI_getvalue(tuple, desc, 6);
+		o->object_name = o->routing_key == NULL ? o->name :
+			psprintf("%s <- %s (%s)", o->name, o->other, o->routing_key);
+		MemoryContextSwitchTo(old);
 	}
 	mqtx_worker_end_step(w);
+	return objects;
+}
+
+static bool
+declare_object(MqtxWorker *w, TopologyObject *o, char **error)
+{
+	if (o->object_type == topology_types[0])
+		return broker_declare_exchange(w->conn, o->name, o->other, o->durable, error);
+	if (o->object_type == topology_types[1])
+		return broker_declare_queue(w->conn, o->name, o->durable, o->arguments, error);
+	return broker_bind(w->conn, o->name, o->other, o->routing_key, error);
+}
+
+/*
+ * Declare what mqtx.exchanges, mqtx.queues and mqtx.bindings describe,
+ * with no transaction open.  Declarations are idempotent; one the broker
+ * refuses (an exchange redeclared with another type: it closes the
+ * channel; an exchange type it lacks: it closes the whole connection) is
+ * skipped from then on, with a backoff, and the rest go on, on a new
+ * connection if need be.  Returns false when the connection was lost.
+ */
+static bool
+declare_topology(MqtxWorker *w, char **error)
+{
+	uint32		generation = pg_atomic_read_u32(&w->slot->topology_generation);
+	uint64		count;
+	TopologyObject *objects = read_topology(w, &count);
+	bool		connected = true;
+
+	pgstat_report_activity(STATE_RUNNING, psprintf("mqtx %s: declaring topology", w->role));
+	mqtx_worker_begin_round(w, topology_types, lengthof(topology_types));
+	for (uint64 i = 0; i < count; i++)
+	{
+		TopologyObject *o = &objects[i];
+
+		if (!mqtx_worker_may_try(w, o->object_type, o->object_name) || !connected)
+			continue;
+		if (declare_object(w, o, error))
+			mqtx_worker_accepted(w, o->object_type, o->object_name);
+		else
+		{
+			mqtx_worker_refused(w, o->object_type, o->object_name, *error);
+			connected = broker_is_open(w->conn);
+		}
+	}
+	pgstat_report_activity(STATE_IDLE, NULL);
+	if (!connected)
+		return false;
+	mqtx_worker_end_round(w);
+	mqtx_worker_save_refusals(w);
 
 	w->declared_generation = generation;
 	w->topology_declared = true;
+	w->next_topology_retry_at = mqtx_worker_next_retry(w, topology_types[0]);
+	for (int t = 1; t < (int) lengthof(topology_types); t++)
+	{
+		TimestampTz next = mqtx_worker_next_retry(w, topology_types[t]);
+
+		if (next != 0 && (w->next_topology_retry_at == 0 || next < w->next_topology_retry_at))
+			w->next_topology_retry_at = next;
+	}
+	/* what a declaration changed, the relay's exchange checks learn again */
+	broker_forget_exchanges(w->conn);
+	return true;
+}
+
+/* Declared, at the current generation, with no refused object due again? */
+static bool
+topology_is_current(MqtxWorker *w)
+{
+	return w->topology_declared &&
+		w->declared_generation == pg_atomic_read_u32(&w->slot->topology_generation) &&
+		(w->next_topology_retry_at == 0 || GetCurrentTimestamp() < w->next_topology_retry_at);
 }
 
 /*
@@ -414,7 +754,7 @@ mqtx_worker_ensure_broker(MqtxWorker *w)
 	 * heartbeats); a consumer does that while waiting for deliveries, and
 	 * polling here would swallow them.
 	 */
-	if (w->conn != NULL && !w->receiving && !broker_poll(w->conn, &error))
+	if (w->conn != NULL && !w->receiving && !broker_wait(w->conn, 0, &error))
 		mqtx_worker_drop_broker(w, error);
 
 	if (w->conn == NULL)
@@ -422,7 +762,10 @@ mqtx_worker_ensure_broker(MqtxWorker *w)
 		if (GetCurrentTimestamp() < w->next_connect_at)
 			return false;
 		pgstat_report_activity(STATE_RUNNING, psprintf("mqtx %s: connecting to broker", w->role));
-		w->conn = broker_connect(mqtx_broker_url, &error);
+		w->conn = broker_connect(mqtx_broker_url,
+								 psprintf("mqtx %s for database %s", w->role,
+										  w->slot->dbname),
+								 &error);
 		pgstat_report_activity(STATE_IDLE, NULL);
 		if (w->conn == NULL)
 		{
@@ -444,10 +787,16 @@ mqtx_worker_ensure_broker(MqtxWorker *w)
 		mqtx_slot_set_connected(w->slot, w->kind, true);
 	}
 
-	if (!w->topology_declared ||
-		w->declared_generation != pg_atomic_read_u32(&w->slot->topology_generation))
-		declare_topology(w);
-
+	/*
+	 * A declaration that made the broker close the connection was the
+	 * refused object's doing, not the broker's: start again on a new
+	 * connection at once, without it.
+	 */
+	if (!topology_is_current(w) && !declare_topology(w, &error))
+	{
+		mqtx_worker_restart_broker(w, error);
+		return false;
+	}
 	return broker_is_open(w->conn);
 }
 
