@@ -286,8 +286,8 @@ worker_stats(FunctionCallInfo fcinfo, MqtxWorkerKind kind,
 		values[1] = Int32GetDatum(info.pid);
 		nulls[1] = (info.pid == 0);
 		values[2] = BoolGetDatum(info.broker_connected);
-		/* only a publishing connection is ever blocked */
-		if (kind == MQTX_RELAY)
+		/* only a publishing connection is ever blocked; 0.2.0 had no column */
+		if (kind == MQTX_RELAY && rsinfo->setDesc->natts == 4 + (int) last - (int) first + 1)
 			values[ncols++] = BoolGetDatum(info.broker_blocked);
 		for (int c = (int) first; c <= (int) last; c++)
 			values[ncols++] = Int64GetDatum((int64) pg_atomic_read_u64(&slot->counters[c]));
