@@ -399,6 +399,7 @@ struct BrokerConnection
 	const LibrarySocketClass *library_class;
 	LibrarySocketClass wrapped_class;
 	TimestampTz reply_deadline; /* a reply is awaited until then; 0: none */
+	TimestampTz last_received_at;	/* when the broker last sent anything */
 	char	   *io_error;		/* why our send or recv gave up, or NULL */
 	BrokerConnection *next;		/* in open_connections */
 
@@ -606,6 +607,8 @@ interruptible_recv(void *self, void *buf, size_t len, int flags)
 		ssize_t		res = conn->library_class->recv(self, buf, len, flags);
 		int			event;
 
+		if (res > 0)
+			conn->last_received_at = GetCurrentTimestamp();
 		if (res != LIBRARY_SOCKET_NEEDWRITE && res != LIBRARY_SOCKET_NEEDREAD)
 			return res;
 		if (conn->reply_deadline == 0)
@@ -1033,6 +1036,7 @@ broker_connect(const char *url, const char *name, char **error)
 		goto fail;
 	}
 	wrap_socket(conn, socket);
+	conn->last_received_at = GetCurrentTimestamp();
 	rc = amqp_socket_open_noblock(socket, info.host, info.port, &timeout);
 	if (rc != AMQP_STATUS_OK)
 	{
@@ -1609,6 +1613,16 @@ next_frame(BrokerConnection *conn, amqp_frame_t *frame, TimestampTz deadline,
 		rc = amqp_simple_wait_frame_noblock(conn->state, frame, &no_wait);
 		if (rc != AMQP_STATUS_TIMEOUT)
 			return rc;
+
+		/*
+		 * Asked not to wait, the library never notices a silent broker
+		 * (it compares its heartbeat deadline only with the wait's): two
+		 * heartbeat intervals without a byte mean the connection is dead.
+		 */
+		if (amqp_get_heartbeat(conn->state) > 0 &&
+			TimestampDifferenceExceeds(conn->last_received_at, GetCurrentTimestamp(),
+									   2 * 1000 * amqp_get_heartbeat(conn->state)))
+			return AMQP_STATUS_HEARTBEAT_TIMEOUT;
 
 		timeout_ms = deadline == 0 ? 0 :
 			TimestampDifferenceMilliseconds(GetCurrentTimestamp(), deadline);
