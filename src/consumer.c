@@ -553,7 +553,9 @@ start_consuming(void)
 
 /*
  * The broker closed a queue's channel or cancelled its consumer: that
- * queue is refused until it is consumed again, the others go on.
+ * queue is refused until it is consumed again, the others go on.  A queue
+ * deleted under its consumer is in mqtx.queues still: the topology is
+ * declared again, and the queue with it, before the next try.
  */
 static void
 lose_subscription_channel(int channel, const char *error)
@@ -561,6 +563,7 @@ lose_subscription_channel(int channel, const char *error)
 	ListCell   *lc;
 
 	forget_channel(channel);
+	consumer.worker.topology_declared = false;
 	foreach(lc, consumer.subscriptions)
 	{
 		Subscription *sub = lfirst(lc);
