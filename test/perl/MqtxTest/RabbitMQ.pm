@@ -16,6 +16,9 @@ MqtxTest::RabbitMQ - throwaway RabbitMQ nodes for mqtx TAP tests
   $mq->declare_queue('orders');
   is($mq->queue_depth('orders'), 0);
   my $body = $mq->get_message('orders');         # undef when empty
+  $mq->set_memory_alarm(1);                        # block publishers
+  my @states = $mq->connection_states;             # ('blocked', ...)
+  $mq->set_memory_alarm(0);
   $mq->kill;  $mq->start;                          # same port, data kept
   $mq->stop;                                       # also done at exit
 
@@ -164,8 +167,10 @@ sub url
 	my $user = $args{user} // 'guest';
 	my $password = $args{password} // 'guest';
 	my $vhost = $args{vhost} // '/';
+	# port: another way in to this node (a proxy in front of it, say)
+	my $port = $args{port} // $self->{port};
 	return sprintf('amqp://%s:%s@127.0.0.1:%d/%s',
-		_esc($user), _esc($password), $self->{port}, _esc($vhost));
+		_esc($user), _esc($password), $port, _esc($vhost));
 }
 
 # amqps:// URL of the first TLS listener.  The host defaults to "localhost"
@@ -237,6 +242,41 @@ sub queue_number
 		return $n + 0 if $name eq $queue;
 	}
 	return undef;
+}
+
+# The memory alarm: on makes the node block every connection that
+# publishes (vm_memory_high_watermark 0), off puts the watermark back to
+# RabbitMQ's default, 0.4.
+sub set_memory_alarm
+{
+	my ($self, $on) = @_;
+	$self->ctl('set_vm_memory_high_watermark', $on ? '0' : '0.4');
+	return;
+}
+
+# The state of every client connection (running, blocking, blocked, ...),
+# as the broker sees them.
+sub connection_states
+{
+	my ($self) = @_;
+	my $out = $self->ctl('list_connections', '-q', '--no-table-headers',
+		'state');
+	return grep { /\S/ } split /\n/, $out;
+}
+
+# Names of the exchanges on vhost "/".
+sub exchange_names
+{
+	my ($self) = @_;
+	my $out = $self->ctl('list_exchanges', '-q', '--no-table-headers', 'name');
+	return grep { /\S/ } split /\n/, $out;
+}
+
+sub purge_queue
+{
+	my ($self, $queue) = @_;
+	$self->ctl('purge_queue', $queue);
+	return;
 }
 
 # Declares $queue on vhost "/" as guest; durable => 1 for a durable queue.

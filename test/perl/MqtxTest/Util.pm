@@ -15,7 +15,8 @@ use Time::HiRes qw(usleep);
 use Exporter qw(import);
 our @EXPORT = qw(mqtx_node wait_for wait_until wait_queue_exists wait_queue_drained
   amqp_tool amqp_publish_args amqp_publish amqp_publish_many amqp_messages
-  message_body relay_pid);
+  message_body relay_pid wait_within query_within sql_result pid_alive
+  sample_activity proc_memory queue_count);
 
 # Servers listen on 127.0.0.1 TCP, like a deployment, not on a socket dir.
 $PostgreSQL::Test::Utils::use_unix_sockets = 0;
@@ -75,6 +76,17 @@ sub wait_queue_exists
 	my ($url, $queue) = @_;
 	wait_until("queue $queue exists on the broker",
 		sub { defined eval { amqp_tool('count', '--url', $url, '--queue', $queue) } });
+}
+
+# Ready messages in a queue, through AMQP (a passive declare: much quicker
+# than rabbitmqctl); undef if the queue does not exist or the broker
+# cannot be reached.
+sub queue_count
+{
+	my ($url, $queue) = @_;
+	my $n = eval { amqp_tool('count', '--url', $url, '--queue', $queue) };
+	return undef unless defined $n && $n =~ /^(\d+)\s*$/;
+	return $1 + 0;
 }
 
 # Nothing ready and nothing unacked: every delivery was acked.
@@ -162,6 +174,123 @@ sub relay_pid
 	return $node->safe_psql('postgres',
 		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'mqtx relay'"
 		  . " AND datname = '$db'");
+}
+
+# Poll a Perl condition every 100 ms for at most $seconds: for the waits
+# whose bound is part of what a test shows (the harness timeout is three
+# minutes).  Returns the ok() of the wait.
+sub wait_within
+{
+	my ($seconds, $what, $cond) = @_;
+	my $deadline = Time::HiRes::time() + $seconds;
+	while (1)
+	{
+		return ok(1, $what) if $cond->();
+		last if Time::HiRes::time() >= $deadline;
+		usleep(100_000);
+	}
+	return ok(0, "$what (not within ${seconds}s)");
+}
+
+# The output of a query, or "ERROR: ..." when it fails: a query about
+# something missing fails its assertion instead of ending the test file.
+sub sql_result
+{
+	my ($node, $query, $db) = @_;
+	my ($ret, $stdout, $stderr) = $node->psql($db // 'postgres', $query,
+		on_error_stop => 1);
+	return $stdout if $ret == 0;
+	my ($first) = $stderr =~ /((?:ERROR|FATAL):[^\n]*)/;
+	return $first // "ERROR: psql exited with $ret: $stderr";
+}
+
+# Like wait_for, with a bound of its own; an error counts as "not yet".
+sub query_within
+{
+	my ($node, $seconds, $query, $expected, $what) = @_;
+	my $last;
+	my $ok = wait_within($seconds, $what,
+		sub { $last = sql_result($node, $query); $last eq $expected });
+	diag("last result: $last") unless $ok;
+	return $ok;
+}
+
+# Whether a process exists and is not a zombie (an orphan's zombie lingers
+# until whoever adopted it reaps it).
+sub pid_alive
+{
+	my ($pid) = @_;
+	open(my $fh, '<', "/proc/$pid/stat") or return 0;
+	my $stat = <$fh> // '';
+	close $fh;
+	my ($state) = $stat =~ /\)\s+(\S)/ or return 0;
+	return $state !~ /^[ZXx]$/;
+}
+
+# $count samples of a backend's row in pg_stat_activity, $interval_ms
+# apart, taken by one session: hashes with xact_age (seconds, undef when no
+# transaction is open), wait_event_type, wait_event, state ('gone' when the
+# pid is not there) and broker_blocked (mqtx.relay_stats of that pid, as
+# text; undef when there is no such column).
+sub sample_activity
+{
+	my ($node, $pid, $count, $interval_ms) = @_;
+	my $out = $node->safe_psql('postgres', qq{
+		CREATE FUNCTION pg_temp.mqtx_sample(p int, n int, step float8)
+		RETURNS TABLE (i int, xact_age float8, wait_type text, wait_name text,
+					   backend_state text, blocked text)
+		LANGUAGE plpgsql AS \$\$
+		BEGIN
+			FOR k IN 1 .. n LOOP
+				-- a new view of the other backends, in this transaction
+				PERFORM pg_stat_clear_snapshot();
+				i := k;
+				xact_age := NULL; wait_type := NULL; wait_name := NULL;
+				backend_state := 'gone'; blocked := NULL;
+				SELECT extract(epoch FROM clock_timestamp() - a.xact_start),
+					   a.wait_event_type, a.wait_event, a.state
+				  INTO xact_age, wait_type, wait_name, backend_state
+				  FROM pg_stat_activity a WHERE a.pid = p;
+				SELECT to_jsonb(s) ->> 'broker_blocked' INTO blocked
+				  FROM mqtx.relay_stats s WHERE s.pid = p;
+				RETURN NEXT;
+				PERFORM pg_sleep(step);
+			END LOOP;
+		END \$\$;
+		SELECT i, coalesce(xact_age::text, ''), coalesce(wait_type, ''),
+			   coalesce(wait_name, ''), coalesce(backend_state, ''),
+			   coalesce(blocked, '')
+		FROM pg_temp.mqtx_sample($pid, $count, $interval_ms / 1000.0);
+	});
+	my @samples;
+	for my $line (split /\n/, $out)
+	{
+		my @f = split /\|/, $line, -1;
+		next unless @f == 6;
+		push @samples, {
+			i => $f[0],
+			xact_age => ($f[1] eq '' ? undef : $f[1] + 0),
+			wait_event_type => $f[2],
+			wait_event => $f[3],
+			state => $f[4],
+			broker_blocked => ($f[5] eq '' ? undef : $f[5]) };
+	}
+	return \@samples;
+}
+
+# Memory of a process from /proc/PID/status, in kB: a hash with VmHWM,
+# VmRSS, RssAnon, ...; empty when the process is gone.
+sub proc_memory
+{
+	my ($pid) = @_;
+	open(my $fh, '<', "/proc/$pid/status") or return {};
+	my %m;
+	while (my $line = <$fh>)
+	{
+		$m{$1} = $2 if $line =~ /^(\w+):\s+(\d+) kB$/;
+	}
+	close $fh;
+	return \%m;
 }
 
 1;
