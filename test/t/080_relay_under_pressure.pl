@@ -307,9 +307,13 @@ if (@survivors)
 {
 	note("SIGKILL to the cluster's survivors: @survivors");
 	kill 'KILL', @survivors;
-	my $until = time + 30;
-	usleep(100_000) while time < $until && grep { pid_alive($_) } @survivors;
 }
+# Until whoever adopted the orphans reaps them, their zombies still
+# answer kill 0, and so the postmaster's keeps its lock file (and
+# PostgreSQL::Test::Cluster's idea of it) alive.
+my $until = time + 60;
+usleep(100_000)
+  while time < $until && grep { kill(0, $_) } $postmaster, @cluster_pids;
 $node->_update_pid(-1);    # postmaster.pid is stale: forget it
 $node->start;
 $mq->set_memory_alarm(0);

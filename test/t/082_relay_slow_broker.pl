@@ -86,7 +86,10 @@ note('the last errors recorded: '
 is(sql('SELECT pid FROM mqtx.relay_stats'), $relay, 'the same relay process throughout');
 note('relay_stats: ' . sql('SELECT * FROM mqtx.relay_stats'));
 
-my %in_queue = map { $_->{message_id} => 1 } @{ amqp_messages($url, 'slow.q') };
+my $messages = amqp_messages($url, 'slow.q');
+my %in_queue = map { $_->{message_id} => 1 } @$messages;
+note(sprintf('%d messages on the queue, %d distinct', scalar @$messages,
+		scalar keys %in_queue));
 my @missing = grep { !$in_queue{$_} } split /\n/, sql('SELECT message_id FROM mqtx.outbox');
 is(scalar @missing, 0, 'the queue holds every message_id at least once');
 my $proxy_errors = $proxy->errors;
