@@ -400,6 +400,8 @@ struct BrokerConnection
 	LibrarySocketClass wrapped_class;
 	TimestampTz reply_deadline; /* a reply is awaited until then; 0: none */
 	TimestampTz last_received_at;	/* when the broker last sent anything */
+	TimestampTz reply_awaited_since;	/* the RPC in progress began */
+	double		round_trip_ms;	/* of recent RPCs; 0: none yet */
 	char	   *io_error;		/* why our send or recv gave up, or NULL */
 	BrokerConnection *next;		/* in open_connections */
 
@@ -650,7 +652,8 @@ unwrap_socket(BrokerConnection *conn)
 static void
 expect_reply(BrokerConnection *conn)
 {
-	conn->reply_deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+	conn->reply_awaited_since = GetCurrentTimestamp();
+	conn->reply_deadline = TimestampTzPlusMilliseconds(conn->reply_awaited_since,
 													   mqtx_connect_timeout);
 	conn->io_error = NULL;
 }
@@ -846,7 +849,14 @@ rpc_succeeded(BrokerConnection *conn, amqp_channel_t channel, const char *what,
 
 	expect_no_reply(conn);
 	if (reply.reply_type == AMQP_RESPONSE_NORMAL)
+	{
+		double		sample = (double) TimestampDifferenceMilliseconds(conn->reply_awaited_since,
+																	  GetCurrentTimestamp());
+
+		conn->round_trip_ms = conn->round_trip_ms == 0 ? sample :
+			0.75 * conn->round_trip_ms + 0.25 * sample;
 		return true;
+	}
 	*error = handle_failed_reply(conn, channel, reply, what);
 	return false;
 }
@@ -1099,6 +1109,13 @@ broker_disconnect(BrokerConnection *conn)
 		pfree(conn->unsettled);
 	MemoryContextDelete(conn->cache_context);
 	pfree(conn);
+}
+
+/* How long the broker has been taking to answer an RPC (0: no answer yet) */
+double
+broker_round_trip_ms(BrokerConnection *conn)
+{
+	return conn != NULL ? conn->round_trip_ms : 0;
 }
 
 bool

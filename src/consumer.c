@@ -531,6 +531,12 @@ start_consuming(void)
 		Subscription *sub = lfirst(lc);
 		char	   *error = NULL;
 
+		/* a channel the broker closed without our hearing why */
+		if (sub->channel != 0 && !broker_channel_is_open(consumer.worker.conn, sub->channel))
+		{
+			forget_channel(sub->channel);
+			sub->channel = 0;
+		}
 		if (!mqtx_worker_may_try(&consumer.worker, subscription_type[0], sub->queue) ||
 			sub->channel != 0)
 			continue;

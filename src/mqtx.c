@@ -158,7 +158,7 @@ define_worker_settings(void)
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 	DefineCustomIntVariable("mqtx.confirm_timeout",
 							"How long the relay waits for a message's publisher confirm before sending it again.",
-							"A message not confirmed in time has an unknown fate: it is sent again, without counting an attempt, and a confirm that comes later still counts.",
+							"Or three times the recent confirm latency, if longer. A message not confirmed in time has an unknown fate: it is sent again, without counting an attempt, and a confirm that comes later still counts.",
 							&mqtx_confirm_timeout, 10000, 100, 600 * 1000,
 							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 	DefineCustomIntVariable("mqtx.connect_timeout",

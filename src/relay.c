@@ -172,6 +172,7 @@ typedef struct RelayState
 	int			batches_in_flight;
 	bool		blocked;		/* the broker blocked the connection */
 	bool		confirms_late;	/* logged that a batch timed out */
+	double		confirm_latency_ms; /* recent send-to-confirm time, 0: none yet */
 	bool		outbox_replaced;	/* logged that in-flight rows were dropped */
 	TimestampTz next_retention_at;
 } RelayState;
@@ -338,6 +339,33 @@ record_decided(RelayBatch **batches, int nbatches)
 	record_failures(failed_ids, failed_mids, errors, nfailed);
 }
 
+/*
+ * How long a batch's confirms may take before they count as late:
+ * mqtx.confirm_timeout, or three times the recent confirm latency when
+ * that is longer.  A broker that confirms slowly but surely (a slow link,
+ * a busy disk) is not sent everything twice; one that falls silent
+ * against its own pace is.
+ */
+static double
+late_after_ms(void)
+{
+	/* before any confirm, the connection's RPCs tell how far the broker is */
+	double		latency = relay.confirm_latency_ms > 0 ? relay.confirm_latency_ms :
+		broker_round_trip_ms(relay.worker.conn);
+
+	return Max((double) mqtx_confirm_timeout, 3 * latency);
+}
+
+static void
+learn_confirm_latency(RelayBatch *batch)
+{
+	double		sample = (double) TimestampDifferenceMilliseconds(batch->sent_at,
+																  GetCurrentTimestamp());
+
+	relay.confirm_latency_ms = relay.confirm_latency_ms == 0 ? sample :
+		0.75 * relay.confirm_latency_ms + 0.25 * sample;
+}
+
 /* Is every message of the batch either recorded or of unknown fate for good? */
 static bool
 is_finished(RelayBatch *batch, bool connection_gone)
@@ -386,7 +414,11 @@ record_in_flight(bool connection_gone)
 		RelayBatch *batch = relay.in_flight[b];
 
 		if (batch->outbox != outbox || is_finished(batch, connection_gone))
+		{
+			if (!connection_gone && !batch->timed_out && batch->outbox == outbox)
+				learn_confirm_latency(batch);
 			free_batch(batch);
+		}
 		else
 			relay.in_flight[kept++] = batch;
 	}
@@ -401,8 +433,9 @@ record_in_flight(bool connection_gone)
 static void
 forget_in_flight(const char *error)
 {
-	/* a new connection says for itself whether it is blocked */
+	/* a new connection says for itself whether it is blocked, and how fast */
 	relay.blocked = false;
+	relay.confirm_latency_ms = 0;
 	mqtx_slot_set_blocked(relay.worker.slot, MQTX_RELAY, false);
 	if (relay.batches_in_flight == 0)
 		return;
@@ -629,7 +662,7 @@ awaits_confirms(RelayBatch *batch)
 }
 
 /*
- * Batches whose confirms did not all come within mqtx.confirm_timeout:
+ * Batches whose confirms did not all come in time (late_after_ms):
  * their unconfirmed rows have an unknown fate and may be claimed and sent
  * again (the inbox absorbs the duplicate); a confirm that still comes
  * counts.  Logged once, until confirms are on time again.
@@ -645,7 +678,7 @@ note_late_confirms(void)
 		RelayBatch *batch = relay.in_flight[b];
 
 		if (awaits_confirms(batch) &&
-			TimestampDifferenceExceeds(batch->sent_at, now, mqtx_confirm_timeout))
+			TimestampDifferenceExceeds(batch->sent_at, now, (int) late_after_ms()))
 		{
 			batch->timed_out = true;
 			late = true;
@@ -653,8 +686,8 @@ note_late_confirms(void)
 	}
 	if (late && !relay.confirms_late)
 		ereport(LOG,
-				(errmsg("mqtx relay: broker %s did not confirm messages within mqtx.confirm_timeout (%d ms); sending them again",
-						broker_describe(mqtx_broker_url), mqtx_confirm_timeout),
+				(errmsg("mqtx relay: broker %s did not confirm messages within %.0f ms; sending them again",
+						broker_describe(mqtx_broker_url), late_after_ms()),
 				 errdetail("A confirm that arrives later still counts; the consumer's inbox absorbs the duplicates.")));
 	if (late)
 		relay.confirms_late = true;
@@ -719,7 +752,7 @@ confirm_wait_deadline(bool sent)
 	{
 		RelayBatch *batch = relay.in_flight[b];
 		TimestampTz due = TimestampTzPlusMilliseconds(batch->sent_at,
-													  mqtx_confirm_timeout);
+													  (int64) late_after_ms());
 
 		if (awaits_confirms(batch) && !relay.blocked && due < deadline)
 			deadline = due;

@@ -1,10 +1,14 @@
-# The relay behind a slow link: every byte from the broker arrives 300 ms
-# late (test/tools/delay_proxy.py), three times mqtx.confirm_timeout at its
-# minimum of 100 ms.  A confirm that is late is not a failure: its
-# message's fate is unknown until the confirm comes, so every row ends
-# published without a failed attempt, and the relay does not restart.
-# While it waits on the broker, pg_stat_activity shows it waiting
-# (wait_event_type 'Extension').
+# The relay behind a slow link (test/tools/delay_proxy.py delays every
+# byte from the broker), with mqtx.confirm_timeout at its minimum of 100 ms.
+#
+# A steady 300 ms: the relay learns the broker's pace (its RPCs, then its
+# confirms) and does not send everything twice; every row ends published,
+# none failed.  Then the link turns slow at once (20 ms, then 1500 ms):
+# confirms come later than three times the recent latency, so they are
+# late, the messages' fate is unknown, and they are sent again, without a
+# failed attempt; the late confirms still count.  The relay does not
+# restart.  While it waits on the broker, pg_stat_activity shows it
+# waiting (wait_event_type 'Extension').
 use strict;
 use warnings FATAL => 'all';
 
@@ -94,6 +98,30 @@ my @missing = grep { !$in_queue{$_} } split /\n/, sql('SELECT message_id FROM mq
 is(scalar @missing, 0, 'the queue holds every message_id at least once');
 my $proxy_errors = $proxy->errors;
 is($proxy_errors, '', 'the proxy reached the broker every time');
+
+cmp_ok(scalar @{ amqp_messages($url, 'slow.q') } + 0, '<', 1.5 * $N,
+	'at a steady pace, the relay does not send everything twice');
+
+# The link turns slower than the pace the relay has learnt.
+$mq->purge_queue('slow.q');
+$proxy->set_delay(down => 20);
+sql("SELECT count(mqtx.publish('slow', 'k', jsonb_build_object('n', g))) FROM generate_series(1, 200) g");
+query_within($node, 60, q{SELECT count(*) FROM mqtx.outbox WHERE status = 'pending'}, '0',
+	'at 20 ms the relay publishes a first batch');
+my $log_offset = -s $node->logfile;
+$proxy->set_delay(down => 1500);
+my $M = 1000;
+sql("SELECT count(mqtx.publish('slow', 'k', jsonb_build_object('late', g))) "
+	  . "FROM generate_series(1, $M) g");
+ok($node->wait_for_log(qr/did not confirm messages within \d+ ms; sending them again/,
+		$log_offset),
+	'the confirms turn late, and the relay sends the messages again');
+query_within($node, 120,
+	q{SELECT count(*) FILTER (WHERE status <> 'published') FROM mqtx.outbox WHERE payload ? 'late'},
+	'0', 'every row whose confirm was late ends published');
+is(sql(q{SELECT count(*) FILTER (WHERE attempts > 0 OR last_error IS NOT NULL) FROM mqtx.outbox}),
+	'0', 'a late confirm is no failed attempt');
+is(sql('SELECT pid FROM mqtx.relay_stats'), $relay, 'the same relay process after the late confirms');
 
 $node->stop;
 $proxy->stop;

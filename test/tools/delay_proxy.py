@@ -11,6 +11,10 @@ Once listening it prints "PORT=N" (the port it bound; --port 0 picks a free
 one) on stdout and flushes.  It stops, closing every connection, on SIGTERM
 or SIGINT, when its standard input reaches end of file (the test that
 started it is gone), or after --max-seconds.  Stdlib only.
+
+While it runs, a line "down MS" or "up MS" on standard input changes that
+direction's delay for the bytes that arrive from then on (the order of
+the bytes is kept: a shorter delay never overtakes a longer one).
 """
 
 import argparse
@@ -25,14 +29,18 @@ import time
 CHUNK = 65536
 
 
+# the current delay of each direction, in seconds; stdin may change them
+DELAYS = {'down': 0.0, 'up': 0.0}
+
+
 class Pipe:
     """One direction of one connection: bytes read from src are written to
-    dst delay seconds after they arrived, in order."""
+    dst DELAYS[direction] seconds after they arrived, in order."""
 
-    def __init__(self, src, dst, delay, on_done):
+    def __init__(self, src, dst, direction, on_done):
         self.src = src
         self.dst = dst
-        self.delay = delay
+        self.direction = direction
         self.on_done = on_done
         self.pending = queue.Queue()
 
@@ -46,10 +54,10 @@ class Pipe:
                 data = self.src.recv(CHUNK)
                 if not data:
                     break
-                self.pending.put((time.monotonic() + self.delay, data))
+                self.pending.put((time.monotonic() + DELAYS[self.direction], data))
         except OSError:
             pass
-        self.pending.put((time.monotonic() + self.delay, None))
+        self.pending.put((time.monotonic() + DELAYS[self.direction], None))
 
     def _write(self):
         try:
@@ -69,7 +77,7 @@ class Pipe:
 
 
 class Connection:
-    def __init__(self, client, target, down_delay, up_delay, registry):
+    def __init__(self, client, target, registry):
         self.client = client
         self.registry = registry
         self.lock = threading.Lock()
@@ -78,8 +86,8 @@ class Connection:
         self.upstream.settimeout(None)
         for s in (self.client, self.upstream):
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.pipes = [Pipe(client, self.upstream, up_delay, self._pipe_done),
-                      Pipe(self.upstream, client, down_delay, self._pipe_done)]
+        self.pipes = [Pipe(client, self.upstream, 'up', self._pipe_done),
+                      Pipe(self.upstream, client, 'down', self._pipe_done)]
 
     def start(self):
         for p in self.pipes:
@@ -134,11 +142,17 @@ def main():
     signal.signal(signal.SIGTERM, shut_down)
     signal.signal(signal.SIGINT, shut_down)
 
+    DELAYS['down'] = args.down_delay_ms / 1000.0
+    DELAYS['up'] = args.up_delay_ms / 1000.0
+
     def watch_stdin():
         try:
-            while os.read(0, 4096):
-                pass
-        except OSError:
+            for line in sys.stdin:
+                words = line.split()
+                if len(words) == 2 and words[0] in DELAYS:
+                    DELAYS[words[0]] = float(words[1]) / 1000.0
+                    print('DELAY %s=%s' % (words[0], words[1]), flush=True)
+        except (OSError, ValueError):
             pass
         stop.set()
 
@@ -152,8 +166,7 @@ def main():
                 break
             try:
                 conn = Connection(client, (args.target_host, args.target),
-                                  args.down_delay_ms / 1000.0,
-                                  args.up_delay_ms / 1000.0, connections)
+                                  connections)
             except OSError as e:
                 print('delay_proxy: cannot reach the target: %s' % e,
                       file=sys.stderr, flush=True)

@@ -12,6 +12,7 @@ MqtxTest::DelayProxy - a slow link to the broker for mqtx TAP tests
   my $proxy = MqtxTest::DelayProxy->new(target_port => $mq->port,
       down_delay_ms => 300);
   my $url = $mq->url(port => $proxy->port);   # the slow way in
+  $proxy->set_delay(down => 1500);    # from now on
   $proxy->stop;                       # also done at exit
 
 =head1 DESCRIPTION
@@ -68,6 +69,24 @@ sub new
 }
 
 sub port { return $_[0]{port} }
+
+# Change a direction's delay ('down' or 'up') for the bytes that arrive
+# from now on; returns once the proxy has taken it.
+sub set_delay
+{
+	my ($self, $direction, $ms) = @_;
+	my $h = $self->{harness};
+	${ $self->{in} } .= "$direction $ms\n";
+	my $deadline = time + 10;
+	while (${ $self->{out} } !~ /^DELAY \Q$direction=$ms\E$/m)
+	{
+		croak "delay_proxy did not take the new delay" if time > $deadline;
+		$h->pump_nb;
+		usleep(10_000);
+	}
+	${ $self->{out} } =~ s/^DELAY .*\n//mg;
+	return;
+}
 
 # What the proxy wrote to stderr so far (connection problems).
 sub errors
