@@ -67,3 +67,18 @@ SELECT mqtx.publish('orders', 'two.phase', '{"n": 1}') IS NOT NULL AS enqueued;
 PREPARE TRANSACTION 'mqtx_enqueue';
 COMMIT PREPARED 'mqtx_enqueue';
 SELECT count(*) AS enqueued FROM mqtx.outbox WHERE routing_key = 'two.phase';
+-- a change rolled back with its savepoint is no change; one released is
+BEGIN;
+SAVEPOINT change;
+SELECT mqtx.declare_exchange('two_phase_rolled_back');
+ROLLBACK TO SAVEPOINT change;
+SELECT mqtx.publish('orders', 'two.phase', '{"n": 2}') IS NOT NULL AS enqueued;
+PREPARE TRANSACTION 'mqtx_savepoint';
+COMMIT PREPARED 'mqtx_savepoint';
+SELECT count(*) AS enqueued FROM mqtx.outbox WHERE routing_key = 'two.phase';
+BEGIN;
+SAVEPOINT change;
+SELECT mqtx.declare_exchange('two_phase_released');
+RELEASE SAVEPOINT change;
+PREPARE TRANSACTION 'mqtx_released';
+SELECT count(*) AS declared FROM mqtx.exchanges WHERE name LIKE 'two_phase%';

@@ -402,6 +402,8 @@ struct BrokerConnection
 	TimestampTz last_received_at;	/* when the broker last sent anything */
 	TimestampTz reply_awaited_since;	/* the RPC in progress began */
 	double		round_trip_ms;	/* of recent RPCs; 0: none yet */
+	bool		refused;		/* the last RPC failed because the broker said no */
+	int			next_consume_channel;	/* never reused on a connection */
 	char	   *io_error;		/* why our send or recv gave up, or NULL */
 	BrokerConnection *next;		/* in open_connections */
 
@@ -772,14 +774,18 @@ is_consume_channel(amqp_channel_t channel)
  */
 static void
 accept_close(BrokerConnection *conn, amqp_channel_t channel,
-			 amqp_method_number_t method, const char *description, uint16 code)
+			 amqp_method_number_t method, const char *description, uint16 code,
+			 bool while_publishing)
 {
+	/* a refusal of what was published, not of an RPC on another channel */
+	const char *refusal = while_publishing && is_refusal(code) ? description : NULL;
+
 	if (method == AMQP_CHANNEL_CLOSE_METHOD)
 	{
 		amqp_channel_close_ok_t ok = {0};
 
 		if (channel == PUBLISH_CHANNEL)
-			forget_publish_channel(conn, is_refusal(code) ? description : NULL);
+			forget_publish_channel(conn, refusal);
 		else
 			conn->channel_open[channel] = false;
 		if (is_consume_channel(channel))
@@ -796,8 +802,7 @@ accept_close(BrokerConnection *conn, amqp_channel_t channel,
 	{
 		amqp_connection_close_ok_t ok = {0};
 
-		if (is_refusal(code))
-			forget_publish_channel(conn, description);
+		forget_publish_channel(conn, refusal);
 		(void) amqp_send_method(conn->state, 0,
 								AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
 		mark_connection_lost(conn);
@@ -826,7 +831,8 @@ handle_failed_reply(BrokerConnection *conn, amqp_channel_t channel,
 			{
 				error = describe_close(what, reply.reply.id, reply.reply.decoded);
 				accept_close(conn, channel, reply.reply.id, error,
-							 close_code(reply.reply.id, reply.reply.decoded));
+							 close_code(reply.reply.id, reply.reply.decoded), false);
+				conn->refused = true;
 				return error;
 			}
 			mark_connection_lost(conn);
@@ -848,6 +854,7 @@ rpc_succeeded(BrokerConnection *conn, amqp_channel_t channel, const char *what,
 	amqp_rpc_reply_t reply = amqp_get_rpc_reply(conn->state);
 
 	expect_no_reply(conn);
+	conn->refused = false;
 	if (reply.reply_type == AMQP_RESPONSE_NORMAL)
 	{
 		double		sample = (double) TimestampDifferenceMilliseconds(conn->reply_awaited_since,
@@ -1109,6 +1116,17 @@ broker_disconnect(BrokerConnection *conn)
 		pfree(conn->unsettled);
 	MemoryContextDelete(conn->cache_context);
 	pfree(conn);
+}
+
+/*
+ * Did the last RPC fail because the broker refused it (it closed the
+ * channel or the connection over it), rather than because the connection
+ * failed?
+ */
+bool
+broker_refused(BrokerConnection *conn)
+{
+	return conn != NULL && conn->refused;
 }
 
 /* How long the broker has been taking to answer an RPC (0: no answer yet) */
@@ -1489,7 +1507,9 @@ apply_return(BrokerConnection *conn, amqp_basic_return_t *ret, char **error)
 		if (m->outcome == PUBLISH_UNCONFIRMED &&
 			strcmp(m->message_id, message_id) == 0)
 		{
+			/* the broker's verdict: its ack only follows, and may be lost */
 			set_message_error(m, PUBLISH_RETURNED, reason);
+			m->settled = true;
 			break;
 		}
 	}
@@ -1502,6 +1522,27 @@ set_blocked(BrokerConnection *conn, bool blocked, amqp_bytes_t reason)
 	conn->blocked = blocked;
 	snprintf(conn->blocked_reason, sizeof(conn->blocked_reason), "%.*s",
 			 (int) reason.len, (char *) reason.bytes);
+}
+
+/*
+ * A delivery nobody is waiting for (its channel is closing, or the worker
+ * is not consuming right now): read its content, so that the frames that
+ * follow make sense, and drop it.  Unacknowledged, it goes back to its
+ * queue when its channel closes.
+ */
+static bool
+discard_delivery(BrokerConnection *conn, amqp_channel_t channel, char **error)
+{
+	amqp_message_t message;
+	amqp_rpc_reply_t reply = read_content(conn, channel, &message);
+
+	if (reply.reply_type == AMQP_RESPONSE_NORMAL)
+	{
+		amqp_destroy_message(&message);
+		return true;
+	}
+	*error = handle_failed_reply(conn, channel, reply, "reading a delivery");
+	return conn->open;
 }
 
 /*
@@ -1536,6 +1577,13 @@ handle_frame(BrokerConnection *conn, amqp_frame_t *frame, char **error)
 {
 	void	   *decoded = frame->payload.method.decoded;
 
+	if (frame->channel >= MAX_CHANNELS)
+	{
+		*error = psprintf("the broker sent a frame on channel %u, which mqtx never opened",
+						  frame->channel);
+		mark_connection_lost(conn);
+		return false;
+	}
 	if (frame->frame_type != AMQP_FRAME_METHOD)
 		return true;
 
@@ -1559,7 +1607,12 @@ handle_frame(BrokerConnection *conn, amqp_frame_t *frame, char **error)
 			return true;
 		case AMQP_BASIC_CANCEL_METHOD:
 			accept_cancel(conn, frame->channel, decoded);
+			if (!conn->open)
+				*error = pstrdup("the connection failed while closing a cancelled consumer's channel");
 			return conn->open;
+		case AMQP_BASIC_DELIVER_METHOD:
+			/* not awaited here: its content must still be read off the wire */
+			return discard_delivery(conn, frame->channel, error);
 		case AMQP_CHANNEL_CLOSE_METHOD:
 		case AMQP_CONNECTION_CLOSE_METHOD:
 			{
@@ -1569,7 +1622,8 @@ handle_frame(BrokerConnection *conn, amqp_frame_t *frame, char **error)
 														 decoded);
 
 				accept_close(conn, frame->channel, frame->payload.method.id,
-							 description, close_code(frame->payload.method.id, decoded));
+							 description, close_code(frame->payload.method.id, decoded),
+							 true);
 				if (frame->channel == PUBLISH_CHANNEL || !conn->open)
 				{
 					*error = description;
@@ -1886,18 +1940,23 @@ broker_consume(BrokerConnection *conn, const char *queue, int prefetch,
 		*error = pstrdup("the broker connection is closed");
 		return 0;
 	}
-	for (int c = FIRST_CONSUME_CHANNEL; c <= conn->channel_max; c++)
-		if (!conn->channel_open[c])
-		{
-			channel = c;
-			break;
-		}
-	if (channel == 0)
+	/*
+	 * A channel number is never used twice on a connection: a new channel
+	 * numbers its deliveries from 1 again, and a tag of the old one (a
+	 * delivery held for a retry, or read while the old channel closed)
+	 * would acknowledge another message.  When they run out, the
+	 * connection is replaced.
+	 */
+	if (conn->next_consume_channel < FIRST_CONSUME_CHANNEL)
+		conn->next_consume_channel = FIRST_CONSUME_CHANNEL;
+	if (conn->next_consume_channel > conn->channel_max)
 	{
-		*error = psprintf("consuming queue \"%s\": every one of the %d channels the broker allows is in use",
-						  queue, conn->channel_max);
+		*error = psprintf("consuming queue \"%s\": every channel number of this connection has been used; connecting again",
+						  queue);
+		mark_connection_lost(conn);
 		return 0;
 	}
+	channel = conn->next_consume_channel++;
 	if (!ensure_channel(conn, channel, error))
 		return 0;
 	expect_reply(conn);
@@ -1995,6 +2054,12 @@ read_delivery(BrokerConnection *conn, amqp_frame_t *frame,
 		*error = handle_failed_reply(conn, delivery->channel, reply, "reading a delivery");
 		return conn->open ? 0 : -1;
 	}
+	/* queued while its channel closed: the broker has it back already */
+	if (!conn->channel_open[delivery->channel])
+	{
+		amqp_destroy_message(&message);
+		return 0;
+	}
 	copy_content(&message, delivery);
 	amqp_destroy_message(&message);
 	return 1;
@@ -2038,7 +2103,8 @@ broker_next_delivery(BrokerConnection *conn, int timeout_ms,
 			return -1;
 		}
 		if (frame.frame_type == AMQP_FRAME_METHOD &&
-			frame.payload.method.id == AMQP_BASIC_DELIVER_METHOD)
+			frame.payload.method.id == AMQP_BASIC_DELIVER_METHOD &&
+			frame.channel < MAX_CHANNELS)
 		{
 			rc = read_delivery(conn, &frame, delivery, error);
 			if (rc != 0)
@@ -2062,8 +2128,13 @@ broker_ack(BrokerConnection *conn, int channel, uint64 delivery_tag,
 {
 	int			rc;
 
+	if (!conn->open)
+	{
+		*error = pstrdup("the broker connection is closed");
+		return false;
+	}
 	if (!broker_channel_is_open(conn, channel))
-		return conn->open;
+		return true;
 	rc = amqp_basic_ack(conn->state, channel, delivery_tag, multiple);
 	if (rc == AMQP_STATUS_OK)
 		return true;
@@ -2077,8 +2148,13 @@ broker_requeue(BrokerConnection *conn, int channel, uint64 delivery_tag,
 {
 	int			rc;
 
+	if (!conn->open)
+	{
+		*error = pstrdup("the broker connection is closed");
+		return false;
+	}
 	if (!broker_channel_is_open(conn, channel))
-		return conn->open;
+		return true;
 	rc = amqp_basic_reject(conn->state, channel, delivery_tag, true);
 	if (rc == AMQP_STATUS_OK)
 		return true;

@@ -1424,8 +1424,9 @@ act_on_outcomes(Work *work, int count, DeliveryTag *ack, DeliveryTag *requeue,
 		}
 		if (w->settled)
 			ack[nack++] = tag;
-		else
+		else if (broker_channel_is_open(consumer.worker.conn, tag.channel))
 			hold_for_retry(w->d, w->attempts);
+		/* else its channel closed: the broker has it back, attempts on record */
 
 		if (w->result == APPLIED)
 			mqtx_count(consumer.worker.slot, MQTX_CONSUMER_APPLIED, 1);
@@ -1672,6 +1673,25 @@ recover_from_error(void)
 }
 
 /*
+ * The extension is gone (or not updated yet): nothing can be applied, so
+ * hand every delivery back (a new connection) rather than let them wait
+ * unread, and read the subscriptions afresh when it is back.
+ */
+static void
+stop_consuming(void)
+{
+	ListCell   *lc;
+	bool		consuming = false;
+
+	foreach(lc, consumer.subscriptions)
+		consuming |= ((Subscription *) lfirst(lc))->channel != 0;
+	if (consuming && consumer.worker.conn != NULL)
+		mqtx_worker_restart_broker(&consumer.worker,
+								   "the extension is not installed at the version the consumer needs");
+	consumer.subscriptions_loaded = false;
+}
+
+/*
  * One turn of the loop: connect, follow the subscriptions, consume.
  */
 static void
@@ -1682,6 +1702,8 @@ consumer_turn(void)
 	bool		more_work;
 
 	ready = mqtx_worker_extension_ready(&consumer.worker);
+	if (!ready)
+		stop_consuming();
 	consuming = ready && mqtx_worker_ensure_broker(&consumer.worker) &&
 		load_subscriptions();
 	consuming = consuming && consumer.subscriptions != NIL && start_consuming();

@@ -182,6 +182,7 @@ extern BrokerConnection *broker_connect(const char *url, const char *name,
 extern void broker_disconnect(BrokerConnection *conn);
 extern bool broker_is_open(BrokerConnection *conn);
 extern double broker_round_trip_ms(BrokerConnection *conn);
+extern bool broker_refused(BrokerConnection *conn);
 extern bool broker_is_blocked(BrokerConnection *conn, const char **reason);
 extern bool broker_wait(BrokerConnection *conn, TimestampTz deadline, char **error);
 extern bool broker_declare_exchange(BrokerConnection *conn, const char *name,

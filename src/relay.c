@@ -376,7 +376,8 @@ is_finished(RelayBatch *batch, bool connection_gone)
 
 		if (batch->recorded[i] || m->outcome == PUBLISH_NOT_SENT)
 			continue;
-		if (m->outcome == PUBLISH_UNCONFIRMED && !m->settled && connection_gone)
+		/* what the broker had not decided, it never will now */
+		if (connection_gone && !is_decided(m))
 			continue;
 		return false;
 	}
@@ -423,6 +424,21 @@ record_in_flight(bool connection_gone)
 			relay.in_flight[kept++] = batch;
 	}
 	relay.batches_in_flight = kept;
+}
+
+/* Has the broker decided anything not yet recorded? */
+static bool
+any_decided(void)
+{
+	for (int b = 0; b < relay.batches_in_flight; b++)
+	{
+		RelayBatch *batch = relay.in_flight[b];
+
+		for (int i = 0; i < batch->count; i++)
+			if (!batch->recorded[i] && is_decided(&batch->messages[i]))
+				return true;
+	}
+	return false;
 }
 
 /*
@@ -490,13 +506,11 @@ rows_to_fetch(int have, int64 bytes, int64 budget)
  * Copy one claimed row into the batch; returns its payload size.
  */
 static int64
-copy_row(RelayBatch *batch, HeapTuple tuple, TupleDesc desc, XLogRecPtr *newest_commit)
+copy_row(RelayBatch *batch, HeapTuple tuple, TupleDesc desc, TransactionId *xmins)
 {
 	BrokerMessage *m = &batch->messages[batch->count];
 	bool		isnull;
 	Datum		headers;
-	TransactionId xmin;
-	XLogRecPtr	commit;
 
 	batch->ids[batch->count] = DatumGetInt64(SPI_getbinval(tuple, desc, 1, &isnull));
 	m->context = batch->context;
@@ -509,12 +523,45 @@ copy_row(RelayBatch *batch, HeapTuple tuple, TupleDesc desc, XLogRecPtr *newest_
 	m->headers = isnull ? NULL : DatumGetJsonbPCopy(headers);
 	m->timestamp = DatumGetInt64(SPI_getbinval(tuple, desc, 7, &isnull));
 	m->outcome = PUBLISH_NOT_SENT;
-	xmin = DatumGetTransactionId(SPI_getbinval(tuple, desc, 8, &isnull));
-	commit = TransactionIdGetCommitLSN(xmin);
-	if (commit > *newest_commit)
-		*newest_commit = commit;
+	xmins[batch->count] = DatumGetTransactionId(SPI_getbinval(tuple, desc, 8, &isnull));
 	batch->count++;
 	return m->body_len + (m->headers ? VARSIZE(m->headers) : 0);
+}
+
+/*
+ * The latest commit record, among the transactions that wrote these rows,
+ * that an asynchronous commit may have left in memory only: the commit
+ * LSN clog keeps for asynchronous commits (hint bits wait for the same).
+ * The xmin column is the raw xmin, also of frozen rows, whose status clog
+ * may have truncated: a transaction older than clog's oldest is long on
+ * disk.  XactTruncationLock keeps clog from being truncated meanwhile,
+ * as pg_xact_status() does.
+ */
+static XLogRecPtr
+newest_commit_of(TransactionId *xmins, int count)
+{
+	XLogRecPtr	newest = InvalidXLogRecPtr;
+	TransactionId oldest_in_clog;
+
+	LWLockAcquire(XactTruncationLock, LW_SHARED);
+#if PG_VERSION_NUM >= 170000
+	oldest_in_clog = TransamVariables->oldestClogXid;
+#else
+	oldest_in_clog = ShmemVariableCache->oldestClogXid;
+#endif
+	for (int i = 0; i < count; i++)
+	{
+		XLogRecPtr	commit;
+
+		if (!TransactionIdIsNormal(xmins[i]) ||
+			TransactionIdPrecedes(xmins[i], oldest_in_clog))
+			continue;
+		commit = TransactionIdGetCommitLSN(xmins[i]);
+		if (commit > newest)
+			newest = commit;
+	}
+	LWLockRelease(XactTruncationLock);
+	return newest;
 }
 
 /*
@@ -535,6 +582,7 @@ claim_batch(XLogRecPtr *newest_commit)
 	Portal		portal;
 	int64		budget = (int64) mqtx_batch_max_bytes * 1024;
 	int64		bytes = 0;
+	TransactionId *xmins = palloc(sizeof(TransactionId) * mqtx_batch_size);
 
 	args[0] = Int32GetDatum(mqtx_batch_size);
 	args[1] = ids_in_flight();
@@ -566,13 +614,14 @@ claim_batch(XLogRecPtr *newest_commit)
 		fetched = SPI_processed;
 		for (uint64 i = 0; i < fetched; i++)
 			bytes += copy_row(batch, SPI_tuptable->vals[i], SPI_tuptable->tupdesc,
-							  newest_commit);
+							  xmins);
 		SPI_freetuptable(SPI_tuptable);
 		if (fetched == 0)
 			break;
 	}
 	MemoryContextSwitchTo(step_context);
 	SPI_cursor_close(portal);
+	*newest_commit = newest_commit_of(xmins, batch->count);
 	return batch;
 }
 
@@ -631,17 +680,34 @@ reject_unknown_exchanges(RelayBatch *batch, char **error)
  * connection (or channel) failed on the way; the messages' outcomes say
  * how far each got.
  */
+#define SEND_CHECK_BYTES (256 * 1024)
+
 static bool
 send_batch(RelayBatch *batch, char **error)
 {
 	bool		sent = reject_unknown_exchanges(batch, error);
+	int64		unchecked = 0;
 
 	for (int i = 0; sent && i < batch->count; i++)
 	{
 		BrokerMessage *m = &batch->messages[i];
 
+		/*
+		 * RabbitMQ says connection.blocked and then stops reading: look
+		 * for it now and then, rather than fill the socket and stall.
+		 */
+		if (unchecked >= SEND_CHECK_BYTES)
+		{
+			unchecked = 0;
+			sent = broker_wait(relay.worker.conn, 0, error);
+			if (!sent || broker_is_blocked(relay.worker.conn, NULL))
+				break;
+		}
 		if (m->outcome == PUBLISH_NOT_SENT)
+		{
+			unchecked += m->body_len;
 			sent = broker_publish(relay.worker.conn, m, error);
+		}
 		if (m->outcome != PUBLISH_NOT_SENT)
 		{
 			pfree((char *) m->body);
@@ -776,7 +842,7 @@ relay_pass(void)
 	bool		ok = true;
 
 	follow_blocked_state();
-	if (relay.batches_in_flight > 0 || may_claim())
+	if (any_decided() || may_claim())
 	{
 		mqtx_worker_begin_step("mqtx relay: recording outcomes and claiming rows");
 		record_in_flight(false);

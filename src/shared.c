@@ -40,6 +40,13 @@ static shmem_startup_hook_type previous_shmem_startup_hook = NULL;
 static bool wake_relay_at_commit = false;
 static bool topology_changed_at_commit = false;
 
+/*
+ * The outermost (sub)transaction level with a topology change still in
+ * force: a change rolled back with its savepoint does not count (PREPARE
+ * refuses only what would be committed).  0: none.
+ */
+static int	topology_changed_level = 0;
+
 PG_FUNCTION_INFO_V1(mqtx_relay_stats);
 PG_FUNCTION_INFO_V1(mqtx_consumer_stats);
 PG_FUNCTION_INFO_V1(mqtx_topology_trigger);
@@ -123,8 +130,26 @@ mqtx_wake_relay_at_commit(void)
 void
 mqtx_topology_changed_at_commit(void)
 {
+	int			level = GetCurrentTransactionNestLevel();
+
 	topology_changed_at_commit = true;
 	wake_relay_at_commit = true;
+	if (topology_changed_level == 0 || level < topology_changed_level)
+		topology_changed_level = level;
+}
+
+static void
+follow_subtransactions(SubXactEvent event, SubTransactionId mySubid,
+					   SubTransactionId parentSubid, void *arg)
+{
+	int			level = GetCurrentTransactionNestLevel();
+
+	if (topology_changed_level < level)
+		return;
+	if (event == SUBXACT_EVENT_COMMIT_SUB)
+		topology_changed_level = level - 1;
+	else if (event == SUBXACT_EVENT_ABORT_SUB)
+		topology_changed_level = 0;
 }
 
 static void
@@ -171,6 +196,7 @@ wake_at_commit_callback(XactEvent event, void *arg)
 		case XACT_EVENT_PREPARE:
 			wake_relay_at_commit = false;
 			topology_changed_at_commit = false;
+			topology_changed_level = 0;
 			break;
 		case XACT_EVENT_PRE_PREPARE:
 
@@ -181,7 +207,7 @@ wake_at_commit_callback(XactEvent event, void *arg)
 			 * be declared or consumed.  Messages enqueued in a prepared
 			 * transaction are found by the relay's poll.
 			 */
-			if (topology_changed_at_commit)
+			if (topology_changed_level > 0)
 				ereport(ERROR,
 						(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
 						 errmsg("cannot PREPARE a transaction that changed the mqtx topology or subscriptions"),
@@ -207,6 +233,7 @@ mqtx_shared_init(void)
 		shmem_startup_hook = init_shared_memory;
 	}
 	RegisterXactCallback(wake_at_commit_callback, NULL);
+	RegisterSubXactCallback(follow_subtransactions, NULL);
 }
 
 /*

@@ -373,6 +373,7 @@ typedef struct BrokerRefusal
 	int			failures;
 	TimestampTz retry_at;
 	bool		seen;			/* still configured, as of the last round */
+	bool		closes_connection;	/* the broker closed the connection over it */
 	bool		unsaved;		/* a failure not yet in mqtx.broker_errors */
 	bool		cleared;		/* accepted now: its row goes */
 } BrokerRefusal;
@@ -406,6 +407,30 @@ find_refusal(MqtxWorker *w, const char *object_type, const char *object_name)
 			return r;
 	}
 	return NULL;
+}
+
+/* Try every refused object of these types at once (the configuration changed) */
+static void
+retry_now(MqtxWorker *w, const char *const *object_types, int ntypes)
+{
+	ListCell   *lc;
+
+	foreach(lc, w->refusals)
+	{
+		BrokerRefusal *r = lfirst(lc);
+
+		for (int i = 0; i < ntypes; i++)
+			if (strcmp(r->object_type, object_types[i]) == 0)
+				r->retry_at = 0;
+	}
+}
+
+static bool
+closes_connection(MqtxWorker *w, const char *object_type, const char *object_name)
+{
+	BrokerRefusal *r = find_refusal(w, object_type, object_name);
+
+	return r != NULL && !r->cleared && r->closes_connection;
 }
 
 /* Not refused, or refused long enough ago to be tried again? */
@@ -669,13 +694,45 @@ read_topology(MqtxWorker *w, uint64 *count)
 }
 
 static bool
-declare_object(MqtxWorker *w, TopologyObject *o, char **error)
+declare_object_on(BrokerConnection *conn, TopologyObject *o, char **error)
 {
 	if (o->object_type == topology_types[0])
-		return broker_declare_exchange(w->conn, o->name, o->other, o->durable, error);
+		return broker_declare_exchange(conn, o->name, o->other, o->durable, error);
 	if (o->object_type == topology_types[1])
-		return broker_declare_queue(w->conn, o->name, o->durable, o->arguments, error);
-	return broker_bind(w->conn, o->name, o->other, o->routing_key, error);
+		return broker_declare_queue(conn, o->name, o->durable, o->arguments, error);
+	return broker_bind(conn, o->name, o->other, o->routing_key, error);
+}
+
+static bool
+declare_object(MqtxWorker *w, TopologyObject *o, char **error)
+{
+	return declare_object_on(w->conn, o, error);
+}
+
+/*
+ * An object over which the broker closed the whole connection before (an
+ * exchange type it lacks) is tried again on a connection of its own, so
+ * that the worker's connection, and the messages in flight on it, are
+ * not lost each time.  Returns whether the broker accepts it now; a
+ * refusal is noted as before.
+ */
+static bool
+probe_object(MqtxWorker *w, TopologyObject *o)
+{
+	char	   *error = NULL;
+	BrokerConnection *probe = broker_connect(mqtx_broker_url,
+											 psprintf("mqtx %s probe for database %s",
+													  w->role, w->slot->dbname),
+											 &error);
+	bool		accepted;
+
+	if (probe == NULL)
+		return false;			/* the broker is away: try again later */
+	accepted = declare_object_on(probe, o, &error);
+	if (!accepted && broker_refused(probe))
+		mqtx_worker_refused(w, o->object_type, o->object_name, error);
+	broker_disconnect(probe);
+	return accepted;
 }
 
 /*
@@ -695,31 +752,47 @@ declare_topology(MqtxWorker *w, char **error)
 	bool		connected = true;
 
 	pgstat_report_activity(STATE_RUNNING, psprintf("mqtx %s: declaring topology", w->role));
+	if (generation != w->declared_generation)
+		retry_now(w, topology_types, lengthof(topology_types));
 	mqtx_worker_begin_round(w, topology_types, lengthof(topology_types));
-	for (uint64 i = 0; i < count; i++)
+	for (uint64 i = 0; i < count && connected; i++)
 	{
 		TopologyObject *o = &objects[i];
 
-		if (!mqtx_worker_may_try(w, o->object_type, o->object_name) || !connected)
+		if (!mqtx_worker_may_try(w, o->object_type, o->object_name))
+			continue;
+		if (closes_connection(w, o->object_type, o->object_name) &&
+			!probe_object(w, o))
 			continue;
 		if (declare_object(w, o, error))
 			mqtx_worker_accepted(w, o->object_type, o->object_name);
+		else if (broker_refused(w->conn))
+		{
+			connected = broker_is_open(w->conn);
+			mqtx_worker_refused(w, o->object_type, o->object_name, *error);
+			find_refusal(w, o->object_type, o->object_name)->closes_connection = !connected;
+		}
 		else
 		{
-			mqtx_worker_refused(w, o->object_type, o->object_name, *error);
-			connected = broker_is_open(w->conn);
+			/* the connection failed, not the object: the usual backoff */
+			pgstat_report_activity(STATE_IDLE, NULL);
+			mqtx_worker_drop_broker(w, *error);
+			return false;
 		}
 	}
 	pgstat_report_activity(STATE_IDLE, NULL);
 	if (!connected)
+	{
+		mqtx_worker_save_refusals(w);
 		return false;
+	}
 	mqtx_worker_end_round(w);
 	mqtx_worker_save_refusals(w);
 
 	w->declared_generation = generation;
 	w->topology_declared = true;
-	w->next_topology_retry_at = mqtx_worker_next_retry(w, topology_types[0]);
-	for (int t = 1; t < (int) lengthof(topology_types); t++)
+	w->next_topology_retry_at = 0;
+	for (int t = 0; t < (int) lengthof(topology_types); t++)
 	{
 		TimestampTz next = mqtx_worker_next_retry(w, topology_types[t]);
 
@@ -794,7 +867,9 @@ mqtx_worker_ensure_broker(MqtxWorker *w)
 	 */
 	if (!topology_is_current(w) && !declare_topology(w, &error))
 	{
-		mqtx_worker_restart_broker(w, error);
+		/* declare_topology dropped a connection that failed by itself */
+		if (w->conn != NULL)
+			mqtx_worker_restart_broker(w, error);
 		return false;
 	}
 	return broker_is_open(w->conn);
