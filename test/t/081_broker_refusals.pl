@@ -183,6 +183,21 @@ query_within($node, 30, "SELECT count(*) FROM applied WHERE queue = 'normal.q'",
 	'with the bad exchange declared, the consumer still applies its queues');
 is(consumer_pid(), $consumer, 'the same consumer process throughout');
 
+# Trying "delayed" again (its backoff starts at 5 s) must not cost the
+# workers their connections a second time: it is tried on a probe
+# connection of its own.
+my $delayed_failures = q{SELECT failures FROM mqtx.broker_errors
+	WHERE worker = 'relay' AND object_type = 'exchange' AND object_name = 'delayed'};
+my $relay_reconnects = sql(q{SELECT reconnects FROM mqtx.relay_stats});
+my $failures_before = sql($delayed_failures);
+query_within($node, 90, "SELECT ($delayed_failures) > $failures_before",
+	't', 'the relay tries "delayed" again, and the broker refuses it again');
+is(sql(q{SELECT reconnects FROM mqtx.relay_stats}), $relay_reconnects,
+	'the retry did not cost the relay its connection');
+sql("SELECT count(mqtx.publish('orders', 'order.created', jsonb_build_object('n', 21)))");
+wait_within(30, 'and the relay still publishes on it',
+	sub { (queue_count($guest_url, 'dispatch') // -1) == 21 });
+
 $node->stop;
 my $log = slurp_file($node->logfile);
 unlike($log, qr/\Q$password\E/, 'no password in the server log');
