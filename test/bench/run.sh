@@ -9,6 +9,8 @@
 #   4. end to end across two clusters: order commit -> dispatch commit
 #      latency at fixed offered rates, and the maximum sustained rate
 #                                                       (end_to_end.sh)
+#   5. the relay's drain rate in steady state (after bursts, with history,
+#      with a snapshot held) vs the same ceiling   (relay_steady_state.sh)
 # Prints a table with the targets, and writes results.csv, e2e_rates.csv
 # and bench.png (gnuplot) into the output directory.  A benchmark, not a
 # test: its exit status says whether it ran, not whether targets were met.
@@ -49,11 +51,13 @@ if [ $QUICK -eq 1 ]; then
 	relay_args=(20000 1)
 	consumer_args=(10000 1)
 	e2e_args=(--seconds 10)
+	steady_args=(--quick)
 else
 	overhead_args=(20 4 3)
 	relay_args=(40000 3)
 	consumer_args=(20000 3)
 	e2e_args=(--seconds 20)
+	steady_args=()
 fi
 
 run() {
@@ -65,6 +69,7 @@ run "$bench/pgbench_overhead.sh" "${overhead_args[@]}"
 run "$bench/relay_throughput.sh" "${relay_args[@]}"
 run "$bench/consumer_throughput.sh" "${consumer_args[@]}"
 run "$bench/end_to_end.sh" "${e2e_args[@]}"
+run "$bench/relay_steady_state.sh" ${steady_args[@]+"${steady_args[@]}"}
 
 # ---- the table -------------------------------------------------------------
 
@@ -76,6 +81,8 @@ verdict() {
 		ok = (op == ">=") ? (v + 0 >= t + 0) : (v + 0 < t + 0)
 		print ok ? "met" : "MISSED" }'
 }
+lowest() { awk 'BEGIN { m = "" } { for (i = 1; i <= NF; i++) if ($i != "n/a" && (m == "" || $i + 0 < m + 0)) m = $i }
+	END { print (m == "" ? "n/a" : m) }' <<<"$*"; }
 row() { printf '%-52s %-26s %-12s %s\n' "$@"; }
 
 machine="$(nproc) cores ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1)), $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo), $(. /etc/os-release && echo "$PRETTY_NAME"), PostgreSQL $(pg_config --version | awk '{print $2}'), RabbitMQ $(dpkg-query -W -f='${Version}' rabbitmq-server | cut -d- -f1)"
@@ -97,6 +104,10 @@ e2e_rate=$(value e2e rate)
 	row "   p95 ms" "$(value e2e p95_ms)" "" ""
 	row "   p99 ms" "$(value e2e p99_ms)" "< 50" "$(verdict "$(value e2e p99_ms)" '<' 50)"
 	row "   maximum sustained rate, orders/s" "$(value e2e max_sustained)" "" ""
+	steady_min=$(lowest "$(value steady bursts_an_over_ceiling)" "$(value steady hist_analyzed_over_ceiling)")
+	row "5. relay/ceiling after bursts / with history" "$(value steady bursts_an_over_ceiling) / $(value steady hist_analyzed_over_ceiling)" ">= 0.9" "$(verdict "$steady_min" '>=' 0.9)"
+	held_min=$(lowest "$(value steady held_hist_over_ceiling)" "$(value steady held_long_over_ceiling)")
+	row "   snapshot held over 1 / 3 drains (history)" "$(value steady held_hist_over_ceiling) / $(value steady held_long_over_ceiling)" ">= 0.6" "$(verdict "$held_min" '>=' 0.6)"
 } | tee "$out/summary.txt"
 
 # ---- the plot --------------------------------------------------------------
