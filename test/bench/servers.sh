@@ -38,11 +38,15 @@ median() { sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 # outbox_wait_drained [psql options]: returns once no outbox row is pending.
 # It waits inside one server session, on the pending-rows index: polling
 # from the shell (runuser, psql, a backend per poll) takes CPU from the
-# workers being measured.
+# workers being measured.  It commits between polls: one transaction for
+# the whole wait would hold back the xmin horizon, and the relay's claim
+# would then walk every entry published since, which is not what is
+# being measured.
 outbox_wait_drained() {
 	psql_ "$@" -c "SET statement_timeout = '10min'" -c "SET enable_seqscan = off" -c "
 		DO \$\$ BEGIN
 			WHILE EXISTS (SELECT FROM mqtx.outbox WHERE status = 'pending') LOOP
+				COMMIT;
 				PERFORM pg_sleep(0.05);
 			END LOOP;
 		END \$\$" >/dev/null
