@@ -6,7 +6,10 @@
  *	  cannot be applied.
  *
  * One consumer runs per database in mqtx.database and consumes every queue
- * in mqtx.subscriptions, with manual acks and a prefetch per queue.
+ * in mqtx.subscriptions, each on a channel of its own, with manual acks
+ * and a prefetch per queue: a queue the broker refuses, or deletes, loses
+ * only its own channel and is tried again with a backoff (worker.c keeps
+ * the refusals), while the others go on.
  * Deliveries are applied in batches, one transaction per batch: for each,
  * the message's dedupe key is recorded in mqtx.inbox (a unique key: a
  * duplicate is recognised there and acked without calling the handler)
@@ -38,6 +41,11 @@
  * - An error anywhere else in a pass (the broker connection, reading the
  *   subscriptions) is logged, the connection is dropped, and the broker
  *   hands the unacknowledged deliveries out again.
+ *
+ * The consumer talks to the broker only outside its transactions: it
+ * collects a batch, applies and commits it, and then acknowledges; the
+ * heartbeats it sends during a long batch go out only if the socket takes
+ * them at once.
  *
  *-------------------------------------------------------------------------
  */
