@@ -6,6 +6,12 @@
  *	  kept up with backoff, logged once per state change, with the topology
  *	  declared on every connect.
  *
+ * Database steps and broker I/O never overlap: the topology is read in a
+ * step and declared after it.  What the broker refuses (an exchange type
+ * it lacks, a queue it will not let us consume) is remembered per object,
+ * skipped with a backoff and written to mqtx.broker_errors, so that one
+ * bad object never holds up the others.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
