@@ -1725,7 +1725,7 @@ consumer_turn(void)
 	if (consuming)
 		consumer.error_pause_ms = ERROR_PAUSE_MIN_MS;
 	if (!more_work && ready)
-		mqtx_worker_apply_retention(&consumer.worker, retention_sql, mqtx_inbox_retention,
+		mqtx_worker_apply_retention(&consumer.worker, "inbox", retention_sql, mqtx_inbox_retention,
 									&consumer.next_retention_at);
 	if (!consuming)
 		mqtx_worker_wait(&consumer.worker, mqtx_poll_interval);

@@ -265,8 +265,9 @@ extern void mqtx_worker_begin_round(MqtxWorker *w, const char *const *object_typ
 extern void mqtx_worker_end_round(MqtxWorker *w);
 extern TimestampTz mqtx_worker_next_retry(MqtxWorker *w, const char *object_type);
 extern void mqtx_worker_save_refusals(MqtxWorker *w);
-extern void mqtx_worker_apply_retention(MqtxWorker *w, const char *delete_sql,
-										int keep_seconds, TimestampTz *next_at);
+extern void mqtx_worker_apply_retention(MqtxWorker *w, const char *table,
+										const char *delete_sql, int keep_seconds,
+										TimestampTz *next_at);
 
 /* The workers (relay.c, consumer.c) */
 extern PGDLLEXPORT void mqtx_relay_main(Datum main_arg);

@@ -46,6 +46,7 @@
 #include "access/xact.h"
 #include "access/xlog.h"
 #include "catalog/namespace.h"
+#include "nodes/makefuncs.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
@@ -201,13 +202,17 @@ build_array(Datum *elements, int count, Oid element_type)
 										   typlen, typbyval, typalign));
 }
 
-/* mqtx.outbox as of now, or InvalidOid when the extension is gone */
+/*
+ * mqtx.outbox as of now, locked for the rest of the step, or InvalidOid
+ * when the extension is gone.  Locked, it cannot be dropped under the
+ * step's statements (a DROP EXTENSION that commits between the worker's
+ * check for the extension and its claim would otherwise fail the claim).
+ */
 static Oid
 current_outbox(void)
 {
-	Oid			namespace = get_namespace_oid("mqtx", true);
-
-	return OidIsValid(namespace) ? get_relname_relid("outbox", namespace) : InvalidOid;
+	return RangeVarGetRelidExtended(makeRangeVar("mqtx", "outbox", -1),
+									RowExclusiveLock, RVR_MISSING_OK, NULL, NULL);
 }
 
 /* Its messages may still await confirms: the connection must let go of them. */
@@ -846,7 +851,7 @@ relay_pass(void)
 	{
 		mqtx_worker_begin_step("mqtx relay: recording outcomes and claiming rows");
 		record_in_flight(false);
-		if (may_claim())
+		if (may_claim() && OidIsValid(current_outbox()))
 			batch = claim_batch(&newest_commit);
 		mqtx_worker_end_step(&relay.worker);
 	}
@@ -928,7 +933,7 @@ mqtx_relay_main(Datum main_arg)
 		if (mqtx_worker_ensure_broker(&relay.worker))
 			more_work = relay_pass();
 		if (!more_work)
-			mqtx_worker_apply_retention(&relay.worker, retention_sql, mqtx_retention,
+			mqtx_worker_apply_retention(&relay.worker, "outbox", retention_sql, mqtx_retention,
 										&relay.next_retention_at);
 	}
 }

@@ -20,11 +20,13 @@
 #include "access/htup_details.h"
 #include "access/table.h"
 #include "access/xact.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_extension.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "common/cryptohash.h"
 #include "executor/spi.h"
+#include "nodes/makefuncs.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
@@ -929,12 +931,12 @@ mqtx_worker_wait(MqtxWorker *w, long poll_ms)
 }
 
 /*
- * Delete one batch of rows older than keep_seconds with delete_sql ($1:
+ * Delete one batch of rows of mqtx.<table> older than keep_seconds with delete_sql ($1:
  * seconds, $2: batch size), at most every RETENTION_INTERVAL_MS unless the
  * previous batch was full.  A negative keep_seconds keeps everything.
  */
 void
-mqtx_worker_apply_retention(MqtxWorker *w, const char *delete_sql,
+mqtx_worker_apply_retention(MqtxWorker *w, const char *table, const char *delete_sql,
 							int keep_seconds, TimestampTz *next_at)
 {
 	Oid			types[2] = {INT4OID, INT4OID};
@@ -945,9 +947,16 @@ mqtx_worker_apply_retention(MqtxWorker *w, const char *delete_sql,
 		return;
 
 	mqtx_worker_begin_step(psprintf("mqtx %s: deleting rows past retention", w->role));
-	if (SPI_execute_with_args(delete_sql, 2, types, values, NULL, false, 0) != SPI_OK_DELETE)
-		elog(ERROR, "retention delete failed: %s", delete_sql);
-	deleted = SPI_processed;
+	deleted = 0;
+	/* locked first: a DROP EXTENSION that just committed fails no statement */
+	if (OidIsValid(RangeVarGetRelidExtended(makeRangeVar("mqtx", (char *) table, -1),
+											RowExclusiveLock, RVR_MISSING_OK,
+											NULL, NULL)))
+	{
+		if (SPI_execute_with_args(delete_sql, 2, types, values, NULL, false, 0) != SPI_OK_DELETE)
+			elog(ERROR, "retention delete failed: %s", delete_sql);
+		deleted = SPI_processed;
+	}
 	mqtx_worker_end_step(w);
 
 	*next_at = deleted == RETENTION_BATCH ? 0 :
