@@ -860,8 +860,7 @@ rpc_succeeded(BrokerConnection *conn, amqp_channel_t channel, const char *what,
 		double		sample = (double) TimestampDifferenceMilliseconds(conn->reply_awaited_since,
 																	  GetCurrentTimestamp());
 
-		conn->round_trip_ms = conn->round_trip_ms == 0 ? sample :
-			0.75 * conn->round_trip_ms + 0.25 * sample;
+		conn->round_trip_ms = mqtx_moving_average(conn->round_trip_ms, sample);
 		return true;
 	}
 	*error = handle_failed_reply(conn, channel, reply, what);

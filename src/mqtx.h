@@ -203,6 +203,13 @@ extern void broker_forget_messages(BrokerConnection *conn, BrokerMessage *messag
 
 /* Worker plumbing shared by the relay and the consumer (worker.c) */
 
+/* A moving average of timings, recent samples weighing a quarter (0: none yet) */
+static inline double
+mqtx_moving_average(double average, double sample)
+{
+	return average == 0 ? sample : 0.75 * average + 0.25 * sample;
+}
+
 /* The oldest version of the SQL objects the consumer's statements work with */
 #define MQTX_CONSUMER_SCHEMA_VERSION "0.2.0"
 
@@ -253,6 +260,7 @@ extern void mqtx_worker_reload(MqtxWorker *w);
 extern void mqtx_worker_wait(MqtxWorker *w, long poll_ms);
 extern char *mqtx_hex_string(const char *data, int len);
 extern char *mqtx_sha256_hex(const char *data, size_t len);
+extern Oid	mqtx_lock_table(const char *table);
 extern bool mqtx_version_older(const char *version, const char *than);
 extern bool mqtx_worker_may_try(MqtxWorker *w, const char *object_type,
 								const char *object_name);

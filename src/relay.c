@@ -202,19 +202,6 @@ build_array(Datum *elements, int count, Oid element_type)
 										   typlen, typbyval, typalign));
 }
 
-/*
- * mqtx.outbox as of now, locked for the rest of the step, or InvalidOid
- * when the extension is gone.  Locked, it cannot be dropped under the
- * step's statements (a DROP EXTENSION that commits between the worker's
- * check for the extension and its claim would otherwise fail the claim).
- */
-static Oid
-current_outbox(void)
-{
-	return RangeVarGetRelidExtended(makeRangeVar("mqtx", "outbox", -1),
-									RowExclusiveLock, RVR_MISSING_OK, NULL, NULL);
-}
-
 /* Its messages may still await confirms: the connection must let go of them. */
 static void
 free_batch(RelayBatch *batch)
@@ -367,8 +354,7 @@ learn_confirm_latency(RelayBatch *batch)
 	double		sample = (double) TimestampDifferenceMilliseconds(batch->sent_at,
 																  GetCurrentTimestamp());
 
-	relay.confirm_latency_ms = relay.confirm_latency_ms == 0 ? sample :
-		0.75 * relay.confirm_latency_ms + 0.25 * sample;
+	relay.confirm_latency_ms = mqtx_moving_average(relay.confirm_latency_ms, sample);
 }
 
 /* Is every message of the batch either recorded or of unknown fate for good? */
@@ -394,12 +380,12 @@ is_finished(RelayBatch *batch, bool connection_gone)
  * that are finished (all of them when the connection is gone: what was not
  * confirmed will not be).  Batches of an outbox that is no longer there
  * (the extension was dropped, and maybe created again) are dropped
- * unrecorded: their rows are gone.  In a transaction.
+ * unrecorded: their rows are gone.  In a transaction, with outbox the
+ * table locked by mqtx_lock_table (InvalidOid: the extension is gone).
  */
 static void
-record_in_flight(bool connection_gone)
+record_in_flight(Oid outbox, bool connection_gone)
 {
-	Oid			outbox = current_outbox();
 	RelayBatch *current[MAX_BATCHES_IN_FLIGHT];
 	int			ncurrent = 0;
 	int			kept = 0;
@@ -461,7 +447,7 @@ forget_in_flight(const char *error)
 	if (relay.batches_in_flight == 0)
 		return;
 	mqtx_worker_begin_step("mqtx relay: recording batches cut off from the broker");
-	record_in_flight(true);
+	record_in_flight(mqtx_lock_table("outbox"), true);
 	mqtx_worker_end_step(&relay.worker);
 	Assert(relay.batches_in_flight == 0);
 }
@@ -577,7 +563,7 @@ newest_commit_of(TransactionId *xmins, int count)
  * memory only.  In a transaction; the batch outlives it.
  */
 static RelayBatch *
-claim_batch(XLogRecPtr *newest_commit)
+claim_batch(Oid outbox, XLogRecPtr *newest_commit)
 {
 	Oid			argtypes[2] = {INT4OID, INT8ARRAYOID};
 	Datum		args[2];
@@ -604,7 +590,7 @@ claim_batch(XLogRecPtr *newest_commit)
 	step_context = MemoryContextSwitchTo(batch_context);
 	batch = palloc0(sizeof(RelayBatch));
 	batch->context = batch_context;
-	batch->outbox = current_outbox();
+	batch->outbox = outbox;
 	batch->ids = palloc0(sizeof(int64) * mqtx_batch_size);
 	batch->messages = palloc0(sizeof(BrokerMessage) * mqtx_batch_size);
 	batch->recorded = palloc0(sizeof(bool) * mqtx_batch_size);
@@ -849,10 +835,13 @@ relay_pass(void)
 	follow_blocked_state();
 	if (any_decided() || may_claim())
 	{
+		Oid			outbox;
+
 		mqtx_worker_begin_step("mqtx relay: recording outcomes and claiming rows");
-		record_in_flight(false);
-		if (may_claim() && OidIsValid(current_outbox()))
-			batch = claim_batch(&newest_commit);
+		outbox = mqtx_lock_table("outbox");
+		record_in_flight(outbox, false);
+		if (may_claim() && OidIsValid(outbox))
+			batch = claim_batch(outbox, &newest_commit);
 		mqtx_worker_end_step(&relay.worker);
 	}
 	if (batch != NULL && batch->count == 0)

@@ -417,6 +417,15 @@ find_refusal(MqtxWorker *w, const char *object_type, const char *object_name)
 	return NULL;
 }
 
+static bool
+is_of_type(BrokerRefusal *r, const char *const *object_types, int ntypes)
+{
+	for (int i = 0; i < ntypes; i++)
+		if (strcmp(r->object_type, object_types[i]) == 0)
+			return true;
+	return false;
+}
+
 /* Try every refused object of these types at once (the configuration changed) */
 static void
 retry_now(MqtxWorker *w, const char *const *object_types, int ntypes)
@@ -424,13 +433,8 @@ retry_now(MqtxWorker *w, const char *const *object_types, int ntypes)
 	ListCell   *lc;
 
 	foreach(lc, w->refusals)
-	{
-		BrokerRefusal *r = lfirst(lc);
-
-		for (int i = 0; i < ntypes; i++)
-			if (strcmp(r->object_type, object_types[i]) == 0)
-				r->retry_at = 0;
-	}
+		if (is_of_type(lfirst(lc), object_types, ntypes))
+			((BrokerRefusal *) lfirst(lc))->retry_at = 0;
 }
 
 static bool
@@ -524,13 +528,8 @@ mqtx_worker_begin_round(MqtxWorker *w, const char *const *object_types, int ntyp
 	ListCell   *lc;
 
 	foreach(lc, w->refusals)
-	{
-		BrokerRefusal *r = lfirst(lc);
-
-		for (int i = 0; i < ntypes; i++)
-			if (strcmp(r->object_type, object_types[i]) == 0)
-				r->seen = false;
-	}
+		if (is_of_type(lfirst(lc), object_types, ntypes))
+			((BrokerRefusal *) lfirst(lc))->seen = false;
 }
 
 void
@@ -931,6 +930,20 @@ mqtx_worker_wait(MqtxWorker *w, long poll_ms)
 }
 
 /*
+ * mqtx.<table>, locked for writing until the end of the step, or
+ * InvalidOid when the extension is gone.  Locked first, it cannot be
+ * dropped under the step's statements: a DROP EXTENSION that commits
+ * between a worker's check for the extension and its statements would
+ * otherwise fail them.
+ */
+Oid
+mqtx_lock_table(const char *table)
+{
+	return RangeVarGetRelidExtended(makeRangeVar("mqtx", (char *) table, -1),
+									RowExclusiveLock, RVR_MISSING_OK, NULL, NULL);
+}
+
+/*
  * Delete one batch of rows of mqtx.<table> older than keep_seconds with delete_sql ($1:
  * seconds, $2: batch size), at most every RETENTION_INTERVAL_MS unless the
  * previous batch was full.  A negative keep_seconds keeps everything.
@@ -948,10 +961,7 @@ mqtx_worker_apply_retention(MqtxWorker *w, const char *table, const char *delete
 
 	mqtx_worker_begin_step(psprintf("mqtx %s: deleting rows past retention", w->role));
 	deleted = 0;
-	/* locked first: a DROP EXTENSION that just committed fails no statement */
-	if (OidIsValid(RangeVarGetRelidExtended(makeRangeVar("mqtx", (char *) table, -1),
-											RowExclusiveLock, RVR_MISSING_OK,
-											NULL, NULL)))
+	if (OidIsValid(mqtx_lock_table(table)))
 	{
 		if (SPI_execute_with_args(delete_sql, 2, types, values, NULL, false, 0) != SPI_OK_DELETE)
 			elog(ERROR, "retention delete failed: %s", delete_sql);
