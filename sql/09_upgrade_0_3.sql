@@ -118,7 +118,7 @@ CREATE TABLE mqtx_regress_fingerprint (install text, aspect text, object text, d
 -- The upgrade
 --
 -- it names the grantees of mqtx.relay_stats, whose grants go with it
-ALTER EXTENSION mqtx UPDATE;
+ALTER EXTENSION mqtx UPDATE TO '0.3.0';
 SELECT extversion FROM pg_extension WHERE extname = 'mqtx';
 
 -- every row is there, unchanged, and nothing else: per table the rows
@@ -337,7 +337,7 @@ INSERT INTO mqtx.dead_letter (queue, message_id, body, body_text, body_json, err
 	attempts, first_failed_at, last_failed_at)
 VALUES ('dispatch', 'm-1', '{"order_id": 1}', '{"order_id": 1}', '{"order_id": 1}',
 	'dispatch refused', 3, '2026-02-01 12:00:00+00', '2026-02-01 12:01:00+00');
-ALTER EXTENSION mqtx UPDATE;
+ALTER EXTENSION mqtx UPDATE TO '0.3.0';
 SELECT extversion FROM pg_extension WHERE extname = 'mqtx';
 INSERT INTO mqtx_regress_fingerprint SELECT 'upgraded from 0.1.0', * FROM mqtx_regress_fingerprint();
 -- the rows are kept (and the dead letter is in the inbox, as 0.2.0 made it)
@@ -348,7 +348,7 @@ SELECT (SELECT count(*) FROM mqtx.outbox) AS outbox, (SELECT count(*) FROM mqtx.
 -- and a fresh install, in a new schema
 DROP EXTENSION mqtx CASCADE;
 DROP SCHEMA mqtx;
-CREATE EXTENSION mqtx;
+CREATE EXTENSION mqtx VERSION '0.3.0';
 SELECT extversion FROM pg_extension WHERE extname = 'mqtx';
 INSERT INTO mqtx_regress_fingerprint SELECT 'fresh', * FROM mqtx_regress_fingerprint();
 
@@ -380,9 +380,8 @@ LATERAL (SELECT aspect, object, detail FROM mqtx_regress_fingerprint WHERE insta
 ORDER BY 1, 2, 3, 4, 5;
 
 -- tidy up: 0.3.0 stays installed, the roles, tables and functions made
--- here and in 08_upgrade go
+-- here go; 10_upgrade_0_4 takes the fingerprints again
 DROP TABLE mqtx_regress_fingerprint;
-DROP FUNCTION mqtx_regress_fingerprint();
 DROP TABLE app_events;
 DROP FUNCTION upgrade_handler(jsonb, jsonb);
 REVOKE CREATE ON SCHEMA public FROM mqtx_regress_publisher;

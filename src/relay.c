@@ -132,12 +132,16 @@ static const char *const record_failures_sql =
 ") n ON true "
 "WHERE a.status = 'failed'";
 
+/*
+ * Published rows past retention, oldest first, through
+ * outbox_published_at_idx (0.4.0): a pass reads what it deletes.
+ */
 static const char *const retention_sql =
 "DELETE FROM mqtx.outbox WHERE id IN ("
 "  SELECT id FROM mqtx.outbox"
 "   WHERE status = 'published'"
 "     AND published_at < pg_catalog.now() - pg_catalog.make_interval(secs => $1)"
-"   ORDER BY id LIMIT $2)";
+"   ORDER BY published_at LIMIT $2)";
 
 /*
  * A batch sent to the broker: rows and their messages, index-aligned.  A

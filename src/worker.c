@@ -944,6 +944,38 @@ mqtx_lock_table(const char *table)
 }
 
 /*
+ * Plan the statements that follow, until mqtx_end_index_order_plans, as
+ * walks of an index in its own order.  Retention reads a few rows at the
+ * head of an index, which costs what it reads whatever the table holds;
+ * but statistics on a queue table are stale by nature, and when they say
+ * that much of it qualifies the planner prefers a sequential scan, which
+ * then reads everything the table keeps on every pass.  Turning the other
+ * plan types off leaves it the index walk.  JIT goes too: a plan costed
+ * with a disabled path crosses every JIT threshold, and compiling it
+ * would cost more than the statement.  (The relay sets all of these for
+ * its whole session; the consumer cannot, as its handlers run in it.)
+ * Returns the GUC nest level to end.
+ */
+int
+mqtx_begin_index_order_plans(void)
+{
+	static const char *const settings[] = {"enable_seqscan", "enable_bitmapscan",
+	"enable_sort", "jit"};
+	int			level = NewGUCNestLevel();
+
+	for (int i = 0; i < (int) lengthof(settings); i++)
+		(void) set_config_option(settings[i], "off", PGC_USERSET, PGC_S_SESSION,
+								 GUC_ACTION_SAVE, true, 0, false);
+	return level;
+}
+
+void
+mqtx_end_index_order_plans(int level)
+{
+	AtEOXact_GUC(true, level);
+}
+
+/*
  * Delete one batch of rows of mqtx.<table> older than keep_seconds with delete_sql ($1:
  * seconds, $2: batch size), at most every RETENTION_INTERVAL_MS unless the
  * previous batch was full.  A negative keep_seconds keeps everything.
@@ -963,9 +995,12 @@ mqtx_worker_apply_retention(MqtxWorker *w, const char *table, const char *delete
 	deleted = 0;
 	if (OidIsValid(mqtx_lock_table(table)))
 	{
+		int			plans = mqtx_begin_index_order_plans();
+
 		if (SPI_execute_with_args(delete_sql, 2, types, values, NULL, false, 0) != SPI_OK_DELETE)
 			elog(ERROR, "retention delete failed: %s", delete_sql);
 		deleted = SPI_processed;
+		mqtx_end_index_order_plans(plans);
 	}
 	mqtx_worker_end_step(w);
 
