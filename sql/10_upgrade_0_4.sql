@@ -5,8 +5,8 @@
 -- 0.4.0 install; and so is 0.1.0 upgraded to 0.4.0 in one step.  The
 -- fingerprints are 08_upgrade's mqtx_regress_fingerprint(), dropped at
 -- the end.  Also here: an outbox its owner has changed (a trigger, a
--- CHECK constraint, a column) still gets every message, and what the
--- owner added runs.
+-- rule, a CHECK constraint, an index, NOT NULL, a column, a default)
+-- still gets every message, and what the owner added runs.
 --
 SELECT extversion FROM pg_extension WHERE extname = 'mqtx';
 
@@ -93,9 +93,21 @@ RESET enable_bitmapscan;
 RESET enable_sort;
 
 --
--- An outbox its owner changed: what the owner added runs, and nothing is
--- lost either way
+-- An outbox its owner changed: what an INSERT would run still runs, and
+-- nothing is lost either way.  Each change makes the backend look at the
+-- table again, and say (DEBUG1) how it inserts rows: directly, with the
+-- table's defaults and constraints compiled once, or through SQL when an
+-- INSERT would run something the direct insert does not.
 --
+-- publishes, showing the DEBUG1 message and nothing else
+CREATE FUNCTION publish_saying_how(routing_key text, payload jsonb, headers jsonb DEFAULT NULL)
+RETURNS boolean LANGUAGE plpgsql SET client_min_messages = debug1 AS $$
+BEGIN
+	RETURN mqtx.publish('orders', routing_key, payload, headers) IS NOT NULL;
+END
+$$;
+SELECT publish_saying_how('order.plain', '{"n": 2}');
+-- a trigger: SQL, and the trigger fires
 CREATE TABLE outbox_audit (message_id uuid, routing_key text);
 CREATE FUNCTION audit_outbox() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -105,29 +117,57 @@ END
 $$;
 CREATE TRIGGER outbox_audited AFTER INSERT ON mqtx.outbox
 	FOR EACH ROW EXECUTE FUNCTION audit_outbox();
-SELECT mqtx.publish('orders', 'order.audited', '{"n": 2}') AS audited_id \gset
+SELECT publish_saying_how('order.audited', '{"n": 3}');
 INSERT INTO app_events VALUES (2);
-SELECT a.routing_key, a.message_id = o.message_id AS same_message
-FROM outbox_audit a JOIN mqtx.outbox o USING (message_id) ORDER BY o.id;
 DROP TRIGGER outbox_audited ON mqtx.outbox;
--- a constraint of the owner's is enforced
+-- a rule: SQL, and the rule runs
+CREATE RULE outbox_ruled AS ON INSERT TO mqtx.outbox
+	DO ALSO INSERT INTO public.outbox_audit VALUES (NEW.message_id, 'rule:' || NEW.routing_key);
+SELECT publish_saying_how('order.ruled', '{"n": 4}');
+DROP RULE outbox_ruled ON mqtx.outbox;
+SELECT a.routing_key, a.message_id = o.message_id AS same_message
+FROM outbox_audit a JOIN mqtx.outbox o USING (message_id) ORDER BY o.id, a.routing_key;
+-- a CHECK constraint of built-in code: direct, and enforced
 ALTER TABLE mqtx.outbox ADD CONSTRAINT outbox_no_secrets
 	CHECK (NOT payload ? 'password');
 \set VERBOSITY terse
-SELECT mqtx.publish('orders', 'order.secret', '{"password": "x"}');
+SELECT publish_saying_how('order.secret', '{"password": "x"}');
 \set VERBOSITY default
 ALTER TABLE mqtx.outbox DROP CONSTRAINT outbox_no_secrets;
--- so is a column with a default of its own
+-- one that calls a function someone created: SQL, and enforced
+CREATE FUNCTION no_secrets(payload jsonb) RETURNS boolean IMMUTABLE
+	LANGUAGE plpgsql AS $$BEGIN RETURN NOT payload ? 'password'; END$$;
+ALTER TABLE mqtx.outbox ADD CONSTRAINT outbox_no_secrets CHECK (public.no_secrets(payload));
+\set VERBOSITY terse
+SELECT publish_saying_how('order.secret', '{"password": "x"}');
+\set VERBOSITY default
+ALTER TABLE mqtx.outbox DROP CONSTRAINT outbox_no_secrets;
+-- likewise an index on such a function
+CREATE INDEX outbox_secret_idx ON mqtx.outbox (public.no_secrets(payload));
+SELECT publish_saying_how('order.indexed', '{"n": 5}');
+DROP INDEX mqtx.outbox_secret_idx;
+-- a new column with a default, and a changed default: direct, and both
+-- defaults apply
 ALTER TABLE mqtx.outbox ADD COLUMN tenant text NOT NULL DEFAULT 'acme';
-SELECT mqtx.publish('orders', 'order.tenant', '{"n": 3}') IS NOT NULL AS enqueued;
-SELECT routing_key, tenant FROM mqtx.outbox WHERE routing_key = 'order.tenant';
+ALTER TABLE mqtx.outbox ALTER COLUMN next_attempt_at SET DEFAULT now() + interval '1 hour';
+SELECT publish_saying_how('order.tenant', '{"n": 6}');
+SELECT routing_key, tenant, next_attempt_at - created_at AS due_after
+FROM mqtx.outbox WHERE routing_key = 'order.tenant';
+ALTER TABLE mqtx.outbox ALTER COLUMN next_attempt_at SET DEFAULT now();
+-- NOT NULL with no default left: direct, and enforced
+ALTER TABLE mqtx.outbox ALTER COLUMN tenant DROP DEFAULT;
+\set VERBOSITY terse
+SELECT publish_saying_how('order.no_tenant', '{"n": 7}');
+\set VERBOSITY default
+-- a dropped column: direct
 ALTER TABLE mqtx.outbox DROP COLUMN tenant;
--- and as mqtx made it again, the rows still come in
-SELECT mqtx.publish('orders', 'order.after', '{"n": 4}') IS NOT NULL AS enqueued;
-SELECT routing_key, status, attempts, payload FROM mqtx.outbox
+SELECT publish_saying_how('order.after', '{"n": 8}', '{"h": 1}');
+SELECT routing_key, status, attempts, payload, headers FROM mqtx.outbox
 WHERE id > (SELECT max(id) FROM before_outbox) ORDER BY id;
 DROP TABLE outbox_audit;
 DROP FUNCTION audit_outbox();
+DROP FUNCTION no_secrets(jsonb);
+DROP FUNCTION publish_saying_how(text, jsonb, jsonb);
 
 --
 -- 0.1.0 to 0.4.0 in one step, with data in it

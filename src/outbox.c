@@ -17,25 +17,28 @@
  *
  * Each enqueue is one row in the application's transaction, often the
  * only other row it writes, so its cost is the application's.  An SQL
- * INSERT per row plans a statement, starts an executor and compiles the
- * table's CHECK constraints every time; so the row is inserted directly,
- * as the logical replication apply worker does (heap insert, then the
- * executor's index maintenance), into a table mqtx knows the shape of.
- * An outbox its owner has changed goes through SQL, so that what the owner
- * added runs.
+ * INSERT per row plans a statement, starts an executor and parses and
+ * compiles the table's defaults and CHECK constraints every time; so the
+ * row is inserted directly, as the logical replication apply worker does
+ * (heap insert, then the executor's index maintenance), with the defaults
+ * and constraints compiled once per relcache entry.  A table with
+ * anything the direct insert does not run (triggers, rules, row
+ * security) or with expressions that call code that is not built in goes
+ * through an SQL INSERT instead.
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include "access/amapi.h"
+#include "access/genam.h"
 #include "access/table.h"
 #include "access/tableam.h"
+#include "access/transam.h"
 #include "access/xact.h"
-#include "catalog/dependency.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
-#include "commands/sequence.h"
 #include "commands/trigger.h"
 #include "executor/executor.h"
 #include "executor/spi.h"
@@ -43,12 +46,16 @@
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "nodes/makefuncs.h"
+#include "nodes/nodeFuncs.h"
+#include "optimizer/optimizer.h"
+#include "rewrite/rewriteHandler.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
 #include "utils/inval.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
+#include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
@@ -227,124 +234,287 @@ mqtx_new_message_id_sql(PG_FUNCTION_ARGS)
 }
 
 /*
- * The outbox's columns, in order, as every version of mqtx creates them,
- * and its CHECK constraints.  The direct insert fills these and nothing
- * else, and writes only values those constraints accept.
+ * The columns an enqueue fills; every other column takes its default.
  */
+typedef enum OutboxColumn
+{
+	COLUMN_MESSAGE_ID,
+	COLUMN_EXCHANGE,
+	COLUMN_ROUTING_KEY,
+	COLUMN_PAYLOAD,
+	COLUMN_HEADERS,
+	NUM_FILLED_COLUMNS
+} OutboxColumn;
+
 static const struct
 {
 	const char *name;
 	Oid			type;
-}			outbox_columns[] =
+}			filled_columns[NUM_FILLED_COLUMNS] =
 {
-	{"id", INT8OID},
-	{"message_id", UUIDOID},
-	{"exchange", TEXTOID},
-	{"routing_key", TEXTOID},
-	{"payload", JSONBOID},
-	{"headers", JSONBOID},
-	{"status", TEXTOID},
-	{"attempts", INT4OID},
-	{"next_attempt_at", TIMESTAMPTZOID},
-	{"last_error", TEXTOID},
-	{"created_at", TIMESTAMPTZOID},
-	{"published_at", TIMESTAMPTZOID},
-};
-
-#define OUTBOX_NATTS ((int) lengthof(outbox_columns))
-
-static const char *const outbox_checks[] = {
-	"outbox_status_check", "outbox_published_at_check", "outbox_attempts_check",
-	"outbox_exchange_check", "outbox_routing_key_check", "outbox_headers_check",
+	[COLUMN_MESSAGE_ID] = {"message_id", UUIDOID},
+	[COLUMN_EXCHANGE] = {"exchange", TEXTOID},
+	[COLUMN_ROUTING_KEY] = {"routing_key", TEXTOID},
+	[COLUMN_PAYLOAD] = {"payload", JSONBOID},
+	[COLUMN_HEADERS] = {"headers", JSONBOID},
 };
 
 /*
- * What this backend knows of mqtx.outbox: whether rows can be inserted
- * directly, and the sequence behind its id.  Any change to the table
- * (columns, constraints, triggers, policies, DROP) invalidates its
- * relcache entry, and with it this.
+ * What this backend knows of mqtx.outbox, from its relcache entry: whether
+ * rows can be inserted directly and, if so, what an INSERT would compute
+ * for them, compiled once: each column's default (the id's is its
+ * sequence's nextval) and the CHECK constraints.  Any change to the table
+ * (columns, defaults, constraints, triggers, rules, policies, DROP)
+ * invalidates the relcache entry, and with it this.
  */
-static Oid	known_outbox = InvalidOid;
-static bool known_outbox_direct;
-static Oid	known_outbox_sequence;
+typedef struct OutboxShape
+{
+	Oid			relid;			/* InvalidOid: nothing known */
+	bool		direct;
+	const char *why_not;		/* when not direct, for the DEBUG message */
+	MemoryContext context;		/* holds the compiled expressions */
+	int			natts;
+	int			filled_attno[NUM_FILLED_COLUMNS];	/* 0-based */
+	ExprState **defaults;		/* per attribute; NULL: filled, or none */
+	int			nchecks;
+	ExprState **checks;
+	char	  **check_names;
+} OutboxShape;
+
+static OutboxShape known_outbox = {InvalidOid};
 static bool outbox_callback_registered = false;
 
 static void
 forget_known_outbox(Datum arg, Oid relid)
 {
-	if (relid == InvalidOid || relid == known_outbox)
-		known_outbox = InvalidOid;
+	if (relid == InvalidOid || relid == known_outbox.relid)
+		known_outbox.relid = InvalidOid;
 }
 
 static bool
-has_known_checks(TupleConstr *constr)
+is_user_function(Oid function, void *context)
 {
-	if (constr == NULL || constr->num_check != (int) lengthof(outbox_checks))
-		return false;
-	for (int i = 0; i < constr->num_check; i++)
-	{
-		bool		known = false;
-
-		for (int j = 0; j < (int) lengthof(outbox_checks) && !known; j++)
-			known = strcmp(constr->check[i].ccname, outbox_checks[j]) == 0;
-		if (!known)
-			return false;
-	}
-	return true;
+	return function >= FirstNormalObjectId;
 }
 
 /*
- * The table as mqtx created it: a plain table with exactly these columns,
- * an identity id, these CHECK constraints and nothing that would have to
- * run on insert (triggers, row security, generated columns).  Anything
- * else the owner added is honoured by taking the SQL path.
+ * Whether an expression calls a function (or an operator's function) that
+ * is not built in.  The direct insert runs the table's expressions with
+ * the caller's search_path, which built-in code does not consult; code
+ * that someone created might, so a table with any goes through SQL.
  */
 static bool
-outbox_allows_direct_insert(Relation rel)
+calls_user_code(Node *node, void *context)
+{
+	if (node == NULL)
+		return false;
+	if (check_functions_in_node(node, is_user_function, context))
+		return true;
+	return expression_tree_walker(node, calls_user_code, context);
+}
+
+/*
+ * Why rows cannot be inserted into the table directly, or NULL: what an
+ * INSERT would run that the direct insert does not (triggers, rules, row
+ * security, partition constraints, generated columns), an index whose
+ * definition or operator classes are not built in, or one of the filled
+ * columns missing or of another type.
+ */
+static const char *
+direct_insert_obstacle(Relation rel)
 {
 	TupleDesc	desc = RelationGetDescr(rel);
+	List	   *indexes;
+	ListCell   *lc;
+	const char *obstacle = NULL;
 
-	if (rel->rd_rel->relkind != RELKIND_RELATION || rel->trigdesc != NULL ||
-		rel->rd_rel->relrowsecurity || desc->natts != OUTBOX_NATTS ||
-		!has_known_checks(desc->constr) || desc->constr->has_generated_stored)
-		return false;
-	for (int i = 0; i < OUTBOX_NATTS; i++)
+	if (rel->rd_rel->relkind != RELKIND_RELATION || rel->rd_rel->relispartition)
+		return "it is not a plain table";
+	if (rel->trigdesc != NULL)
+		return "it has triggers";
+	if (rel->rd_rules != NULL)
+		return "it has rules";
+	if (rel->rd_rel->relrowsecurity)
+		return "it has row security";
+	if (desc->constr != NULL && desc->constr->has_generated_stored)
+		return "it has generated columns";
+	for (int c = 0; c < NUM_FILLED_COLUMNS; c++)
+	{
+		AttrNumber	attno = get_attnum(RelationGetRelid(rel), filled_columns[c].name);
+
+		if (attno <= 0 ||
+			TupleDescAttr(desc, attno - 1)->atttypid != filled_columns[c].type)
+			return "a column mqtx fills is missing or of another type";
+	}
+
+	indexes = RelationGetIndexList(rel);
+	foreach(lc, indexes)
+	{
+		Relation	index = index_open(lfirst_oid(lc), AccessShareLock);
+
+		if (index->rd_rel->relam >= FirstNormalObjectId ||
+			calls_user_code((Node *) RelationGetIndexExpressions(index), NULL) ||
+			calls_user_code((Node *) RelationGetIndexPredicate(index), NULL))
+			obstacle = "an index runs code that is not built in";
+		for (int k = 0; k < index->rd_index->indnkeyatts && obstacle == NULL; k++)
+		{
+			if (index->rd_opfamily[k] >= FirstNormalObjectId)
+				obstacle = "an index runs code that is not built in";
+			for (int p = 0; p < index->rd_indam->amsupport && obstacle == NULL; p++)
+				if (index->rd_support[k * index->rd_indam->amsupport + p] >= FirstNormalObjectId)
+					obstacle = "an index runs code that is not built in";
+		}
+		index_close(index, AccessShareLock);
+		if (obstacle != NULL)
+			break;
+	}
+	list_free(indexes);
+	return obstacle;
+}
+
+/*
+ * Compile each column's default and each CHECK constraint into shape's
+ * context, as the executor would for an INSERT; false, with shape->why_not
+ * set, if one calls code that is not built in.
+ */
+static bool
+compile_outbox_expressions(Relation rel, OutboxShape *shape)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	TupleConstr *constr = desc->constr;
+
+	shape->natts = desc->natts;
+	shape->defaults = palloc0(sizeof(ExprState *) * desc->natts);
+	for (int i = 0; i < desc->natts; i++)
 	{
 		Form_pg_attribute att = TupleDescAttr(desc, i);
+		bool		filled = false;
+		Expr	   *expr;
 
-		if (att->attisdropped || att->atttypid != outbox_columns[i].type ||
-			strcmp(NameStr(att->attname), outbox_columns[i].name) != 0)
+		for (int c = 0; c < NUM_FILLED_COLUMNS; c++)
+			filled |= shape->filled_attno[c] == i;
+		if (att->attisdropped || filled)
+			continue;
+		expr = (Expr *) build_column_default(rel, i + 1);
+		if (expr == NULL)
+			continue;
+		if (calls_user_code((Node *) expr, NULL))
+		{
+			shape->why_not = "a column's default calls code that is not built in";
 			return false;
+		}
+		shape->defaults[i] = ExecInitExpr(expression_planner(expr), NULL);
 	}
-	return TupleDescAttr(desc, 0)->attidentity == ATTRIBUTE_IDENTITY_ALWAYS;
+
+	shape->nchecks = constr ? constr->num_check : 0;
+	shape->checks = palloc0(sizeof(ExprState *) * Max(shape->nchecks, 1));
+	shape->check_names = palloc0(sizeof(char *) * Max(shape->nchecks, 1));
+	for (int i = 0; i < shape->nchecks; i++)
+	{
+		Expr	   *check = stringToNode(constr->check[i].ccbin);
+
+		if (calls_user_code((Node *) check, NULL))
+		{
+			shape->why_not = "a CHECK constraint calls code that is not built in";
+			return false;
+		}
+		shape->checks[i] = ExecInitCheck(list_make1(expression_planner(check)), NULL);
+		shape->check_names[i] = pstrdup(constr->check[i].ccname);
+	}
+	return true;
 }
 
 static void
 learn_outbox(Relation rel)
 {
+	OutboxShape *shape = &known_outbox;
+	MemoryContext old;
+
 	if (!outbox_callback_registered)
 	{
 		CacheRegisterRelcacheCallback(forget_known_outbox, (Datum) 0);
 		outbox_callback_registered = true;
 	}
-	known_outbox_direct = outbox_allows_direct_insert(rel);
-	known_outbox_sequence = !known_outbox_direct ? InvalidOid :
-#if PG_VERSION_NUM >= 170000
-		getIdentitySequence(rel, 1, false);
-#else
-		getIdentitySequence(RelationGetRelid(rel), 1, false);
-#endif
-	known_outbox = RelationGetRelid(rel);
+	if (shape->context != NULL)
+		MemoryContextDelete(shape->context);
+	memset(shape, 0, sizeof(*shape));
+	shape->context = AllocSetContextCreate(CacheMemoryContext, "mqtx outbox shape",
+										   ALLOCSET_SMALL_SIZES);
+	/* set first: an invalidation that arrives while learning clears it */
+	shape->relid = RelationGetRelid(rel);
+
+	shape->why_not = direct_insert_obstacle(rel);
+	if (shape->why_not == NULL)
+	{
+		for (int c = 0; c < NUM_FILLED_COLUMNS; c++)
+			shape->filled_attno[c] =
+				get_attnum(RelationGetRelid(rel), filled_columns[c].name) - 1;
+		old = MemoryContextSwitchTo(shape->context);
+		shape->direct = compile_outbox_expressions(rel, shape);
+		MemoryContextSwitchTo(old);
+	}
+	ereport(DEBUG1,
+			(errmsg_internal("mqtx: rows are inserted into mqtx.outbox %s%s",
+							 shape->direct ? "directly" : "through SQL: ",
+							 shape->direct ? "" : shape->why_not)));
 }
 
 /*
- * Insert the row as the executor's INSERT would, minus what the table as
- * mqtx made it does not need: no plan, no CHECK expressions (the values
- * written are the ones they accept, and the message was validated
- * above), no triggers (there are none).  Index maintenance is the
- * executor's own, so whatever indexes the table has, unique checks
- * included, are kept.  Index expressions run as the table's owner, in a
- * security-restricted operation, as in the SQL path.
+ * The values an INSERT of the filled columns would store: the defaults
+ * of the others, then the NOT NULL and CHECK constraints, checked as
+ * ExecConstraints does.
+ */
+static void
+form_outbox_row(Relation rel, OutboxShape *shape, TupleTableSlot *slot,
+				ExprContext *econtext, Datum *filled, bool *filled_null)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+
+	ExecClearTuple(slot);
+	for (int i = 0; i < shape->natts; i++)
+	{
+		slot->tts_isnull[i] = true;
+		if (shape->defaults[i] != NULL)
+			slot->tts_values[i] = ExecEvalExprSwitchContext(shape->defaults[i], econtext,
+															&slot->tts_isnull[i]);
+	}
+	for (int c = 0; c < NUM_FILLED_COLUMNS; c++)
+	{
+		slot->tts_values[shape->filled_attno[c]] = filled[c];
+		slot->tts_isnull[shape->filled_attno[c]] = filled_null[c];
+	}
+	ExecStoreVirtualTuple(slot);
+
+	for (int i = 0; i < shape->natts; i++)
+	{
+		Form_pg_attribute att = TupleDescAttr(desc, i);
+
+		if (att->attnotnull && slot->tts_isnull[i] && !att->attisdropped)
+			ereport(ERROR,
+					(errcode(ERRCODE_NOT_NULL_VIOLATION),
+					 errmsg("null value in column \"%s\" of relation \"%s\" violates not-null constraint",
+							NameStr(att->attname), RelationGetRelationName(rel)),
+					 errtablecol(rel, i + 1)));
+	}
+	econtext->ecxt_scantuple = slot;
+	for (int i = 0; i < shape->nchecks; i++)
+		if (!ExecCheck(shape->checks[i], econtext))
+			ereport(ERROR,
+					(errcode(ERRCODE_CHECK_VIOLATION),
+					 errmsg("new row for relation \"%s\" violates check constraint \"%s\"",
+							RelationGetRelationName(rel), shape->check_names[i]),
+					 errtableconstraint(rel, shape->check_names[i])));
+}
+
+/*
+ * Insert the row as the executor's INSERT would, without planning a
+ * statement or compiling the table's expressions for it (they were
+ * compiled once, above): defaults, constraints, then the heap insert and
+ * the executor's own index maintenance, so whatever indexes the table
+ * has, unique checks included, are kept.  The table's expressions and
+ * index code run as its owner, in a security-restricted operation, as in
+ * the SQL path; they are all built in, so the caller's search_path cannot
+ * change what they do.
  */
 static void
 insert_outbox_row_directly(Relation rel, pg_uuid_t *message_id, text *exchange,
@@ -354,48 +524,40 @@ insert_outbox_row_directly(Relation rel, pg_uuid_t *message_id, text *exchange,
 	ResultRelInfo *target = makeNode(ResultRelInfo);
 	TupleTableSlot *slot = MakeSingleTupleTableSlot(RelationGetDescr(rel),
 													&TTSOpsVirtual);
-	Datum		now = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
-	Datum	   *values = slot->tts_values;
-	bool	   *isnull = slot->tts_isnull;
+	Datum		filled[NUM_FILLED_COLUMNS];
+	bool		filled_null[NUM_FILLED_COLUMNS] = {false};
 	Oid			saved_user;
 	int			saved_context;
 	List	   *recheck;
 
-	InitResultRelInfo(target, rel, 1, NULL, 0);
-	ExecOpenIndices(target, false);
-
-	ExecClearTuple(slot);
-	memset(isnull, false, OUTBOX_NATTS * sizeof(bool));
-	values[0] = Int64GetDatum(nextval_internal(known_outbox_sequence, false));
-	values[1] = UUIDPGetDatum(message_id);
-	values[2] = PointerGetDatum(exchange);
-	values[3] = PointerGetDatum(routing_key);
-	values[4] = JsonbPGetDatum(payload);
-	values[5] = headers ? JsonbPGetDatum(headers) : (Datum) 0;
-	isnull[5] = headers == NULL;
-	values[6] = CStringGetTextDatum("pending");
-	values[7] = Int32GetDatum(0);
-	values[8] = now;			/* next_attempt_at: due at once */
-	isnull[9] = true;			/* last_error */
-	values[10] = now;			/* created_at: now(), like the default */
-	isnull[11] = true;			/* published_at */
-	ExecStoreVirtualTuple(slot);
+	filled[COLUMN_MESSAGE_ID] = UUIDPGetDatum(message_id);
+	filled[COLUMN_EXCHANGE] = PointerGetDatum(exchange);
+	filled[COLUMN_ROUTING_KEY] = PointerGetDatum(routing_key);
+	filled[COLUMN_PAYLOAD] = JsonbPGetDatum(payload);
+	filled[COLUMN_HEADERS] = headers ? JsonbPGetDatum(headers) : (Datum) 0;
+	filled_null[COLUMN_HEADERS] = headers == NULL;
 
 	GetUserIdAndSecContext(&saved_user, &saved_context);
 	SetUserIdAndSecContext(rel->rd_rel->relowner,
 						   saved_context | SECURITY_LOCAL_USERID_CHANGE |
 						   SECURITY_RESTRICTED_OPERATION);
+
+	InitResultRelInfo(target, rel, 1, NULL, 0);
+	ExecOpenIndices(target, false);
+	form_outbox_row(rel, &known_outbox, slot, GetPerTupleExprContext(estate),
+					filled, filled_null);
 	simple_table_tuple_insert(rel, slot);
 #if PG_VERSION_NUM >= 160000
 	recheck = ExecInsertIndexTuples(target, slot, estate, false, false, NULL, NIL, false);
 #else
 	recheck = ExecInsertIndexTuples(target, slot, estate, false, false, NULL, NIL);
 #endif
-	SetUserIdAndSecContext(saved_user, saved_context);
+	/* deferred unique checks come with a constraint trigger: SQL path */
+	if (recheck != NIL)
+		elog(ERROR, "mqtx.outbox has a deferred index constraint but no trigger for it");
 
-	/* deferred unique checks need a constraint trigger: SQL path */
-	Assert(recheck == NIL);
-	list_free(recheck);
+	/* on error, transaction abort restores the identity */
+	SetUserIdAndSecContext(saved_user, saved_context);
 	ExecCloseIndices(target);
 	ExecDropSingleTupleTableSlot(slot);
 	FreeExecutorState(estate);
@@ -457,11 +619,11 @@ insert_outbox_row(text *exchange, text *routing_key, Jsonb *payload,
 				(errcode(ERRCODE_UNDEFINED_TABLE),
 				 errmsg("mqtx.outbox does not exist"),
 				 errhint("Run CREATE EXTENSION mqtx in this database.")));
-	if (relid != known_outbox)
+	if (relid != known_outbox.relid)
 		learn_outbox(rel);
 
 	*message_id = mqtx_new_message_id();
-	if (known_outbox_direct)
+	if (known_outbox.relid == relid && known_outbox.direct)
 		insert_outbox_row_directly(rel, message_id, exchange, routing_key, payload, headers);
 	else
 		insert_outbox_row_with_sql(rel, message_id, exchange, routing_key, payload, headers);

@@ -152,13 +152,22 @@ follow_subtransactions(SubXactEvent event, SubTransactionId mySubid,
 		topology_changed_level = 0;
 }
 
+/*
+ * Set the worker's latch; if only_if_connected, only while it is connected
+ * to the broker.  A relay that is not connected can do nothing with new
+ * messages (it claims every due row once it is), and waking it on every
+ * commit, thousands of times a second during an outage, would take CPU
+ * from the application for nothing.
+ */
 static void
-wake_worker(MqtxSlot *slot, MqtxWorkerKind kind)
+wake_worker(MqtxSlot *slot, MqtxWorkerKind kind, bool only_if_connected)
 {
 	Latch	   *latch;
 
 	SpinLockAcquire(&slot->mutex);
 	latch = slot->workers[kind].latch;
+	if (only_if_connected && !slot->workers[kind].broker_connected)
+		latch = NULL;
 	SpinLockRelease(&slot->mutex);
 	if (latch != NULL)
 		SetLatch(latch);
@@ -178,9 +187,9 @@ wake_workers(Oid dboid, bool topology_changed)
 	if (topology_changed)
 	{
 		pg_atomic_fetch_add_u32(&slot->topology_generation, 1);
-		wake_worker(slot, MQTX_CONSUMER);
+		wake_worker(slot, MQTX_CONSUMER, false);
 	}
-	wake_worker(slot, MQTX_RELAY);
+	wake_worker(slot, MQTX_RELAY, !topology_changed);
 }
 
 static void
