@@ -19,6 +19,11 @@
 #   PERF_DIR=DIR               perf record -g the consumer worker during each
 #                              mqtx run into DIR/consumer.roundR.data (skews
 #                              the mqtx figures; for profiles only)
+#   INBOX_ROWS=K               also run mqtx, every round, with K rows already
+#                              in mqtx.inbox (applied earlier, random message
+#                              ids, vacuumed and analyzed: a week of retained
+#                              dedupe records), and print its rate over the
+#                              empty inbox's, measured side by side
 #
 # Messages are ~200-byte JSON bodies {"order_id": i, "pad": "xxx..."} with
 # distinct message_ids, published by ceiling_publisher.  mqtx dedupes on
@@ -36,6 +41,7 @@ BATCH=${4:-1000}
 ACK_EVERY=${5:-1}
 HANDLER_LANG=${HANDLER_LANG:-sql}
 PERF_DIR=${PERF_DIR:-}
+INBOX_ROWS=${INBOX_ROWS:-0}
 BODY_SIZE=200
 WINDOW=1000
 TIMEOUT=120 # seconds a run may take before the benchmark gives up
@@ -122,10 +128,20 @@ raw_run() {
 		sed -n 's/.* = \([0-9.]*\) msg\/s.*/\1/p'
 }
 
-# Pre-fill, subscribe, time from the subscription's commit to the last
-# committed row, unsubscribe.
+# inbox_history ROWS: mqtx.inbox holds ROWS applied messages of the queue
+# and nothing else.
+inbox_history() {
+	psql_ -c "TRUNCATE mqtx.inbox" >/dev/null
+	[ "$1" -gt 0 ] || return 0
+	psql_ -c "INSERT INTO mqtx.inbox (queue, message_id, applied_at)
+		SELECT 'bench.in', gen_random_uuid()::text, now() - interval '1 day'
+		FROM generate_series(1, $1)" -c "VACUUM ANALYZE mqtx.inbox" >/dev/null
+}
+
+# mqtx_run ROUND [INBOX_ROWS]: pre-fill, subscribe, time from the
+# subscription's commit to the last committed row, unsubscribe.
 mqtx_run() {
-	local round=$1 a0 t0 t1 perf_pid=""
+	local round=$1 history=${2:-0} a0 t0 t1 perf_pid=""
 	local i=0
 	# The previous round's unsubscribe is asynchronous: the worker cancels
 	# its consumer when it notices.  Pre-filling before that would let it
@@ -136,7 +152,8 @@ mqtx_run() {
 		sleep 0.5
 	done
 	prefill bench.in
-	psql_ -c "TRUNCATE mqtx.inbox, dispatch" -c "CHECKPOINT" >/dev/null
+	inbox_history "$history"
+	psql_ -c "TRUNCATE dispatch" -c "CHECKPOINT" >/dev/null
 	if [ -n "$PERF_DIR" ]; then
 		perf record -q -g -p "$(consumer_pid)" -o "$PERF_DIR/consumer.round$round.data" \
 			>/dev/null 2>&1 &
@@ -168,12 +185,18 @@ fi
 
 raws=()
 mqtxs=()
+historys=()
 for round in $(seq 1 "$ROUNDS"); do
 	r=$(raw_run)
 	m=$(mqtx_run "$round")
 	echo "round $round: raw consumer $r msg/s, mqtx consumer $m msg/s" >&2
 	raws+=("$r")
 	mqtxs+=("$m")
+	if [ "$INBOX_ROWS" -gt 0 ]; then
+		h=$(mqtx_run "$round" "$INBOX_ROWS")
+		echo "round $round: mqtx consumer with $INBOX_ROWS inbox rows $h msg/s" >&2
+		historys+=("$h")
+	fi
 done
 
 if [ "$(psql_ -c "SELECT duplicates + retried + dead_lettered FROM mqtx.consumer_stats")" != 0 ]; then
@@ -191,3 +214,11 @@ printf '%-60s %10s\n' "mqtx / ceiling" "$(awk -v m="$mqtx" -v r="$raw" 'BEGIN {p
 bench_record consumer raw_msgs "$raw" msg/s
 bench_record consumer mqtx_msgs "$mqtx" msg/s
 bench_record consumer mqtx_over_raw "$(awk -v m="$mqtx" -v r="$raw" 'BEGIN {printf "%.2f", m / r}')" ratio
+if [ "$INBOX_ROWS" -gt 0 ]; then
+	history=$(printf '%s\n' "${historys[@]}" | median)
+	printf '%-60s %10s msg/s\n' "mqtx consumer, $INBOX_ROWS rows in mqtx.inbox" "$history"
+	printf '%-60s %10s\n' "with those rows / empty inbox" \
+		"$(awk -v h="$history" -v m="$mqtx" 'BEGIN {printf "%.2f", h / m}')"
+	bench_record consumer mqtx_with_inbox_history "$history" msg/s
+	bench_record consumer inbox_history_over_empty "$(awk -v h="$history" -v m="$mqtx" 'BEGIN {printf "%.2f", h / m}')" ratio
+fi
