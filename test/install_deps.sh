@@ -29,8 +29,12 @@ fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 # The package's own service is not wanted: tests and the demo start private
-# nodes.  policy-rc.d keeps apt from starting it where init scripts run.
-printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-chmod +x /usr/sbin/policy-rc.d
-trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+# nodes.  policy-rc.d keeps apt from starting it where init scripts run.  A
+# policy-rc.d the machine already has is its administrator's: it is left as
+# it is, and so is what it allows.
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+	printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+	chmod +x /usr/sbin/policy-rc.d
+	trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+fi
 apt-get install -y -qq --no-install-recommends "${missing[@]}"
