@@ -320,7 +320,7 @@ mqtx_headers_are_valid(Jsonb *headers, char **reason)
  * channel, never the deliveries of the others.
  *
  * The struct lives in TopMemoryContext; the library's own state is
- * malloc'd by rabbitmq-c and must be released with broker_disconnect().
+ * malloc'd by rabbitmq-c and must be released with mqtx_broker_disconnect().
  */
 #define PUBLISH_CHANNEL 1
 #define RPC_CHANNEL 2
@@ -410,7 +410,7 @@ struct BrokerConnection
 	MemoryContext cache_context;	/* holds the exchange caches */
 	List	   *known_exchanges;	/* checked to exist on this connection */
 	List	   *missing_exchanges;	/* of MissingExchange */
-	TimestampTz last_keep_alive;	/* when broker_keep_alive last sent */
+	TimestampTz last_keep_alive;	/* when mqtx_broker_keep_alive last sent */
 };
 
 /* Connections whose socket functions are ours, to find one from its socket */
@@ -442,7 +442,7 @@ amqp_bytes_to_cstring(amqp_bytes_t bytes)
  * "amqp://host:port", for log lines: never the user or password.
  */
 char *
-broker_describe(const char *url)
+mqtx_broker_describe(const char *url)
 {
 	struct amqp_connection_info info;
 	char	   *reason;
@@ -770,7 +770,7 @@ is_consume_channel(amqp_channel_t channel)
  * The broker closed a channel or the connection: acknowledge it as AMQP
  * requires and remember what is left usable.  A consume channel's
  * deliveries can no longer be acknowledged (the broker requeues them); the
- * consumer learns of it through broker_next_delivery.
+ * consumer learns of it through mqtx_broker_next_delivery.
  */
 static void
 accept_close(BrokerConnection *conn, amqp_channel_t channel,
@@ -1015,7 +1015,7 @@ client_properties(const char *name)
  * Returns NULL with *error set on failure.
  */
 BrokerConnection *
-broker_connect(const char *url, const char *name, char **error)
+mqtx_broker_connect(const char *url, const char *name, char **error)
 {
 	struct amqp_connection_info info;
 	struct timeval timeout = timeval_from_ms(mqtx_connect_timeout);
@@ -1087,7 +1087,7 @@ broker_connect(const char *url, const char *name, char **error)
 	return conn;
 
 fail:
-	broker_disconnect(conn);
+	mqtx_broker_disconnect(conn);
 	return NULL;
 }
 
@@ -1097,7 +1097,7 @@ fail:
  * give up at once) and free it.
  */
 void
-broker_disconnect(BrokerConnection *conn)
+mqtx_broker_disconnect(BrokerConnection *conn)
 {
 	if (conn == NULL)
 		return;
@@ -1123,20 +1123,20 @@ broker_disconnect(BrokerConnection *conn)
  * failed?
  */
 bool
-broker_refused(BrokerConnection *conn)
+mqtx_broker_refused(BrokerConnection *conn)
 {
 	return conn != NULL && conn->refused;
 }
 
 /* How long the broker has been taking to answer an RPC (0: no answer yet) */
 double
-broker_round_trip_ms(BrokerConnection *conn)
+mqtx_broker_round_trip_ms(BrokerConnection *conn)
 {
 	return conn != NULL ? conn->round_trip_ms : 0;
 }
 
 bool
-broker_is_open(BrokerConnection *conn)
+mqtx_broker_is_open(BrokerConnection *conn)
 {
 	return conn != NULL && conn->open;
 }
@@ -1146,7 +1146,7 @@ broker_is_open(BrokerConnection *conn)
  * disk alarm)?  *reason, when not NULL, gets the broker's reason.
  */
 bool
-broker_is_blocked(BrokerConnection *conn, const char **reason)
+mqtx_broker_is_blocked(BrokerConnection *conn, const char **reason)
 {
 	if (reason != NULL)
 		*reason = conn != NULL && conn->blocked ? conn->blocked_reason : NULL;
@@ -1160,7 +1160,7 @@ rpc_on_channel_succeeded(BrokerConnection *conn, const char *what, char **error)
 }
 
 bool
-broker_declare_exchange(BrokerConnection *conn, const char *name,
+mqtx_broker_declare_exchange(BrokerConnection *conn, const char *name,
 						const char *type, bool durable, char **error)
 {
 	if (!ensure_channel(conn, RPC_CHANNEL, error))
@@ -1174,7 +1174,7 @@ broker_declare_exchange(BrokerConnection *conn, const char *name,
 }
 
 bool
-broker_declare_queue(BrokerConnection *conn, const char *name, bool durable,
+mqtx_broker_declare_queue(BrokerConnection *conn, const char *name, bool durable,
 					 Jsonb *arguments, char **error)
 {
 	amqp_table_t table = amqp_empty_table;
@@ -1191,7 +1191,7 @@ broker_declare_queue(BrokerConnection *conn, const char *name, bool durable,
 }
 
 bool
-broker_bind(BrokerConnection *conn, const char *queue, const char *exchange,
+mqtx_broker_bind(BrokerConnection *conn, const char *queue, const char *exchange,
 			const char *routing_key, char **error)
 {
 	if (!ensure_channel(conn, RPC_CHANNEL, error))
@@ -1210,7 +1210,7 @@ broker_bind(BrokerConnection *conn, const char *queue, const char *exchange,
  * declared again, or the broker said an exchange is gone.
  */
 void
-broker_forget_exchanges(BrokerConnection *conn)
+mqtx_broker_forget_exchanges(BrokerConnection *conn)
 {
 	MemoryContextReset(conn->cache_context);
 	conn->known_exchanges = NIL;
@@ -1239,10 +1239,10 @@ missing_exchange(BrokerConnection *conn, const char *name)
  * missing exchange would close the publish channel and take every
  * unconfirmed message with it, and each question about a missing one
  * costs the RPC channel.  Returns false with *error when it does not exist
- * or when the connection failed (broker_is_open() tells which).
+ * or when the connection failed (mqtx_broker_is_open() tells which).
  */
 bool
-broker_exchange_exists(BrokerConnection *conn, const char *name, char **error)
+mqtx_broker_exchange_exists(BrokerConnection *conn, const char *name, char **error)
 {
 	ListCell   *lc;
 	MissingExchange *missing;
@@ -1354,7 +1354,7 @@ headers_fit_frame(BrokerConnection *conn, Jsonb *headers, amqp_table_t *table,
  * or the connection is dropped; its body may be freed once this returns.
  */
 bool
-broker_publish(BrokerConnection *conn, BrokerMessage *message, char **error)
+mqtx_broker_publish(BrokerConnection *conn, BrokerMessage *message, char **error)
 {
 	amqp_basic_properties_t props;
 	amqp_bytes_t body;
@@ -1408,7 +1408,7 @@ broker_publish(BrokerConnection *conn, BrokerMessage *message, char **error)
  * for them are ignored.
  */
 void
-broker_forget_messages(BrokerConnection *conn, BrokerMessage *messages, int count)
+mqtx_broker_forget_messages(BrokerConnection *conn, BrokerMessage *messages, int count)
 {
 	int			kept = 0;
 
@@ -1627,7 +1627,7 @@ handle_frame(BrokerConnection *conn, amqp_frame_t *frame, char **error)
 				{
 					*error = description;
 					/* an exchange the relay thought it knew may be gone */
-					broker_forget_exchanges(conn);
+					mqtx_broker_forget_exchanges(conn);
 					return false;
 				}
 				return true;
@@ -1639,10 +1639,10 @@ handle_frame(BrokerConnection *conn, amqp_frame_t *frame, char **error)
 
 /*
  * Has every message sent from the array been acked or nacked?  Confirms
- * are taken in by broker_wait.
+ * are taken in by mqtx_broker_wait.
  */
 bool
-broker_all_settled(BrokerMessage *messages, int count)
+mqtx_broker_all_settled(BrokerMessage *messages, int count)
 {
 	for (int i = 0; i < count; i++)
 		if (messages[i].outcome != PUBLISH_NOT_SENT &&
@@ -1729,7 +1729,7 @@ lose_connection(BrokerConnection *conn, const char *what, int rc, char **error)
  * failed.  Heartbeats go out on the way.
  */
 bool
-broker_wait(BrokerConnection *conn, TimestampTz deadline, char **error)
+mqtx_broker_wait(BrokerConnection *conn, TimestampTz deadline, char **error)
 {
 	bool		taken = false;
 
@@ -1926,10 +1926,10 @@ redriven_from(amqp_table_t *headers)
  * Start consuming a queue on a channel of its own, with manual acks and at
  * most "prefetch" unacknowledged deliveries; the consumer tag is the queue
  * name.  Returns the channel, or 0 when the broker refused (the connection
- * is still open: broker_is_open) or the connection failed.
+ * is still open: mqtx_broker_is_open) or the connection failed.
  */
 int
-broker_consume(BrokerConnection *conn, const char *queue, int prefetch,
+mqtx_broker_consume(BrokerConnection *conn, const char *queue, int prefetch,
 			   char **error)
 {
 	int			channel = 0;
@@ -1980,7 +1980,7 @@ broker_consume(BrokerConnection *conn, const char *queue, int prefetch,
  * unacknowledged deliveries back to the queue.
  */
 bool
-broker_cancel(BrokerConnection *conn, int channel, const char *queue, char **error)
+mqtx_broker_cancel(BrokerConnection *conn, int channel, const char *queue, char **error)
 {
 	if (!conn->open || !conn->channel_open[channel])
 		return conn->open;
@@ -1994,7 +1994,7 @@ broker_cancel(BrokerConnection *conn, int channel, const char *queue, char **err
 
 /* Can deliveries that came on this channel still be acknowledged? */
 bool
-broker_channel_is_open(BrokerConnection *conn, int channel)
+mqtx_broker_channel_is_open(BrokerConnection *conn, int channel)
 {
 	return conn != NULL && conn->open && channel > 0 && channel < MAX_CHANNELS &&
 		conn->channel_open[channel];
@@ -2073,7 +2073,7 @@ read_delivery(BrokerConnection *conn, amqp_frame_t *frame,
  * when the connection failed (*error says why).
  */
 int
-broker_next_delivery(BrokerConnection *conn, int timeout_ms,
+mqtx_broker_next_delivery(BrokerConnection *conn, int timeout_ms,
 					 BrokerDelivery *delivery, char **error)
 {
 	TimestampTz deadline = timeout_ms > 0 ?
@@ -2122,7 +2122,7 @@ broker_next_delivery(BrokerConnection *conn, int timeout_ms,
  * has closed needs neither: the broker has requeued it.
  */
 bool
-broker_ack(BrokerConnection *conn, int channel, uint64 delivery_tag,
+mqtx_broker_ack(BrokerConnection *conn, int channel, uint64 delivery_tag,
 		   bool multiple, char **error)
 {
 	int			rc;
@@ -2132,7 +2132,7 @@ broker_ack(BrokerConnection *conn, int channel, uint64 delivery_tag,
 		*error = pstrdup("the broker connection is closed");
 		return false;
 	}
-	if (!broker_channel_is_open(conn, channel))
+	if (!mqtx_broker_channel_is_open(conn, channel))
 		return true;
 	rc = amqp_basic_ack(conn->state, channel, delivery_tag, multiple);
 	if (rc == AMQP_STATUS_OK)
@@ -2142,7 +2142,7 @@ broker_ack(BrokerConnection *conn, int channel, uint64 delivery_tag,
 }
 
 bool
-broker_requeue(BrokerConnection *conn, int channel, uint64 delivery_tag,
+mqtx_broker_requeue(BrokerConnection *conn, int channel, uint64 delivery_tag,
 			   char **error)
 {
 	int			rc;
@@ -2152,7 +2152,7 @@ broker_requeue(BrokerConnection *conn, int channel, uint64 delivery_tag,
 		*error = pstrdup("the broker connection is closed");
 		return false;
 	}
-	if (!broker_channel_is_open(conn, channel))
+	if (!mqtx_broker_channel_is_open(conn, channel))
 		return true;
 	rc = amqp_basic_reject(conn->state, channel, delivery_tag, true);
 	if (rc == AMQP_STATUS_OK)
@@ -2169,7 +2169,7 @@ broker_requeue(BrokerConnection *conn, int channel, uint64 delivery_tag,
  * broker's silence, not ours.  Returns false when the connection failed.
  */
 bool
-broker_keep_alive(BrokerConnection *conn, char **error)
+mqtx_broker_keep_alive(BrokerConnection *conn, char **error)
 {
 	amqp_frame_t heartbeat;
 	int			interval = amqp_get_heartbeat(conn->state);

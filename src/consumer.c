@@ -491,7 +491,7 @@ load_subscriptions(void)
 		else if (sub->channel != 0 && consumer.worker.conn != NULL)
 		{
 			forget_channel(sub->channel);
-			if (!broker_cancel(consumer.worker.conn, sub->channel, sub->queue, &error))
+			if (!mqtx_broker_cancel(consumer.worker.conn, sub->channel, sub->queue, &error))
 			{
 				mqtx_worker_drop_broker(&consumer.worker, error);
 				break;
@@ -540,7 +540,7 @@ start_consuming(void)
 		char	   *error = NULL;
 
 		/* a channel the broker closed without our hearing why */
-		if (sub->channel != 0 && !broker_channel_is_open(consumer.worker.conn, sub->channel))
+		if (sub->channel != 0 && !mqtx_broker_channel_is_open(consumer.worker.conn, sub->channel))
 		{
 			forget_channel(sub->channel);
 			sub->channel = 0;
@@ -548,11 +548,11 @@ start_consuming(void)
 		if (!mqtx_worker_may_try(&consumer.worker, subscription_type[0], sub->queue) ||
 			sub->channel != 0)
 			continue;
-		sub->channel = broker_consume(consumer.worker.conn, sub->queue, sub->prefetch,
+		sub->channel = mqtx_broker_consume(consumer.worker.conn, sub->queue, sub->prefetch,
 									  &error);
 		if (sub->channel != 0)
 			mqtx_worker_accepted(&consumer.worker, subscription_type[0], sub->queue);
-		else if (broker_is_open(consumer.worker.conn))
+		else if (mqtx_broker_is_open(consumer.worker.conn))
 			mqtx_worker_refused(&consumer.worker, subscription_type[0], sub->queue, error);
 		else
 		{
@@ -668,7 +668,7 @@ keep_alive(void)
 	char	   *error = NULL;
 
 	if (consumer.worker.conn != NULL)
-		(void) broker_keep_alive(consumer.worker.conn, &error);
+		(void) mqtx_broker_keep_alive(consumer.worker.conn, &error);
 }
 
 /*
@@ -1432,7 +1432,7 @@ act_on_outcomes(Work *work, int count, DeliveryTag *ack, DeliveryTag *requeue,
 		}
 		if (w->settled)
 			ack[nack++] = tag;
-		else if (broker_channel_is_open(consumer.worker.conn, tag.channel))
+		else if (mqtx_broker_channel_is_open(consumer.worker.conn, tag.channel))
 			hold_for_retry(w->d, w->attempts);
 		/* else its channel closed: the broker has it back, attempts on record */
 
@@ -1478,10 +1478,10 @@ acknowledge_channel(int channel, DeliveryTag *ack, int nack, bool requeued,
 			oldest_held = Min(oldest_held, held->delivery_tag);
 	}
 	if (!requeued && oldest_held > max_tag)
-		return broker_ack(consumer.worker.conn, channel, max_tag, true, error);
+		return mqtx_broker_ack(consumer.worker.conn, channel, max_tag, true, error);
 	for (int i = 0; i < nack; i++)
 		if (ack[i].channel == channel &&
-			!broker_ack(consumer.worker.conn, channel, ack[i].tag, false, error))
+			!mqtx_broker_ack(consumer.worker.conn, channel, ack[i].tag, false, error))
 			return false;
 	return true;
 }
@@ -1495,7 +1495,7 @@ acknowledge(DeliveryTag *ack, int nack, DeliveryTag *requeue, int nrequeue,
 			char **error)
 {
 	for (int i = 0; i < nrequeue; i++)
-		if (!broker_requeue(consumer.worker.conn, requeue[i].channel, requeue[i].tag,
+		if (!mqtx_broker_requeue(consumer.worker.conn, requeue[i].channel, requeue[i].tag,
 							error))
 			return false;
 	for (int i = 0; i < nack; i++)
@@ -1573,7 +1573,7 @@ collect_batch(BrokerDelivery *batch, int capacity, char **error)
 	{
 		int			rc;
 
-		rc = broker_next_delivery(consumer.worker.conn,
+		rc = mqtx_broker_next_delivery(consumer.worker.conn,
 								  count == 0 ? DELIVERY_WAIT_MS : 0,
 								  &batch[count], error);
 		if (rc < 0)

@@ -161,46 +161,46 @@ typedef struct BrokerDelivery
 /* The header that carries a redriven message's original id */
 #define MQTX_REDRIVEN_FROM_HEADER "x-mqtx-redriven-from"
 
-/* broker_next_delivery: a queue's channel was closed or its consumer cancelled */
+/* mqtx_broker_next_delivery: a queue's channel was closed or its consumer cancelled */
 #define BROKER_CHANNEL_LOST 2
 
-extern int	broker_consume(BrokerConnection *conn, const char *queue,
+extern int	mqtx_broker_consume(BrokerConnection *conn, const char *queue,
 						   int prefetch, char **error);
-extern bool broker_cancel(BrokerConnection *conn, int channel, const char *queue,
+extern bool mqtx_broker_cancel(BrokerConnection *conn, int channel, const char *queue,
 						  char **error);
-extern bool broker_channel_is_open(BrokerConnection *conn, int channel);
-extern int	broker_next_delivery(BrokerConnection *conn, int timeout_ms,
+extern bool mqtx_broker_channel_is_open(BrokerConnection *conn, int channel);
+extern int	mqtx_broker_next_delivery(BrokerConnection *conn, int timeout_ms,
 								 BrokerDelivery *delivery, char **error);
-extern bool broker_ack(BrokerConnection *conn, int channel, uint64 delivery_tag,
+extern bool mqtx_broker_ack(BrokerConnection *conn, int channel, uint64 delivery_tag,
 					   bool multiple, char **error);
-extern bool broker_requeue(BrokerConnection *conn, int channel,
+extern bool mqtx_broker_requeue(BrokerConnection *conn, int channel,
 						   uint64 delivery_tag, char **error);
-extern bool broker_keep_alive(BrokerConnection *conn, char **error);
+extern bool mqtx_broker_keep_alive(BrokerConnection *conn, char **error);
 extern bool mqtx_broker_url_is_valid(const char *url, char **reason);
 extern bool mqtx_headers_are_valid(Jsonb *headers, char **reason);
-extern char *broker_describe(const char *url);
-extern BrokerConnection *broker_connect(const char *url, const char *name,
+extern char *mqtx_broker_describe(const char *url);
+extern BrokerConnection *mqtx_broker_connect(const char *url, const char *name,
 										char **error);
-extern void broker_disconnect(BrokerConnection *conn);
-extern bool broker_is_open(BrokerConnection *conn);
-extern double broker_round_trip_ms(BrokerConnection *conn);
-extern bool broker_refused(BrokerConnection *conn);
-extern bool broker_is_blocked(BrokerConnection *conn, const char **reason);
-extern bool broker_wait(BrokerConnection *conn, TimestampTz deadline, char **error);
-extern bool broker_declare_exchange(BrokerConnection *conn, const char *name,
+extern void mqtx_broker_disconnect(BrokerConnection *conn);
+extern bool mqtx_broker_is_open(BrokerConnection *conn);
+extern double mqtx_broker_round_trip_ms(BrokerConnection *conn);
+extern bool mqtx_broker_refused(BrokerConnection *conn);
+extern bool mqtx_broker_is_blocked(BrokerConnection *conn, const char **reason);
+extern bool mqtx_broker_wait(BrokerConnection *conn, TimestampTz deadline, char **error);
+extern bool mqtx_broker_declare_exchange(BrokerConnection *conn, const char *name,
 									const char *type, bool durable, char **error);
-extern bool broker_declare_queue(BrokerConnection *conn, const char *name,
+extern bool mqtx_broker_declare_queue(BrokerConnection *conn, const char *name,
 								 bool durable, Jsonb *arguments, char **error);
-extern bool broker_bind(BrokerConnection *conn, const char *queue,
+extern bool mqtx_broker_bind(BrokerConnection *conn, const char *queue,
 						const char *exchange, const char *routing_key,
 						char **error);
-extern bool broker_exchange_exists(BrokerConnection *conn, const char *name,
+extern bool mqtx_broker_exchange_exists(BrokerConnection *conn, const char *name,
 								   char **error);
-extern void broker_forget_exchanges(BrokerConnection *conn);
-extern bool broker_publish(BrokerConnection *conn, BrokerMessage *message,
+extern void mqtx_broker_forget_exchanges(BrokerConnection *conn);
+extern bool mqtx_broker_publish(BrokerConnection *conn, BrokerMessage *message,
 						   char **error);
-extern bool broker_all_settled(BrokerMessage *messages, int count);
-extern void broker_forget_messages(BrokerConnection *conn, BrokerMessage *messages,
+extern bool mqtx_broker_all_settled(BrokerMessage *messages, int count);
+extern void mqtx_broker_forget_messages(BrokerConnection *conn, BrokerMessage *messages,
 								   int count);
 
 /* Worker plumbing shared by the relay and the consumer (worker.c) */

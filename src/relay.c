@@ -210,7 +210,7 @@ build_array(Datum *elements, int count, Oid element_type)
 static void
 free_batch(RelayBatch *batch)
 {
-	broker_forget_messages(relay.worker.conn, batch->messages, batch->count);
+	mqtx_broker_forget_messages(relay.worker.conn, batch->messages, batch->count);
 	MemoryContextDelete(batch->context);
 }
 
@@ -347,7 +347,7 @@ late_after_ms(void)
 {
 	/* before any confirm, the connection's RPCs tell how far the broker is */
 	double		latency = relay.confirm_latency_ms > 0 ? relay.confirm_latency_ms :
-		broker_round_trip_ms(relay.worker.conn);
+		mqtx_broker_round_trip_ms(relay.worker.conn);
 
 	return Max((double) mqtx_confirm_timeout, 3 * latency);
 }
@@ -651,9 +651,9 @@ reject_unknown_exchanges(RelayBatch *batch, char **error)
 
 		if (m->outcome != PUBLISH_NOT_SENT)
 			continue;
-		if (broker_exchange_exists(relay.worker.conn, m->exchange, &reason))
+		if (mqtx_broker_exchange_exists(relay.worker.conn, m->exchange, &reason))
 			continue;
-		if (!broker_is_open(relay.worker.conn))
+		if (!mqtx_broker_is_open(relay.worker.conn))
 		{
 			*error = reason;
 			return false;
@@ -694,14 +694,14 @@ send_batch(RelayBatch *batch, char **error)
 		if (unchecked >= SEND_CHECK_BYTES)
 		{
 			unchecked = 0;
-			sent = broker_wait(relay.worker.conn, 0, error);
-			if (!sent || broker_is_blocked(relay.worker.conn, NULL))
+			sent = mqtx_broker_wait(relay.worker.conn, 0, error);
+			if (!sent || mqtx_broker_is_blocked(relay.worker.conn, NULL))
 				break;
 		}
 		if (m->outcome == PUBLISH_NOT_SENT)
 		{
 			unchecked += m->body_len;
-			sent = broker_publish(relay.worker.conn, m, error);
+			sent = mqtx_broker_publish(relay.worker.conn, m, error);
 		}
 		if (m->outcome != PUBLISH_NOT_SENT)
 		{
@@ -719,7 +719,7 @@ send_batch(RelayBatch *batch, char **error)
 static bool
 awaits_confirms(RelayBatch *batch)
 {
-	return !batch->timed_out && !broker_all_settled(batch->messages, batch->count);
+	return !batch->timed_out && !mqtx_broker_all_settled(batch->messages, batch->count);
 }
 
 /*
@@ -748,7 +748,7 @@ note_late_confirms(void)
 	if (late && !relay.confirms_late)
 		ereport(LOG,
 				(errmsg("mqtx relay: broker %s did not confirm messages within %.0f ms; sending them again",
-						broker_describe(mqtx_broker_url), late_after_ms()),
+						mqtx_broker_describe(mqtx_broker_url), late_after_ms()),
 				 errdetail("A confirm that arrives later still counts; the consumer's inbox absorbs the duplicates.")));
 	if (late)
 		relay.confirms_late = true;
@@ -765,21 +765,21 @@ static void
 follow_blocked_state(void)
 {
 	const char *reason;
-	bool		blocked = broker_is_blocked(relay.worker.conn, &reason);
+	bool		blocked = mqtx_broker_is_blocked(relay.worker.conn, &reason);
 
 	if (blocked != relay.blocked)
 	{
 		if (blocked)
 			ereport(WARNING,
 					(errmsg("mqtx relay: broker %s blocked publishing: %s",
-							broker_describe(mqtx_broker_url),
+							mqtx_broker_describe(mqtx_broker_url),
 							reason && reason[0] ? reason : "no reason given"),
 					 errdetail("Messages stay pending until the broker unblocks the connection."),
 					 errhint("This is usually a memory or disk alarm on the broker.")));
 		else
 			ereport(LOG,
 					(errmsg("mqtx relay: broker %s unblocked publishing",
-							broker_describe(mqtx_broker_url))));
+							mqtx_broker_describe(mqtx_broker_url))));
 		relay.blocked = blocked;
 		mqtx_slot_set_blocked(relay.worker.slot, MQTX_RELAY, blocked);
 	}
@@ -792,7 +792,7 @@ static bool
 may_claim(void)
 {
 	return !relay.blocked && relay.batches_in_flight < MAX_BATCHES_IN_FLIGHT &&
-		broker_is_open(relay.worker.conn);
+		mqtx_broker_is_open(relay.worker.conn);
 }
 
 /*
@@ -866,7 +866,7 @@ relay_pass(void)
 		pgstat_report_activity(STATE_RUNNING, relay.blocked ?
 							   "mqtx relay: waiting for the broker to unblock publishing" :
 							   "mqtx relay: waiting for publisher confirms");
-		ok = broker_wait(relay.worker.conn, confirm_wait_deadline(batch != NULL), &error);
+		ok = mqtx_broker_wait(relay.worker.conn, confirm_wait_deadline(batch != NULL), &error);
 		note_late_confirms();
 	}
 	pgstat_report_activity(STATE_IDLE, NULL);

@@ -101,7 +101,7 @@ worker_exit(int code, Datum arg)
 {
 	if (this_worker == NULL)
 		return;
-	broker_disconnect(this_worker->conn);
+	mqtx_broker_disconnect(this_worker->conn);
 	this_worker->conn = NULL;
 	mqtx_slot_detach(this_worker->slot, this_worker->kind);
 }
@@ -302,7 +302,7 @@ log_broker_down(MqtxWorker *w, const char *error)
 	if (w->broker_state != MQTX_BROKER_DOWN)
 		ereport(WARNING,
 				(errmsg("mqtx %s: broker %s is unavailable; %s",
-						w->role, broker_describe(mqtx_broker_url),
+						w->role, mqtx_broker_describe(mqtx_broker_url),
 						w->kind == MQTX_RELAY ? "messages stay pending" :
 						"consumption is paused"),
 				 errdetail_internal("%s", error),
@@ -318,7 +318,7 @@ forget_broker(MqtxWorker *w, const char *reason)
 {
 	if (w->on_disconnect)
 		w->on_disconnect(reason);
-	broker_disconnect(w->conn);
+	mqtx_broker_disconnect(w->conn);
 	w->conn = NULL;
 	w->topology_declared = false;
 	w->receiving = false;
@@ -704,10 +704,10 @@ static bool
 declare_object_on(BrokerConnection *conn, TopologyObject *o, char **error)
 {
 	if (o->object_type == topology_types[0])
-		return broker_declare_exchange(conn, o->name, o->other, o->durable, error);
+		return mqtx_broker_declare_exchange(conn, o->name, o->other, o->durable, error);
 	if (o->object_type == topology_types[1])
-		return broker_declare_queue(conn, o->name, o->durable, o->arguments, error);
-	return broker_bind(conn, o->name, o->other, o->routing_key, error);
+		return mqtx_broker_declare_queue(conn, o->name, o->durable, o->arguments, error);
+	return mqtx_broker_bind(conn, o->name, o->other, o->routing_key, error);
 }
 
 static bool
@@ -727,7 +727,7 @@ static bool
 probe_object(MqtxWorker *w, TopologyObject *o)
 {
 	char	   *error = NULL;
-	BrokerConnection *probe = broker_connect(mqtx_broker_url,
+	BrokerConnection *probe = mqtx_broker_connect(mqtx_broker_url,
 											 psprintf("mqtx %s probe for database %s",
 													  w->role, w->slot->dbname),
 											 &error);
@@ -736,9 +736,9 @@ probe_object(MqtxWorker *w, TopologyObject *o)
 	if (probe == NULL)
 		return false;			/* the broker is away: try again later */
 	accepted = declare_object_on(probe, o, &error);
-	if (!accepted && broker_refused(probe))
+	if (!accepted && mqtx_broker_refused(probe))
 		mqtx_worker_refused(w, o->object_type, o->object_name, error);
-	broker_disconnect(probe);
+	mqtx_broker_disconnect(probe);
 	return accepted;
 }
 
@@ -773,9 +773,9 @@ declare_topology(MqtxWorker *w, char **error)
 			continue;
 		if (declare_object(w, o, error))
 			mqtx_worker_accepted(w, o->object_type, o->object_name);
-		else if (broker_refused(w->conn))
+		else if (mqtx_broker_refused(w->conn))
 		{
-			connected = broker_is_open(w->conn);
+			connected = mqtx_broker_is_open(w->conn);
 			mqtx_worker_refused(w, o->object_type, o->object_name, *error);
 			find_refusal(w, o->object_type, o->object_name)->closes_connection = !connected;
 		}
@@ -807,7 +807,7 @@ declare_topology(MqtxWorker *w, char **error)
 			w->next_topology_retry_at = next;
 	}
 	/* what a declaration changed, the relay's exchange checks learn again */
-	broker_forget_exchanges(w->conn);
+	mqtx_broker_forget_exchanges(w->conn);
 	return true;
 }
 
@@ -834,7 +834,7 @@ mqtx_worker_ensure_broker(MqtxWorker *w)
 	 * heartbeats); a consumer does that while waiting for deliveries, and
 	 * polling here would swallow them.
 	 */
-	if (w->conn != NULL && !w->receiving && !broker_wait(w->conn, 0, &error))
+	if (w->conn != NULL && !w->receiving && !mqtx_broker_wait(w->conn, 0, &error))
 		mqtx_worker_drop_broker(w, error);
 
 	if (w->conn == NULL)
@@ -842,7 +842,7 @@ mqtx_worker_ensure_broker(MqtxWorker *w)
 		if (GetCurrentTimestamp() < w->next_connect_at)
 			return false;
 		pgstat_report_activity(STATE_RUNNING, psprintf("mqtx %s: connecting to broker", w->role));
-		w->conn = broker_connect(mqtx_broker_url,
+		w->conn = mqtx_broker_connect(mqtx_broker_url,
 								 psprintf("mqtx %s for database %s", w->role,
 										  w->slot->dbname),
 								 &error);
@@ -860,7 +860,7 @@ mqtx_worker_ensure_broker(MqtxWorker *w)
 		if (w->broker_state != MQTX_BROKER_UP)
 			ereport(LOG,
 					(errmsg("mqtx %s: connected to broker %s",
-							w->role, broker_describe(mqtx_broker_url))));
+							w->role, mqtx_broker_describe(mqtx_broker_url))));
 		w->ever_connected = true;
 		w->broker_state = MQTX_BROKER_UP;
 		w->connected_at = GetCurrentTimestamp();
@@ -879,7 +879,7 @@ mqtx_worker_ensure_broker(MqtxWorker *w)
 			mqtx_worker_restart_broker(w, error);
 		return false;
 	}
-	return broker_is_open(w->conn);
+	return mqtx_broker_is_open(w->conn);
 }
 
 static char *
@@ -904,7 +904,7 @@ mqtx_worker_reload(MqtxWorker *w)
 
 	ereport(LOG,
 			(errmsg("mqtx %s: broker settings changed, connecting to %s",
-					w->role, broker_describe(mqtx_broker_url))));
+					w->role, mqtx_broker_describe(mqtx_broker_url))));
 	mqtx_worker_restart_broker(w, "the broker settings changed");
 	w->reconnect_delay_ms = RECONNECT_MIN_MS;
 }
