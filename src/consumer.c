@@ -1744,8 +1744,8 @@ mqtx_consumer_main(Datum main_arg)
 	 * A batch allocates tens of kilobytes per delivery (handler caches,
 	 * parsed bodies) and frees it all at once when the pass ends.  glibc
 	 * would hand that memory back to the kernel every time and fault it in
-	 * again page by page for the next batch, which measured 3-4 times
-	 * slower.  Keep freed memory in the process.
+	 * again page by page for the next batch: a page fault for every page
+	 * of every batch.  Keep freed memory in the process.
 	 */
 #ifdef __GLIBC__
 	mallopt(M_TRIM_THRESHOLD, 256 * 1024 * 1024);

@@ -18,7 +18,6 @@
 #include "datatype/timestamp.h"
 #include "executor/spi.h"
 #include "utils/jsonb.h"
-#include "utils/uuid.h"
 
 /* AMQP 0-9-1 "shortstr": exchange names, routing keys, header keys */
 #define MQTX_SHORTSTR_MAX 255
@@ -101,8 +100,6 @@ extern void mqtx_slot_set_blocked(MqtxSlot *slot, MqtxWorkerKind kind,
 								  bool blocked);
 extern void mqtx_count(MqtxSlot *slot, MqtxCounter counter, uint64 n);
 extern void mqtx_wake_relay_at_commit(void);
-extern pg_uuid_t mqtx_new_message_id(void);
-extern void mqtx_topology_changed_at_commit(void);
 
 /* Broker connection (broker.c) */
 typedef struct BrokerConnection BrokerConnection;
@@ -263,9 +260,6 @@ extern void mqtx_worker_wait(MqtxWorker *w, long poll_ms);
 extern char *mqtx_hex_string(const char *data, int len);
 extern char *mqtx_sha256_hex(const char *data, size_t len);
 extern Oid	mqtx_lock_table(const char *table);
-extern int	mqtx_begin_index_order_plans(void);
-extern void mqtx_end_index_order_plans(int level);
-extern bool mqtx_version_older(const char *version, const char *than);
 extern bool mqtx_worker_may_try(MqtxWorker *w, const char *object_type,
 								const char *object_name);
 extern void mqtx_worker_refused(MqtxWorker *w, const char *object_type,
@@ -275,7 +269,6 @@ extern void mqtx_worker_accepted(MqtxWorker *w, const char *object_type,
 extern void mqtx_worker_begin_round(MqtxWorker *w, const char *const *object_types,
 									int ntypes);
 extern void mqtx_worker_end_round(MqtxWorker *w);
-extern TimestampTz mqtx_worker_next_retry(MqtxWorker *w, const char *object_type);
 extern void mqtx_worker_save_refusals(MqtxWorker *w);
 extern void mqtx_worker_apply_retention(MqtxWorker *w, const char *table,
 										const char *delete_sql, int keep_seconds,

@@ -202,7 +202,7 @@ check_headers(Jsonb *headers)
  * its right edge like the primary key, instead of dirtying a random leaf
  * page (and writing it whole after each checkpoint) for every message.
  */
-pg_uuid_t
+static pg_uuid_t
 mqtx_new_message_id(void)
 {
 	pg_uuid_t	id;

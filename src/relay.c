@@ -18,8 +18,8 @@
  *
  * The claim is the in-flight list, not row locks: later claims skip the
  * rows in flight explicitly, through a hashed subplan (NOT (id = ANY
- * (array)) compared every candidate row with every id in flight: a tenth
- * of a second per claim at 5000 in flight).  Nothing is lost by it, since
+ * (array)) compared every candidate row with every id in flight, which
+ * grows with the square of what is in flight).  Nothing is lost by it, since
  * an outbox row leaves "pending" only in the transaction that records its
  * confirm, so a crash at any point leaves every unconfirmed row pending
  * and it is sent again (a duplicate, never a loss; consumers dedupe on
@@ -902,9 +902,9 @@ mqtx_relay_main(Datum main_arg)
 
 	/*
 	 * With those paths disabled, a plan that still needs one costs over
-	 * 1e10 and crosses every JIT threshold: LLVM compiled, inlined and
-	 * optimized at start-up, some 0.45 billion instructions, as much as
-	 * 500 small passes.  The relay's statements are short; JIT never pays
+	 * 1e10 and crosses every JIT threshold: LLVM would compile, inline
+	 * and optimize it at start-up, which costs more than hundreds of the
+	 * relay's passes.  The relay's statements are short; JIT never pays
 	 * off for them.
 	 */
 	SetConfigOption("jit", "off", PGC_SUSET, PGC_S_OVERRIDE);

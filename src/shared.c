@@ -127,7 +127,7 @@ mqtx_wake_relay_at_commit(void)
 	wake_relay_at_commit = true;
 }
 
-void
+static void
 mqtx_topology_changed_at_commit(void)
 {
 	int			level = GetCurrentTransactionNestLevel();

@@ -246,7 +246,7 @@ installed_version(Oid extension)
 }
 
 /* "a.b.c" compared as numbers */
-bool
+static bool
 mqtx_version_older(const char *version, const char *than)
 {
 	int			a[3] = {0, 0, 0};
@@ -547,7 +547,7 @@ mqtx_worker_end_round(MqtxWorker *w)
 }
 
 /* When the earliest refused object of the type is due again (0: none) */
-TimestampTz
+static TimestampTz
 mqtx_worker_next_retry(MqtxWorker *w, const char *object_type)
 {
 	TimestampTz next = 0;
@@ -956,7 +956,7 @@ mqtx_lock_table(const char *table)
  * its whole session; the consumer cannot, as its handlers run in it.)
  * Returns the GUC nest level to end.
  */
-int
+static int
 mqtx_begin_index_order_plans(void)
 {
 	static const char *const settings[] = {"enable_seqscan", "enable_bitmapscan",
@@ -969,7 +969,7 @@ mqtx_begin_index_order_plans(void)
 	return level;
 }
 
-void
+static void
 mqtx_end_index_order_plans(int level)
 {
 	AtEOXact_GUC(true, level);
