@@ -314,14 +314,39 @@ calls_user_code(Node *node, void *context)
 }
 
 /*
+ * Whether an index's definition or its access method, operator families
+ * or support functions are anything but built in.
+ */
+static bool
+index_runs_user_code(Relation index)
+{
+	int			nsupport = index->rd_indam->amsupport;
+
+	if (index->rd_rel->relam >= FirstNormalObjectId ||
+		calls_user_code((Node *) RelationGetIndexExpressions(index), NULL) ||
+		calls_user_code((Node *) RelationGetIndexPredicate(index), NULL))
+		return true;
+	for (int k = 0; k < index->rd_index->indnkeyatts; k++)
+	{
+		if (index->rd_opfamily[k] >= FirstNormalObjectId)
+			return true;
+		for (int p = 0; p < nsupport; p++)
+			if (index->rd_support[k * nsupport + p] >= FirstNormalObjectId)
+				return true;
+	}
+	return false;
+}
+
+/*
  * Why rows cannot be inserted into the table directly, or NULL: what an
  * INSERT would run that the direct insert does not (triggers, rules, row
  * security, partition constraints, generated columns), an index whose
  * definition or operator classes are not built in, or one of the filled
- * columns missing or of another type.
+ * columns missing or of another type.  Records where the filled columns
+ * are in shape->filled_attno.
  */
 static const char *
-direct_insert_obstacle(Relation rel)
+direct_insert_obstacle(Relation rel, OutboxShape *shape)
 {
 	TupleDesc	desc = RelationGetDescr(rel);
 	List	   *indexes;
@@ -345,6 +370,7 @@ direct_insert_obstacle(Relation rel)
 		if (attno <= 0 ||
 			TupleDescAttr(desc, attno - 1)->atttypid != filled_columns[c].type)
 			return "a column mqtx fills is missing or of another type";
+		shape->filled_attno[c] = attno - 1;
 	}
 
 	indexes = RelationGetIndexList(rel);
@@ -352,18 +378,8 @@ direct_insert_obstacle(Relation rel)
 	{
 		Relation	index = index_open(lfirst_oid(lc), AccessShareLock);
 
-		if (index->rd_rel->relam >= FirstNormalObjectId ||
-			calls_user_code((Node *) RelationGetIndexExpressions(index), NULL) ||
-			calls_user_code((Node *) RelationGetIndexPredicate(index), NULL))
+		if (index_runs_user_code(index))
 			obstacle = "an index runs code that is not built in";
-		for (int k = 0; k < index->rd_index->indnkeyatts && obstacle == NULL; k++)
-		{
-			if (index->rd_opfamily[k] >= FirstNormalObjectId)
-				obstacle = "an index runs code that is not built in";
-			for (int p = 0; p < index->rd_indam->amsupport && obstacle == NULL; p++)
-				if (index->rd_support[k * index->rd_indam->amsupport + p] >= FirstNormalObjectId)
-					obstacle = "an index runs code that is not built in";
-		}
 		index_close(index, AccessShareLock);
 		if (obstacle != NULL)
 			break;
@@ -443,12 +459,9 @@ learn_outbox(Relation rel)
 	/* set first: an invalidation that arrives while learning clears it */
 	shape->relid = RelationGetRelid(rel);
 
-	shape->why_not = direct_insert_obstacle(rel);
+	shape->why_not = direct_insert_obstacle(rel, shape);
 	if (shape->why_not == NULL)
 	{
-		for (int c = 0; c < NUM_FILLED_COLUMNS; c++)
-			shape->filled_attno[c] =
-				get_attnum(RelationGetRelid(rel), filled_columns[c].name) - 1;
 		old = MemoryContextSwitchTo(shape->context);
 		shape->direct = compile_outbox_expressions(rel, shape);
 		MemoryContextSwitchTo(old);
@@ -564,8 +577,9 @@ insert_outbox_row_directly(Relation rel, pg_uuid_t *message_id, text *exchange,
 }
 
 /*
- * The SQL path, for an outbox its owner has changed (added a trigger, a
- * column, a policy): an INSERT run as the owner, so that all of it runs.
+ * The SQL path, for an outbox with something the direct insert does not
+ * run (see direct_insert_obstacle): an INSERT run as the owner, so that
+ * all of it runs.
  */
 static void
 insert_outbox_row_with_sql(Relation rel, pg_uuid_t *message_id, text *exchange,
