@@ -260,6 +260,7 @@ extern void mqtx_worker_wait(MqtxWorker *w, long poll_ms);
 extern char *mqtx_hex_string(const char *data, int len);
 extern char *mqtx_sha256_hex(const char *data, size_t len);
 extern Oid	mqtx_lock_table(const char *table);
+extern void mqtx_plan_index_order_for_session(void);
 extern bool mqtx_worker_may_try(MqtxWorker *w, const char *object_type,
 								const char *object_name);
 extern void mqtx_worker_refused(MqtxWorker *w, const char *object_type,

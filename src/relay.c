@@ -889,25 +889,8 @@ mqtx_relay_main(Datum main_arg)
 	relay.worker.on_disconnect = forget_in_flight;
 	SetConfigOption("synchronous_commit", "off", PGC_SUSET, PGC_S_OVERRIDE);
 
-	/*
-	 * The relay's queries walk the outbox's indexes in order.  Statistics
-	 * on a queue table are stale by nature (a bulk enqueue is not analyzed
-	 * before it is relayed), and a plan that sorts every pending row to
-	 * pick the oldest few costs O(backlog) per batch.  Keep the planner on
-	 * index paths for this session.
-	 */
-	SetConfigOption("enable_seqscan", "off", PGC_SUSET, PGC_S_OVERRIDE);
-	SetConfigOption("enable_bitmapscan", "off", PGC_SUSET, PGC_S_OVERRIDE);
-	SetConfigOption("enable_sort", "off", PGC_SUSET, PGC_S_OVERRIDE);
-
-	/*
-	 * With those paths disabled, a plan that still needs one costs over
-	 * 1e10 and crosses every JIT threshold: LLVM would compile, inline
-	 * and optimize it at start-up, which costs more than hundreds of the
-	 * relay's passes.  The relay's statements are short; JIT never pays
-	 * off for them.
-	 */
-	SetConfigOption("jit", "off", PGC_SUSET, PGC_S_OVERRIDE);
+	/* the relay's statements are all walks of the outbox's indexes */
+	mqtx_plan_index_order_for_session();
 
 	for (;;)
 	{

@@ -944,33 +944,50 @@ mqtx_lock_table(const char *table)
 }
 
 /*
- * Plan the statements that follow, until mqtx_end_index_order_plans, as
- * walks of an index in its own order.  Retention reads a few rows at the
- * head of an index, which costs what it reads whatever the table holds;
- * but statistics on a queue table are stale by nature, and when they say
- * that much of it qualifies the planner prefers a sequential scan, which
- * then reads everything the table keeps on every pass.  Turning the other
- * plan types off leaves it the index walk.  JIT goes too: a plan costed
- * with a disabled path crosses every JIT threshold, and compiling it
- * would cost more than the statement.  (The relay sets all of these for
- * its whole session; the consumer cannot, as its handlers run in it.)
- * Returns the GUC nest level to end.
+ * The workers' own statements read a few rows at the head of an index (a
+ * claim, a retention batch), which costs what they read whatever the
+ * table holds.  Statistics on a queue table are stale by nature (a bulk
+ * enqueue is not analyzed before it is relayed), and when they say that
+ * much of it qualifies, the planner prefers a sequential or bitmap scan
+ * and a sort, which then pay for the whole backlog or history on every
+ * batch.  With these plan types off, the index walk is what is left.  JIT
+ * goes too: a plan costed with a disabled path crosses every JIT
+ * threshold, and compiling it costs more than hundreds of the statements.
+ */
+static const char *const index_order_settings[] = {
+	"enable_seqscan", "enable_bitmapscan", "enable_sort", "jit",
+};
+
+/*
+ * For a worker whose session runs only its own statements (the relay):
+ * index-order plans for the whole session.
+ */
+void
+mqtx_plan_index_order_for_session(void)
+{
+	for (int i = 0; i < (int) lengthof(index_order_settings); i++)
+		SetConfigOption(index_order_settings[i], "off", PGC_SUSET, PGC_S_OVERRIDE);
+}
+
+/*
+ * The same for the statements that follow, until
+ * end_index_order_plans: for retention, which the consumer runs in a
+ * session whose settings its handlers see.  Returns the GUC nest level to
+ * end.
  */
 static int
-mqtx_begin_index_order_plans(void)
+begin_index_order_plans(void)
 {
-	static const char *const settings[] = {"enable_seqscan", "enable_bitmapscan",
-	"enable_sort", "jit"};
 	int			level = NewGUCNestLevel();
 
-	for (int i = 0; i < (int) lengthof(settings); i++)
-		(void) set_config_option(settings[i], "off", PGC_USERSET, PGC_S_SESSION,
-								 GUC_ACTION_SAVE, true, 0, false);
+	for (int i = 0; i < (int) lengthof(index_order_settings); i++)
+		(void) set_config_option(index_order_settings[i], "off", PGC_USERSET,
+								 PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
 	return level;
 }
 
 static void
-mqtx_end_index_order_plans(int level)
+end_index_order_plans(int level)
 {
 	AtEOXact_GUC(true, level);
 }
@@ -995,12 +1012,12 @@ mqtx_worker_apply_retention(MqtxWorker *w, const char *table, const char *delete
 	deleted = 0;
 	if (OidIsValid(mqtx_lock_table(table)))
 	{
-		int			plans = mqtx_begin_index_order_plans();
+		int			plans = begin_index_order_plans();
 
 		if (SPI_execute_with_args(delete_sql, 2, types, values, NULL, false, 0) != SPI_OK_DELETE)
 			elog(ERROR, "retention delete failed: %s", delete_sql);
 		deleted = SPI_processed;
-		mqtx_end_index_order_plans(plans);
+		end_index_order_plans(plans);
 	}
 	mqtx_worker_end_step(w);
 

@@ -36,8 +36,9 @@
 # For each drain the relay's claim is explained: EXPLAIN (ANALYZE, BUFFERS)
 # of src/relay.c's claim_sql (read from the source, so it follows changes),
 # PREPAREd and EXECUTEd with $1 = 1000 and $2 = '{}', in a session with the
-# relay's planner settings (the SetConfigOption calls of mqtx_relay_main:
-# enable_seqscan, enable_bitmapscan, enable_sort, jit off), at two points:
+# relay's planner settings (src/worker.c's index_order_settings, which
+# mqtx_relay_main turns off for its session: enable_seqscan,
+# enable_bitmapscan, enable_sort, jit), at two points:
 #   first  inside the enqueuing transaction, just before its commit (the
 #          state the relay's first claim meets: same statistics, same
 #          table; the rows are this session's own);
@@ -136,18 +137,19 @@ extract(epoch FROM created_at)::bigint, xmin FROM mqtx.outbox \
 WHERE status = 'pending' AND next_attempt_at <= pg_catalog.now() \
 AND id NOT IN (SELECT pg_catalog.unnest(\$2::bigint[])) ORDER BY next_attempt_at, id LIMIT \$1"
 fi
-# the relay session's planner settings (synchronous_commit left out: it
-# changes no plan, and would make the enqueuing commit asynchronous)
+# the relay session's planner settings: src/worker.c's index_order_settings,
+# each turned off by mqtx_plan_index_order_for_session
 relay_settings=$(awk '
-	/^mqtx_relay_main\(/ { on = 1 }
-	on && /^}/ { exit }
-	on && match($0, /SetConfigOption\("[a-z_]+", "[^"]*"/) {
-		s = substr($0, RSTART, RLENGTH)
-		sub(/SetConfigOption\("/, "", s); split(s, kv, /", "/); sub(/"$/, "", kv[2])
-		if (kv[1] != "synchronous_commit") printf "SET LOCAL %s = '\''%s'\'';\n", kv[1], kv[2]
-	}' "$relay_c" 2>/dev/null || true)
+	/index_order_settings\[\] = \{/ { on = 1; next }
+	on && /^\};/ { exit }
+	on {
+		while (match($0, /"[a-z_]+"/)) {
+			printf "SET LOCAL %s = '\''off'\'';\n", substr($0, RSTART + 1, RLENGTH - 2)
+			$0 = substr($0, RSTART + RLENGTH)
+		}
+	}' "$here/../../src/worker.c" 2>/dev/null || true)
 if [ -z "$relay_settings" ]; then
-	echo "warning: could not read the relay's settings from $relay_c; using those of b923a02" >&2
+	echo "warning: could not read the relay's settings from src/worker.c; using those of b923a02" >&2
 	relay_settings="SET LOCAL enable_seqscan = 'off';
 SET LOCAL enable_bitmapscan = 'off';
 SET LOCAL enable_sort = 'off';
