@@ -64,11 +64,7 @@ pending() { psql_ -c "SELECT count(*) FROM mqtx.outbox WHERE status <> 'publishe
 run() {
 	psql_ -c "TRUNCATE orders, orders_plain, mqtx.outbox" -c "CHECKPOINT" >/dev/null
 	purge
-	"$pgbench" -h "$work/pg" -p "$(<"$work/pg/port")" -U postgres -n -M prepared \
-		-c "$CLIENTS" -j "$CLIENTS" -T "$DURATION" -f "$work/$1" postgres \
-		>"$work/pgbench.out" 2>&1 || { cat "$work/pgbench.out" >&2; exit 1; }
-	sed -n 's/^tps = \([0-9]*\)[.0-9]* .*without initial connection time.*/\1/p' \
-		"$work/pgbench.out"
+	pgbench_tps "$work/$1" -c "$CLIENTS" -j "$CLIENTS" -T "$DURATION"
 }
 
 # After a trigger run: how far behind the relay was, and that it catches up.

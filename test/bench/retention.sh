@@ -75,7 +75,7 @@ batch_new=$(pass_ms "$new_sql")
 batch_old=$(pass_ms "$old_sql")
 psql_ -c "TRUNCATE mqtx.outbox" >/dev/null
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.0f", a / b}'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.1f", a / b}'; }
 echo "retention pass with $KEEP published rows kept (EXPLAIN ANALYZE, median of 5):"
 printf '  %-40s %10s ms  (0.3.0: %s ms, %sx)\n' "idle (nothing past retention)" \
 	"$idle_new" "$idle_old" "$(ratio "$idle_old" "$idle_new")"
@@ -111,16 +111,14 @@ sample() {
 
 csv=$out/retention_soak.csv
 echo "seconds,outbox_mb,inbox_mb,outbox_rows,inbox_rows,pending" >"$csv"
-"$pgbench" -h "$work/pg" -p "$(<"$work/pg/port")" -U postgres -n -M prepared \
-	-c 4 -j 2 -R "$RATE" -T "$SECONDS_" -f "$work/place_order.sql" postgres \
-	>"$work/pgbench.out" 2>&1 &
+pgbench_tps "$work/place_order.sql" -c 4 -j 2 -R "$RATE" -T "$SECONDS_" >"$work/soak_tps" &
 pgbench_pid=$!
 t0=$(date +%s)
 while kill -0 "$pgbench_pid" 2>/dev/null; do
 	sample $(($(date +%s) - t0)) >>"$csv"
 	sleep 10
 done
-wait "$pgbench_pid" || { cat "$work/pgbench.out" >&2; exit 1; }
+wait "$pgbench_pid" || exit 1
 sample $(($(date +%s) - t0)) >>"$csv"
 
 # nothing lost: every order was relayed, and applied once
@@ -135,7 +133,7 @@ failed=$(psql_ -c "SELECT count(*) FROM mqtx.outbox WHERE status = 'failed'")
 [ "$applied" = "$orders" ] && [ "$failed" = 0 ] ||
 	{ echo "soak: $orders orders, $applied applied, $failed failed" >&2; exit 1; }
 
-tps=$(sed -n 's/^tps = \([0-9]*\)[.0-9]* .*without initial connection time.*/\1/p' "$work/pgbench.out")
+tps=$(<"$work/soak_tps")
 summary=$(awk -F, -v n="$SECONDS_" 'NR > 1 {
 		t = $1; o[NR] = $2; i[NR] = $3; s[NR] = t; last = NR }
 	END {

@@ -5,7 +5,7 @@
 #   start_servers [NAME=VALUE ...]   extra postgresql.conf settings
 #
 # Sets here, harness, work, pgbench, amqp_port, url; defines psql_, median,
-# outbox_wait_drained and bench_record.
+# outbox_wait_drained, pgbench_tps and bench_record.
 
 here=$(cd "$(dirname "${BASH_SOURCE[1]}")" && pwd)
 harness=$here/../harness
@@ -50,6 +50,18 @@ outbox_wait_drained() {
 				PERFORM pg_sleep(0.05);
 			END LOOP;
 		END \$\$" >/dev/null
+}
+
+# pgbench_tps SCRIPT [PGBENCH OPTIONS]: runs SCRIPT with pgbench (-n -M
+# prepared) against the cluster and prints its tps, without initial
+# connection time; when pgbench fails, shows its output and exits.
+pgbench_tps() {
+	local script=$1
+	shift
+	"$pgbench" -h "$work/pg" -p "$(<"$work/pg/port")" -U postgres -n -M prepared "$@" \
+		-f "$script" postgres >"$work/pgbench.out" 2>&1 || { cat "$work/pgbench.out" >&2; exit 1; }
+	sed -n 's/^tps = \([0-9]*\)[.0-9]* .*without initial connection time.*/\1/p' \
+		"$work/pgbench.out"
 }
 
 # bench_record BENCHMARK METRIC VALUE UNIT: one row for test/bench/run.sh,

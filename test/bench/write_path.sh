@@ -86,11 +86,7 @@ run() {
 	psql_ -c "TRUNCATE orders, orders_plain, orders_hand, mqtx.outbox, hand_outbox" >/dev/null
 	fill_history
 	psql_ -c "CHECKPOINT" >/dev/null
-	"$pgbench" -h "$work/pg" -p "$(<"$work/pg/port")" -U postgres -n -M prepared \
-		-c "$CLIENTS" -j "$CLIENTS" -T "$DURATION" -f "$work/place_order_$1.sql" postgres \
-		>"$work/pgbench.out" 2>&1 || { cat "$work/pgbench.out" >&2; exit 1; }
-	sed -n 's/^tps = \([0-9]*\)[.0-9]* .*without initial connection time.*/\1/p' \
-		"$work/pgbench.out"
+	pgbench_tps "$work/place_order_$1.sql" -c "$CLIENTS" -j "$CLIENTS" -T "$DURATION"
 }
 
 # check ORDERS OUTBOX: every order has its message, and nothing else is new
