@@ -130,7 +130,8 @@ CREATE TEMP TABLE before_dead_letter AS SELECT * FROM mqtx.dead_letter;
 -- the tables pg_dump keeps.  The schema is not a member: for it a NULL ACL
 -- is the default, and so is no initial one.  Some servers record a
 -- per-relation pg_attver column option; it defines nothing and is left out.
--- (09_upgrade_0_3 compares its upgrades by the same function.)
+-- (09_upgrade_0_3 and 10_upgrade_0_4 compare their upgrades by the same
+-- functions.)
 CREATE TABLE mqtx_regress_fingerprint (install text, aspect text, object text, detail text);
 CREATE FUNCTION mqtx_regress_fingerprint()
 RETURNS TABLE (aspect text, object text, detail text)
@@ -254,6 +255,27 @@ SELECT 'dependency', part.name,
                        pg_describe_object(d.refclassid, d.refobjid, d.refobjsubid)))
 FROM part JOIN pg_depend d
   ON d.classid = part.classid AND d.objid = part.objid AND d.objsubid = part.objsubid
+$fp$;
+
+-- The rows of the fingerprints of installs that the fresh install's lacks,
+-- and the other way round; an upgrade that makes what a fresh install
+-- makes has none.
+CREATE FUNCTION mqtx_regress_fingerprint_differences(VARIADIC installs text[])
+RETURNS TABLE (install text, difference text, aspect text, object text, detail text)
+LANGUAGE sql
+AS $fp$
+SELECT u.install, 'not in fresh install', d.*
+FROM unnest(installs) u(install),
+LATERAL (SELECT aspect, object, detail FROM mqtx_regress_fingerprint f WHERE f.install = u.install
+         EXCEPT ALL
+         SELECT aspect, object, detail FROM mqtx_regress_fingerprint WHERE install = 'fresh') d
+UNION ALL
+SELECT u.install, 'only in fresh install', d.*
+FROM unnest(installs) u(install),
+LATERAL (SELECT aspect, object, detail FROM mqtx_regress_fingerprint WHERE install = 'fresh'
+         EXCEPT ALL
+         SELECT aspect, object, detail FROM mqtx_regress_fingerprint f WHERE f.install = u.install) d
+ORDER BY 1, 2, 3, 4, 5
 $fp$;
 
 
@@ -446,21 +468,10 @@ SELECT count(*) > 300 AS fingerprint_is_detailed
 FROM mqtx_regress_fingerprint WHERE install = 'fresh';
 
 -- the differences, both ways: none
-SELECT u.install, 'not in fresh install' AS difference, d.*
-FROM (VALUES ('upgraded'), ('upgraded empty')) u(install),
-LATERAL (SELECT aspect, object, detail FROM mqtx_regress_fingerprint f WHERE f.install = u.install
-         EXCEPT ALL
-         SELECT aspect, object, detail FROM mqtx_regress_fingerprint WHERE install = 'fresh') d
-UNION ALL
-SELECT u.install, 'only in fresh install', d.*
-FROM (VALUES ('upgraded'), ('upgraded empty')) u(install),
-LATERAL (SELECT aspect, object, detail FROM mqtx_regress_fingerprint WHERE install = 'fresh'
-         EXCEPT ALL
-         SELECT aspect, object, detail FROM mqtx_regress_fingerprint f WHERE f.install = u.install) d
-ORDER BY 1, 2, 3, 4, 5;
+SELECT * FROM mqtx_regress_fingerprint_differences('upgraded', 'upgraded empty');
 
 -- tidy up: 0.2.0 stays installed, the roles and tables made here go (the
--- fingerprint function stays, for 09_upgrade_0_3)
+-- fingerprint functions stay, for 09_upgrade_0_3 and 10_upgrade_0_4)
 DROP TABLE mqtx_regress_fingerprint;
 DROP TABLE legacy_events, legacy_more;
 DROP FUNCTION legacy_handler(jsonb, jsonb), upgrade_handler(jsonb, jsonb);

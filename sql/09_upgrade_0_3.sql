@@ -4,7 +4,8 @@
 -- grantees are named), mqtx.broker_errors there and working, and the
 -- result the same as a fresh 0.3.0 install; and so is 0.1.0 upgraded to
 -- 0.3.0 in one step.  The fingerprints are 08_upgrade's
--- mqtx_regress_fingerprint(), dropped at the end.
+-- mqtx_regress_fingerprint() and mqtx_regress_fingerprint_differences(),
+-- which 10_upgrade_0_4 drops.
 --
 DROP EXTENSION mqtx CASCADE;
 DROP SCHEMA mqtx;
@@ -366,18 +367,7 @@ WHERE install = 'fresh' AND (object LIKE '%broker_errors%' OR object LIKE '%rela
 ORDER BY 1, 2, 3;
 
 -- the differences, both ways: none
-SELECT u.install, 'not in fresh install' AS difference, d.*
-FROM (VALUES ('upgraded'), ('upgraded from 0.1.0')) u(install),
-LATERAL (SELECT aspect, object, detail FROM mqtx_regress_fingerprint f WHERE f.install = u.install
-         EXCEPT ALL
-         SELECT aspect, object, detail FROM mqtx_regress_fingerprint WHERE install = 'fresh') d
-UNION ALL
-SELECT u.install, 'only in fresh install', d.*
-FROM (VALUES ('upgraded'), ('upgraded from 0.1.0')) u(install),
-LATERAL (SELECT aspect, object, detail FROM mqtx_regress_fingerprint WHERE install = 'fresh'
-         EXCEPT ALL
-         SELECT aspect, object, detail FROM mqtx_regress_fingerprint f WHERE f.install = u.install) d
-ORDER BY 1, 2, 3, 4, 5;
+SELECT * FROM mqtx_regress_fingerprint_differences('upgraded', 'upgraded from 0.1.0');
 
 -- tidy up: 0.3.0 stays installed, the roles, tables and functions made
 -- here go; 10_upgrade_0_4 takes the fingerprints again

@@ -3,10 +3,11 @@
 -- time-ordered (by mqtx.publish, the trigger and the column's default),
 -- retention's index there and used, and the result the same as a fresh
 -- 0.4.0 install; and so is 0.1.0 upgraded to 0.4.0 in one step.  The
--- fingerprints are 08_upgrade's mqtx_regress_fingerprint(), dropped at
--- the end.  Also here: an outbox its owner has changed (a trigger, a
--- rule, a CHECK constraint, an index, NOT NULL, a column, a default)
--- still gets every message, and what the owner added runs.
+-- fingerprints are 08_upgrade's mqtx_regress_fingerprint() and
+-- mqtx_regress_fingerprint_differences(), dropped at the end.  Also
+-- here: an outbox its owner has changed (a trigger, a rule, a CHECK
+-- constraint, an index, NOT NULL, a column, a default) still gets every
+-- message, and what the owner added runs.
 --
 SELECT extversion FROM pg_extension WHERE extname = 'mqtx';
 
@@ -200,22 +201,12 @@ WHERE install = 'fresh' AND (object LIKE '%new_message_id%' OR detail LIKE '%pub
 ORDER BY 1, 2, 3;
 
 -- the differences, both ways: none
-SELECT u.install, 'not in fresh install' AS difference, d.*
-FROM (VALUES ('upgraded'), ('upgraded from 0.1.0')) u(install),
-LATERAL (SELECT aspect, object, detail FROM mqtx_regress_fingerprint f WHERE f.install = u.install
-         EXCEPT ALL
-         SELECT aspect, object, detail FROM mqtx_regress_fingerprint WHERE install = 'fresh') d
-UNION ALL
-SELECT u.install, 'only in fresh install', d.*
-FROM (VALUES ('upgraded'), ('upgraded from 0.1.0')) u(install),
-LATERAL (SELECT aspect, object, detail FROM mqtx_regress_fingerprint WHERE install = 'fresh'
-         EXCEPT ALL
-         SELECT aspect, object, detail FROM mqtx_regress_fingerprint f WHERE f.install = u.install) d
-ORDER BY 1, 2, 3, 4, 5;
+SELECT * FROM mqtx_regress_fingerprint_differences('upgraded', 'upgraded from 0.1.0');
 
 -- tidy up: 0.4.0 stays installed, the tables and functions made here and
 -- in 08_upgrade go
 DROP TABLE mqtx_regress_fingerprint;
+DROP FUNCTION mqtx_regress_fingerprint_differences(text[]);
 DROP FUNCTION mqtx_regress_fingerprint();
 DROP TABLE app_events;
 \if :publisher_existed
