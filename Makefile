@@ -3,9 +3,26 @@
 EXTENSION = mqtx
 
 MODULE_big = mqtx
-OBJS = src/mqtx.o src/shared.o src/broker.o src/outbox.o src/worker.o src/relay.o src/consumer.o src/crash_guard.o src/identity.o src/log_redact.o
-# every release's install script stays, with the upgrade scripts between them
-DATA = $(wildcard $(EXTENSION)--*.sql)
+OBJS = src/mqtx.o src/shared.o src/broker.o src/outbox.o src/statements.o src/digest.o src/worker.o src/relay.o src/consumer.o src/crash_guard.o src/identity.o src/log_redact.o
+
+# SQL scripts, in src/sql: mqtx.sql is the source of the current version,
+# whose install script mqtx--$(EXTVERSION).sql is made from it (a copy);
+# every released version's install script stays as it was released, with
+# the upgrade scripts mqtx--<old>--<new>.sql between them.
+#
+# Every change to the SQL objects makes a new version.  To go from <old> to <new>:
+#  1. freeze <old>: cp src/sql/mqtx.sql src/sql/mqtx--<old>.sql, point the
+#     line in .gitignore at mqtx--<new>.sql, and commit both;
+#  2. set default_version = '<new>' in mqtx.control (the only place the
+#     version is defined);
+#  3. change src/sql/mqtx.sql, write src/sql/mqtx--<old>--<new>.sql making the
+#     same changes, and a pg_regress test that fills <old> and updates it.
+EXTVERSION := $(shell sed -n "s/^default_version *= *'\([^']*\)'.*/\1/p" $(EXTENSION).control)
+ifeq ($(EXTVERSION),)
+$(error no default_version in $(EXTENSION).control)
+endif
+DATA_built = src/sql/$(EXTENSION)--$(EXTVERSION).sql
+DATA = $(filter-out $(DATA_built),$(wildcard src/sql/$(EXTENSION)--*.sql))
 
 PG_CPPFLAGS = -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers \
 	$(shell pkg-config --cflags librabbitmq openssl)
@@ -30,8 +47,13 @@ include $(PGXS)
 # (after PGXS, which resets it)
 PROVE_FLAGS += -I ./test/perl --timer
 
-# Every part includes the shared header; PGXS does not track it.
-$(OBJS): src/mqtx.h
+# PGXS does not track headers: any change to one rebuilds every part.
+$(OBJS): $(wildcard src/*.h)
+
+# The current version's install script (make clean removes it, as PGXS does
+# every DATA_built file)
+$(DATA_built): src/sql/$(EXTENSION).sql
+	cp $< $@
 
 # The TAP tests inspect and inject AMQP messages with a small rabbitmq-c tool.
 .PHONY: test-tools

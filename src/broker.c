@@ -41,8 +41,20 @@
 #include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
+#include "utils/guc.h"
 
-#include "mqtx.h"
+#include "broker.h"
+#include "digest.h"
+#include "log_redact.h"
+
+char	   *mqtx_broker_url = NULL;
+int			mqtx_confirm_timeout = 10000;
+int			mqtx_connect_timeout = 5000;
+int			mqtx_heartbeat = 30;
+char	   *mqtx_tls_ca_file = NULL;
+char	   *mqtx_tls_cert_file = NULL;
+char	   *mqtx_tls_key_file = NULL;
+bool		mqtx_tls_verify_peer = true;
 
 /*
  * rabbitmq-c quietly substitutes "localhost" for a missing host; we want
@@ -2197,4 +2209,90 @@ mqtx_broker_keep_alive(BrokerConnection *conn, char **error)
 	}
 	conn->last_keep_alive = now;
 	return true;
+}
+
+/*
+ * GUC check hook for mqtx.broker_url.  An empty URL is allowed and means
+ * "no broker configured yet".  The rejected value is not repeated in the
+ * detail: it contains the password.
+ */
+static bool
+check_broker_url(char **newval, void **extra, GucSource source)
+{
+	char	   *reason;
+
+	if (*newval == NULL || (*newval)[0] == '\0')
+		return true;
+	if (mqtx_broker_url_is_valid(*newval, &reason))
+		return true;
+	GUC_check_errdetail("%s", reason);
+	GUC_check_errhint("The expected form is amqp[s]://user:password@host:port/vhost; "
+					  "percent-encode reserved characters (the default vhost "
+					  "\"/\" is written %%2f).");
+	return false;
+}
+
+/*
+ * What SHOW, current_setting() and pg_settings display: the URL with its
+ * password masked, even to superusers and pg_read_all_settings members.
+ */
+static const char *
+show_broker_url(void)
+{
+	char	   *masked = mqtx_redact_secrets(mqtx_broker_url);
+
+	return masked ? masked : mqtx_broker_url;
+}
+
+/*
+ * The broker's settings.  mqtx.broker_url holds a password: only
+ * superusers set it, and what SHOW displays of it is masked.
+ */
+void
+mqtx_broker_define_settings(void)
+{
+	DefineCustomStringVariable("mqtx.broker_url",
+							   "URL of the RabbitMQ broker the workers connect to.",
+							   "amqp://user:password@host:port/vhost, or amqps:// for TLS. "
+							   "Empty means no broker is configured.",
+							   &mqtx_broker_url,
+							   "",
+							   PGC_SIGHUP,
+							   GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL,
+							   check_broker_url, NULL, show_broker_url);
+	DefineCustomIntVariable("mqtx.confirm_timeout",
+							"How long the relay waits for a message's publisher confirm before sending it again.",
+							"Or three times the recent confirm latency, if longer. A message not confirmed in time has an unknown fate: it is sent again, without counting an attempt, and a confirm that comes later still counts.",
+							&mqtx_confirm_timeout, 10000, 100, 600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtx.connect_timeout",
+							"Bound on connecting, logging in and each broker RPC.",
+							NULL,
+							&mqtx_connect_timeout, 5000, 100, 600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtx.heartbeat",
+							"AMQP heartbeat interval requested from the broker (0 disables).",
+							NULL,
+							&mqtx_heartbeat, 30, 0, 3600,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
+	DefineCustomStringVariable("mqtx.tls_ca_file",
+							   "CA certificates (PEM) that verify the broker for amqps:// URLs.",
+							   NULL,
+							   &mqtx_tls_ca_file, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomStringVariable("mqtx.tls_cert_file",
+							   "Client certificate (PEM) presented to the broker, if it asks for one.",
+							   NULL,
+							   &mqtx_tls_cert_file, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomStringVariable("mqtx.tls_key_file",
+							   "Private key (PEM) of mqtx.tls_cert_file.",
+							   NULL,
+							   &mqtx_tls_key_file, "",
+							   PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
+	DefineCustomBoolVariable("mqtx.tls_verify_peer",
+							 "Verify the broker's certificate and host name for amqps:// URLs.",
+							 NULL,
+							 &mqtx_tls_verify_peer, true,
+							 PGC_SIGHUP, GUC_SUPERUSER_ONLY, NULL, NULL, NULL);
 }

@@ -68,6 +68,7 @@
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/interrupt.h"
+#include "storage/latch.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
@@ -75,8 +76,18 @@
 #include "utils/syscache.h"
 #include "utils/timeout.h"
 #include "utils/timestamp.h"
+#include "utils/guc.h"
 
-#include "mqtx.h"
+#include "broker.h"
+#include "consumer.h"
+#include "crash_guard.h"
+#include "digest.h"
+#include "identity.h"
+#include "outbox.h"
+#include "statements.h"
+#include "worker.h"
+
+static int	inbox_retention = 7 * 24 * 3600;
 
 /* How long one wait for a delivery may block the loop. */
 #define DELIVERY_WAIT_MS 100
@@ -461,7 +472,7 @@ read_subscriptions(void)
 static bool
 load_subscriptions(void)
 {
-	uint32		generation = pg_atomic_read_u32(&consumer.worker.slot->topology_generation);
+	uint32		generation = mqtx_slot_topology_generation(consumer.worker.slot);
 	List	   *loaded;
 	ListCell   *lc;
 
@@ -477,7 +488,7 @@ load_subscriptions(void)
 	 * Declaring now, after the read, covers every queue read.
 	 */
 	if (consumer.worker.declared_generation !=
-		pg_atomic_read_u32(&consumer.worker.slot->topology_generation))
+		mqtx_slot_topology_generation(consumer.worker.slot))
 		(void) mqtx_worker_ensure_broker(&consumer.worker);
 
 	foreach(lc, consumer.subscriptions)
@@ -1725,7 +1736,7 @@ consumer_turn(void)
 	if (consuming)
 		consumer.error_pause_ms = ERROR_PAUSE_MIN_MS;
 	if (!more_work && ready)
-		mqtx_worker_apply_retention(&consumer.worker, "inbox", retention_sql, mqtx_inbox_retention,
+		mqtx_worker_apply_retention(&consumer.worker, "inbox", retention_sql, inbox_retention,
 									&consumer.next_retention_at);
 	if (!consuming)
 		mqtx_worker_wait(&consumer.worker, mqtx_poll_interval);
@@ -1778,4 +1789,15 @@ mqtx_consumer_main(Datum main_arg)
 		}
 		PG_END_TRY();
 	}
+}
+
+/* The consumer's own setting: how long the inbox remembers message ids. */
+void
+mqtx_consumer_define_settings(void)
+{
+	DefineCustomIntVariable("mqtx.inbox_retention",
+							"How long mqtx.inbox keeps applied message ids (-1 keeps them forever).",
+							"Duplicates are recognised only while their id is kept: keep it longer than any redelivery can take.",
+							&inbox_retention, 7 * 24 * 3600, -1, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
 }

@@ -36,6 +36,7 @@
 #include <unistd.h>
 
 #include "common/file_perm.h"
+#include "lib/stringinfo.h"
 #include "miscadmin.h"
 #include "postmaster/interrupt.h"
 #include "utils/builtins.h"
@@ -43,7 +44,8 @@
 #include "storage/ipc.h"
 #include "utils/memutils.h"
 
-#include "mqtx.h"
+#include "crash_guard.h"
+#include "digest.h"
 
 #define GUARD_DIRECTORY "pg_mqtx"
 

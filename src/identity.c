@@ -41,7 +41,7 @@
 #include "utils/portal.h"
 #include "utils/rel.h"
 
-#include "mqtx.h"
+#include "identity.h"
 
 #define SEARCH_PATH_PREFIX "search_path="
 

@@ -37,7 +37,7 @@
 #include "utils/backend_status.h"
 #include "utils/elog.h"
 
-#include "mqtx.h"
+#include "log_redact.h"
 
 #define REDACTED_PASSWORD "********"
 

@@ -61,7 +61,13 @@
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 
-#include "mqtx.h"
+#include "broker.h"
+#include "identity.h"
+#include "outbox.h"
+#include "shared.h"
+#include "statements.h"
+
+int			mqtx_max_payload = 1024 * 1024;
 
 PG_FUNCTION_INFO_V1(mqtx_publish);
 PG_FUNCTION_INFO_V1(mqtx_outbox_trigger);
@@ -768,4 +774,23 @@ mqtx_outbox_trigger(PG_FUNCTION_ARGS)
 					DatumGetJsonbP(FunctionCall1(&cache->to_jsonb, row)),
 					NULL);
 	return PointerGetDatum(NULL);
+}
+
+/*
+ * mqtx.max_payload bounds what sessions may enqueue; PGC_SUSET, so that an
+ * application role can't raise its own limit.
+ */
+void
+mqtx_outbox_define_settings(void)
+{
+	DefineCustomIntVariable("mqtx.max_payload",
+							"Largest message body mqtx accepts, as JSON text.",
+							NULL,
+							&mqtx_max_payload,
+							1024 * 1024,
+							1024,
+							128 * 1024 * 1024,
+							PGC_SUSET,
+							GUC_UNIT_BYTE,
+							NULL, NULL, NULL);
 }

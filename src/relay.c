@@ -65,7 +65,14 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
-#include "mqtx.h"
+#include "broker.h"
+#include "outbox.h"
+#include "relay.h"
+#include "statements.h"
+#include "worker.h"
+
+static int	max_attempts = 10;
+static int	outbox_retention = 7 * 24 * 3600;
 
 
 /*
@@ -247,7 +254,7 @@ record_failures(Datum *ids, Datum *message_ids, Datum *errors, int count)
 	args[0] = build_array(ids, count, INT8OID);
 	args[1] = build_array(message_ids, count, TEXTOID);
 	args[2] = build_array(errors, count, TEXTOID);
-	args[3] = Int32GetDatum(mqtx_max_attempts);
+	args[3] = Int32GetDatum(max_attempts);
 	args[4] = Int32GetDatum(mqtx_retry_base);
 	args[5] = Int32GetDatum(mqtx_retry_max);
 	if (mqtx_execute_prepared(&record_failures_plan, record_failures_sql, 6,
@@ -909,7 +916,23 @@ mqtx_relay_main(Datum main_arg)
 		if (mqtx_worker_ensure_broker(&relay.worker))
 			more_work = relay_pass();
 		if (!more_work)
-			mqtx_worker_apply_retention(&relay.worker, "outbox", retention_sql, mqtx_retention,
+			mqtx_worker_apply_retention(&relay.worker, "outbox", retention_sql, outbox_retention,
 										&relay.next_retention_at);
 	}
+}
+
+/* The relay's own settings: attempts before failing, and retention. */
+void
+mqtx_relay_define_settings(void)
+{
+	DefineCustomIntVariable("mqtx.max_attempts",
+							"Publish attempts before an outbox row becomes failed.",
+							NULL,
+							&max_attempts, 10, 1, 1000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtx.retention",
+							"How long published outbox rows are kept (-1 keeps them forever).",
+							NULL,
+							&outbox_retention, 7 * 24 * 3600, -1, INT_MAX,
+							PGC_SIGHUP, GUC_UNIT_S, NULL, NULL, NULL);
 }

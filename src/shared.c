@@ -22,9 +22,31 @@
 #include "storage/lwlock.h"
 #include "storage/shmem.h"
 #include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
 #include "utils/tuplestore.h"
+#include "utils/varlena.h"
 
-#include "mqtx.h"
+#include "log_redact.h"
+#include "shared.h"
+
+typedef struct MqtxWorkerInfo
+{
+	pid_t		pid;
+	Latch	   *latch;
+	bool		broker_connected;
+	bool		broker_blocked; /* connection.blocked by the broker */
+} MqtxWorkerInfo;
+
+struct MqtxSlot
+{
+	char		dbname[NAMEDATALEN];
+	slock_t		mutex;			/* protects dboid and workers */
+	Oid			dboid;
+	MqtxWorkerInfo workers[MQTX_NWORKER_KINDS];
+	pg_atomic_uint32 topology_generation;
+	pg_atomic_uint64 counters[MQTX_NCOUNTERS];
+};
 
 typedef struct MqtxSharedState
 {
@@ -35,6 +57,10 @@ typedef struct MqtxSharedState
 static MqtxSharedState *shared_state = NULL;
 static shmem_request_hook_type previous_shmem_request_hook = NULL;
 static shmem_startup_hook_type previous_shmem_startup_hook = NULL;
+
+/* mqtx.database, and the names in it, parsed once in the postmaster */
+static char *served_databases_setting = NULL;
+static List *served_databases = NIL;
 
 /* What this backend's open transaction asks of the relay at commit. */
 static bool wake_relay_at_commit = false;
@@ -55,7 +81,7 @@ static Size
 shared_state_size(void)
 {
 	return add_size(offsetof(MqtxSharedState, slots),
-					mul_size(sizeof(MqtxSlot), list_length(mqtx_database_names)));
+					mul_size(sizeof(MqtxSlot), list_length(served_databases)));
 }
 
 static void
@@ -84,8 +110,8 @@ init_shared_memory(void)
 		int			i = 0;
 
 		memset(shared_state, 0, shared_state_size());
-		shared_state->nslots = list_length(mqtx_database_names);
-		foreach(lc, mqtx_database_names)
+		shared_state->nslots = list_length(served_databases);
+		foreach(lc, served_databases)
 		{
 			MqtxSlot   *slot = &shared_state->slots[i++];
 
@@ -104,6 +130,19 @@ mqtx_slot(int index)
 {
 	Assert(shared_state != NULL && index >= 0 && index < shared_state->nslots);
 	return &shared_state->slots[index];
+}
+
+const char *
+mqtx_slot_dbname(MqtxSlot *slot)
+{
+	return slot->dbname;
+}
+
+/* how many topology or subscription changes have committed (it wraps) */
+uint32
+mqtx_slot_topology_generation(MqtxSlot *slot)
+{
+	return pg_atomic_read_u32(&slot->topology_generation);
 }
 
 /*
@@ -228,14 +267,81 @@ wake_at_commit_callback(XactEvent event, void *arg)
 }
 
 /*
- * Shared memory exists only when preloaded; the commit callback is wanted
- * wherever the library is loaded (it is a no-op without shared memory).
+ * GUC check hook for mqtx.database: a comma-separated list of 1 to
+ * MQTX_MAX_DATABASES database names, none twice.
+ */
+static bool
+check_database_list(char **newval, void **extra, GucSource source)
+{
+	char	   *copy = pstrdup(*newval);
+	List	   *names = NIL;
+	bool		ok;
+
+	ok = SplitIdentifierString(copy, ',', &names) && names != NIL &&
+		list_length(names) <= MQTX_MAX_DATABASES;
+	if (!ok)
+		GUC_check_errdetail("mqtx.database must be a comma-separated list of 1 to %d database names.",
+							MQTX_MAX_DATABASES);
+	for (ListCell *a = list_head(names); ok && a != NULL; a = lnext(names, a))
+		for (ListCell *b = lnext(names, a); ok && b != NULL; b = lnext(names, b))
+			if (strcmp(lfirst(a), lfirst(b)) == 0)
+			{
+				GUC_check_errdetail("Database \"%s\" is listed twice.", (char *) lfirst(a));
+				ok = false;
+			}
+	list_free(names);
+	pfree(copy);
+	return ok;
+}
+
+/*
+ * mqtx.database names the databases that get a slot and workers; it is
+ * parsed once, in the postmaster, and the workers inherit the list.
+ */
+static void
+define_served_databases(void)
+{
+	MemoryContext old;
+
+	DefineCustomStringVariable("mqtx.database",
+							   "Databases served by the mqtx workers.",
+							   "A comma-separated list; each database needs CREATE EXTENSION mqtx.",
+							   &served_databases_setting,
+							   "postgres",
+							   PGC_POSTMASTER,
+							   GUC_LIST_INPUT,
+							   check_database_list, NULL, NULL);
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	if (!SplitIdentifierString(pstrdup(served_databases_setting), ',',
+							   &served_databases))
+		elog(ERROR, "invalid mqtx.database");	/* the check hook prevents it */
+	MemoryContextSwitchTo(old);
+}
+
+int
+mqtx_served_database_count(void)
+{
+	return list_length(served_databases);
+}
+
+const char *
+mqtx_served_database(int index)
+{
+	return list_nth(served_databases, index);
+}
+
+/*
+ * Shared memory, and the setting that sizes it, exist only when preloaded
+ * (a PGC_POSTMASTER setting can't be defined later); the commit callbacks
+ * are wanted wherever the library is loaded (they do nothing without
+ * shared memory).
  */
 void
 mqtx_shared_init(void)
 {
 	if (process_shared_preload_libraries_in_progress)
 	{
+		define_served_databases();
 		previous_shmem_request_hook = shmem_request_hook;
 		shmem_request_hook = request_shared_memory;
 		previous_shmem_startup_hook = shmem_startup_hook;

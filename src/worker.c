@@ -24,7 +24,6 @@
 #include "catalog/pg_extension.h"
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
-#include "common/cryptohash.h"
 #include "executor/spi.h"
 #include "nodes/makefuncs.h"
 #include "miscadmin.h"
@@ -42,7 +41,17 @@
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
-#include "mqtx.h"
+#include "broker.h"
+#include "digest.h"
+#include "identity.h"
+#include "statements.h"
+#include "worker.h"
+
+int			mqtx_batch_size = 1000;
+int			mqtx_batch_max_bytes = 16 * 1024;
+int			mqtx_poll_interval = 1000;
+int			mqtx_retry_base = 1000;
+int			mqtx_retry_max = 300000;
 
 /* Retention deletes this many rows per transaction, at most this often. */
 #define RETENTION_BATCH 1000
@@ -154,7 +163,7 @@ mqtx_worker_start(MqtxWorker *w, MqtxWorkerKind kind, Datum main_arg)
 	 * last explicitly, and functions and operators are never looked up
 	 * there.
 	 */
-	BackgroundWorkerInitializeConnection(w->slot->dbname, NULL, 0);
+	BackgroundWorkerInitializeConnection(mqtx_slot_dbname(w->slot), NULL, 0);
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_SESSION);
 	pgstat_report_appname(psprintf("mqtx %s", w->role));
 
@@ -188,31 +197,6 @@ mqtx_worker_end_step(MqtxWorker *w)
 	MemoryContextSwitchTo(w->context);
 	pgstat_report_stat(false);
 	pgstat_report_activity(STATE_IDLE, NULL);
-}
-
-/*
- * Run a statement through a plan prepared on first use and kept for the
- * life of the process: the workers, and the outbox's enqueueing, run the
- * same few statements over and over, and parsing and planning them again
- * each time was a large share of their CPU.  The plan cache replans after
- * DDL on the tables involved.  Needs an SPI connection.
- */
-int
-mqtx_execute_prepared(SPIPlanPtr *plan, const char *sql, int nargs,
-					  Oid *argtypes, Datum *args, const char *nulls)
-{
-	if (*plan == NULL)
-	{
-		SPIPlanPtr	prepared = SPI_prepare(sql, nargs, argtypes);
-
-		if (prepared == NULL)
-			elog(ERROR, "SPI_prepare failed: %s",
-				 SPI_result_code_string(SPI_result));
-		if (SPI_keepplan(prepared) != 0)
-			elog(ERROR, "SPI_keepplan failed");
-		*plan = prepared;
-	}
-	return SPI_execute_plan(*plan, args, nulls, false, 0);
 }
 
 /*
@@ -729,7 +713,7 @@ probe_object(MqtxWorker *w, TopologyObject *o)
 	char	   *error = NULL;
 	BrokerConnection *probe = mqtx_broker_connect(mqtx_broker_url,
 											 psprintf("mqtx %s probe for database %s",
-													  w->role, w->slot->dbname),
+													  w->role, mqtx_slot_dbname(w->slot)),
 											 &error);
 	bool		accepted;
 
@@ -753,7 +737,7 @@ probe_object(MqtxWorker *w, TopologyObject *o)
 static bool
 declare_topology(MqtxWorker *w, char **error)
 {
-	uint32		generation = pg_atomic_read_u32(&w->slot->topology_generation);
+	uint32		generation = mqtx_slot_topology_generation(w->slot);
 	uint64		count;
 	TopologyObject *objects = read_topology(w, &count);
 	bool		connected = true;
@@ -816,7 +800,7 @@ static bool
 topology_is_current(MqtxWorker *w)
 {
 	return w->topology_declared &&
-		w->declared_generation == pg_atomic_read_u32(&w->slot->topology_generation) &&
+		w->declared_generation == mqtx_slot_topology_generation(w->slot) &&
 		(w->next_topology_retry_at == 0 || GetCurrentTimestamp() < w->next_topology_retry_at);
 }
 
@@ -844,7 +828,7 @@ mqtx_worker_ensure_broker(MqtxWorker *w)
 		pgstat_report_activity(STATE_RUNNING, psprintf("mqtx %s: connecting to broker", w->role));
 		w->conn = mqtx_broker_connect(mqtx_broker_url,
 								 psprintf("mqtx %s for database %s", w->role,
-										  w->slot->dbname),
+										  mqtx_slot_dbname(w->slot)),
 								 &error);
 		pgstat_report_activity(STATE_IDLE, NULL);
 		if (w->conn == NULL)
@@ -1026,37 +1010,35 @@ mqtx_worker_apply_retention(MqtxWorker *w, const char *table, const char *delete
 }
 
 /*
- * "hex:" and the hexadecimal digits of len bytes: how the consumer stores
- * strings that are not text it can keep as they are.
+ * The settings both workers read: batch sizes, the poll interval and the
+ * retry backoff.
  */
-char *
-mqtx_hex_string(const char *data, int len)
+void
+mqtx_worker_define_settings(void)
 {
-	char	   *hex = palloc(4 + 2 * len + 1);
-
-	memcpy(hex, "hex:", 4);
-	hex_encode(data, len, hex + 4);
-	hex[4 + 2 * len] = '\0';
-	return hex;
-}
-
-/*
- * The hexadecimal SHA-256 of len bytes.  In a transaction: with OpenSSL,
- * the digest is a resource of its resource owner.
- */
-char *
-mqtx_sha256_hex(const char *data, size_t len)
-{
-	pg_cryptohash_ctx *ctx = pg_cryptohash_create(PG_SHA256);
-	uint8		digest[32];
-	char	   *hex = palloc(65);
-
-	if (ctx == NULL || pg_cryptohash_init(ctx) < 0 ||
-		pg_cryptohash_update(ctx, (const uint8 *) data, len) < 0 ||
-		pg_cryptohash_final(ctx, digest, sizeof(digest)) < 0)
-		elog(ERROR, "could not compute a SHA-256 digest");
-	pg_cryptohash_free(ctx);
-	hex_encode((char *) digest, sizeof(digest), hex);
-	hex[64] = '\0';
-	return hex;
+	DefineCustomIntVariable("mqtx.batch_size",
+							"Outbox rows the relay publishes per batch.",
+							"The batch is published with pipelined confirms: one round trip per batch.",
+							&mqtx_batch_size, 1000, 1, 10000,
+							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtx.batch_max_bytes",
+							"Message payload a worker holds in memory at once.",
+							"The relay's messages in flight, and the consumer's batch, stop growing at this many bytes of payload; a single larger message goes alone.",
+							&mqtx_batch_max_bytes, 16 * 1024, 64, 1024 * 1024,
+							PGC_SIGHUP, GUC_UNIT_KB, NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtx.poll_interval",
+							"How often the relay looks for due rows when nothing wakes it.",
+							"Committed messages wake the relay at once; this covers retries and missed wake-ups.",
+							&mqtx_poll_interval, 1000, 10, 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtx.retry_base",
+							"Delay before the first retry; it doubles per attempt, with jitter.",
+							NULL,
+							&mqtx_retry_base, 1000, 1, 24 * 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
+	DefineCustomIntVariable("mqtx.retry_max",
+							"Longest delay between two attempts.",
+							NULL,
+							&mqtx_retry_max, 300000, 1, 24 * 3600 * 1000,
+							PGC_SIGHUP, GUC_UNIT_MS, NULL, NULL, NULL);
 }

@@ -1,0 +1,16 @@
+/*-------------------------------------------------------------------------
+ *
+ * log_redact.h
+ *	  Keeping the broker password out of the server log and of what
+ *	  sessions can read (log_redact.c).
+ *
+ *-------------------------------------------------------------------------
+ */
+#ifndef MQTX_LOG_REDACT_H
+#define MQTX_LOG_REDACT_H
+
+extern void mqtx_install_log_redaction(void);
+extern void mqtx_check_statement_masking(void);
+extern char *mqtx_redact_secrets(const char *text);
+
+#endif							/* MQTX_LOG_REDACT_H */
