@@ -32,8 +32,8 @@ FROM pg_index WHERE indrelid = 'mqtx.outbox'::regclass ORDER BY 1;
 SELECT extconfig::regclass[], extcondition
 FROM pg_extension WHERE extname = 'mqtx';
 
--- settings, with units and bounds
-SELECT name, setting, unit, context, vartype, min_val, max_val
+-- settings, with their defaults, units and bounds
+SELECT name, boot_val, unit, context, vartype, min_val, max_val
 FROM pg_settings WHERE name LIKE 'mqtx.%' ORDER BY name;
 
 -- mqtx.max_payload bounds

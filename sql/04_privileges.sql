@@ -187,7 +187,7 @@ INSERT INTO mqtx.subscriptions (queue, handler) VALUES ('sub.other', 'other_hand
 SELECT :'LAST_ERROR_SQLSTATE' AS sqlstate;
 INSERT INTO mqtx.subscriptions (queue, handler) VALUES ('sub.super', 'super_handler(jsonb,jsonb)');
 SELECT :'LAST_ERROR_SQLSTATE' AS sqlstate;
--- the owner is named as an identifier
+-- the owner is named as it is, in quotes
 INSERT INTO mqtx.subscriptions (queue, handler) VALUES ('sub.quoted', 'quoted_handler(jsonb,jsonb)');
 -- nor by changing the handler of a subscription it could write
 UPDATE mqtx.subscriptions SET handler = 'other_handler(jsonb,jsonb)' WHERE queue = 'sub.own';

@@ -15,6 +15,10 @@ SELECT extversion FROM pg_extension WHERE extname = 'mqtx';
 --
 -- A 0.1.0 database in use
 --
+-- (Its times are yesterday's: while the test runs, the workers delete
+-- published and inbox rows older than mqtx.retention and
+-- mqtx.inbox_retention, 7 days.)
+SELECT date_trunc('day', now()) - interval '1 day' AS yesterday \gset
 CREATE ROLE mqtx_regress_legacy;
 CREATE ROLE "mqtx_regress Legacy Two";
 GRANT mqtx_publisher TO mqtx_regress_legacy, "mqtx_regress Legacy Two";
@@ -36,11 +40,11 @@ SELECT mqtx.publish('orders', 'order.created', '{"order_id": 1}', '{"tenant": "a
 SELECT mqtx.publish('orders', 'order.retried', '{"order_id": 2}') IS NOT NULL AS enqueued;
 SELECT mqtx.publish('orders', 'order.published', '{"order_id": 3}') IS NOT NULL AS enqueued;
 SELECT mqtx.publish('orders', 'order.failed', '{"order_id": 4}') IS NOT NULL AS enqueued;
-UPDATE mqtx.outbox SET created_at = '2026-01-01 10:00:00+00', next_attempt_at = '2026-01-01 10:00:00+00';
+UPDATE mqtx.outbox SET created_at = (:'yesterday'::timestamptz + interval '10:00:00'), next_attempt_at = (:'yesterday'::timestamptz + interval '10:00:00');
 UPDATE mqtx.outbox SET attempts = 2, last_error = 'connection refused',
-	next_attempt_at = '2026-01-01 10:05:00+00'
+	next_attempt_at = (:'yesterday'::timestamptz + interval '10:05:00')
 WHERE routing_key = 'order.retried';
-UPDATE mqtx.outbox SET status = 'published', attempts = 1, published_at = '2026-01-01 10:00:01+00'
+UPDATE mqtx.outbox SET status = 'published', attempts = 1, published_at = (:'yesterday'::timestamptz + interval '10:00:01')
 WHERE routing_key = 'order.published';
 UPDATE mqtx.outbox SET status = 'failed', attempts = 10, last_error = 'NOT_FOUND - no exchange ''orders'''
 WHERE routing_key = 'order.failed';
@@ -60,21 +64,21 @@ SELECT mqtx.subscribe('dispatch', 'upgrade_handler(jsonb,jsonb)', 10, 3);
 
 -- what the consumer leaves: inbox, failed attempts, dead letters
 INSERT INTO mqtx.inbox (queue, message_id, applied_at) VALUES
-	('dispatch', 'm-1', '2026-01-01 11:00:00+00'),
-	('dispatch', 'sha256:' || encode(sha256('{"order_id": 9}'), 'hex'), '2026-01-01 11:00:01+00');
+	('dispatch', 'm-1', (:'yesterday'::timestamptz + interval '11:00:00')),
+	('dispatch', 'sha256:' || encode(sha256('{"order_id": 9}'), 'hex'), (:'yesterday'::timestamptz + interval '11:00:01'));
 -- attempts of a message not applied (m-5, and m-1 on another queue), and
 -- stale ones 0.1.0 kept: of a message applied since (m-1) and of one
 -- dead-lettered (m-8)
 INSERT INTO mqtx.consumer_attempts (queue, message_id, attempts, last_error,
 	first_failed_at, last_failed_at)
 VALUES ('dispatch', 'm-5', 2, 'no depot serves city "Atlantis"',
-	'2026-01-01 11:01:00+00', '2026-01-01 11:02:00+00'),
+	(:'yesterday'::timestamptz + interval '11:01:00'), (:'yesterday'::timestamptz + interval '11:02:00')),
 	('dispatch.retry', 'm-1', 1, 'lock timeout',
-	'2026-01-01 11:03:00+00', '2026-01-01 11:03:00+00'),
+	(:'yesterday'::timestamptz + interval '11:03:00'), (:'yesterday'::timestamptz + interval '11:03:00')),
 	('dispatch', 'm-1', 1, 'deadlock detected',
-	'2026-01-01 10:59:00+00', '2026-01-01 10:59:00+00'),
+	(:'yesterday'::timestamptz + interval '10:59:00'), (:'yesterday'::timestamptz + interval '10:59:00')),
 	('dispatch', 'm-8', 2, 'dispatch refused',
-	'2026-01-01 12:03:00+00', '2026-01-01 12:03:30+00');
+	(:'yesterday'::timestamptz + interval '12:03:00'), (:'yesterday'::timestamptz + interval '12:03:30'));
 INSERT INTO mqtx.dead_letter (queue, message_id, exchange, routing_key, headers, body,
 	body_text, body_json, error_message, error_detail, error_context, attempts,
 	first_failed_at, last_failed_at)
@@ -82,13 +86,13 @@ VALUES
 	('dispatch', 'm-6', 'orders', 'order.created', '{"tenant": "acme"}',
 	 '{"order_id": 6}', '{"order_id": 6}', '{"order_id": 6}', 'dispatch refused',
 	 'Key (order_id)=(6) already exists.', 'SQL function "upgrade_handler"', 3,
-	 '2026-01-01 12:00:00+00', '2026-01-01 12:01:00+00'),
+	 (:'yesterday'::timestamptz + interval '12:00:00'), (:'yesterday'::timestamptz + interval '12:01:00')),
 	('dispatch', 'm-7', '', 'dispatch', NULL, '\xfffe', NULL, NULL,
 	 'body is not valid UTF-8', NULL, NULL, 1,
-	 '2026-01-01 12:02:00+00', '2026-01-01 12:02:00+00'),
+	 (:'yesterday'::timestamptz + interval '12:02:00'), (:'yesterday'::timestamptz + interval '12:02:00')),
 	('dispatch', 'm-8', 'orders', 'order.created', NULL,
 	 '{"order_id": 8}', '{"order_id": 8}', '{"order_id": 8}', 'dispatch refused',
-	 NULL, NULL, 3, '2026-01-01 12:03:00+00', '2026-01-01 12:04:00+00');
+	 NULL, NULL, 3, (:'yesterday'::timestamptz + interval '12:03:00'), (:'yesterday'::timestamptz + interval '12:04:00'));
 -- 0.1.0 wrote a dead letter per copy of a message: a second one of m-6;
 -- m-6 on another queue is another message
 INSERT INTO mqtx.dead_letter (queue, message_id, exchange, routing_key, headers, body,
@@ -97,10 +101,10 @@ INSERT INTO mqtx.dead_letter (queue, message_id, exchange, routing_key, headers,
 VALUES
 	('dispatch', 'm-6', 'orders', 'order.created', '{"tenant": "acme"}',
 	 '{"order_id": 6}', '{"order_id": 6}', '{"order_id": 6}', 'dispatch refused (copy)',
-	 NULL, NULL, 3, '2026-01-01 12:05:00+00', '2026-01-01 12:06:00+00'),
+	 NULL, NULL, 3, (:'yesterday'::timestamptz + interval '12:05:00'), (:'yesterday'::timestamptz + interval '12:06:00')),
 	('dispatch.retry', 'm-6', '', 'dispatch.retry', NULL,
 	 '{"order_id": 6}', '{"order_id": 6}', '{"order_id": 6}', 'retry refused',
-	 NULL, NULL, 1, '2026-01-01 12:07:00+00', '2026-01-01 12:07:00+00');
+	 NULL, NULL, 1, (:'yesterday'::timestamptz + interval '12:07:00'), (:'yesterday'::timestamptz + interval '12:07:00'));
 -- and a dead letter of a message that a later copy applied (m-1 is in the
 -- inbox): a redrive would apply it twice
 INSERT INTO mqtx.dead_letter (queue, message_id, exchange, routing_key, headers, body,
@@ -109,7 +113,7 @@ INSERT INTO mqtx.dead_letter (queue, message_id, exchange, routing_key, headers,
 VALUES
 	('dispatch', 'm-1', '', 'dispatch', NULL,
 	 '{"order_id": 1}', '{"order_id": 1}', '{"order_id": 1}', 'dispatch refused (then applied)',
-	 NULL, NULL, 5, '2026-01-01 10:00:00+00', '2026-01-01 10:30:00+00');
+	 NULL, NULL, 5, (:'yesterday'::timestamptz + interval '10:00:00'), (:'yesterday'::timestamptz + interval '10:30:00'));
 SELECT id, queue, message_id, error_message FROM mqtx.dead_letter ORDER BY id;
 
 -- copies of every row, to compare with after the upgrade

@@ -15,6 +15,10 @@ SELECT extversion FROM pg_extension WHERE extname = 'mqtx';
 --
 -- A 0.2.0 database in use
 --
+-- (Its times are yesterday's: while the test runs, the workers delete
+-- published and inbox rows older than mqtx.retention and
+-- mqtx.inbox_retention, 7 days.)
+SELECT date_trunc('day', now()) - interval '1 day' AS yesterday \gset
 CREATE ROLE mqtx_regress_publisher;
 CREATE ROLE mqtx_regress_monitor;
 CREATE ROLE "mqtx_regress Monitor Two";
@@ -43,11 +47,11 @@ SELECT mqtx.publish('orders', 'order.created', '{"order_id": 1}', '{"tenant": "a
 SELECT mqtx.publish('orders', 'order.retried', '{"order_id": 2}') IS NOT NULL AS enqueued;
 SELECT mqtx.publish('orders', 'order.published', '{"order_id": 3}') IS NOT NULL AS enqueued;
 SELECT mqtx.publish('orders', 'order.failed', '{"order_id": 4}') IS NOT NULL AS enqueued;
-UPDATE mqtx.outbox SET created_at = '2026-02-01 10:00:00+00', next_attempt_at = '2026-02-01 10:00:00+00';
+UPDATE mqtx.outbox SET created_at = (:'yesterday'::timestamptz + interval '10:00:00'), next_attempt_at = (:'yesterday'::timestamptz + interval '10:00:00');
 UPDATE mqtx.outbox SET attempts = 2, last_error = 'connection refused',
-	next_attempt_at = '2026-02-01 10:05:00+00'
+	next_attempt_at = (:'yesterday'::timestamptz + interval '10:05:00')
 WHERE routing_key = 'order.retried';
-UPDATE mqtx.outbox SET status = 'published', attempts = 1, published_at = '2026-02-01 10:00:01+00'
+UPDATE mqtx.outbox SET status = 'published', attempts = 1, published_at = (:'yesterday'::timestamptz + interval '10:00:01')
 WHERE routing_key = 'order.published';
 UPDATE mqtx.outbox SET status = 'failed', attempts = 10, last_error = 'NOT_FOUND - no exchange ''orders'''
 WHERE routing_key = 'order.failed';
@@ -71,14 +75,14 @@ SELECT mqtx.subscribe('dispatch', 'upgrade_handler(jsonb,jsonb)', 10, 3, '45 sec
 -- what the consumer leaves: inbox (applied and dead-lettered messages),
 -- failed attempts, dead letters
 INSERT INTO mqtx.inbox (queue, message_id, applied_at) VALUES
-	('dispatch', 'm-1', '2026-02-01 11:00:00+00'),
-	('dispatch', 'sha256:' || encode(sha256('{"order_id": 9}'), 'hex'), '2026-02-01 11:00:01+00'),
-	('dispatch', 'm-6', '2026-02-01 12:01:00+00'),
-	('dispatch', 'm-7', '2026-02-01 12:02:00+00');
+	('dispatch', 'm-1', (:'yesterday'::timestamptz + interval '11:00:00')),
+	('dispatch', 'sha256:' || encode(sha256('{"order_id": 9}'), 'hex'), (:'yesterday'::timestamptz + interval '11:00:01')),
+	('dispatch', 'm-6', (:'yesterday'::timestamptz + interval '12:01:00')),
+	('dispatch', 'm-7', (:'yesterday'::timestamptz + interval '12:02:00'));
 INSERT INTO mqtx.consumer_attempts (queue, message_id, attempts, last_error,
 	first_failed_at, last_failed_at)
 VALUES ('dispatch', 'm-5', 2, 'no depot serves city "Atlantis"',
-	'2026-02-01 11:01:00+00', '2026-02-01 11:02:00+00');
+	(:'yesterday'::timestamptz + interval '11:01:00'), (:'yesterday'::timestamptz + interval '11:02:00'));
 INSERT INTO mqtx.dead_letter (queue, message_id, exchange, routing_key, headers, body,
 	body_text, body_json, error_message, error_detail, error_context, attempts,
 	first_failed_at, last_failed_at)
@@ -86,10 +90,10 @@ VALUES
 	('dispatch', 'm-6', 'orders', 'order.created', '{"tenant": "acme"}',
 	 '{"order_id": 6}', '{"order_id": 6}', '{"order_id": 6}', 'dispatch refused',
 	 'Key (order_id)=(6) already exists.', 'SQL function "upgrade_handler"', 3,
-	 '2026-02-01 12:00:00+00', '2026-02-01 12:01:00+00'),
+	 (:'yesterday'::timestamptz + interval '12:00:00'), (:'yesterday'::timestamptz + interval '12:01:00')),
 	('dispatch', 'm-7', '', 'dispatch', NULL, '\xfffe', NULL, NULL,
 	 'body is not valid UTF-8', NULL, NULL, 1,
-	 '2026-02-01 12:02:00+00', '2026-02-01 12:02:00+00');
+	 (:'yesterday'::timestamptz + interval '12:02:00'), (:'yesterday'::timestamptz + interval '12:02:00'));
 
 -- copies of every row, the tables pg_dump keeps, and the objects the
 -- upgrade leaves alone, to compare with after it
@@ -337,7 +341,7 @@ SELECT mqtx.declare_queue('dispatch');
 INSERT INTO mqtx.dead_letter (queue, message_id, body, body_text, body_json, error_message,
 	attempts, first_failed_at, last_failed_at)
 VALUES ('dispatch', 'm-1', '{"order_id": 1}', '{"order_id": 1}', '{"order_id": 1}',
-	'dispatch refused', 3, '2026-02-01 12:00:00+00', '2026-02-01 12:01:00+00');
+	'dispatch refused', 3, (:'yesterday'::timestamptz + interval '12:00:00'), (:'yesterday'::timestamptz + interval '12:01:00'));
 ALTER EXTENSION mqtx UPDATE TO '0.3.0';
 SELECT extversion FROM pg_extension WHERE extname = 'mqtx';
 INSERT INTO mqtx_regress_fingerprint SELECT 'upgraded from 0.1.0', * FROM mqtx_regress_fingerprint();
