@@ -3,7 +3,7 @@
 EXTENSION = mqtx
 
 MODULE_big = mqtx
-OBJS = src/mqtx.o src/shared.o src/broker.o src/outbox.o src/statements.o src/digest.o src/worker.o src/relay.o src/consumer.o src/crash_guard.o src/identity.o src/log_redact.o
+OBJS = src/mqtx.o src/shared.o src/broker.o src/broker_fields.o src/broker_publish.o src/broker_consume.o src/outbox.o src/statements.o src/digest.o src/worker.o src/relay.o src/consumer.o src/crash_guard.o src/identity.o src/log_redact.o
 
 # SQL scripts, in src/sql: mqtx.sql is the source of the current version,
 # whose install script mqtx--$(EXTVERSION).sql is made from it (a copy);
@@ -60,3 +60,15 @@ $(DATA_built): src/sql/$(EXTENSION).sql
 test-tools:
 	$(MAKE) -C test/tools
 installcheck: test-tools
+
+# Formatting: `make indent` formats the C sources as pgindent formats
+# PostgreSQL's, with the type names in src/typedefs.list; `make typedefs`
+# remakes that list after new types (test/tools/indent.sh says how to get
+# pg_bsd_indent).  A formatted tree is left unchanged by `make indent`.
+INDENT_FILES = $(sort $(wildcard src/*.c src/*.h test/tools/*.c test/bench/*.c))
+.PHONY: indent typedefs
+indent:
+	test/tools/indent.sh indent $(INDENT_FILES)
+typedefs:
+	TYPEDEF_CFLAGS="-I. -I$(includedir_server) -I$(includedir) $(shell pkg-config --cflags librabbitmq openssl)" \
+		test/tools/indent.sh typedefs $(INDENT_FILES) > src/typedefs.list

@@ -1,14 +1,18 @@
 /*-------------------------------------------------------------------------
  *
  * broker.c
- *	  Everything that speaks to rabbitmq-c: broker URL parsing, AMQP field
- *	  tables, connecting (TCP or TLS), declaring topology, publishing with
- *	  publisher confirms, consuming.
+ *	  The broker connection: URL parsing, the settings, connecting (TCP or
+ *	  TLS) and disconnecting, the socket and every wait on it, RPCs and
+ *	  the frames the broker sends unprompted, channel and connection
+ *	  closes, and the topology declarations.
  *
- * This is the only file that includes the rabbitmq-c headers; the rest of
- * mqtx sees plain C and PostgreSQL types.  Functions here report problems
- * as text in *reason rather than with ereport(ERROR), so that a caller in
- * the middle of a broker exchange can decide what failure means.
+ * Publishing (broker_publish.c) and consuming (broker_consume.c) drive
+ * channels of this connection, and broker_fields.c converts values; all
+ * four share broker_internal.h, and they alone include the rabbitmq-c
+ * headers: the rest of mqtx sees plain C and PostgreSQL types through
+ * broker.h.  Functions here report problems as text in *error (or
+ * *reason) rather than with ereport(ERROR), so that a caller in the middle
+ * of a broker exchange can decide what failure means.
  *
  * Every wait for the broker is made in WaitLatchOrSocket, never in the
  * library: a worker answers SIGTERM, cancellation and postmaster death
@@ -19,32 +23,21 @@
 #include "postgres.h"
 
 #include <arpa/inet.h>
-#include <errno.h>
-#include <math.h>
 #include <poll.h>
 
-#include <amqp.h>
-#include <amqp_ssl_socket.h>
-#include <amqp_tcp_socket.h>
 #include <openssl/ssl.h>
 #include <openssl/x509_vfy.h>
 
 #include "access/xact.h"
-#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
+#include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
-#include "utils/builtins.h"
-#include "utils/json.h"
-#include "utils/jsonb.h"
-#include "utils/numeric.h"
-#include "utils/guc.h"
 
-#include "broker.h"
-#include "digest.h"
+#include "broker_internal.h"
 #include "log_redact.h"
 
 char	   *mqtx_broker_url = NULL;
@@ -55,6 +48,23 @@ char	   *mqtx_tls_ca_file = NULL;
 char	   *mqtx_tls_cert_file = NULL;
 char	   *mqtx_tls_key_file = NULL;
 bool		mqtx_tls_verify_peer = true;
+
+/* amqp_private.h: "try again when the socket is readable / writable" */
+#define LIBRARY_SOCKET_NEEDREAD (-0x1301)
+#define LIBRARY_SOCKET_NEEDWRITE (-0x1302)
+
+/* A missing exchange is asked about again after this long. */
+#define MISSING_EXCHANGE_RECHECK_MS 5000
+
+typedef struct MissingExchange
+{
+	char	   *name;
+	char	   *reason;
+	TimestampTz recheck_at;
+} MissingExchange;
+
+/* Connections whose socket functions are ours, to find one from its socket */
+static BrokerConnection *open_connections = NULL;
 
 /*
  * rabbitmq-c quietly substitutes "localhost" for a missing host; we want
@@ -124,333 +134,6 @@ mqtx_broker_url_is_valid(const char *url, char **reason)
 }
 
 /*
- * AMQP strings are UTF-8; the database may use another encoding.
- */
-static amqp_bytes_t
-server_text_to_amqp_bytes(const char *text, int len)
-{
-	amqp_bytes_t bytes;
-
-	bytes.bytes = pg_server_to_any(text, len, PG_UTF8);
-	bytes.len = (bytes.bytes == text) ? (size_t) len : strlen(bytes.bytes);
-	return bytes;
-}
-
-static bool container_to_table(JsonbContainer *container, amqp_table_t *table,
-							   char **reason);
-static bool container_to_array(JsonbContainer *container, amqp_array_t *array,
-							   char **reason);
-
-/*
- * JSON numbers become 64-bit integers when they are integral and fit,
- * doubles otherwise; anything else cannot travel in an AMQP table.
- */
-static bool
-numeric_to_field(Numeric num, const char *key, amqp_field_value_t *field,
-				 char **reason)
-{
-	char	   *text = DatumGetCString(DirectFunctionCall1(numeric_out,
-														   NumericGetDatum(num)));
-
-	if (strpbrk(text, ".eE") == NULL)
-	{
-		char	   *end;
-		long long	value;
-
-		errno = 0;
-		value = strtoll(text, &end, 10);
-		if (errno == 0 && *end == '\0')
-		{
-			field->kind = AMQP_FIELD_KIND_I64;
-			field->value.i64 = value;
-			return true;
-		}
-		*reason = psprintf("Header \"%s\": the integer %.30s%s does not fit in 64 bits.",
-						   key, text, strlen(text) > 30 ? "..." : "");
-		return false;
-	}
-	field->kind = AMQP_FIELD_KIND_F64;
-	field->value.f64 = strtod(text, NULL);
-	if (isinf(field->value.f64))
-	{
-		*reason = psprintf("Header \"%s\": the number %s does not fit in a double.",
-						   key, text);
-		return false;
-	}
-	return true;
-}
-
-static bool
-jsonb_value_to_field(JsonbValue *value, const char *key,
-					 amqp_field_value_t *field, char **reason)
-{
-	switch (value->type)
-	{
-		case jbvNull:
-			field->kind = AMQP_FIELD_KIND_VOID;
-			return true;
-		case jbvBool:
-			field->kind = AMQP_FIELD_KIND_BOOLEAN;
-			field->value.boolean = value->val.boolean;
-			return true;
-		case jbvString:
-			field->kind = AMQP_FIELD_KIND_UTF8;
-			field->value.bytes = server_text_to_amqp_bytes(value->val.string.val,
-														   value->val.string.len);
-			return true;
-		case jbvNumeric:
-			return numeric_to_field(value->val.numeric, key, field, reason);
-		case jbvBinary:
-			if (JsonContainerIsObject(value->val.binary.data))
-			{
-				field->kind = AMQP_FIELD_KIND_TABLE;
-				return container_to_table(value->val.binary.data,
-										  &field->value.table, reason);
-			}
-			field->kind = AMQP_FIELD_KIND_ARRAY;
-			return container_to_array(value->val.binary.data,
-									  &field->value.array, reason);
-		default:
-			*reason = psprintf("Header \"%s\" has a value of unexpected type.", key);
-			return false;
-	}
-}
-
-static bool
-container_to_table(JsonbContainer *container, amqp_table_t *table, char **reason)
-{
-	JsonbIterator *it;
-	JsonbValue	value;
-	JsonbIteratorToken token;
-	char	   *key = NULL;
-
-	check_stack_depth();
-	it = JsonbIteratorInit(container);
-
-	table->num_entries = 0;
-	table->entries = palloc0(sizeof(amqp_table_entry_t) *
-							 Max(JsonContainerSize(container), 1));
-
-	while ((token = JsonbIteratorNext(&it, &value, true)) != WJB_DONE)
-	{
-		amqp_table_entry_t *entry = &table->entries[table->num_entries];
-
-		if (token == WJB_KEY)
-		{
-			key = pnstrdup(value.val.string.val, value.val.string.len);
-			entry->key = server_text_to_amqp_bytes(value.val.string.val,
-												   value.val.string.len);
-			if (entry->key.len > MQTX_SHORTSTR_MAX)
-			{
-				*reason = psprintf("Header key \"%.40s...\" is %zu bytes long; AMQP allows at most %d.",
-								   key, entry->key.len, MQTX_SHORTSTR_MAX);
-				return false;
-			}
-		}
-		else if (token == WJB_VALUE)
-		{
-			if (!jsonb_value_to_field(&value, key, &entry->value, reason))
-				return false;
-			table->num_entries++;
-		}
-	}
-	return true;
-}
-
-static bool
-container_to_array(JsonbContainer *container, amqp_array_t *array, char **reason)
-{
-	JsonbIterator *it;
-	JsonbValue	value;
-	JsonbIteratorToken token;
-
-	check_stack_depth();
-	it = JsonbIteratorInit(container);
-	array->num_entries = 0;
-	array->entries = palloc0(sizeof(amqp_field_value_t) *
-							 Max(JsonContainerSize(container), 1));
-
-	while ((token = JsonbIteratorNext(&it, &value, true)) != WJB_DONE)
-	{
-		if (token != WJB_ELEM)
-			continue;
-		if (!jsonb_value_to_field(&value, "(array element)",
-								  &array->entries[array->num_entries], reason))
-			return false;
-		array->num_entries++;
-	}
-	return true;
-}
-
-/*
- * Translate a jsonb object into an AMQP field table, allocated in the
- * current memory context.
- */
-static bool
-headers_to_table(Jsonb *headers, amqp_table_t *table, char **reason)
-{
-	if (!JB_ROOT_IS_OBJECT(headers) || JB_ROOT_IS_SCALAR(headers))
-	{
-		*reason = pstrdup("Headers must be a JSON object.");
-		return false;
-	}
-	return container_to_table(&headers->root, table, reason);
-}
-
-/*
- * Can these headers be sent as an AMQP field table?  The same translation
- * the relay uses decides, so what is accepted here is what gets sent.
- */
-bool
-mqtx_headers_are_valid(Jsonb *headers, char **reason)
-{
-	amqp_table_t table;
-	amqp_bytes_t buffer;
-	size_t		offset = 0;
-
-	if (!headers_to_table(headers, &table, reason))
-		return false;
-
-	/* the properties must fit in one frame, with room for the others */
-	buffer.len = AMQP_DEFAULT_FRAME_SIZE - 1024;
-	buffer.bytes = palloc(buffer.len);
-	if (amqp_encode_table(buffer, &table, &offset) != AMQP_STATUS_OK)
-	{
-		*reason = psprintf("The headers take more than %zu bytes as an AMQP table.",
-						   buffer.len);
-		return false;
-	}
-	return true;
-}
-
-/*
- * One connection, and on it a channel per purpose: one in confirm mode for
- * publishing, one for RPCs (topology, exchange checks), and one per
- * consumed queue.  A declaration the broker refuses closes its channel; on
- * a separate channel that never costs the confirms of messages in flight,
- * and a queue the broker will not let us consume closes only its own
- * channel, never the deliveries of the others.
- *
- * The struct lives in TopMemoryContext; the library's own state is
- * malloc'd by rabbitmq-c and must be released with mqtx_broker_disconnect().
- */
-#define PUBLISH_CHANNEL 1
-#define RPC_CHANNEL 2
-#define FIRST_CONSUME_CHANNEL 3
-#define MAX_CHANNELS 1024		/* channel numbers below this */
-
-/*
- * rabbitmq-c's socket object and its table of functions, as declared by
- * the library's private amqp_socket.h (the same from 0.5 to 0.15).  The
- * library waits for its socket in poll() with no regard for signals, and
- * sends with no deadline at all; mqtx puts its own send and recv in the
- * table so that every wait the library would make is made here instead:
- * in WaitLatchOrSocket, bounded, and given up when the process is asked
- * to stop.
- */
-typedef struct LibrarySocketClass
-{
-	ssize_t		(*send) (void *self, const void *buf, size_t len, int flags);
-	ssize_t		(*recv) (void *self, void *buf, size_t len, int flags);
-	int			(*open) (void *self, const char *host, int port,
-						 const struct timeval *timeout);
-	int			(*close) (void *self, int force);
-	int			(*get_sockfd) (void *self);
-	void		(*delete) (void *self);
-} LibrarySocketClass;
-
-typedef struct LibrarySocket
-{
-	const LibrarySocketClass *klass;
-} LibrarySocket;
-
-/* amqp_private.h: "try again when the socket is readable / writable" */
-#define LIBRARY_SOCKET_NEEDREAD (-0x1301)
-#define LIBRARY_SOCKET_NEEDWRITE (-0x1302)
-
-/* A missing exchange is asked about again after this long. */
-#define MISSING_EXCHANGE_RECHECK_MS 5000
-
-/* Room kept in a header frame for the properties other than the headers */
-#define PROPERTIES_RESERVE 1024
-
-typedef struct MissingExchange
-{
-	char	   *name;
-	char	   *reason;
-	TimestampTz recheck_at;
-} MissingExchange;
-
-struct BrokerConnection
-{
-	amqp_connection_state_t state;
-	bool		open;			/* false once the connection is unusable */
-	bool		channel_open[MAX_CHANNELS];
-	int			channel_max;	/* negotiated, capped at MAX_CHANNELS - 1 */
-	uint64		next_delivery_tag;	/* confirm tags restart at 1 per channel */
-
-	/*
-	 * Messages sent and not yet acked or nacked, in delivery-tag order.  They
-	 * belong to the caller, who keeps them alive until they settle or the
-	 * connection is dropped.
-	 */
-	BrokerMessage **unsettled;
-	int			unsettled_count;
-	int			unsettled_capacity;
-
-	/* connection.blocked from the broker: publish nothing until unblocked */
-	bool		blocked;
-	char		blocked_reason[256];
-
-	/* a consume channel the broker closed, or whose consumer it cancelled */
-	int			lost_channel;
-	char		lost_channel_reason[512];
-
-	/* the socket, and the library's own functions behind ours */
-	LibrarySocket *socket;
-	const LibrarySocketClass *library_class;
-	LibrarySocketClass wrapped_class;
-	TimestampTz reply_deadline; /* a reply is awaited until then; 0: none */
-	TimestampTz last_received_at;	/* when the broker last sent anything */
-	TimestampTz reply_awaited_since;	/* the RPC in progress began */
-	double		round_trip_ms;	/* of recent RPCs; 0: none yet */
-	bool		refused;		/* the last RPC failed because the broker said no */
-	int			next_consume_channel;	/* never reused on a connection */
-	char	   *io_error;		/* why our send or recv gave up, or NULL */
-	BrokerConnection *next;		/* in open_connections */
-
-	MemoryContext cache_context;	/* holds the exchange caches */
-	List	   *known_exchanges;	/* checked to exist on this connection */
-	List	   *missing_exchanges;	/* of MissingExchange */
-	TimestampTz last_keep_alive;	/* when mqtx_broker_keep_alive last sent */
-};
-
-/* Connections whose socket functions are ours, to find one from its socket */
-static BrokerConnection *open_connections = NULL;
-
-static struct timeval
-timeval_from_ms(int ms)
-{
-	struct timeval tv;
-
-	tv.tv_sec = ms / 1000;
-	tv.tv_usec = (ms % 1000) * 1000;
-	return tv;
-}
-
-static amqp_bytes_t
-cstring_to_amqp_bytes(const char *text)
-{
-	return server_text_to_amqp_bytes(text, strlen(text));
-}
-
-static char *
-amqp_bytes_to_cstring(amqp_bytes_t bytes)
-{
-	return pnstrdup(bytes.bytes, bytes.len);
-}
-
-/*
  * "amqp://host:port", for log lines: never the user or password.
  */
 char *
@@ -464,6 +147,17 @@ mqtx_broker_describe(const char *url)
 	if (!parse_broker_url(url, &info, &reason))
 		return pstrdup("(invalid broker URL)");
 	return psprintf("%s%s:%d", info.ssl ? "amqps://" : "amqp://", info.host, info.port);
+}
+
+/* The library's timeouts are timevals */
+static struct timeval
+timeval_from_ms(int ms)
+{
+	struct timeval tv;
+
+	tv.tv_sec = ms / 1000;
+	tv.tv_usec = (ms % 1000) * 1000;
+	return tv;
 }
 
 /*
@@ -568,6 +262,7 @@ wait_in_library(BrokerConnection *conn, int socket_event, TimestampTz deadline)
 	return ready;
 }
 
+/* The connection a socket belongs to, as the wrapped send and recv need */
 static BrokerConnection *
 connection_of(void *socket)
 {
@@ -635,6 +330,11 @@ interruptible_recv(void *self, void *buf, size_t len, int flags)
 	}
 }
 
+/*
+ * Put interruptible_send and interruptible_recv in front of the socket's
+ * own, in a copy of its table kept in the connection, and remember the
+ * connection for connection_of.
+ */
 static void
 wrap_socket(BrokerConnection *conn, amqp_socket_t *socket)
 {
@@ -648,6 +348,7 @@ wrap_socket(BrokerConnection *conn, amqp_socket_t *socket)
 	open_connections = conn;
 }
 
+/* The connection is going: connection_of must no longer find it */
 static void
 unwrap_socket(BrokerConnection *conn)
 {
@@ -661,10 +362,12 @@ unwrap_socket(BrokerConnection *conn)
 
 /*
  * A reply is awaited from now on, for at most mqtx.connect_timeout (the
- * library's own RPC timeout is the same); expect_no_reply ends that.
+ * library's own RPC timeout is the same): call this before a library call
+ * that waits for one.  mqtx_broker_rpc_succeeded, or expect_no_reply,
+ * ends the wait.
  */
-static void
-expect_reply(BrokerConnection *conn)
+void
+mqtx_broker_expect_reply(BrokerConnection *conn)
 {
 	conn->reply_awaited_since = GetCurrentTimestamp();
 	conn->reply_deadline = TimestampTzPlusMilliseconds(conn->reply_awaited_since,
@@ -672,15 +375,19 @@ expect_reply(BrokerConnection *conn)
 	conn->io_error = NULL;
 }
 
+/* No reply is awaited: the socket's recv must not wait at all */
 static void
 expect_no_reply(BrokerConnection *conn)
 {
 	conn->reply_deadline = 0;
 }
 
-/* The library's error, or ours when our send or recv gave up */
-static const char *
-io_error_string(BrokerConnection *conn, int status)
+/*
+ * The text of a library status: the library's own, or ours when our send
+ * or recv gave up (the library sees only a socket error then).
+ */
+const char *
+mqtx_broker_io_error_string(BrokerConnection *conn, int status)
 {
 	if (conn->io_error != NULL && status == AMQP_STATUS_SOCKET_ERROR)
 		return conn->io_error;
@@ -688,38 +395,18 @@ io_error_string(BrokerConnection *conn, int status)
 }
 
 /*
- * The publish channel is gone: its unsettled messages will never be
- * confirmed, and a new channel starts its delivery tags again at 1.  When
- * the broker closed it for something it refused (refusal != NULL), every
- * unsettled message counts as refused with that reason; otherwise their
- * fate is unknown and they stay PUBLISH_UNCONFIRMED.
+ * The connection is unusable (a socket error, a timeout, a close by the
+ * broker): every channel is gone, and the publish channel's unsettled
+ * messages stay unconfirmed.  The caller reports why.
  */
-static void set_message_error(BrokerMessage *message, PublishOutcome outcome,
-							  const char *error);
-
-static void
-forget_publish_channel(BrokerConnection *conn, const char *refusal)
-{
-	for (int i = 0; refusal != NULL && i < conn->unsettled_count; i++)
-	{
-		BrokerMessage *m = conn->unsettled[i];
-
-		if (m->outcome == PUBLISH_UNCONFIRMED)
-			set_message_error(m, PUBLISH_NACKED, refusal);
-		m->settled = true;
-	}
-	conn->channel_open[PUBLISH_CHANNEL] = false;
-	conn->unsettled_count = 0;
-}
-
-static void
-mark_connection_lost(BrokerConnection *conn)
+void
+mqtx_broker_mark_connection_lost(BrokerConnection *conn)
 {
 	conn->open = false;
 	for (int channel = 0; channel < MAX_CHANNELS; channel++)
 		if (channel != PUBLISH_CHANNEL)
 			conn->channel_open[channel] = false;
-	forget_publish_channel(conn, NULL);
+	mqtx_broker_forget_publish_channel(conn, NULL);
 }
 
 /*
@@ -750,6 +437,7 @@ is_refusal(uint16 code)
 	}
 }
 
+/* The reply code of a channel.close or connection.close */
 static uint16
 close_code(amqp_method_number_t method, void *decoded)
 {
@@ -758,20 +446,29 @@ close_code(amqp_method_number_t method, void *decoded)
 		((amqp_connection_close_t *) decoded)->reply_code;
 }
 
+/*
+ * A close as text for *error: "what" (what mqtx was doing), then the
+ * broker's reply code and text.
+ */
 static char *
 describe_close(const char *what, amqp_method_number_t method, void *decoded)
 {
-	amqp_bytes_t text;
+	amqp_bytes_t reply_text;
 
 	if (method == AMQP_CHANNEL_CLOSE_METHOD)
-		text = ((amqp_channel_close_t *) decoded)->reply_text;
-	else
-		text = ((amqp_connection_close_t *) decoded)->reply_text;
-	return psprintf("%s: broker closed the %s: %u %.*s", what,
-					method == AMQP_CHANNEL_CLOSE_METHOD ? "channel" : "connection",
-					close_code(method, decoded), (int) text.len, (char *) text.bytes);
+	{
+		reply_text = ((amqp_channel_close_t *) decoded)->reply_text;
+		return psprintf("%s: broker closed the channel: %u %.*s", what,
+						close_code(method, decoded),
+						(int) reply_text.len, (char *) reply_text.bytes);
+	}
+	reply_text = ((amqp_connection_close_t *) decoded)->reply_text;
+	return psprintf("%s: broker closed the connection: %u %.*s", what,
+					close_code(method, decoded),
+					(int) reply_text.len, (char *) reply_text.bytes);
 }
 
+/* Is this one of the channels that consume a queue? */
 static bool
 is_consume_channel(amqp_channel_t channel)
 {
@@ -797,7 +494,7 @@ accept_close(BrokerConnection *conn, amqp_channel_t channel,
 		amqp_channel_close_ok_t ok = {0};
 
 		if (channel == PUBLISH_CHANNEL)
-			forget_publish_channel(conn, refusal);
+			mqtx_broker_forget_publish_channel(conn, refusal);
 		else
 			conn->channel_open[channel] = false;
 		if (is_consume_channel(channel))
@@ -808,25 +505,28 @@ accept_close(BrokerConnection *conn, amqp_channel_t channel,
 		}
 		if (amqp_send_method(conn->state, channel,
 							 AMQP_CHANNEL_CLOSE_OK_METHOD, &ok) != AMQP_STATUS_OK)
-			mark_connection_lost(conn);
+			mqtx_broker_mark_connection_lost(conn);
 	}
 	else
 	{
 		amqp_connection_close_ok_t ok = {0};
 
-		forget_publish_channel(conn, refusal);
+		mqtx_broker_forget_publish_channel(conn, refusal);
 		(void) amqp_send_method(conn->state, 0,
 								AMQP_CONNECTION_CLOSE_OK_METHOD, &ok);
-		mark_connection_lost(conn);
+		mqtx_broker_mark_connection_lost(conn);
 	}
 }
 
 /*
- * Turn a failed RPC reply on a channel into text and connection state.
+ * Turn a failed RPC reply on a channel into connection state, and return
+ * the text for *error, "what" (what mqtx was doing) first.  A timeout or a
+ * socket error loses the connection; a close from the broker is accepted
+ * and counts as a refusal (mqtx_broker_refused).
  */
-static char *
-handle_failed_reply(BrokerConnection *conn, amqp_channel_t channel,
-					amqp_rpc_reply_t reply, const char *what)
+char *
+mqtx_broker_handle_failed_reply(BrokerConnection *conn, amqp_channel_t channel,
+								amqp_rpc_reply_t reply, const char *what)
 {
 	char	   *error;
 
@@ -834,8 +534,9 @@ handle_failed_reply(BrokerConnection *conn, amqp_channel_t channel,
 	{
 		case AMQP_RESPONSE_LIBRARY_EXCEPTION:
 			/* timeouts and socket errors leave the connection unusable */
-			error = psprintf("%s: %s", what, io_error_string(conn, reply.library_error));
-			mark_connection_lost(conn);
+			error = psprintf("%s: %s", what,
+							 mqtx_broker_io_error_string(conn, reply.library_error));
+			mqtx_broker_mark_connection_lost(conn);
 			return error;
 		case AMQP_RESPONSE_SERVER_EXCEPTION:
 			if (reply.reply.id == AMQP_CHANNEL_CLOSE_METHOD ||
@@ -847,21 +548,24 @@ handle_failed_reply(BrokerConnection *conn, amqp_channel_t channel,
 				conn->refused = true;
 				return error;
 			}
-			mark_connection_lost(conn);
+			mqtx_broker_mark_connection_lost(conn);
 			return psprintf("%s: unexpected %s from broker", what,
 							amqp_method_name(reply.reply.id));
 		default:
-			mark_connection_lost(conn);
+			mqtx_broker_mark_connection_lost(conn);
 			return psprintf("%s: no reply from broker", what);
 	}
 }
 
 /*
- * Did the RPC just made succeed?  Ends the wait for its reply.
+ * Did the RPC just made on the channel succeed?  Ends the wait for its
+ * reply and takes its time into the round-trip average.  If not, *error
+ * says why and the connection's state follows the failure (see
+ * mqtx_broker_handle_failed_reply).
  */
-static bool
-rpc_succeeded(BrokerConnection *conn, amqp_channel_t channel, const char *what,
-			  char **error)
+bool
+mqtx_broker_rpc_succeeded(BrokerConnection *conn, amqp_channel_t channel, const char *what,
+						  char **error)
 {
 	amqp_rpc_reply_t reply = amqp_get_rpc_reply(conn->state);
 
@@ -875,15 +579,17 @@ rpc_succeeded(BrokerConnection *conn, amqp_channel_t channel, const char *what,
 		conn->round_trip_ms = mqtx_moving_average(conn->round_trip_ms, sample);
 		return true;
 	}
-	*error = handle_failed_reply(conn, channel, reply, what);
+	*error = mqtx_broker_handle_failed_reply(conn, channel, reply, what);
 	return false;
 }
 
 /*
  * Open the channel if it is not open; the publish channel in confirm mode.
+ * Returns false, with *error, when the connection is closed or the broker
+ * would not open it.
  */
-static bool
-ensure_channel(BrokerConnection *conn, amqp_channel_t channel, char **error)
+bool
+mqtx_broker_ensure_channel(BrokerConnection *conn, amqp_channel_t channel, char **error)
 {
 	if (!conn->open)
 	{
@@ -893,15 +599,15 @@ ensure_channel(BrokerConnection *conn, amqp_channel_t channel, char **error)
 	if (conn->channel_open[channel])
 		return true;
 
-	expect_reply(conn);
+	mqtx_broker_expect_reply(conn);
 	amqp_channel_open(conn->state, channel);
-	if (!rpc_succeeded(conn, channel, "opening a channel", error))
+	if (!mqtx_broker_rpc_succeeded(conn, channel, "opening a channel", error))
 		return false;
 	if (channel == PUBLISH_CHANNEL)
 	{
-		expect_reply(conn);
+		mqtx_broker_expect_reply(conn);
 		amqp_confirm_select(conn->state, channel);
-		if (!rpc_succeeded(conn, channel, "enabling publisher confirms", error))
+		if (!mqtx_broker_rpc_succeeded(conn, channel, "enabling publisher confirms", error))
 			return false;
 		conn->next_delivery_tag = 1;
 		conn->unsettled_count = 0;
@@ -910,6 +616,24 @@ ensure_channel(BrokerConnection *conn, amqp_channel_t channel, char **error)
 	return true;
 }
 
+/*
+ * Read the content (header and body frames) that follows a basic.return or
+ * basic.deliver on the channel, waiting for it at most mqtx.connect_timeout
+ * at a time.  Returns the library's reply, which a caller whose read failed
+ * hands to mqtx_broker_handle_failed_reply.
+ */
+amqp_rpc_reply_t
+mqtx_broker_read_content(BrokerConnection *conn, amqp_channel_t channel, amqp_message_t *message)
+{
+	amqp_rpc_reply_t reply;
+
+	mqtx_broker_expect_reply(conn);
+	reply = amqp_read_message(conn->state, channel, message, 0);
+	expect_no_reply(conn);
+	return reply;
+}
+
+/* An IPv4 or IPv6 address rather than a host name? */
 static bool
 is_ip_address(const char *host)
 {
@@ -938,12 +662,17 @@ verify_broker_name(amqp_socket_t *socket, const char *host, char **error)
 	if (context == NULL ||
 		X509_VERIFY_PARAM_set1_ip_asc(SSL_CTX_get0_param(context), host) != 1)
 	{
-		*error = psprintf("cannot set up verification of the broker's address %s", host);
+		*error = psprintf("could not set up verification of the broker's address \"%s\"", host);
 		return false;
 	}
 	return true;
 }
 
+/*
+ * A TLS socket set up from the mqtx.tls_* settings, or NULL with *error.
+ * Without mqtx.tls_ca_file nothing could verify the broker: that is an
+ * error unless mqtx.tls_verify_peer is off.
+ */
 static amqp_socket_t *
 new_tls_socket(amqp_connection_state_t state, const char *host, char **error)
 {
@@ -952,7 +681,7 @@ new_tls_socket(amqp_connection_state_t state, const char *host, char **error)
 
 	if (socket == NULL)
 	{
-		*error = pstrdup("cannot create a TLS socket");
+		*error = pstrdup("could not create a TLS socket");
 		return NULL;
 	}
 	amqp_ssl_socket_set_verify_peer(socket, mqtx_tls_verify_peer);
@@ -963,7 +692,7 @@ new_tls_socket(amqp_connection_state_t state, const char *host, char **error)
 		rc = amqp_ssl_socket_set_cacert(socket, mqtx_tls_ca_file);
 		if (rc != AMQP_STATUS_OK)
 		{
-			*error = psprintf("cannot load mqtx.tls_ca_file \"%s\": %s",
+			*error = psprintf("could not load mqtx.tls_ca_file \"%s\": %s",
 							  mqtx_tls_ca_file, amqp_error_string2(rc));
 			return NULL;
 		}
@@ -978,7 +707,7 @@ new_tls_socket(amqp_connection_state_t state, const char *host, char **error)
 		rc = amqp_ssl_socket_set_key(socket, mqtx_tls_cert_file, mqtx_tls_key_file);
 		if (rc != AMQP_STATUS_OK)
 		{
-			*error = psprintf("cannot load the client certificate \"%s\" or key \"%s\": %s",
+			*error = psprintf("could not load the client certificate \"%s\" or key \"%s\": %s",
 							  mqtx_tls_cert_file, mqtx_tls_key_file,
 							  amqp_error_string2(rc));
 			return NULL;
@@ -986,8 +715,6 @@ new_tls_socket(amqp_connection_state_t state, const char *host, char **error)
 	}
 	return socket;
 }
-
-
 
 /*
  * What mqtx tells the broker about itself.  RabbitMQ sends connection.blocked
@@ -1015,7 +742,7 @@ client_properties(const char *name)
 	properties[0].value.value.table.entries = capabilities;
 	properties[1].key = amqp_cstring_bytes("connection_name");
 	properties[1].value.kind = AMQP_FIELD_KIND_UTF8;
-	properties[1].value.value.bytes = cstring_to_amqp_bytes(name);
+	properties[1].value.value.bytes = mqtx_amqp_from_server_cstring(name);
 	table.num_entries = lengthof(properties);
 	table.entries = properties;
 	return table;
@@ -1060,7 +787,7 @@ mqtx_broker_connect(const char *url, const char *name, char **error)
 	if (socket == NULL)
 	{
 		if (!info.ssl)
-			*error = pstrdup("cannot create a TCP socket");
+			*error = pstrdup("could not create a TCP socket");
 		goto fail;
 	}
 	wrap_socket(conn, socket);
@@ -1076,7 +803,7 @@ mqtx_broker_connect(const char *url, const char *name, char **error)
 	amqp_set_rpc_timeout(conn->state, &timeout);
 
 	properties = client_properties(name);
-	expect_reply(conn);
+	mqtx_broker_expect_reply(conn);
 	reply = amqp_login_with_properties(conn->state, info.vhost, 0,
 									   AMQP_DEFAULT_FRAME_SIZE, mqtx_heartbeat,
 									   &properties, AMQP_SASL_METHOD_PLAIN,
@@ -1084,17 +811,17 @@ mqtx_broker_connect(const char *url, const char *name, char **error)
 	expect_no_reply(conn);
 	if (reply.reply_type != AMQP_RESPONSE_NORMAL)
 	{
-		*error = handle_failed_reply(conn, 0, reply,
-									 psprintf("logging in to %s:%d as \"%s\"",
-											  info.host, info.port, info.user));
+		*error = mqtx_broker_handle_failed_reply(conn, 0, reply,
+												 psprintf("logging in to %s:%d as \"%s\"",
+														  info.host, info.port, info.user));
 		goto fail;
 	}
 	conn->open = true;
 	conn->channel_max = amqp_get_channel_max(conn->state);
 	if (conn->channel_max <= 0 || conn->channel_max >= MAX_CHANNELS)
 		conn->channel_max = MAX_CHANNELS - 1;
-	if (!ensure_channel(conn, RPC_CHANNEL, error) ||
-		!ensure_channel(conn, PUBLISH_CHANNEL, error))
+	if (!mqtx_broker_ensure_channel(conn, RPC_CHANNEL, error) ||
+		!mqtx_broker_ensure_channel(conn, PUBLISH_CHANNEL, error))
 		goto fail;
 	return conn;
 
@@ -1117,7 +844,7 @@ mqtx_broker_disconnect(BrokerConnection *conn)
 	{
 		if (conn->open)
 		{
-			expect_reply(conn);
+			mqtx_broker_expect_reply(conn);
 			(void) amqp_connection_close(conn->state, AMQP_REPLY_SUCCESS);
 		}
 		amqp_destroy_connection(conn->state);
@@ -1147,6 +874,7 @@ mqtx_broker_round_trip_ms(BrokerConnection *conn)
 	return conn != NULL ? conn->round_trip_ms : 0;
 }
 
+/* Is the connection still usable?  False for NULL */
 bool
 mqtx_broker_is_open(BrokerConnection *conn)
 {
@@ -1165,53 +893,77 @@ mqtx_broker_is_blocked(BrokerConnection *conn, const char **reason)
 	return conn != NULL && conn->blocked;
 }
 
+/*
+ * Get the RPC channel, where topology goes, ready for an RPC: open it if
+ * need be, and await the reply.  False, with *error, when it cannot be.
+ */
+static bool
+begin_rpc(BrokerConnection *conn, char **error)
+{
+	if (!mqtx_broker_ensure_channel(conn, RPC_CHANNEL, error))
+		return false;
+	mqtx_broker_expect_reply(conn);
+	return true;
+}
+
+/* mqtx_broker_rpc_succeeded for the RPC channel */
 static bool
 rpc_on_channel_succeeded(BrokerConnection *conn, const char *what, char **error)
 {
-	return rpc_succeeded(conn, RPC_CHANNEL, what, error);
+	return mqtx_broker_rpc_succeeded(conn, RPC_CHANNEL, what, error);
 }
 
+/*
+ * Declare the exchange, or check that one declared already has this type
+ * and durability.  Returns false with *error when the broker refused
+ * (mqtx_broker_refused) or the connection failed, as do
+ * mqtx_broker_declare_queue and mqtx_broker_bind.
+ */
 bool
 mqtx_broker_declare_exchange(BrokerConnection *conn, const char *name,
-						const char *type, bool durable, char **error)
+							 const char *type, bool durable, char **error)
 {
-	if (!ensure_channel(conn, RPC_CHANNEL, error))
+	if (!begin_rpc(conn, error))
 		return false;
-	expect_reply(conn);
 	amqp_exchange_declare(conn->state, RPC_CHANNEL,
-						  cstring_to_amqp_bytes(name), cstring_to_amqp_bytes(type),
+						  mqtx_amqp_from_server_cstring(name),
+						  mqtx_amqp_from_server_cstring(type),
 						  false, durable, false, false, amqp_empty_table);
 	return rpc_on_channel_succeeded(conn, psprintf("declaring exchange \"%s\"", name),
 									error);
 }
 
+/*
+ * Declare the queue, with "arguments" (a jsonb object, or NULL) as its
+ * x-arguments; arguments that cannot be an AMQP table fail before
+ * anything is sent.
+ */
 bool
 mqtx_broker_declare_queue(BrokerConnection *conn, const char *name, bool durable,
-					 Jsonb *arguments, char **error)
+						  Jsonb *arguments, char **error)
 {
 	amqp_table_t table = amqp_empty_table;
 
-	if (arguments != NULL && !headers_to_table(arguments, &table, error))
+	if (arguments != NULL && !mqtx_amqp_headers_to_table(arguments, &table, error))
 		return false;
-	if (!ensure_channel(conn, RPC_CHANNEL, error))
+	if (!begin_rpc(conn, error))
 		return false;
-	expect_reply(conn);
-	amqp_queue_declare(conn->state, RPC_CHANNEL, cstring_to_amqp_bytes(name),
+	amqp_queue_declare(conn->state, RPC_CHANNEL, mqtx_amqp_from_server_cstring(name),
 					   false, durable, false, false, table);
 	return rpc_on_channel_succeeded(conn, psprintf("declaring queue \"%s\"", name),
 									error);
 }
 
+/* Bind the queue to the exchange with the routing key */
 bool
 mqtx_broker_bind(BrokerConnection *conn, const char *queue, const char *exchange,
-			const char *routing_key, char **error)
+				 const char *routing_key, char **error)
 {
-	if (!ensure_channel(conn, RPC_CHANNEL, error))
+	if (!begin_rpc(conn, error))
 		return false;
-	expect_reply(conn);
-	amqp_queue_bind(conn->state, RPC_CHANNEL, cstring_to_amqp_bytes(queue),
-					cstring_to_amqp_bytes(exchange),
-					cstring_to_amqp_bytes(routing_key), amqp_empty_table);
+	amqp_queue_bind(conn->state, RPC_CHANNEL, mqtx_amqp_from_server_cstring(queue),
+					mqtx_amqp_from_server_cstring(exchange),
+					mqtx_amqp_from_server_cstring(routing_key), amqp_empty_table);
 	return rpc_on_channel_succeeded(conn,
 									psprintf("binding queue \"%s\" to exchange \"%s\"",
 											 queue, exchange), error);
@@ -1229,6 +981,7 @@ mqtx_broker_forget_exchanges(BrokerConnection *conn)
 	conn->missing_exchanges = NIL;
 }
 
+/* What the connection remembers of an exchange found missing, or NULL */
 static MissingExchange *
 missing_exchange(BrokerConnection *conn, const char *name)
 {
@@ -1272,11 +1025,10 @@ mqtx_broker_exchange_exists(BrokerConnection *conn, const char *name, char **err
 		*error = pstrdup(missing->reason);
 		return false;
 	}
-	if (!ensure_channel(conn, RPC_CHANNEL, error))
+	if (!begin_rpc(conn, error))
 		return false;
 
-	expect_reply(conn);
-	amqp_exchange_declare(conn->state, RPC_CHANNEL, cstring_to_amqp_bytes(name),
+	amqp_exchange_declare(conn->state, RPC_CHANNEL, mqtx_amqp_from_server_cstring(name),
 						  amqp_cstring_bytes("direct"), true, false, false, false,
 						  amqp_empty_table);
 	exists = rpc_on_channel_succeeded(conn, psprintf("exchange \"%s\"", name), error);
@@ -1304,229 +1056,7 @@ mqtx_broker_exchange_exists(BrokerConnection *conn, const char *name, char **err
 	return exists;
 }
 
-/*
- * A message's fate may be decided while another batch's step is running:
- * its reason goes where the message itself lives.
- */
-static void
-set_message_error(BrokerMessage *message, PublishOutcome outcome,
-				  const char *error)
-{
-	message->outcome = outcome;
-	message->error = MemoryContextStrdup(message->context, error);
-}
-
-static void
-track_unsettled(BrokerConnection *conn, BrokerMessage *message)
-{
-	if (conn->unsettled_count == conn->unsettled_capacity)
-	{
-		conn->unsettled_capacity = Max(64, conn->unsettled_capacity * 2);
-		conn->unsettled = conn->unsettled == NULL ?
-			MemoryContextAlloc(TopMemoryContext,
-							   sizeof(BrokerMessage *) * conn->unsettled_capacity) :
-			repalloc(conn->unsettled,
-					 sizeof(BrokerMessage *) * conn->unsettled_capacity);
-	}
-	conn->unsettled[conn->unsettled_count++] = message;
-}
-
-/*
- * The headers as an AMQP table, if they fit in a header frame of the size
- * this connection negotiated: rabbitmq-c finds out only after the publish
- * method went out, which loses the channel.
- */
-static bool
-headers_fit_frame(BrokerConnection *conn, Jsonb *headers, amqp_table_t *table,
-				  char **reason)
-{
-	amqp_bytes_t buffer;
-	size_t		offset = 0;
-
-	if (!headers_to_table(headers, table, reason))
-		return false;
-	buffer.len = Max(amqp_get_frame_max(conn->state) - PROPERTIES_RESERVE, 0);
-	buffer.bytes = palloc(Max(buffer.len, 1));
-	if (amqp_encode_table(buffer, table, &offset) != AMQP_STATUS_OK)
-	{
-		*reason = psprintf("the headers take more than the %zu bytes a header frame of this broker leaves them",
-						   buffer.len);
-		pfree(buffer.bytes);
-		return false;
-	}
-	pfree(buffer.bytes);
-	return true;
-}
-
-/*
- * Send one message on the confirm channel, without waiting for its
- * confirm.  Returns false only when the connection or channel failed (stop
- * sending); a message that cannot be encoded is marked PUBLISH_REJECTED
- * and sending goes on.  The message must stay allocated until it settles
- * or the connection is dropped; its body may be freed once this returns.
- */
-bool
-mqtx_broker_publish(BrokerConnection *conn, BrokerMessage *message, char **error)
-{
-	amqp_basic_properties_t props;
-	amqp_bytes_t body;
-	int			rc;
-
-	if (!ensure_channel(conn, PUBLISH_CHANNEL, error))
-		return false;
-
-	memset(&props, 0, sizeof(props));
-	props._flags = AMQP_BASIC_CONTENT_TYPE_FLAG | AMQP_BASIC_DELIVERY_MODE_FLAG |
-		AMQP_BASIC_MESSAGE_ID_FLAG | AMQP_BASIC_TIMESTAMP_FLAG |
-		AMQP_BASIC_APP_ID_FLAG;
-	props.content_type = amqp_cstring_bytes("application/json");
-	props.delivery_mode = AMQP_DELIVERY_PERSISTENT;
-	props.message_id = amqp_cstring_bytes((char *) message->message_id);
-	props.timestamp = (uint64_t) message->timestamp;
-	props.app_id = amqp_cstring_bytes("mqtx");
-	if (message->headers != NULL)
-	{
-		char	   *reason;
-
-		if (!headers_fit_frame(conn, message->headers, &props.headers, &reason))
-		{
-			set_message_error(message, PUBLISH_REJECTED, reason);
-			return true;
-		}
-		props._flags |= AMQP_BASIC_HEADERS_FLAG;
-	}
-	body = server_text_to_amqp_bytes(message->body, message->body_len);
-
-	conn->io_error = NULL;
-	rc = amqp_basic_publish(conn->state, PUBLISH_CHANNEL,
-							cstring_to_amqp_bytes(message->exchange),
-							cstring_to_amqp_bytes(message->routing_key),
-							true, false, &props, body);
-	if (rc != AMQP_STATUS_OK)
-	{
-		*error = psprintf("publishing: %s", io_error_string(conn, rc));
-		mark_connection_lost(conn);
-		return false;
-	}
-	message->delivery_tag = conn->next_delivery_tag++;
-	message->outcome = PUBLISH_UNCONFIRMED;
-	message->settled = false;
-	track_unsettled(conn, message);
-	return true;
-}
-
-/*
- * The caller is about to free these messages: confirms that still come
- * for them are ignored.
- */
-void
-mqtx_broker_forget_messages(BrokerConnection *conn, BrokerMessage *messages, int count)
-{
-	int			kept = 0;
-
-	if (conn == NULL)
-		return;
-	for (int i = 0; i < conn->unsettled_count; i++)
-	{
-		BrokerMessage *m = conn->unsettled[i];
-
-		if (m < messages || m >= messages + count)
-			conn->unsettled[kept++] = m;
-	}
-	conn->unsettled_count = kept;
-}
-
-/*
- * Apply a basic.ack or basic.nack; "multiple" covers every tag up to and
- * including delivery_tag.  A message already returned keeps that outcome:
- * RabbitMQ acks an unroutable message after returning it.
- */
-static void
-apply_confirm(BrokerConnection *conn, uint64 delivery_tag, bool multiple,
-			  PublishOutcome outcome)
-{
-	int			kept = 0;
-
-	for (int i = 0; i < conn->unsettled_count; i++)
-	{
-		BrokerMessage *m = conn->unsettled[i];
-
-		if (m->delivery_tag == delivery_tag ||
-			(multiple && m->delivery_tag < delivery_tag))
-		{
-			if (m->outcome == PUBLISH_UNCONFIRMED && outcome == PUBLISH_NACKED)
-				set_message_error(m, outcome, "the broker refused the message (basic.nack)");
-			else if (m->outcome == PUBLISH_UNCONFIRMED)
-				m->outcome = outcome;
-			m->settled = true;
-		}
-		else
-			conn->unsettled[kept++] = m;
-	}
-	conn->unsettled_count = kept;
-}
-
-/*
- * Read the content (header and body frames) that follows a basic.return or
- * basic.deliver on the channel, waiting for it at most mqtx.connect_timeout
- * at a time.
- */
-static amqp_rpc_reply_t
-read_content(BrokerConnection *conn, amqp_channel_t channel, amqp_message_t *message)
-{
-	amqp_rpc_reply_t reply;
-
-	expect_reply(conn);
-	reply = amqp_read_message(conn->state, channel, message, 0);
-	expect_no_reply(conn);
-	return reply;
-}
-
-/*
- * basic.return: the message body follows and must be read off the wire.
- * It carries no delivery tag, so it is matched on its message_id.
- */
-static bool
-apply_return(BrokerConnection *conn, amqp_basic_return_t *ret, char **error)
-{
-	amqp_message_t returned;
-	amqp_rpc_reply_t reply;
-	char	   *message_id;
-	char	   *reason;
-
-	reason = psprintf("unroutable: the broker returned it (%u %.*s) from exchange \"%.*s\" with routing key \"%.*s\"",
-					  ret->reply_code,
-					  (int) ret->reply_text.len, (char *) ret->reply_text.bytes,
-					  (int) ret->exchange.len, (char *) ret->exchange.bytes,
-					  (int) ret->routing_key.len, (char *) ret->routing_key.bytes);
-
-	reply = read_content(conn, PUBLISH_CHANNEL, &returned);
-	if (reply.reply_type != AMQP_RESPONSE_NORMAL)
-	{
-		*error = handle_failed_reply(conn, PUBLISH_CHANNEL, reply,
-									 "reading a returned message");
-		return false;
-	}
-	message_id = (returned.properties._flags & AMQP_BASIC_MESSAGE_ID_FLAG) ?
-		amqp_bytes_to_cstring(returned.properties.message_id) : NULL;
-	amqp_destroy_message(&returned);
-
-	for (int i = 0; message_id != NULL && i < conn->unsettled_count; i++)
-	{
-		BrokerMessage *m = conn->unsettled[i];
-
-		if (m->outcome == PUBLISH_UNCONFIRMED &&
-			strcmp(m->message_id, message_id) == 0)
-		{
-			/* the broker's verdict: its ack only follows, and may be lost */
-			set_message_error(m, PUBLISH_RETURNED, reason);
-			m->settled = true;
-			break;
-		}
-	}
-	return true;
-}
-
+/* connection.blocked or connection.unblocked, and the broker's reason */
 static void
 set_blocked(BrokerConnection *conn, bool blocked, amqp_bytes_t reason)
 {
@@ -1536,55 +1066,14 @@ set_blocked(BrokerConnection *conn, bool blocked, amqp_bytes_t reason)
 }
 
 /*
- * A delivery nobody is waiting for (its channel is closing, or the worker
- * is not consuming right now): read its content, so that the frames that
- * follow make sense, and drop it.  Unacknowledged, it goes back to its
- * queue when its channel closes.
+ * Handle one frame the broker sent unprompted, whoever was waiting for
+ * the broker: confirms and returns go to broker_publish.c, cancels and
+ * the deliveries nobody awaits here to broker_consume.c, blocks and closes
+ * stay here.  Returns false when the publish channel or the connection
+ * closed (with *error set).
  */
-static bool
-discard_delivery(BrokerConnection *conn, amqp_channel_t channel, char **error)
-{
-	amqp_message_t message;
-	amqp_rpc_reply_t reply = read_content(conn, channel, &message);
-
-	if (reply.reply_type == AMQP_RESPONSE_NORMAL)
-	{
-		amqp_destroy_message(&message);
-		return true;
-	}
-	*error = handle_failed_reply(conn, channel, reply, "reading a delivery");
-	return conn->open;
-}
-
-/*
- * The broker cancelled a consumer (its queue was deleted, or it is a
- * quorum queue whose leader moved away): its channel is closed here, which
- * hands its unacknowledged deliveries back, and reported as lost.
- */
-static void
-accept_cancel(BrokerConnection *conn, amqp_channel_t channel,
-			  amqp_basic_cancel_t *cancel)
-{
-	char	   *tag = amqp_bytes_to_cstring(cancel->consumer_tag);
-	char	   *ignored;
-
-	conn->lost_channel = channel;
-	snprintf(conn->lost_channel_reason, sizeof(conn->lost_channel_reason),
-			 "the broker cancelled the consumer of queue \"%s\" (was the queue deleted?)",
-			 tag);
-	expect_reply(conn);
-	amqp_channel_close(conn->state, channel, AMQP_REPLY_SUCCESS);
-	(void) rpc_succeeded(conn, channel, "closing a cancelled consumer's channel", &ignored);
-	conn->channel_open[channel] = false;
-}
-
-/*
- * Handle one frame the broker sent unprompted (anything but a delivery).
- * Returns false when the publish channel or the connection closed (with
- * *error set).
- */
-static bool
-handle_frame(BrokerConnection *conn, amqp_frame_t *frame, char **error)
+bool
+mqtx_broker_handle_frame(BrokerConnection *conn, amqp_frame_t *frame, char **error)
 {
 	void	   *decoded = frame->payload.method.decoded;
 
@@ -1592,7 +1081,7 @@ handle_frame(BrokerConnection *conn, amqp_frame_t *frame, char **error)
 	{
 		*error = psprintf("the broker sent a frame on channel %u, which mqtx never opened",
 						  frame->channel);
-		mark_connection_lost(conn);
+		mqtx_broker_mark_connection_lost(conn);
 		return false;
 	}
 	if (frame->frame_type != AMQP_FRAME_METHOD)
@@ -1601,15 +1090,15 @@ handle_frame(BrokerConnection *conn, amqp_frame_t *frame, char **error)
 	switch (frame->payload.method.id)
 	{
 		case AMQP_BASIC_ACK_METHOD:
-			apply_confirm(conn, ((amqp_basic_ack_t *) decoded)->delivery_tag,
-						  ((amqp_basic_ack_t *) decoded)->multiple, PUBLISH_ACKED);
+			mqtx_broker_apply_confirm(conn, ((amqp_basic_ack_t *) decoded)->delivery_tag,
+									  ((amqp_basic_ack_t *) decoded)->multiple, PUBLISH_ACKED);
 			return true;
 		case AMQP_BASIC_NACK_METHOD:
-			apply_confirm(conn, ((amqp_basic_nack_t *) decoded)->delivery_tag,
-						  ((amqp_basic_nack_t *) decoded)->multiple, PUBLISH_NACKED);
+			mqtx_broker_apply_confirm(conn, ((amqp_basic_nack_t *) decoded)->delivery_tag,
+									  ((amqp_basic_nack_t *) decoded)->multiple, PUBLISH_NACKED);
 			return true;
 		case AMQP_BASIC_RETURN_METHOD:
-			return apply_return(conn, decoded, error);
+			return mqtx_broker_apply_return(conn, decoded, error);
 		case AMQP_CONNECTION_BLOCKED_METHOD:
 			set_blocked(conn, true, ((amqp_connection_blocked_t *) decoded)->reason);
 			return true;
@@ -1617,13 +1106,13 @@ handle_frame(BrokerConnection *conn, amqp_frame_t *frame, char **error)
 			set_blocked(conn, false, amqp_empty_bytes);
 			return true;
 		case AMQP_BASIC_CANCEL_METHOD:
-			accept_cancel(conn, frame->channel, decoded);
+			mqtx_broker_accept_cancel(conn, frame->channel, decoded);
 			if (!conn->open)
 				*error = pstrdup("the connection failed while closing a cancelled consumer's channel");
 			return conn->open;
 		case AMQP_BASIC_DELIVER_METHOD:
 			/* not awaited here: its content must still be read off the wire */
-			return discard_delivery(conn, frame->channel, error);
+			return mqtx_broker_discard_delivery(conn, frame->channel, error);
 		case AMQP_CHANNEL_CLOSE_METHOD:
 		case AMQP_CONNECTION_CLOSE_METHOD:
 			{
@@ -1650,21 +1139,6 @@ handle_frame(BrokerConnection *conn, amqp_frame_t *frame, char **error)
 }
 
 /*
- * Has every message sent from the array been acked or nacked?  Confirms
- * are taken in by mqtx_broker_wait.
- */
-bool
-mqtx_broker_all_settled(BrokerMessage *messages, int count)
-{
-	for (int i = 0; i < count; i++)
-		if (messages[i].outcome != PUBLISH_NOT_SENT &&
-			messages[i].outcome != PUBLISH_REJECTED &&
-			!messages[i].settled)
-			return false;
-	return true;
-}
-
-/*
  * The next frame the broker sent, waiting for it until the deadline (0:
  * not at all) in WaitLatchOrSocket, in slices short enough to send
  * heartbeats on time.  Returns AMQP_STATUS_OK with *frame set,
@@ -1673,9 +1147,9 @@ mqtx_broker_all_settled(BrokerMessage *messages, int count)
  * or a library error.  Termination and cancel requests are served here,
  * between library calls.
  */
-static int
-next_frame(BrokerConnection *conn, amqp_frame_t *frame, TimestampTz deadline,
-		   bool *woken)
+int
+mqtx_broker_next_frame(BrokerConnection *conn, amqp_frame_t *frame, TimestampTz deadline,
+					   bool *woken)
 {
 	long		slice_ms = mqtx_heartbeat > 0 ? mqtx_heartbeat * 1000L / 2 : 1000L;
 
@@ -1726,11 +1200,15 @@ next_frame(BrokerConnection *conn, amqp_frame_t *frame, TimestampTz deadline,
 	}
 }
 
-static void
-lose_connection(BrokerConnection *conn, const char *what, int rc, char **error)
+/*
+ * A library call failed with status rc while "what": set *error to say so
+ * and mark the connection lost.
+ */
+void
+mqtx_broker_lose_connection(BrokerConnection *conn, const char *what, int rc, char **error)
 {
-	*error = psprintf("%s: %s", what, io_error_string(conn, rc));
-	mark_connection_lost(conn);
+	*error = psprintf("%s: %s", what, mqtx_broker_io_error_string(conn, rc));
+	mqtx_broker_mark_connection_lost(conn);
 }
 
 /*
@@ -1749,428 +1227,19 @@ mqtx_broker_wait(BrokerConnection *conn, TimestampTz deadline, char **error)
 	{
 		amqp_frame_t frame;
 		bool		woken;
-		int			rc = next_frame(conn, &frame, taken ? 0 : deadline, &woken);
+		int			rc = mqtx_broker_next_frame(conn, &frame, taken ? 0 : deadline, &woken);
 
 		if (rc == AMQP_STATUS_TIMEOUT)
 			return true;
 		if (rc != AMQP_STATUS_OK)
 		{
-			lose_connection(conn, "broker connection lost", rc, error);
+			mqtx_broker_lose_connection(conn, "broker connection lost", rc, error);
 			return false;
 		}
-		if (!handle_frame(conn, &frame, error))
+		if (!mqtx_broker_handle_frame(conn, &frame, error))
 			return false;
 		taken = true;
 	}
-}
-
-/*
- * Header tables nest at most this deep; a deeper one makes the delivery
- * poison.  Far more than any real header needs, and it bounds the
- * recursion below.  It does not bound rabbitmq-c 0.11's own decoder,
- * which recurses to any depth a frame can hold (some 20,000 levels in
- * the default 128 kB frame, a few MB of stack: within the 8 MB a process
- * has, but a reason to keep frame_max at its default).
- */
-#define MAX_HEADER_DEPTH 64
-
-/* UTF-8 text without NUL bytes */
-static bool
-is_plain_text(const char *data, int len)
-{
-	return memchr(data, '\0', len) == NULL && pg_verify_mbstr(PG_UTF8, data, len, true);
-}
-
-/*
- * Bytes from the wire as a string: themselves when they are plain text
- * (and do not begin with "hex:"), else "hex:" and their hexadecimal
- * digits.  What the consumer stores must be valid text (pg_restore of a
- * table holding invalid UTF-8 fails), and a NUL would cut a message id
- * short, so that two different messages shared one dedupe key.
- */
-static char *
-wire_string(amqp_bytes_t bytes)
-{
-	const char *data = bytes.bytes;
-	int			len = (int) bytes.len;
-
-	/* a string that starts like an encoded one is encoded too */
-	if (is_plain_text(data, len) && !(len >= 4 && memcmp(data, "hex:", 4) == 0))
-		return pnstrdup(data, len);
-	return mqtx_hex_string(data, len);
-}
-
-/*
- * AMQP field values as JSON, for the headers handed to a consumer's
- * handler.  Integers of any width become numbers, byte arrays and
- * timestamps strings and numbers, decimals numbers.  Returns false when
- * the table nests deeper than MAX_HEADER_DEPTH.
- */
-static bool field_to_json(StringInfo out, amqp_field_value_t *field, int depth);
-
-static bool
-table_to_json(StringInfo out, amqp_table_t *table, int depth)
-{
-	if (depth > MAX_HEADER_DEPTH)
-		return false;
-	appendStringInfoChar(out, '{');
-	for (int i = 0; i < table->num_entries; i++)
-	{
-		if (i > 0)
-			appendStringInfoString(out, ", ");
-		escape_json(out, wire_string(table->entries[i].key));
-		appendStringInfoString(out, ": ");
-		if (!field_to_json(out, &table->entries[i].value, depth))
-			return false;
-	}
-	appendStringInfoChar(out, '}');
-	return true;
-}
-
-static bool
-field_to_json(StringInfo out, amqp_field_value_t *field, int depth)
-{
-	switch (field->kind)
-	{
-		case AMQP_FIELD_KIND_BOOLEAN:
-			appendStringInfoString(out, field->value.boolean ? "true" : "false");
-			break;
-		case AMQP_FIELD_KIND_I8:
-			appendStringInfo(out, "%d", field->value.i8);
-			break;
-		case AMQP_FIELD_KIND_U8:
-			appendStringInfo(out, "%u", field->value.u8);
-			break;
-		case AMQP_FIELD_KIND_I16:
-			appendStringInfo(out, "%d", field->value.i16);
-			break;
-		case AMQP_FIELD_KIND_U16:
-			appendStringInfo(out, "%u", field->value.u16);
-			break;
-		case AMQP_FIELD_KIND_I32:
-			appendStringInfo(out, "%d", field->value.i32);
-			break;
-		case AMQP_FIELD_KIND_U32:
-			appendStringInfo(out, "%u", field->value.u32);
-			break;
-		case AMQP_FIELD_KIND_I64:
-			appendStringInfo(out, INT64_FORMAT, (int64) field->value.i64);
-			break;
-		case AMQP_FIELD_KIND_U64:
-		case AMQP_FIELD_KIND_TIMESTAMP:
-			appendStringInfo(out, UINT64_FORMAT, (uint64) field->value.u64);
-			break;
-		case AMQP_FIELD_KIND_F32:
-		case AMQP_FIELD_KIND_F64:
-			{
-				double		d = field->kind == AMQP_FIELD_KIND_F32 ?
-					field->value.f32 : field->value.f64;
-
-				if (isfinite(d))
-					appendStringInfo(out, "%.17g", d);
-				else
-					appendStringInfoString(out, "null");
-				break;
-			}
-		case AMQP_FIELD_KIND_DECIMAL:
-			{
-				double		d = field->value.decimal.value;
-
-				for (int i = 0; i < field->value.decimal.decimals; i++)
-					d /= 10;
-				appendStringInfo(out, "%.17g", d);
-				break;
-			}
-		case AMQP_FIELD_KIND_UTF8:
-		case AMQP_FIELD_KIND_BYTES:
-			escape_json(out, wire_string(field->value.bytes));
-			break;
-		case AMQP_FIELD_KIND_ARRAY:
-			if (depth + 1 > MAX_HEADER_DEPTH)
-				return false;
-			appendStringInfoChar(out, '[');
-			for (int i = 0; i < field->value.array.num_entries; i++)
-			{
-				if (i > 0)
-					appendStringInfoString(out, ", ");
-				if (!field_to_json(out, &field->value.array.entries[i], depth + 1))
-					return false;
-			}
-			appendStringInfoChar(out, ']');
-			break;
-		case AMQP_FIELD_KIND_TABLE:
-			return table_to_json(out, &field->value.table, depth + 1);
-		default:
-			appendStringInfoString(out, "null");
-			break;
-	}
-	return true;
-}
-
-/*
- * The original id of a redriven message: a string header at the top level.
- */
-static char *
-redriven_from(amqp_table_t *headers)
-{
-	for (int i = 0; i < headers->num_entries; i++)
-	{
-		amqp_table_entry_t *entry = &headers->entries[i];
-
-		if (entry->key.len == strlen(MQTX_REDRIVEN_FROM_HEADER) &&
-			memcmp(entry->key.bytes, MQTX_REDRIVEN_FROM_HEADER, entry->key.len) == 0 &&
-			(entry->value.kind == AMQP_FIELD_KIND_UTF8 ||
-			 entry->value.kind == AMQP_FIELD_KIND_BYTES) &&
-			entry->value.value.bytes.len > 0)
-		{
-			amqp_bytes_t id = entry->value.value.bytes;
-
-			/* a dedupe key already, written by mqtx.redrive: taken as it is */
-			return is_plain_text(id.bytes, id.len) ? pnstrdup(id.bytes, id.len) :
-				wire_string(id);
-		}
-	}
-	return NULL;
-}
-
-
-/*
- * Start consuming a queue on a channel of its own, with manual acks and at
- * most "prefetch" unacknowledged deliveries; the consumer tag is the queue
- * name.  Returns the channel, or 0 when the broker refused (the connection
- * is still open: mqtx_broker_is_open) or the connection failed.
- */
-int
-mqtx_broker_consume(BrokerConnection *conn, const char *queue, int prefetch,
-			   char **error)
-{
-	int			channel = 0;
-
-	if (!conn->open)
-	{
-		*error = pstrdup("the broker connection is closed");
-		return 0;
-	}
-	/*
-	 * A channel number is never used twice on a connection: a new channel
-	 * numbers its deliveries from 1 again, and a tag of the old one (a
-	 * delivery held for a retry, or read while the old channel closed)
-	 * would acknowledge another message.  When they run out, the
-	 * connection is replaced.
-	 */
-	if (conn->next_consume_channel < FIRST_CONSUME_CHANNEL)
-		conn->next_consume_channel = FIRST_CONSUME_CHANNEL;
-	if (conn->next_consume_channel > conn->channel_max)
-	{
-		*error = psprintf("consuming queue \"%s\": every channel number of this connection has been used; connecting again",
-						  queue);
-		mark_connection_lost(conn);
-		return 0;
-	}
-	channel = conn->next_consume_channel++;
-	if (!ensure_channel(conn, channel, error))
-		return 0;
-	expect_reply(conn);
-	amqp_basic_qos(conn->state, channel, 0, (uint16_t) prefetch, false);
-	if (rpc_succeeded(conn, channel, "setting the prefetch count", error))
-	{
-		expect_reply(conn);
-		amqp_basic_consume(conn->state, channel, cstring_to_amqp_bytes(queue),
-						   cstring_to_amqp_bytes(queue), false, false, false,
-						   amqp_empty_table);
-		if (rpc_succeeded(conn, channel, psprintf("consuming queue \"%s\"", queue), error))
-			return channel;
-	}
-	/* the caller has the refusal: it is not a channel lost later */
-	if (conn->lost_channel == channel)
-		conn->lost_channel = 0;
-	return 0;
-}
-
-/*
- * Stop consuming: close the queue's channel.  The broker hands its
- * unacknowledged deliveries back to the queue.
- */
-bool
-mqtx_broker_cancel(BrokerConnection *conn, int channel, const char *queue, char **error)
-{
-	if (!conn->open || !conn->channel_open[channel])
-		return conn->open;
-	expect_reply(conn);
-	amqp_channel_close(conn->state, channel, AMQP_REPLY_SUCCESS);
-	conn->channel_open[channel] = false;
-	return rpc_succeeded(conn, channel,
-						 psprintf("closing the channel of queue \"%s\"", queue),
-						 error) || conn->open;
-}
-
-/* Can deliveries that came on this channel still be acknowledged? */
-bool
-mqtx_broker_channel_is_open(BrokerConnection *conn, int channel)
-{
-	return conn != NULL && conn->open && channel > 0 && channel < MAX_CHANNELS &&
-		conn->channel_open[channel];
-}
-
-static void
-copy_content(amqp_message_t *message, BrokerDelivery *delivery)
-{
-	amqp_basic_properties_t *props = &message->properties;
-
-	if ((props->_flags & AMQP_BASIC_MESSAGE_ID_FLAG) && props->message_id.len > 0)
-		delivery->message_id = wire_string(props->message_id);
-	if (props->_flags & AMQP_BASIC_HEADERS_FLAG)
-	{
-		StringInfoData json;
-
-		initStringInfo(&json);
-		if (table_to_json(&json, &props->headers, 1))
-			delivery->headers_json = json.data;
-		else
-			delivery->headers_error = psprintf("headers nest deeper than %d levels",
-											   MAX_HEADER_DEPTH);
-		delivery->redriven_from = redriven_from(&props->headers);
-	}
-	delivery->body_len = (int) message->body.len;
-	delivery->body = palloc(delivery->body_len + 1);
-	memcpy(delivery->body, message->body.bytes, delivery->body_len);
-	delivery->body[delivery->body_len] = '\0';
-}
-
-/*
- * A basic.deliver came: copy it, and read and copy its content, in the
- * current memory context.  Returns 1, or 0 when the broker closed the
- * delivery's channel meanwhile, or -1 when the connection failed.
- */
-static int
-read_delivery(BrokerConnection *conn, amqp_frame_t *frame,
-			  BrokerDelivery *delivery, char **error)
-{
-	amqp_basic_deliver_t *deliver = frame->payload.method.decoded;
-	amqp_message_t message;
-	amqp_rpc_reply_t reply;
-
-	memset(delivery, 0, sizeof(*delivery));
-	delivery->channel = frame->channel;
-	/* the consumer tag is the queue name mqtx sent: taken as it is */
-	delivery->queue = amqp_bytes_to_cstring(deliver->consumer_tag);
-	delivery->delivery_tag = deliver->delivery_tag;
-	delivery->redelivered = deliver->redelivered;
-	delivery->exchange = wire_string(deliver->exchange);
-	delivery->routing_key = wire_string(deliver->routing_key);
-
-	reply = read_content(conn, delivery->channel, &message);
-	if (reply.reply_type != AMQP_RESPONSE_NORMAL)
-	{
-		*error = handle_failed_reply(conn, delivery->channel, reply, "reading a delivery");
-		return conn->open ? 0 : -1;
-	}
-	/* queued while its channel closed: the broker has it back already */
-	if (!conn->channel_open[delivery->channel])
-	{
-		amqp_destroy_message(&message);
-		return 0;
-	}
-	copy_content(&message, delivery);
-	amqp_destroy_message(&message);
-	return 1;
-}
-
-/*
- * Wait up to timeout_ms for the next delivery and copy it, in the current
- * memory context, into *delivery.  Returns 1 for a delivery; 0 for none
- * (the time passed, or the latch was set); BROKER_CHANNEL_LOST when the
- * broker closed a queue's channel or cancelled its consumer
- * (delivery->channel says which, *error why; the other queues go on); -1
- * when the connection failed (*error says why).
- */
-int
-mqtx_broker_next_delivery(BrokerConnection *conn, int timeout_ms,
-					 BrokerDelivery *delivery, char **error)
-{
-	TimestampTz deadline = timeout_ms > 0 ?
-		TimestampTzPlusMilliseconds(GetCurrentTimestamp(), timeout_ms) : 0;
-
-	for (;;)
-	{
-		amqp_frame_t frame;
-		bool		woken;
-		int			rc;
-
-		if (conn->lost_channel != 0)
-		{
-			memset(delivery, 0, sizeof(*delivery));
-			delivery->channel = conn->lost_channel;
-			*error = pstrdup(conn->lost_channel_reason);
-			conn->lost_channel = 0;
-			return BROKER_CHANNEL_LOST;
-		}
-		rc = next_frame(conn, &frame, deadline, &woken);
-		if (rc == AMQP_STATUS_TIMEOUT)
-			return 0;
-		if (rc != AMQP_STATUS_OK)
-		{
-			lose_connection(conn, "consuming", rc, error);
-			return -1;
-		}
-		if (frame.frame_type == AMQP_FRAME_METHOD &&
-			frame.payload.method.id == AMQP_BASIC_DELIVER_METHOD &&
-			frame.channel < MAX_CHANNELS)
-		{
-			rc = read_delivery(conn, &frame, delivery, error);
-			if (rc != 0)
-				return rc;
-			continue;
-		}
-		/* a consumer publishes nothing: only a lost connection matters */
-		if (!handle_frame(conn, &frame, error) && !conn->open)
-			return -1;
-	}
-}
-
-/*
- * Acknowledge one delivery, or with "multiple" every one up to it on its
- * channel; or reject one back onto its queue.  A delivery whose channel
- * has closed needs neither: the broker has requeued it.
- */
-bool
-mqtx_broker_ack(BrokerConnection *conn, int channel, uint64 delivery_tag,
-		   bool multiple, char **error)
-{
-	int			rc;
-
-	if (!conn->open)
-	{
-		*error = pstrdup("the broker connection is closed");
-		return false;
-	}
-	if (!mqtx_broker_channel_is_open(conn, channel))
-		return true;
-	rc = amqp_basic_ack(conn->state, channel, delivery_tag, multiple);
-	if (rc == AMQP_STATUS_OK)
-		return true;
-	lose_connection(conn, "acknowledging", rc, error);
-	return false;
-}
-
-bool
-mqtx_broker_requeue(BrokerConnection *conn, int channel, uint64 delivery_tag,
-			   char **error)
-{
-	int			rc;
-
-	if (!conn->open)
-	{
-		*error = pstrdup("the broker connection is closed");
-		return false;
-	}
-	if (!mqtx_broker_channel_is_open(conn, channel))
-		return true;
-	rc = amqp_basic_reject(conn->state, channel, delivery_tag, true);
-	if (rc == AMQP_STATUS_OK)
-		return true;
-	lose_connection(conn, "requeueing", rc, error);
-	return false;
 }
 
 /*
@@ -2204,7 +1273,7 @@ mqtx_broker_keep_alive(BrokerConnection *conn, char **error)
 	rc = amqp_send_frame(conn->state, &heartbeat);
 	if (rc != AMQP_STATUS_OK)
 	{
-		lose_connection(conn, "sending a heartbeat", rc, error);
+		mqtx_broker_lose_connection(conn, "sending a heartbeat", rc, error);
 		return false;
 	}
 	conn->last_keep_alive = now;
@@ -2226,9 +1295,7 @@ check_broker_url(char **newval, void **extra, GucSource source)
 	if (mqtx_broker_url_is_valid(*newval, &reason))
 		return true;
 	GUC_check_errdetail("%s", reason);
-	GUC_check_errhint("The expected form is amqp[s]://user:password@host:port/vhost; "
-					  "percent-encode reserved characters (the default vhost "
-					  "\"/\" is written %%2f).");
+	GUC_check_errhint("The expected form is amqp[s]://user:password@host:port/vhost; percent-encode reserved characters (the default vhost \"/\" is written %%2f).");
 	return false;
 }
 

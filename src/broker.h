@@ -9,6 +9,10 @@
  * broker_fields.c, broker_publish.c, broker_consume.c) include its
  * headers, through broker_internal.h.  A BrokerConnection is opaque.
  *
+ * These functions report failure as text in *error (or *reason), not with
+ * ereport(ERROR): a caller in the middle of a broker exchange decides what
+ * the failure means.  Each says at its definition what it returns then.
+ *
  *-------------------------------------------------------------------------
  */
 #ifndef MQTX_BROKER_H
@@ -98,43 +102,52 @@ typedef struct BrokerDelivery
 /* mqtx_broker_next_delivery: a queue's channel was closed or its consumer cancelled */
 #define BROKER_CHANNEL_LOST 2
 
-extern int	mqtx_broker_consume(BrokerConnection *conn, const char *queue,
-						   int prefetch, char **error);
-extern bool mqtx_broker_cancel(BrokerConnection *conn, int channel, const char *queue,
-						  char **error);
-extern bool mqtx_broker_channel_is_open(BrokerConnection *conn, int channel);
-extern int	mqtx_broker_next_delivery(BrokerConnection *conn, int timeout_ms,
-								 BrokerDelivery *delivery, char **error);
-extern bool mqtx_broker_ack(BrokerConnection *conn, int channel, uint64 delivery_tag,
-					   bool multiple, char **error);
-extern bool mqtx_broker_requeue(BrokerConnection *conn, int channel,
-						   uint64 delivery_tag, char **error);
-extern bool mqtx_broker_keep_alive(BrokerConnection *conn, char **error);
+/* Checks that need no connection (broker.c, broker_fields.c) */
 extern bool mqtx_broker_url_is_valid(const char *url, char **reason);
-extern bool mqtx_headers_are_valid(Jsonb *headers, char **reason);
 extern char *mqtx_broker_describe(const char *url);
+extern bool mqtx_headers_are_valid(Jsonb *headers, char **reason);
+
+/* The connection (broker.c) */
 extern BrokerConnection *mqtx_broker_connect(const char *url, const char *name,
-										char **error);
+											 char **error);
 extern void mqtx_broker_disconnect(BrokerConnection *conn);
 extern bool mqtx_broker_is_open(BrokerConnection *conn);
-extern double mqtx_broker_round_trip_ms(BrokerConnection *conn);
 extern bool mqtx_broker_refused(BrokerConnection *conn);
+extern double mqtx_broker_round_trip_ms(BrokerConnection *conn);
 extern bool mqtx_broker_is_blocked(BrokerConnection *conn, const char **reason);
 extern bool mqtx_broker_wait(BrokerConnection *conn, TimestampTz deadline, char **error);
+extern bool mqtx_broker_keep_alive(BrokerConnection *conn, char **error);
+
+/* Topology (broker.c) */
 extern bool mqtx_broker_declare_exchange(BrokerConnection *conn, const char *name,
-									const char *type, bool durable, char **error);
+										 const char *type, bool durable, char **error);
 extern bool mqtx_broker_declare_queue(BrokerConnection *conn, const char *name,
-								 bool durable, Jsonb *arguments, char **error);
+									  bool durable, Jsonb *arguments, char **error);
 extern bool mqtx_broker_bind(BrokerConnection *conn, const char *queue,
-						const char *exchange, const char *routing_key,
-						char **error);
+							 const char *exchange, const char *routing_key,
+							 char **error);
 extern bool mqtx_broker_exchange_exists(BrokerConnection *conn, const char *name,
-								   char **error);
+										char **error);
 extern void mqtx_broker_forget_exchanges(BrokerConnection *conn);
+
+/* Publishing with confirms (broker_publish.c) */
 extern bool mqtx_broker_publish(BrokerConnection *conn, BrokerMessage *message,
-						   char **error);
+								char **error);
 extern bool mqtx_broker_all_settled(BrokerMessage *messages, int count);
 extern void mqtx_broker_forget_messages(BrokerConnection *conn, BrokerMessage *messages,
-								   int count);
+										int count);
+
+/* Consuming (broker_consume.c) */
+extern int	mqtx_broker_consume(BrokerConnection *conn, const char *queue,
+								int prefetch, char **error);
+extern bool mqtx_broker_cancel(BrokerConnection *conn, int channel, const char *queue,
+							   char **error);
+extern bool mqtx_broker_channel_is_open(BrokerConnection *conn, int channel);
+extern int	mqtx_broker_next_delivery(BrokerConnection *conn, int timeout_ms,
+									  BrokerDelivery *delivery, char **error);
+extern bool mqtx_broker_ack(BrokerConnection *conn, int channel, uint64 delivery_tag,
+							bool multiple, char **error);
+extern bool mqtx_broker_requeue(BrokerConnection *conn, int channel,
+								uint64 delivery_tag, char **error);
 
 #endif							/* MQTX_BROKER_H */
