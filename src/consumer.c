@@ -1110,9 +1110,10 @@ dead_letter(Work *w)
 
 	w->dead_lettered = true;
 	ereport(WARNING,
-			(errmsg("mqtx consumer: dead-lettered message %s from queue \"%s\" after %d attempt%s (mqtx.dead_letter id " INT64_FORMAT ")",
-					w->key, w->d->queue, Max(w->attempts, 1), w->attempts > 1 ? "s" : "",
-					args.id),
+			(errmsg_plural("mqtx consumer: dead-lettered message %s from queue \"%s\" after %d attempt (mqtx.dead_letter id " INT64_FORMAT ")",
+						   "mqtx consumer: dead-lettered message %s from queue \"%s\" after %d attempts (mqtx.dead_letter id " INT64_FORMAT ")",
+						   Max(w->attempts, 1),
+						   w->key, w->d->queue, Max(w->attempts, 1), args.id),
 			 errdetail_internal("%s", w->edata->message),
 			 errhint("Fix the cause, then SELECT mqtx.redrive(id) or mqtx.discard(id).")));
 	if (!args.notified)
@@ -1272,16 +1273,19 @@ learn_from_predecessor(void)
 	if (record->digest == NULL)
 	{
 		ereport(LOG,
-				(errmsg("mqtx consumer: the previous consumer died while applying a batch of %d deliveries; applying the next %d one at a time",
-						record->deliveries, consumer.one_at_a_time)));
+				(errmsg_plural("mqtx consumer: the previous consumer died while applying a batch of %d delivery; applying the next %d one at a time",
+							   "mqtx consumer: the previous consumer died while applying a batch of %d deliveries; applying the next %d one at a time",
+							   record->deliveries,
+							   record->deliveries, consumer.one_at_a_time)));
 		return;
 	}
 	consumer.suspect = *record;
 	consumer.suspect.deaths = record->deaths + 1;
 	ereport(LOG,
-			(errmsg("mqtx consumer: a consumer died while applying message %s from queue \"%s\" alone (%d time%s)",
-					record->key, record->queue, consumer.suspect.deaths,
-					consumer.suspect.deaths == 1 ? "" : "s"),
+			(errmsg_plural("mqtx consumer: a consumer died while applying message %s from queue \"%s\" alone (%d time)",
+						   "mqtx consumer: a consumer died while applying message %s from queue \"%s\" alone (%d times)",
+						   consumer.suspect.deaths,
+						   record->key, record->queue, consumer.suspect.deaths),
 			 consumer.suspect.deaths >= MQTX_DEATHS_BEFORE_QUARANTINE ?
 			 errdetail("It will be dead-lettered without being applied.") : 0));
 }
@@ -1729,8 +1733,10 @@ consumer_turn(void)
 	consumer.worker.receiving = consuming;
 
 	/*
-	 * While consuming, the wait for deliveries is the loop's sleep; the
-	 * latch is checked on every turn through it.
+	 * While consuming, the wait for deliveries is the loop's sleep: it
+	 * waits on the latch with the socket (mqtx_broker_next_delivery), so a
+	 * SIGHUP, a SIGTERM or a change of subscriptions ends it as
+	 * mqtx_worker_wait would.
 	 */
 	more_work = consuming && consume_pass();
 	if (consuming)

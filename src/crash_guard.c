@@ -210,6 +210,7 @@ mqtx_crash_guard_applying(int deliveries, const char *queue, const char *key, in
 	pfree(record.data);
 }
 
+/* The batch is settled: a death from now on is not the batch's doing. */
 void
 mqtx_crash_guard_idle(void)
 {

@@ -149,6 +149,11 @@ mqtx_become(MqtxIdentity *saved, Oid role, const char *search_path,
 							 true, 0, false);
 }
 
+/*
+ * Back to the identity saved by mqtx_become; the search_path and any
+ * setting changed meanwhile are undone.  Not needed after an error: the
+ * (sub)transaction's abort restores both.
+ */
 void
 mqtx_restore_identity(MqtxIdentity *saved)
 {

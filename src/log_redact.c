@@ -228,6 +228,11 @@ mask_statement_hook(PlannedStmt *pstmt, const char *queryString,
 								params, queryEnv, dest, qc);
 }
 
+/*
+ * From _PG_init, before anything can log the broker URL: every log line
+ * of this process goes through redact_log_hook, and utility statements
+ * through mask_statement_hook, which masks the text of setting statements.
+ */
 void
 mqtx_install_log_redaction(void)
 {

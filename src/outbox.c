@@ -90,20 +90,18 @@ typedef struct RowToJsonbCache
 	FmgrInfo	to_jsonb;
 } RowToJsonbCache;
 
+/* argument is the parameter's name in mqtx.publish()'s signature */
 static void
-require_argument(bool isnull, const char *what)
+require_argument(bool isnull, const char *argument)
 {
 	if (isnull)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("mqtx message %s must not be NULL", what),
-				 strcmp(what, "exchange") == 0 ?
+				 errmsg("argument \"%s\" of mqtx.publish() must not be NULL", argument),
+				 strcmp(argument, "exchange") == 0 ?
 				 errhint("Use '' for RabbitMQ's default exchange.") : 0));
 }
 
-/*
- * Exchange names and routing keys are AMQP short strings.
- */
 /*
  * Length on the wire, in UTF-8; ERROR when the text has no UTF-8 form.
  */
@@ -115,15 +113,20 @@ utf8_length(const char *data, int len)
 	return converted == data ? len : (int) strlen(converted);
 }
 
+/*
+ * Exchange names and routing keys are AMQP short strings.
+ */
 static void
-check_short_string(text *value, const char *what)
+check_short_string(text *value, bool is_exchange)
 {
 	int			len = utf8_length(VARDATA_ANY(value), VARSIZE_ANY_EXHDR(value));
 
 	if (len > MQTX_SHORTSTR_MAX)
 		ereport(ERROR,
 				(errcode(ERRCODE_STRING_DATA_RIGHT_TRUNCATION),
-				 errmsg("mqtx message %s is too long", what),
+				 is_exchange ?
+				 errmsg("exchange name of mqtx message is too long") :
+				 errmsg("routing key of mqtx message is too long"),
 				 errdetail("It is %d bytes; AMQP allows at most %d.",
 						   len, MQTX_SHORTSTR_MAX)));
 }
@@ -657,8 +660,8 @@ static Datum
 enqueue_message(text *exchange, text *routing_key, Jsonb *payload,
 				Jsonb *headers)
 {
-	check_short_string(exchange, "exchange");
-	check_short_string(routing_key, "routing key");
+	check_short_string(exchange, true);
+	check_short_string(routing_key, false);
 	check_payload_size(payload);
 	check_headers(headers);
 	return insert_outbox_row(exchange, routing_key, payload, headers);
@@ -674,7 +677,7 @@ Datum
 mqtx_publish(PG_FUNCTION_ARGS)
 {
 	require_argument(PG_ARGISNULL(0), "exchange");
-	require_argument(PG_ARGISNULL(1), "routing key");
+	require_argument(PG_ARGISNULL(1), "routing_key");
 	require_argument(PG_ARGISNULL(2), "payload");
 
 	PG_RETURN_DATUM(enqueue_message(PG_GETARG_TEXT_PP(0),
@@ -683,39 +686,56 @@ mqtx_publish(PG_FUNCTION_ARGS)
 									PG_ARGISNULL(3) ? NULL : PG_GETARG_JSONB_P(3)));
 }
 
-static void
-trigger_misuse(TriggerData *trigdata, const char *rule, const char *actual)
-{
-	ereport(ERROR,
-			(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-			 errmsg("mqtx.outbox_trigger() %s", rule),
-			 errdetail("Trigger \"%s\" on \"%s\" %s.",
-					   trigdata->tg_trigger->tgname,
-					   RelationGetRelationName(trigdata->tg_relation), actual),
-			 errhint(TRIGGER_USAGE_HINT)));
-}
-
+/*
+ * mqtx.outbox_trigger() works only as an AFTER INSERT ... FOR EACH ROW
+ * trigger with the exchange and routing key as its two arguments.
+ */
 static void
 check_trigger_usage(TriggerData *trigdata)
 {
 	TriggerEvent event = trigdata->tg_event;
+	const char *trigger = trigdata->tg_trigger->tgname;
+	const char *table = RelationGetRelationName(trigdata->tg_relation);
 	int			nargs = trigdata->tg_trigger->tgnargs;
 
 	if (!TRIGGER_FIRED_AFTER(event))
-		trigger_misuse(trigdata, "must be fired AFTER INSERT",
-					   TRIGGER_FIRED_BEFORE(event) ? "is a BEFORE trigger" :
-					   "is an INSTEAD OF trigger");
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("mqtx.outbox_trigger() must be fired AFTER INSERT"),
+				 TRIGGER_FIRED_BEFORE(event) ?
+				 errdetail("Trigger \"%s\" on \"%s\" is a BEFORE trigger.",
+						   trigger, table) :
+				 errdetail("Trigger \"%s\" on \"%s\" is an INSTEAD OF trigger.",
+						   trigger, table),
+				 errhint(TRIGGER_USAGE_HINT)));
 	if (!TRIGGER_FIRED_FOR_ROW(event))
-		trigger_misuse(trigdata, "must be fired FOR EACH ROW",
-					   "is a statement-level trigger");
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("mqtx.outbox_trigger() must be fired FOR EACH ROW"),
+				 errdetail("Trigger \"%s\" on \"%s\" is a statement-level trigger.",
+						   trigger, table),
+				 errhint(TRIGGER_USAGE_HINT)));
 	if (!TRIGGER_FIRED_BY_INSERT(event))
-		trigger_misuse(trigdata, "must be fired by INSERT only",
-					   TRIGGER_FIRED_BY_UPDATE(event) ? "was fired by UPDATE" :
-					   TRIGGER_FIRED_BY_DELETE(event) ? "was fired by DELETE" :
-					   "was fired by TRUNCATE");
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("mqtx.outbox_trigger() must be fired by INSERT only"),
+				 TRIGGER_FIRED_BY_UPDATE(event) ?
+				 errdetail("Trigger \"%s\" on \"%s\" was fired by UPDATE.",
+						   trigger, table) :
+				 TRIGGER_FIRED_BY_DELETE(event) ?
+				 errdetail("Trigger \"%s\" on \"%s\" was fired by DELETE.",
+						   trigger, table) :
+				 errdetail("Trigger \"%s\" on \"%s\" was fired by TRUNCATE.",
+						   trigger, table),
+				 errhint(TRIGGER_USAGE_HINT)));
 	if (nargs != 2)
-		trigger_misuse(trigdata, "takes exactly two arguments, the exchange and the routing key",
-					   psprintf("passes %d", nargs));
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("mqtx.outbox_trigger() takes exactly two arguments, the exchange and the routing key"),
+				 errdetail_plural("Trigger \"%s\" on \"%s\" passes %d argument.",
+								  "Trigger \"%s\" on \"%s\" passes %d arguments.",
+								  nargs, trigger, table, nargs),
+				 errhint(TRIGGER_USAGE_HINT)));
 }
 
 /*

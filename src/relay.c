@@ -266,11 +266,15 @@ record_failures(Datum *ids, Datum *message_ids, Datum *errors, int count)
 	{
 		HeapTuple	tuple = SPI_tuptable->vals[i];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
+		bool		isnull;
+		int			attempts = DatumGetInt32(SPI_getbinval(tuple, desc, 3, &isnull));
 
 		ereport(WARNING,
-				(errmsg("mqtx relay: gave up on message %s (outbox id %s) after %s attempts",
-						SPI_getvalue(tuple, desc, 2), SPI_getvalue(tuple, desc, 1),
-						SPI_getvalue(tuple, desc, 3)),
+				(errmsg_plural("mqtx relay: gave up on message %s (outbox id %s) after %d attempt",
+							   "mqtx relay: gave up on message %s (outbox id %s) after %d attempts",
+							   attempts,
+							   SPI_getvalue(tuple, desc, 2), SPI_getvalue(tuple, desc, 1),
+							   attempts),
 				 errdetail_internal("Last error: %s", SPI_getvalue(tuple, desc, 4)),
 				 errhint("Its outbox row is now failed; fix the cause, then set its status to 'pending' and attempts to 0 to send it again.")));
 	}
@@ -886,6 +890,14 @@ relay_pass(void)
 	return relay.batches_in_flight > 0;
 }
 
+/*
+ * Entry point of the relay worker (one per served database).  Each turn
+ * waits for a commit's wake-up, the poll interval or a confirm, then
+ * publishes a pass of due rows; retention runs only when a pass left
+ * nothing to do, so it never delays publishing.  Errors are FATAL: the
+ * postmaster starts a new relay after bgw_restart_time, and rows claimed
+ * but not confirmed are simply due again.
+ */
 void
 mqtx_relay_main(Datum main_arg)
 {

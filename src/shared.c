@@ -125,6 +125,7 @@ init_shared_memory(void)
 	LWLockRelease(AddinShmemInitLock);
 }
 
+/* The slot of the index-th served database (a worker's main_arg). */
 MqtxSlot *
 mqtx_slot(int index)
 {
@@ -132,6 +133,7 @@ mqtx_slot(int index)
 	return &shared_state->slots[index];
 }
 
+/* The database a slot serves; fixed at server start. */
 const char *
 mqtx_slot_dbname(MqtxSlot *slot)
 {
@@ -160,6 +162,10 @@ slot_for_database(Oid dboid)
 	return NULL;
 }
 
+/*
+ * The open transaction enqueued a message: if it commits, the relay's
+ * latch is set (wake_at_commit_callback).
+ */
 void
 mqtx_wake_relay_at_commit(void)
 {
@@ -318,12 +324,14 @@ define_served_databases(void)
 	MemoryContextSwitchTo(old);
 }
 
+/* How many databases mqtx.database lists (0 when not preloaded). */
 int
 mqtx_served_database_count(void)
 {
 	return list_length(served_databases);
 }
 
+/* The index-th database of mqtx.database, as listed. */
 const char *
 mqtx_served_database(int index)
 {
@@ -364,6 +372,7 @@ mqtx_slot_attach(MqtxSlot *slot, MqtxWorkerKind kind, Oid dboid)
 	SpinLockRelease(&slot->mutex);
 }
 
+/* A worker gives up its slot as it exits (a before_shmem_exit callback). */
 void
 mqtx_slot_detach(MqtxSlot *slot, MqtxWorkerKind kind)
 {
@@ -375,6 +384,10 @@ mqtx_slot_detach(MqtxSlot *slot, MqtxWorkerKind kind)
 	SpinLockRelease(&slot->mutex);
 }
 
+/*
+ * Whether the worker is connected to the broker: the stats functions show
+ * it, and commits wake only a relay that is.
+ */
 void
 mqtx_slot_set_connected(MqtxSlot *slot, MqtxWorkerKind kind, bool connected)
 {
@@ -383,6 +396,7 @@ mqtx_slot_set_connected(MqtxSlot *slot, MqtxWorkerKind kind, bool connected)
 	SpinLockRelease(&slot->mutex);
 }
 
+/* Whether the broker has blocked the worker's connection (connection.blocked). */
 void
 mqtx_slot_set_blocked(MqtxSlot *slot, MqtxWorkerKind kind, bool blocked)
 {
@@ -391,6 +405,7 @@ mqtx_slot_set_blocked(MqtxSlot *slot, MqtxWorkerKind kind, bool blocked)
 	SpinLockRelease(&slot->mutex);
 }
 
+/* Add n to one of the slot's counters; lock-free, any process may call it. */
 void
 mqtx_count(MqtxSlot *slot, MqtxCounter counter, uint64 n)
 {
@@ -437,6 +452,7 @@ worker_stats(FunctionCallInfo fcinfo, MqtxWorkerKind kind,
 	}
 }
 
+/* mqtx.relay_stats(): the relays' processes, broker states and counters. */
 Datum
 mqtx_relay_stats(PG_FUNCTION_ARGS)
 {
@@ -444,6 +460,7 @@ mqtx_relay_stats(PG_FUNCTION_ARGS)
 	PG_RETURN_VOID();
 }
 
+/* mqtx.consumer_stats(): the same for the consumers. */
 Datum
 mqtx_consumer_stats(PG_FUNCTION_ARGS)
 {

@@ -87,6 +87,11 @@ static const MqtxCounter reconnect_counter[MQTX_NWORKER_KINDS] = {
 /* The worker of this process, for the exit callback. */
 static MqtxWorker *this_worker = NULL;
 
+/*
+ * Register a relay or consumer for the database of slot slot_index; from
+ * _PG_init, in the postmaster.  A worker that exits is started again after
+ * five seconds.
+ */
 void
 mqtx_register_worker(MqtxWorkerKind kind, int slot_index, const char *dbname)
 {
@@ -188,6 +193,7 @@ mqtx_worker_begin_step(const char *activity)
 	pgstat_report_activity(STATE_RUNNING, activity);
 }
 
+/* Commit the step begun by mqtx_worker_begin_step, and report idle. */
 void
 mqtx_worker_end_step(MqtxWorker *w)
 {
@@ -285,10 +291,11 @@ log_broker_down(MqtxWorker *w, const char *error)
 {
 	if (w->broker_state != MQTX_BROKER_DOWN)
 		ereport(WARNING,
-				(errmsg("mqtx %s: broker %s is unavailable; %s",
-						w->role, mqtx_broker_describe(mqtx_broker_url),
-						w->kind == MQTX_RELAY ? "messages stay pending" :
-						"consumption is paused"),
+				(w->kind == MQTX_RELAY ?
+				 errmsg("mqtx %s: broker %s is unavailable; messages stay pending",
+						w->role, mqtx_broker_describe(mqtx_broker_url)) :
+				 errmsg("mqtx %s: broker %s is unavailable; consumption is paused",
+						w->role, mqtx_broker_describe(mqtx_broker_url)),
 				 errdetail_internal("%s", error),
 				 errhint("The worker retries with backoff and logs again when the broker is back.")));
 	else
@@ -495,9 +502,10 @@ mqtx_worker_accepted(MqtxWorker *w, const char *object_type, const char *object_
 	if (r == NULL || r->cleared)
 		return;
 	ereport(LOG,
-			(errmsg("mqtx %s: the broker accepted %s \"%s\" after %d refusal%s",
-					w->role, object_type, object_name, r->failures,
-					r->failures == 1 ? "" : "s")));
+			(errmsg_plural("mqtx %s: the broker accepted %s \"%s\" after %d refusal",
+						   "mqtx %s: the broker accepted %s \"%s\" after %d refusals",
+						   r->failures,
+						   w->role, object_type, object_name, r->failures)));
 	r->cleared = true;
 }
 
@@ -516,6 +524,7 @@ mqtx_worker_begin_round(MqtxWorker *w, const char *const *object_types, int ntyp
 			((BrokerRefusal *) lfirst(lc))->seen = false;
 }
 
+/* End the round: refusals of objects no longer configured are cleared. */
 void
 mqtx_worker_end_round(MqtxWorker *w)
 {
