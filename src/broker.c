@@ -1018,7 +1018,7 @@ mqtx_broker_exchange_exists(BrokerConnection *conn, const char *name, char **err
 		return true;			/* the default exchange always exists */
 	foreach(lc, conn->known_exchanges)
 		if (strcmp(lfirst(lc), name) == 0)
-			return true;
+		return true;
 	missing = missing_exchange(conn, name);
 	if (missing != NULL && GetCurrentTimestamp() < missing->recheck_at)
 	{
@@ -1171,8 +1171,8 @@ mqtx_broker_next_frame(BrokerConnection *conn, amqp_frame_t *frame, TimestampTz 
 			return rc;
 
 		/*
-		 * Asked not to wait, the library never notices a silent broker
-		 * (it compares its heartbeat deadline only with the wait's): two
+		 * Asked not to wait, the library never notices a silent broker (it
+		 * compares its heartbeat deadline only with the wait's): two
 		 * heartbeat intervals without a byte mean the connection is dead.
 		 */
 		if (amqp_get_heartbeat(conn->state) > 0 &&

@@ -52,7 +52,8 @@ typedef enum PublishOutcome
 	PUBLISH_ACKED,
 	PUBLISH_NACKED,
 	PUBLISH_RETURNED,			/* unroutable (mandatory) */
-	PUBLISH_REJECTED			/* refused before sending, e.g. unknown exchange */
+	PUBLISH_REJECTED			/* refused before sending, e.g. unknown
+								 * exchange */
 } PublishOutcome;
 
 typedef struct BrokerMessage

@@ -42,9 +42,9 @@ mqtx_broker_consume(BrokerConnection *conn, const char *queue, int prefetch,
 	/*
 	 * A channel number is never used twice on a connection: a new channel
 	 * numbers its deliveries from 1 again, and a tag of the old one (a
-	 * delivery held for a retry, or read while the old channel closed)
-	 * would acknowledge another message.  When they run out, the
-	 * connection is replaced.
+	 * delivery held for a retry, or read while the old channel closed) would
+	 * acknowledge another message.  When they run out, the connection is
+	 * replaced.
 	 */
 	if (conn->next_consume_channel < FIRST_CONSUME_CHANNEL)
 		conn->next_consume_channel = FIRST_CONSUME_CHANNEL;
@@ -234,7 +234,7 @@ mqtx_broker_next_delivery(BrokerConnection *conn, int timeout_ms,
 						  BrokerDelivery *delivery, char **error)
 {
 	TimestampTz deadline = timeout_ms > 0 ?
-		TimestampTzPlusMilliseconds(GetCurrentTimestamp(), timeout_ms) : 0;
+	TimestampTzPlusMilliseconds(GetCurrentTimestamp(), timeout_ms) : 0;
 
 	for (;;)
 	{

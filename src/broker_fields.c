@@ -44,20 +44,20 @@
  * raises the error for anything else.
  */
 amqp_bytes_t
-mqtx_amqp_from_server(const char *text, int len)
+mqtx_amqp_from_server(const char *str, int len)
 {
 	amqp_bytes_t bytes;
 
-	bytes.bytes = pg_server_to_any(text, len, PG_UTF8);
-	bytes.len = (bytes.bytes == text) ? (size_t) len : strlen(bytes.bytes);
+	bytes.bytes = pg_server_to_any(str, len, PG_UTF8);
+	bytes.len = (bytes.bytes == str) ? (size_t) len : strlen(bytes.bytes);
 	return bytes;
 }
 
 /* The same, for a NUL-terminated string */
 amqp_bytes_t
-mqtx_amqp_from_server_cstring(const char *text)
+mqtx_amqp_from_server_cstring(const char *str)
 {
-	return mqtx_amqp_from_server(text, strlen(text));
+	return mqtx_amqp_from_server(str, strlen(str));
 }
 
 /*
@@ -84,16 +84,16 @@ static bool
 numeric_to_field(Numeric num, const char *key, amqp_field_value_t *field,
 				 char **reason)
 {
-	char	   *text = DatumGetCString(DirectFunctionCall1(numeric_out,
-														   NumericGetDatum(num)));
+	char	   *str = DatumGetCString(DirectFunctionCall1(numeric_out,
+														  NumericGetDatum(num)));
 
-	if (strpbrk(text, ".eE") == NULL)
+	if (strpbrk(str, ".eE") == NULL)
 	{
 		char	   *end;
 		long long	value;
 
 		errno = 0;
-		value = strtoll(text, &end, 10);
+		value = strtoll(str, &end, 10);
 		if (errno == 0 && *end == '\0')
 		{
 			field->kind = AMQP_FIELD_KIND_I64;
@@ -101,15 +101,15 @@ numeric_to_field(Numeric num, const char *key, amqp_field_value_t *field,
 			return true;
 		}
 		*reason = psprintf("Header \"%s\": the integer %.30s%s does not fit in 64 bits.",
-						   key, text, strlen(text) > 30 ? "..." : "");
+						   key, str, strlen(str) > 30 ? "..." : "");
 		return false;
 	}
 	field->kind = AMQP_FIELD_KIND_F64;
-	field->value.f64 = strtod(text, NULL);
+	field->value.f64 = strtod(str, NULL);
 	if (isinf(field->value.f64))
 	{
 		*reason = psprintf("Header \"%s\": the number %s does not fit in a double.",
-						   key, text);
+						   key, str);
 		return false;
 	}
 	return true;
@@ -381,7 +381,7 @@ field_to_json(StringInfo out, amqp_field_value_t *field, int depth)
 		case AMQP_FIELD_KIND_F64:
 			{
 				double		d = field->kind == AMQP_FIELD_KIND_F32 ?
-					field->value.f32 : field->value.f64;
+				field->value.f32 : field->value.f64;
 
 				if (isfinite(d))
 					appendStringInfo(out, "%.17g", d);

@@ -119,7 +119,8 @@ struct BrokerConnection
 	TimestampTz last_received_at;	/* when the broker last sent anything */
 	TimestampTz reply_awaited_since;	/* the RPC in progress began */
 	double		round_trip_ms;	/* of recent RPCs; 0: none yet */
-	bool		refused;		/* the last RPC failed because the broker said no */
+	bool		refused;		/* the last RPC failed because the broker said
+								 * no */
 	int			next_consume_channel;	/* never reused on a connection */
 	char	   *io_error;		/* why our send or recv gave up, or NULL */
 	BrokerConnection *next;		/* in open_connections */
@@ -165,8 +166,8 @@ extern bool mqtx_broker_discard_delivery(BrokerConnection *conn, amqp_channel_t 
 										 char **error);
 
 /* broker_fields.c: jsonb and text to AMQP values, and back */
-extern amqp_bytes_t mqtx_amqp_from_server(const char *text, int len);
-extern amqp_bytes_t mqtx_amqp_from_server_cstring(const char *text);
+extern amqp_bytes_t mqtx_amqp_from_server(const char *str, int len);
+extern amqp_bytes_t mqtx_amqp_from_server_cstring(const char *str);
 extern char *mqtx_amqp_to_cstring(amqp_bytes_t bytes);
 extern bool mqtx_amqp_headers_to_table(Jsonb *headers, amqp_table_t *table,
 									   char **reason);

@@ -204,9 +204,11 @@ typedef struct Work
 	Subscription *sub;			/* NULL: the queue is no longer subscribed */
 	char	   *key;			/* dedupe key, in the transaction's memory */
 	ApplyResult result;
-	ErrorData  *edata;			/* why it failed, for HANDLER_FAILED and POISON */
+	ErrorData  *edata;			/* why it failed, for HANDLER_FAILED and
+								 * POISON */
 	int			attempts;		/* failed attempts on record */
-	bool		settled;		/* applied, a duplicate or dead-lettered: ack it */
+	bool		settled;		/* applied, a duplicate or dead-lettered: ack
+								 * it */
 	bool		dead_lettered;	/* a new dead letter was written */
 	bool		failed;			/* failed already, in the batch's first try */
 	bool		suspect;		/* the delivery earlier consumers died on */
@@ -244,14 +246,14 @@ static SPIPlanPtr dead_letter_plan = NULL;
 #define ERROR_TEXT_MAX 8000
 
 static char *
-clip_text(char *text)
+clip_text(char *str)
 {
 	int			len;
 
-	if (text == NULL || (len = strlen(text)) <= ERROR_TEXT_MAX)
-		return text;
-	len = pg_mbcliplen(text, len, ERROR_TEXT_MAX);
-	return psprintf("%.*s... (%d bytes cut)", len, text, (int) strlen(text) - len);
+	if (str == NULL || (len = strlen(str)) <= ERROR_TEXT_MAX)
+		return str;
+	len = pg_mbcliplen(str, len, ERROR_TEXT_MAX);
+	return psprintf("%.*s... (%d bytes cut)", len, str, (int) strlen(str) - len);
 }
 
 static void
@@ -483,8 +485,8 @@ load_subscriptions(void)
 
 	/*
 	 * A subscription's queue is declared by the topology, which the
-	 * connection declared as of an earlier generation; consumed before it
-	 * is declared, the queue may not exist yet, and the broker refuses.
+	 * connection declared as of an earlier generation; consumed before it is
+	 * declared, the queue may not exist yet, and the broker refuses.
 	 * Declaring now, after the read, covers every queue read.
 	 */
 	if (consumer.worker.declared_generation !=
@@ -560,7 +562,7 @@ start_consuming(void)
 			sub->channel != 0)
 			continue;
 		sub->channel = mqtx_broker_consume(consumer.worker.conn, sub->queue, sub->prefetch,
-									  &error);
+										   &error);
 		if (sub->channel != 0)
 			mqtx_worker_accepted(&consumer.worker, subscription_type[0], sub->queue);
 		else if (mqtx_broker_is_open(consumer.worker.conn))
@@ -623,7 +625,7 @@ dedupe_key(BrokerDelivery *d)
 static Jsonb *
 parse_body(BrokerDelivery *d)
 {
-	char	   *text;
+	char	   *str;
 
 	if (d->body_len > mqtx_max_payload)
 		ereport(ERROR,
@@ -638,8 +640,8 @@ parse_body(BrokerDelivery *d)
 		ereport(ERROR,
 				(errcode(ERRCODE_CHARACTER_NOT_IN_REPERTOIRE),
 				 errmsg("body is not valid UTF-8")));
-	text = pg_any_to_server(d->body, d->body_len, PG_UTF8);
-	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(text)));
+	str = pg_any_to_server(d->body, d->body_len, PG_UTF8);
+	return DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(str)));
 }
 
 static Jsonb *
@@ -840,8 +842,8 @@ classify_failure(Work *w, ApplyResult stage, TimestampTz started)
 
 	/*
 	 * A serialization failure or a deadlock is the transaction's, not the
-	 * delivery's: what follows it in the batch would fail the same way.
-	 * The batch is then applied one transaction per delivery.
+	 * delivery's: what follows it in the batch would fail the same way. The
+	 * batch is then applied one transaction per delivery.
 	 */
 	if (is_transient(w->edata))
 		ReThrowError(w->edata);
@@ -1378,8 +1380,8 @@ record_transaction_failure(Work *w, ErrorData *commit_error)
 	w->attempts = 0;
 
 	/*
-	 * A serialization failure or deadlock says nothing about the message:
-	 * it is tried again, after the backoff, without spending an attempt.
+	 * A serialization failure or deadlock says nothing about the message: it
+	 * is tried again, after the backoff, without spending an attempt.
 	 */
 	if (is_transient(commit_error))
 		ereport(LOG,
@@ -1511,7 +1513,7 @@ acknowledge(DeliveryTag *ack, int nack, DeliveryTag *requeue, int nrequeue,
 {
 	for (int i = 0; i < nrequeue; i++)
 		if (!mqtx_broker_requeue(consumer.worker.conn, requeue[i].channel, requeue[i].tag,
-							error))
+								 error))
 			return false;
 	for (int i = 0; i < nack; i++)
 	{
@@ -1589,8 +1591,8 @@ collect_batch(BrokerDelivery *batch, int capacity, char **error)
 		int			rc;
 
 		rc = mqtx_broker_next_delivery(consumer.worker.conn,
-								  count == 0 ? DELIVERY_WAIT_MS : 0,
-								  &batch[count], error);
+									   count == 0 ? DELIVERY_WAIT_MS : 0,
+									   &batch[count], error);
 		if (rc < 0)
 			return -1;
 		if (rc == BROKER_CHANNEL_LOST)
@@ -1733,10 +1735,10 @@ consumer_turn(void)
 	consumer.worker.receiving = consuming;
 
 	/*
-	 * While consuming, the wait for deliveries is the loop's sleep: it
-	 * waits on the latch with the socket (mqtx_broker_next_delivery), so a
-	 * SIGHUP, a SIGTERM or a change of subscriptions ends it as
-	 * mqtx_worker_wait would.
+	 * While consuming, the wait for deliveries is the loop's sleep: it waits
+	 * on the latch with the socket (mqtx_broker_next_delivery), so a SIGHUP,
+	 * a SIGTERM or a change of subscriptions ends it as mqtx_worker_wait
+	 * would.
 	 */
 	more_work = consuming && consume_pass();
 	if (consuming)
@@ -1761,8 +1763,8 @@ mqtx_consumer_main(Datum main_arg)
 	 * A batch allocates tens of kilobytes per delivery (handler caches,
 	 * parsed bodies) and frees it all at once when the pass ends.  glibc
 	 * would hand that memory back to the kernel every time and fault it in
-	 * again page by page for the next batch: a page fault for every page
-	 * of every batch.  Keep freed memory in the process.
+	 * again page by page for the next batch: a page fault for every page of
+	 * every batch.  Keep freed memory in the process.
 	 */
 #ifdef __GLIBC__
 	mallopt(M_TRIM_THRESHOLD, 256 * 1024 * 1024);

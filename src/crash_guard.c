@@ -88,9 +88,9 @@ write_record(const char *record)
  * compare equal, and a death be counted against a sibling.
  */
 static void
-parse_record(char *text)
+parse_record(char *record_text)
 {
-	char	   *state = strtok(text, "\n");
+	char	   *state = strtok(record_text, "\n");
 	char	   *deliveries = strtok(NULL, "\n");
 	char	   *deaths = strtok(NULL, "\n");
 	char	   *digest = strtok(NULL, "\n");
@@ -161,7 +161,7 @@ guard_exit(int code, Datum arg)
 const MqtxCrashRecord *
 mqtx_crash_guard_open(void)
 {
-	char		text[GUARD_RECORD_MAX + 1];
+	char		record_text[GUARD_RECORD_MAX + 1];
 	ssize_t		len;
 
 	if (MakePGDirectory(GUARD_DIRECTORY) < 0 && errno != EEXIST)
@@ -180,9 +180,9 @@ mqtx_crash_guard_open(void)
 		memset(&previous, 0, sizeof(previous));
 		return &previous;
 	}
-	len = pread(guard_fd, text, GUARD_RECORD_MAX, 0);
-	text[Max(len, 0)] = '\0';
-	parse_record(text);
+	len = pread(guard_fd, record_text, GUARD_RECORD_MAX, 0);
+	record_text[Max(len, 0)] = '\0';
+	parse_record(record_text);
 	write_record(idle_record);
 	before_shmem_exit(guard_exit, 0);
 	previous_sigquit = pqsignal(SIGQUIT, guard_sigquit);

@@ -85,18 +85,18 @@ find_password(const char *authority, const char **start, const char **end)
  * regard to case, as URL schemes are.
  */
 static bool
-is_amqp_scheme(const char *text, const char *sep)
+is_amqp_scheme(const char *input, const char *sep)
 {
-	return (sep - text >= 5 && pg_strncasecmp(sep - 5, "amqps", 5) == 0) ||
-		(sep - text >= 4 && pg_strncasecmp(sep - 4, "amqp", 4) == 0);
+	return (sep - input >= 5 && pg_strncasecmp(sep - 5, "amqps", 5) == 0) ||
+		(sep - input >= 4 && pg_strncasecmp(sep - 4, "amqp", 4) == 0);
 }
 
 /*
- * The bounds of the first password of an AMQP URL in text at or after
+ * The bounds of the first password of an AMQP URL in input at or after
  * from; false when there is none.
  */
 static bool
-next_password(const char *text, const char *from, const char **start,
+next_password(const char *input, const char *from, const char **start,
 			  const char **end)
 {
 	const char *sep;
@@ -104,25 +104,25 @@ next_password(const char *text, const char *from, const char **start,
 	while ((sep = strstr(from, "://")) != NULL)
 	{
 		from = sep + 3;
-		if (is_amqp_scheme(text, sep) && find_password(from, start, end))
+		if (is_amqp_scheme(input, sep) && find_password(from, start, end))
 			return true;
 	}
 	return false;
 }
 
 /*
- * Return a copy of text with the password of every AMQP URL masked, or
+ * Return a copy of input with the password of every AMQP URL masked, or
  * NULL when there is nothing to mask.
  */
 char *
-mqtx_redact_secrets(const char *text)
+mqtx_redact_secrets(const char *input)
 {
 	StringInfoData out;
-	const char *cursor = text;
+	const char *cursor = input;
 	const char *pw_start;
 	const char *pw_end;
 
-	if (text == NULL || !next_password(text, text, &pw_start, &pw_end))
+	if (input == NULL || !next_password(input, input, &pw_start, &pw_end))
 		return NULL;
 
 	initStringInfo(&out);
@@ -131,7 +131,7 @@ mqtx_redact_secrets(const char *text)
 		appendBinaryStringInfo(&out, cursor, pw_start - cursor);
 		appendStringInfoString(&out, REDACTED_PASSWORD);
 		cursor = pw_end;
-	} while (next_password(text, cursor, &pw_start, &pw_end));
+	} while (next_password(input, cursor, &pw_start, &pw_end));
 	appendStringInfoString(&out, cursor);
 	return out.data;
 }
@@ -173,14 +173,14 @@ redact_log_hook(ErrorData *edata)
  * character.  Returns whether there was one.
  */
 static bool
-mask_secrets_in_place(char *text)
+mask_secrets_in_place(char *input)
 {
-	const char *cursor = text;
+	const char *cursor = input;
 	const char *pw_start;
 	const char *pw_end;
 	bool		masked = false;
 
-	while (next_password(text, cursor, &pw_start, &pw_end))
+	while (next_password(input, cursor, &pw_start, &pw_end))
 	{
 		memset((char *) pw_start, '*', pw_end - pw_start);
 		cursor = pw_end;

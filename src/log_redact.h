@@ -11,6 +11,6 @@
 
 extern void mqtx_install_log_redaction(void);
 extern void mqtx_check_statement_masking(void);
-extern char *mqtx_redact_secrets(const char *text);
+extern char *mqtx_redact_secrets(const char *input);
 
 #endif							/* MQTX_LOG_REDACT_H */

@@ -216,7 +216,7 @@ mqtx_new_message_id(void)
 {
 	pg_uuid_t	id;
 	int64		unix_us = GetCurrentTimestamp() +
-		(int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY;
+	(int64) (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * USECS_PER_DAY;
 	uint64		unix_ms = (uint64) unix_us / 1000;
 	uint32		sub_ms = (uint32) (((uint64) unix_us % 1000) * 4096 / 1000);
 
@@ -260,6 +260,7 @@ static const struct
 	const char *name;
 	Oid			type;
 }			filled_columns[NUM_FILLED_COLUMNS] =
+
 {
 	[COLUMN_MESSAGE_ID] = {"message_id", UUIDOID},
 	[COLUMN_EXCHANGE] = {"exchange", TEXTOID},

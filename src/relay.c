@@ -184,7 +184,8 @@ typedef struct RelayState
 	int			batches_in_flight;
 	bool		blocked;		/* the broker blocked the connection */
 	bool		confirms_late;	/* logged that a batch timed out */
-	double		confirm_latency_ms; /* recent send-to-confirm time, 0: none yet */
+	double		confirm_latency_ms; /* recent send-to-confirm time, 0: none
+									 * yet */
 	bool		outbox_replaced;	/* logged that in-flight rows were dropped */
 	TimestampTz next_retention_at;
 } RelayState;
@@ -358,7 +359,7 @@ late_after_ms(void)
 {
 	/* before any confirm, the connection's RPCs tell how far the broker is */
 	double		latency = relay.confirm_latency_ms > 0 ? relay.confirm_latency_ms :
-		mqtx_broker_round_trip_ms(relay.worker.conn);
+	mqtx_broker_round_trip_ms(relay.worker.conn);
 
 	return Max((double) mqtx_confirm_timeout, 3 * latency);
 }
@@ -699,8 +700,8 @@ send_batch(RelayBatch *batch, char **error)
 		BrokerMessage *m = &batch->messages[i];
 
 		/*
-		 * RabbitMQ says connection.blocked and then stops reading: look
-		 * for it now and then, rather than fill the socket and stall.
+		 * RabbitMQ says connection.blocked and then stops reading: look for
+		 * it now and then, rather than fill the socket and stall.
 		 */
 		if (unchecked >= SEND_CHECK_BYTES)
 		{

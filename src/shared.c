@@ -256,9 +256,9 @@ wake_at_commit_callback(XactEvent event, void *arg)
 
 			/*
 			 * COMMIT PREPARED runs in another session, or after a restart,
-			 * where no callback of this one can tell the workers; a change
-			 * of topology or subscriptions they never hear of would never
-			 * be declared or consumed.  Messages enqueued in a prepared
+			 * where no callback of this one can tell the workers; a change of
+			 * topology or subscriptions they never hear of would never be
+			 * declared or consumed.  Messages enqueued in a prepared
 			 * transaction are found by the relay's poll.
 			 */
 			if (topology_changed_level > 0)

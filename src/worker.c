@@ -149,24 +149,23 @@ mqtx_worker_start(MqtxWorker *w, MqtxWorkerKind kind, Datum main_arg)
 	mqtx_remember_server_search_path();
 
 	/*
-	 * The workers connect as the bootstrap superuser, and that is sound
-	 * only because of what they run as that role: mqtx's own statements,
-	 * on tables in schema mqtx that only the extension's owner can alter
-	 * (no triggers, rules or policies a user could add), with every name
-	 * resolved in pg_catalog alone; user code, the consumer's handlers,
-	 * runs as its owner (consumer.c).  A dedicated non-superuser role
-	 * would not be safer: in PostgreSQL 15 a background worker may only
-	 * connect as a role that can log in, so it would be a login role with
-	 * write access to every served database's outbox, inbox and dead
-	 * letters, and a password or trust rule of its own to guard.
+	 * The workers connect as the bootstrap superuser, and that is sound only
+	 * because of what they run as that role: mqtx's own statements, on tables
+	 * in schema mqtx that only the extension's owner can alter (no triggers,
+	 * rules or policies a user could add), with every name resolved in
+	 * pg_catalog alone; user code, the consumer's handlers, runs as its owner
+	 * (consumer.c).  A dedicated non-superuser role would not be safer: in
+	 * PostgreSQL 15 a background worker may only connect as a role that can
+	 * log in, so it would be a login role with write access to every served
+	 * database's outbox, inbox and dead letters, and a password or trust rule
+	 * of its own to guard.
 	 *
-	 * The search_path is set at session level: a database owner's
-	 * ALTER DATABASE ... SET search_path (or one on this role) must not
-	 * reach the workers' statements, where a look-alike of a pg_catalog
-	 * function with an exact argument-type match in an earlier schema
-	 * would be chosen over the real one (CVE-2018-1058).  pg_temp comes
-	 * last explicitly, and functions and operators are never looked up
-	 * there.
+	 * The search_path is set at session level: a database owner's ALTER
+	 * DATABASE ... SET search_path (or one on this role) must not reach the
+	 * workers' statements, where a look-alike of a pg_catalog function with
+	 * an exact argument-type match in an earlier schema would be chosen over
+	 * the real one (CVE-2018-1058).  pg_temp comes last explicitly, and
+	 * functions and operators are never looked up there.
 	 */
 	BackgroundWorkerInitializeConnection(mqtx_slot_dbname(w->slot), NULL, 0);
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_SESSION);
@@ -372,7 +371,8 @@ typedef struct BrokerRefusal
 	int			failures;
 	TimestampTz retry_at;
 	bool		seen;			/* still configured, as of the last round */
-	bool		closes_connection;	/* the broker closed the connection over it */
+	bool		closes_connection;	/* the broker closed the connection over
+									 * it */
 	bool		unsaved;		/* a failure not yet in mqtx.broker_errors */
 	bool		cleared;		/* accepted now: its row goes */
 } BrokerRefusal;
@@ -425,7 +425,7 @@ retry_now(MqtxWorker *w, const char *const *object_types, int ntypes)
 
 	foreach(lc, w->refusals)
 		if (is_of_type(lfirst(lc), object_types, ntypes))
-			((BrokerRefusal *) lfirst(lc))->retry_at = 0;
+		((BrokerRefusal *) lfirst(lc))->retry_at = 0;
 }
 
 static bool
@@ -521,7 +521,7 @@ mqtx_worker_begin_round(MqtxWorker *w, const char *const *object_types, int ntyp
 
 	foreach(lc, w->refusals)
 		if (is_of_type(lfirst(lc), object_types, ntypes))
-			((BrokerRefusal *) lfirst(lc))->seen = false;
+		((BrokerRefusal *) lfirst(lc))->seen = false;
 }
 
 /* End the round: refusals of objects no longer configured are cleared. */
@@ -721,9 +721,9 @@ probe_object(MqtxWorker *w, TopologyObject *o)
 {
 	char	   *error = NULL;
 	BrokerConnection *probe = mqtx_broker_connect(mqtx_broker_url,
-											 psprintf("mqtx %s probe for database %s",
-													  w->role, mqtx_slot_dbname(w->slot)),
-											 &error);
+												  psprintf("mqtx %s probe for database %s",
+														   w->role, mqtx_slot_dbname(w->slot)),
+												  &error);
 	bool		accepted;
 
 	if (probe == NULL)
@@ -836,9 +836,9 @@ mqtx_worker_ensure_broker(MqtxWorker *w)
 			return false;
 		pgstat_report_activity(STATE_RUNNING, psprintf("mqtx %s: connecting to broker", w->role));
 		w->conn = mqtx_broker_connect(mqtx_broker_url,
-								 psprintf("mqtx %s for database %s", w->role,
-										  mqtx_slot_dbname(w->slot)),
-								 &error);
+									  psprintf("mqtx %s for database %s", w->role,
+											   mqtx_slot_dbname(w->slot)),
+									  &error);
 		pgstat_report_activity(STATE_IDLE, NULL);
 		if (w->conn == NULL)
 		{
@@ -861,9 +861,9 @@ mqtx_worker_ensure_broker(MqtxWorker *w)
 	}
 
 	/*
-	 * A declaration that made the broker close the connection was the
-	 * refused object's doing, not the broker's: start again on a new
-	 * connection at once, without it.
+	 * A declaration that made the broker close the connection was the refused
+	 * object's doing, not the broker's: start again on a new connection at
+	 * once, without it.
 	 */
 	if (!topology_is_current(w) && !declare_topology(w, &error))
 	{

@@ -37,7 +37,8 @@ typedef struct MqtxWorker
 	MqtxWorkerKind kind;
 	const char *role;			/* "relay" or "consumer", for log lines */
 	MqtxSlot   *slot;
-	MemoryContext context;		/* where each step returns; the worker may switch it */
+	MemoryContext context;		/* where each step returns; the worker may
+								 * switch it */
 	BrokerConnection *conn;
 	MqtxBrokerState broker_state;
 	bool		ever_connected;
@@ -53,7 +54,8 @@ typedef struct MqtxWorker
 	bool		refusals_saved; /* mqtx.broker_errors is this process's */
 	char		schema_version[NAMEDATALEN];	/* of the extension's objects */
 	bool		receiving;		/* deliveries may arrive: don't poll frames */
-	void		(*on_disconnect) (const char *error);	/* before the connection goes */
+	void		(*on_disconnect) (const char *error);	/* before the connection
+														 * goes */
 } MqtxWorker;
 
 extern void mqtx_worker_define_settings(void);

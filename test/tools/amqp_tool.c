@@ -60,9 +60,9 @@ static const char *progname = "amqp_tool";
 /* diagnostics                                                         */
 
 static void
-complain(const char *fmt, ...)
+complain(const char *fmt,...)
 {
-	va_list ap;
+	va_list		ap;
 
 	fprintf(stderr, "%s: ", progname);
 	va_start(ap, fmt);
@@ -139,6 +139,7 @@ watchdog_fire(int signo)
 	n = write(STDERR_FILENO, watchdog_what, strlen(watchdog_what));
 	n = write(STDERR_FILENO, "\n", 1);
 	(void) n;
+
 	_exit(1);
 }
 
@@ -276,17 +277,37 @@ take_option(struct options *o, int id, char *arg)
 	o->seen |= BIT(id);
 	switch (id)
 	{
-		case OPT_URL: o->url = arg; break;
-		case OPT_QUEUE: o->queue = arg; break;
-		case OPT_EXCHANGE: o->exchange = arg; break;
-		case OPT_ROUTING_KEY: o->routing_key = arg; break;
-		case OPT_MESSAGE_ID: o->message_id = arg; break;
-		case OPT_CONTENT_TYPE: o->content_type = arg; break;
-		case OPT_BODY: o->body = arg; break;
-		case OPT_BODY_FILE: o->body_file = arg; break;
-		case OPT_PERSISTENT: case OPT_DURABLE: break;
-		case OPT_COUNT: return parse_positive("count", arg, &o->count);
-		case OPT_REPEAT: return parse_positive("repeat", arg, &o->repeat);
+		case OPT_URL:
+			o->url = arg;
+			break;
+		case OPT_QUEUE:
+			o->queue = arg;
+			break;
+		case OPT_EXCHANGE:
+			o->exchange = arg;
+			break;
+		case OPT_ROUTING_KEY:
+			o->routing_key = arg;
+			break;
+		case OPT_MESSAGE_ID:
+			o->message_id = arg;
+			break;
+		case OPT_CONTENT_TYPE:
+			o->content_type = arg;
+			break;
+		case OPT_BODY:
+			o->body = arg;
+			break;
+		case OPT_BODY_FILE:
+			o->body_file = arg;
+			break;
+		case OPT_PERSISTENT:
+		case OPT_DURABLE:
+			break;
+		case OPT_COUNT:
+			return parse_positive("count", arg, &o->count);
+		case OPT_REPEAT:
+			return parse_positive("repeat", arg, &o->repeat);
 		case OPT_TIMEOUT_MS:
 			return parse_positive("timeout-ms", arg, &o->timeout_ms);
 		case OPT_HEADER:
@@ -473,10 +494,10 @@ session_status(struct session *s, const char *what, int rc)
 static size_t
 utf8_sequence_length(const unsigned char *p, size_t avail)
 {
-	unsigned char lo = 0x80,
-				hi = 0xBF;
-	size_t		n,
-				i;
+	unsigned char lo = 0x80;
+	unsigned char hi = 0xBF;
+	size_t		n;
+	size_t		i;
 
 	if (p[0] >= 0xC2 && p[0] <= 0xDF)
 		n = 2;
@@ -815,8 +836,8 @@ get_one(struct session *s, const char *queue)
 	}
 
 	/*
-	 * Ack before printing: if the ack cannot be sent the message goes back
-	 * to the queue, and the test must not believe it was consumed.
+	 * Ack before printing: if the ack cannot be sent the message goes back to
+	 * the queue, and the test must not believe it was consumed.
 	 */
 	watchdog_arm("sending basic.ack", s->timeout_ms);
 	acked = amqp_basic_ack(s->conn, CHANNEL, ok->delivery_tag, 0);
@@ -1015,9 +1036,10 @@ confirms_pump(struct session *s, struct confirms *c, bool drain_only)
 		{
 			if (drain_only)
 				return 0;
+
 			/*
-			 * A broker that sends no confirms (resource alarm, say) would
-			 * not answer a polite close either; do not wait a second time.
+			 * A broker that sends no confirms (resource alarm, say) would not
+			 * answer a polite close either; do not wait a second time.
 			 */
 			complain("publish: timed out waiting for confirms: %" PRIu64
 					 " of %" PRIu64 " settled", c->settled, c->published);
@@ -1058,6 +1080,7 @@ read_stream(FILE *in, amqp_bytes_t *out)
 		}
 		n = fread(buf + len, 1, cap - len, in);
 		len += n;
+
 		if (n == 0)
 			break;
 	}
@@ -1223,7 +1246,7 @@ static const struct command
 	{"publish", cmd_publish, BIT(OPT_ROUTING_KEY),
 		BIT(OPT_EXCHANGE) | BIT(OPT_ROUTING_KEY) | BIT(OPT_MESSAGE_ID) |
 		BIT(OPT_CONTENT_TYPE) | BIT(OPT_HEADER) | BIT(OPT_BODY) |
-		BIT(OPT_BODY_FILE) | BIT(OPT_REPEAT) | BIT(OPT_PERSISTENT)},
+	BIT(OPT_BODY_FILE) | BIT(OPT_REPEAT) | BIT(OPT_PERSISTENT)},
 	{"declare", cmd_declare, BIT(OPT_QUEUE), BIT(OPT_QUEUE) | BIT(OPT_DURABLE)},
 	{"purge", cmd_purge, BIT(OPT_QUEUE), BIT(OPT_QUEUE)},
 };
