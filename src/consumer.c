@@ -1076,6 +1076,23 @@ insert_dead_letter(void *arg)
 }
 
 /*
+ * Writing a dead letter failed: with the full record (a minimal one is
+ * tried next), or with the minimal one too (the delivery is held).
+ */
+static void
+warn_dead_letter_failed(Work *w, ErrorData *edata, bool full)
+{
+	ereport(WARNING,
+			(full ?
+			 errmsg("mqtx consumer: could not write the full dead letter of message %s from queue \"%s\"; writing a minimal one",
+					w->key, w->d->queue) :
+			 errmsg("mqtx consumer: could not dead-letter message %s from queue \"%s\"; it is held and tried again",
+					w->key, w->d->queue),
+			 errdetail_internal("%s", edata->message)));
+	FreeErrorData(edata);
+}
+
+/*
  * Dead-letter a delivery, with all that can be said of it, or else with
  * the least; each try in a subtransaction, so that nothing in a message
  * (nor an error writing it: a lock timeout, where lock_timeout is set)
@@ -1090,21 +1107,13 @@ dead_letter(Work *w)
 
 	if (edata != NULL)
 	{
-		ereport(WARNING,
-				(errmsg("mqtx consumer: could not write the full dead letter of message %s from queue \"%s\"; writing a minimal one",
-						w->key, w->d->queue),
-				 errdetail_internal("%s", edata->message)));
-		FreeErrorData(edata);
+		warn_dead_letter_failed(w, edata, true);
 		args.full = false;
 		edata = in_subtransaction(insert_dead_letter, &args);
 	}
 	if (edata != NULL)
 	{
-		ereport(WARNING,
-				(errmsg("mqtx consumer: could not dead-letter message %s from queue \"%s\"; it is held and tried again",
-						w->key, w->d->queue),
-				 errdetail_internal("%s", edata->message)));
-		FreeErrorData(edata);
+		warn_dead_letter_failed(w, edata, false);
 		return false;
 	}
 	if (args.id == 0)
