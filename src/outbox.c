@@ -255,13 +255,13 @@ typedef enum OutboxColumn
 	NUM_FILLED_COLUMNS
 } OutboxColumn;
 
-static const struct
+typedef struct FilledColumn
 {
 	const char *name;
 	Oid			type;
-}			filled_columns[NUM_FILLED_COLUMNS] =
+} FilledColumn;
 
-{
+static const FilledColumn filled_columns[NUM_FILLED_COLUMNS] = {
 	[COLUMN_MESSAGE_ID] = {"message_id", UUIDOID},
 	[COLUMN_EXCHANGE] = {"exchange", TEXTOID},
 	[COLUMN_ROUTING_KEY] = {"routing_key", TEXTOID},
