@@ -31,11 +31,14 @@ reformat() {
 			"or build src/tools/pg_bsd_indent of PostgreSQL 16+ and set PG_BSD_INDENT" >&2
 		exit 1
 	fi
-	local f
+	local f formatted
+	formatted=$(mktemp)
+	trap 'rm -f "$formatted"' RETURN
 	for f in "$@"; do
 		perl -pi -e 's!/\* +---!/*---X_X!g' "$f"
-		"$indent" "${indent_options[@]}" "-U$typedefs_list" "$f"
-		rm -f "$f.BAK"
+		# with an output file named, pg_bsd_indent leaves no .BAK behind
+		"$indent" "${indent_options[@]}" "-U$typedefs_list" "$f" "$formatted"
+		cat "$formatted" >"$f"
 		perl -pi -e 's!/\*---X_X!/* ---!g; s!\*/(/\*.*\*/)$!*/\t$1!; s!^([A-Za-z_]\S*)[ \t]+\*$!$1 *!' "$f"
 	done
 }
