@@ -54,7 +54,9 @@ done
 for n in "$ORDERS" "$CLIENTS" "$RATE" "$POISON" "$TIMEOUT"; do
 	[[ $n =~ ^[0-9]+$ ]] || usage
 done
-[ "$CLIENTS" -ge 1 ] && [ "$RATE" -ge 1 ] && [ "$ORDERS" -ge "$CLIENTS" ] || usage
+if [ "$CLIENTS" -lt 1 ] || [ "$RATE" -lt 1 ] || [ "$ORDERS" -lt "$CLIENTS" ]; then
+	usage
+fi
 
 examples=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$examples/.." && pwd)
@@ -75,11 +77,10 @@ if [ $BUILD -eq 1 ]; then
 	make -s -C "$top" install
 fi
 
-if command -v pg_config >/dev/null 2>&1 && [ -x "$(pg_config --bindir)/pgbench" ]; then
-	PGBIN=$(pg_config --bindir)
-else
-	PGBIN=/usr/lib/postgresql/15/bin
-fi
+# Where PostgreSQL's programs are, and free ports: as the harness finds them.
+# shellcheck source=../test/harness/lib.sh disable=SC1091 # followed with shellcheck -x
+. "$harness/lib.sh"
+PGBIN=$(pg_bindir)
 
 work=$(mktemp -d /tmp/mqtx-demo.XXXXXX)
 chmod 755 "$work"
@@ -89,7 +90,7 @@ cleanup() {
 	trap - EXIT INT TERM
 	local pid
 	for pid in $pgbench_pid ${broker_start_pid:-}; do
-		[ "$pid" = done ] || kill "$pid" 2>/dev/null || true
+		[ "$pid" = "done" ] || kill "$pid" 2>/dev/null || true
 	done
 	"$harness/pgcluster.sh" stop "$work/order" >/dev/null 2>&1 || true
 	"$harness/pgcluster.sh" stop "$work/dispatch" >/dev/null 2>&1 || true
@@ -107,14 +108,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'echo; echo "demo: interrupted" >&2; exit 130' INT TERM
-
-free_port() {
-	local p
-	while :; do
-		p=$((20000 + RANDOM % 20000))
-		[ -z "$(ss -Htln "sport = :$p")" ] && echo $p && return
-	done
-}
 
 # psql against one side: q order|dispatch [psql args...]; show: as a table
 show() {
@@ -137,7 +130,7 @@ echo "RabbitMQ         amqp://127.0.0.1:$amqp_port"
 
 start_cluster() {
 	local side=$1 db=$2 port
-	port=$(free_port)
+	port=$(free_ports 1)
 	"$harness/pgcluster.sh" start "$work/$side" "$port" \
 		shared_preload_libraries=mqtx mqtx.database="$db" \
 		mqtx.broker_url="$broker_url" track_commit_timestamp=on
@@ -238,7 +231,7 @@ inject_fault() {
 		kill -KILL "$pid"
 		event="FAULT: consumer (pid $pid) SIGKILLed while applying ($dispatched dispatched so far): the dispatch cluster restarts"
 		;;
-	5)	[ "$pgbench_pid" = done ] || return 0
+	5)	[ "$pgbench_pid" = "done" ] || return 0
 		pid=$(worker_pid order relay)
 		[ -n "$pid" ] || return 0
 		kill -KILL "$pid"
@@ -264,9 +257,9 @@ printed=-1
 while :; do
 	elapsed=$((($(date +%s%N) - started) / 1000000000))
 	[ $elapsed -le "$TIMEOUT" ] || die "the flow did not settle within $TIMEOUT s"
-	if [ "$pgbench_pid" != done ] && ! kill -0 "$pgbench_pid" 2>/dev/null; then
+	if [ "$pgbench_pid" != "done" ] && ! kill -0 "$pgbench_pid" 2>/dev/null; then
 		wait "$pgbench_pid" || { cat "$work/pgbench.log" >&2; die "pgbench failed"; }
-		pgbench_pid=done
+		pgbench_pid="done"
 	fi
 	# dispatch side first: then it can never seem ahead of the order side
 	read -r dispatched retrying dead < <(dispatch_numbers)
@@ -286,7 +279,7 @@ while :; do
 		echo "       -- $event"
 		event=
 	fi
-	if [ "$pgbench_pid" = done ] && [ $poison_placed -eq 1 ] &&
+	if [ "$pgbench_pid" = "done" ] && [ $poison_placed -eq 1 ] &&
 		{ [ $FAULTS -eq 0 ] || [ $fault_step -ge $FAULT_STEPS ]; } &&
 		[ "$placed" = "$total" ] && [ "$pending" = 0 ] && [ "$retrying" = 0 ] &&
 		[ "$dispatched" != - ] && [ $((dispatched + dead)) -ge "$total" ]; then
@@ -315,8 +308,9 @@ show dispatch -c "SELECT id, body_json ->> 'order_id' AS order_id, attempts, err
 	FROM mqtx.dead_letter ORDER BY id LIMIT 20"
 poison_dead=$(q dispatch -c "SELECT count(*) FROM mqtx.dead_letter
 	WHERE error_message = 'no depot serves city \"Atlantis\"'")
-[ "$poison_dead" = "$POISON" ] && [ "$dead" = "$POISON" ] ||
+if [ "$poison_dead" != "$POISON" ] || [ "$dead" != "$POISON" ]; then
 	die "expected exactly the $POISON Atlantis orders in mqtx.dead_letter, found $dead ($poison_dead for Atlantis)"
+fi
 
 if [ "$POISON" -gt 0 ]; then
 	say "fixing the cause, then redriving"

@@ -31,8 +31,9 @@ apt-get update -qq
 # The package's own service is not wanted: tests and the demo start private
 # nodes.  policy-rc.d keeps apt from starting it where init scripts run.  A
 # policy-rc.d the machine already has is its administrator's: it is left as
-# it is, and so is what it allows.
-if [ ! -e /usr/sbin/policy-rc.d ]; then
+# it is, and so is what it allows (a dangling link counts as one: writing
+# through it would create its target, and removing it would remove the link).
+if [ ! -e /usr/sbin/policy-rc.d ] && [ ! -L /usr/sbin/policy-rc.d ]; then
 	printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
 	chmod +x /usr/sbin/policy-rc.d
 	trap 'rm -f /usr/sbin/policy-rc.d' EXIT

@@ -52,6 +52,7 @@ case $HANDLER_LANG in sql | plpgsql) ;; *)
 	;;
 esac
 
+# shellcheck source=servers.sh
 . "$(dirname "$0")/servers.sh"
 
 make -s -C "$here" ceiling_publisher raw_consumer >/dev/null
@@ -109,10 +110,6 @@ SQL
 
 applied() { psql_ -c "SELECT coalesce(sum(applied), 0) FROM mqtx.consumer_stats"; }
 consumer_pid() { psql_ -c "SELECT pid FROM mqtx.consumer_stats WHERE pid IS NOT NULL"; }
-consumers_on() {
-	"$harness/rabbitmq.sh" ctl "$work/mq" -q list_queues name consumers |
-		awk -v q="$1" '$1 == q {print $2}'
-}
 
 # prefill QUEUE: N persistent messages, queue purged first.
 prefill() {
@@ -124,8 +121,7 @@ prefill() {
 raw_run() {
 	prefill bench.raw
 	"$here/raw_consumer" --url "$url" --queue bench.raw --count "$N" \
-		--prefetch "$PREFETCH" --ack-every "$ACK_EVERY" |
-		sed -n 's/.* = \([0-9.]*\) msg\/s.*/\1/p'
+		--prefetch "$PREFETCH" --ack-every "$ACK_EVERY" | msg_rate
 }
 
 # inbox_history ROWS: mqtx.inbox holds ROWS applied messages of the queue
@@ -204,21 +200,20 @@ if [ "$(psql_ -c "SELECT duplicates + retried + dead_lettered FROM mqtx.consumer
 	psql_ -c "SELECT * FROM mqtx.consumer_stats" >&2
 fi
 
-raw=$(printf '%s\n' "${raws[@]}" | median)
-mqtx=$(printf '%s\n' "${mqtxs[@]}" | median)
+raw=$(median_of "${raws[@]}")
+mqtx=$(median_of "${mqtxs[@]}")
 echo
 echo "consumer throughput, $N messages of ~$BODY_SIZE bytes, persistent, durable queue, $(nproc) cores"
 printf '%-60s %10s msg/s\n' "ceiling (rabbitmq-c, prefetch $PREFETCH, $acks)" "$raw"
 printf '%-60s %10s msg/s\n' "mqtx consumer (prefetch $PREFETCH, batch_size $BATCH, $HANDLER_LANG)" "$mqtx"
-printf '%-60s %10s\n' "mqtx / ceiling" "$(awk -v m="$mqtx" -v r="$raw" 'BEGIN {printf "%.2f", m / r}')"
+printf '%-60s %10s\n' "mqtx / ceiling" "$(ratio "$mqtx" "$raw")"
 bench_record consumer raw_msgs "$raw" msg/s
 bench_record consumer mqtx_msgs "$mqtx" msg/s
-bench_record consumer mqtx_over_raw "$(awk -v m="$mqtx" -v r="$raw" 'BEGIN {printf "%.2f", m / r}')" ratio
+bench_record consumer mqtx_over_raw "$(ratio "$mqtx" "$raw")" ratio
 if [ "$INBOX_ROWS" -gt 0 ]; then
-	history=$(printf '%s\n' "${historys[@]}" | median)
+	history=$(median_of "${historys[@]}")
 	printf '%-60s %10s msg/s\n' "mqtx consumer, $INBOX_ROWS rows in mqtx.inbox" "$history"
-	printf '%-60s %10s\n' "with those rows / empty inbox" \
-		"$(awk -v h="$history" -v m="$mqtx" 'BEGIN {printf "%.2f", h / m}')"
+	printf '%-60s %10s\n' "with those rows / empty inbox" "$(ratio "$history" "$mqtx")"
 	bench_record consumer mqtx_with_inbox_history "$history" msg/s
-	bench_record consumer inbox_history_over_empty "$(awk -v h="$history" -v m="$mqtx" 'BEGIN {printf "%.2f", h / m}')" ratio
+	bench_record consumer inbox_history_over_empty "$(ratio "$history" "$mqtx")" ratio
 fi

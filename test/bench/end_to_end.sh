@@ -87,23 +87,16 @@ DRAIN_STALL=${DRAIN_STALL:-30} # seconds without a new dispatch before a run giv
 
 read -r -a rates <<<"$(tr ',' ' ' <<<"$RATES" | tr ' ' '\n' | grep . | sort -n | tr '\n' ' ')"
 for r in "${rates[@]}" "$SECONDS_" "$ROUNDS" "$CLIENTS" "$WARMUP"; do
-	[[ $r =~ ^[0-9]+$ ]] && [ "$r" -gt 0 ] || {
+	if ! [[ $r =~ ^[0-9]+$ ]] || [ "$r" -eq 0 ]; then
 		echo "usage: $0 [RATES=1000,2000,...] [SECONDS=20] (positive integers)" >&2
 		exit 2
-	}
+	fi
 done
 [ "$WARMUP" -lt "$SECONDS_" ] || { echo "WARMUP must be shorter than SECONDS" >&2; exit 2; }
 
+# shellcheck source=servers.sh
 . "$(dirname "$0")/servers.sh"
 examples=$here/../../examples
-
-# servers.sh's cleanup stops its own cluster and the broker; stop ours too.
-cleanup_e2e() {
-	"$harness/pgcluster.sh" stop "$work/order" >/dev/null 2>&1 || true
-	"$harness/pgcluster.sh" stop "$work/dispatch" >/dev/null 2>&1 || true
-	cleanup
-}
-trap cleanup_e2e EXIT INT TERM
 
 order_psql() { "$harness/pgcluster.sh" psql "$work/order" -X -q -At -v ON_ERROR_STOP=1 -d shop "$@"; }
 dispatch_psql() { "$harness/pgcluster.sh" psql "$work/dispatch" -X -q -At -v ON_ERROR_STOP=1 -d dispatch "$@"; }
@@ -123,9 +116,9 @@ start_cluster() {
 
 amqp_port=$("$harness/rabbitmq.sh" start "$work/mq" | sed -n 's/^AMQP_PORT=//p')
 url="amqp://guest:guest@127.0.0.1:$amqp_port/%2f"
-port=$((20000 + RANDOM % 20000))
-start_cluster order shop "$port" mqtx.consumer_enabled=off
-start_cluster dispatch dispatch $((port + 1)) mqtx.relay_enabled=off
+read -r order_port dispatch_port <<<"$(free_ports 2)"
+start_cluster order shop "$order_port" mqtx.consumer_enabled=off
+start_cluster dispatch dispatch "$dispatch_port" mqtx.relay_enabled=off
 
 # The example files stay as they are; the postgres user reads copies.
 cp "$examples/order_service.sql" "$examples/dispatch_service.sql" \
@@ -134,11 +127,6 @@ chmod 644 "$work"/*.sql
 order_psql -f "$work/order_service.sql" >/dev/null
 dispatch_psql -f "$work/dispatch_service.sql" >/dev/null
 dispatch_psql -c "CREATE TABLE e2e_orders (order_id bigint PRIMARY KEY, committed timestamptz NOT NULL)"
-
-consumers_on() {
-	"$harness/rabbitmq.sh" ctl "$work/mq" -q list_queues name consumers |
-		awk -v q="$1" '$1 == q {print $2}'
-}
 
 # wait_dispatched N: until N dispatch rows exist; fails when none is added
 # for DRAIN_STALL seconds.
@@ -211,7 +199,7 @@ breakdown() {
 run() {
 	local rate=$1 out tps n
 	reset_tables
-	out=$(cd "$work" && runuser -u postgres -- "$pgbench" -n -h "$work/order" \
+	out=$(cd "$work" && runuser -u postgres -- "$PGBIN/pgbench" -n -h "$work/order" \
 		-p "$(<"$work/order/port")" -U postgres -c "$CLIENTS" -j "$JOBS" \
 		--rate "$rate" -T "$SECONDS_" -f place_order.sql shop 2>&1) || {
 		echo "$out" >&2
@@ -300,6 +288,7 @@ kept_up=0
 for rate in "${rates[@]}"; do
 	measure "$rate"
 	if [ "$sustained" != yes ]; then
+		# shellcheck disable=SC2017 # rounded down to 100/s on purpose
 		mid=$(((max_sustained + rate) / 200 * 100))
 		if [ "$max_sustained" -gt 0 ] && [ "$mid" -gt "$max_sustained" ]; then
 			measure "$mid"

@@ -33,10 +33,12 @@ DURATION=${1:-20}
 CLIENTS=${2:-4}
 ROUNDS=${3:-3}
 
+# shellcheck source=servers.sh
 . "$(dirname "$0")/servers.sh"
 
 examples=$here/../../examples
 
+# shellcheck disable=SC2119 # no extra settings: PostgreSQL's defaults are measured
 start_servers
 
 # The order service exactly as the example sets it up, plus a queue so the
@@ -55,7 +57,7 @@ chmod 644 "$work"/place_order*.sql
 
 broker_up=1
 purge() {
-	[ "$broker_up" = 0 ] || "$harness/rabbitmq.sh" ctl "$work/mq" purge_queue bench.orders >/dev/null
+	[ "$broker_up" = 0 ] || purge_queue bench.orders
 }
 
 pending() { psql_ -c "SELECT count(*) FROM mqtx.outbox WHERE status <> 'published'"; }
@@ -115,12 +117,12 @@ for round in $(seq 1 "$ROUNDS"); do
 	alones+=("$a")
 done
 
-plain=$(printf '%s\n' "${plains[@]}" | median)
-trigger=$(printf '%s\n' "${triggers[@]}" | median)
-plain_alone=$(printf '%s\n' "${plains_alone[@]}" | median)
-alone=$(printf '%s\n' "${alones[@]}" | median)
-ratio=$(awk -v t="$trigger" -v p="$plain" 'BEGIN {printf "%.2f", t / p}')
-ratio_alone=$(awk -v t="$alone" -v p="$plain_alone" 'BEGIN {printf "%.2f", t / p}')
+plain=$(median_of "${plains[@]}")
+trigger=$(median_of "${triggers[@]}")
+plain_alone=$(median_of "${plains_alone[@]}")
+alone=$(median_of "${alones[@]}")
+trigger_ratio=$(ratio "$trigger" "$plain")
+ratio_alone=$(ratio "$alone" "$plain_alone")
 durability=$(psql_ -c "SELECT 'fsync = ' || current_setting('fsync') ||
 	', synchronous_commit = ' || current_setting('synchronous_commit')")
 
@@ -130,12 +132,12 @@ echo "outbox trigger overhead, pgbench -M prepared -c $CLIENTS -j $CLIENTS -T $D
 echo "one INSERT INTO orders per transaction; $durability; relay running"
 printf '%-44s %10s tps\n' "plain table (no trigger)" "$plain"
 printf '%-44s %10s tps\n' "with mqtx.outbox_trigger" "$trigger"
-printf '%-44s %10s\n' "trigger / plain" "$ratio"
+printf '%-44s %10s\n' "trigger / plain" "$trigger_ratio"
 printf '%-44s %10s tps\n' "plain, alternating with the next" "$plain_alone"
 printf '%-44s %10s tps\n' "with the trigger, broker stopped" "$alone"
 printf '%-44s %10s\n' "trigger without relaying / plain" "$ratio_alone"
 bench_record overhead plain_tps "$plain" tps
 bench_record overhead trigger_tps "$trigger" tps
-bench_record overhead ratio "$ratio" ratio
+bench_record overhead ratio "$trigger_ratio" ratio
 bench_record overhead trigger_alone_tps "$alone" tps
 bench_record overhead ratio_alone "$ratio_alone" ratio

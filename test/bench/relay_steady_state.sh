@@ -101,6 +101,7 @@ HELD_DRAINS=3
 CLAIM_LIMIT=1000
 started=$SECONDS
 
+# shellcheck source=servers.sh
 . "$(dirname "$0")/servers.sh"
 
 make -s -C "$here" ceiling_publisher >/dev/null
@@ -130,6 +131,7 @@ claim_sql=$(awk '
 		printf "%s", line
 		if (last) exit
 	}' "$relay_c" 2>/dev/null || true)
+# shellcheck disable=SC2016 # $1 and $2: the statement's parameters, literally
 if [[ $claim_sql != *"FROM mqtx.outbox"* || $claim_sql != *'$1'* || $claim_sql != *'$2'* ]]; then
 	echo "warning: could not read claim_sql from $relay_c; using the copy of b923a02" >&2
 	claim_sql="SELECT id, message_id::text, exchange, routing_key, payload::text, headers, \
@@ -189,8 +191,6 @@ plan_brief() {
 }
 
 # ---- measuring ----------------------------------------------------------------
-
-purge() { "$harness/rabbitmq.sh" ctl "$work/mq" purge_queue bench.q >/dev/null; }
 
 # the id the next row gets is above this one
 last_id() {
@@ -346,7 +346,7 @@ stats_sql="SELECT 'stats=' || format('reltuples %s, relpages %s, live %s, dead %
 drain_run() {
 	local scen=$1 round=$2 rows=$3 waiter=${4:-own}
 	local base last mid fill before after rate unpublished first_ms mid_ms mid_at
-	purge
+	purge_queue bench.q
 	base=$(last_id)
 	last=$((base + rows))
 	mid=$((base + rows / 2))
@@ -452,11 +452,10 @@ drain_run() {
 # paired ceiling: "scenario rate" into $work/ceilings
 ceiling_for() {
 	local scen=$1 rows=$2 c before after
-	purge
+	purge_queue bench.q
 	before=$(cpu_sample)
 	c=$("$here/ceiling_publisher" --url "$url" --exchange bench.ex --routing-key bench \
-		--count "$rows" --window "$WINDOW" --body-size "$BODY_SIZE" |
-		sed -n 's/.* = \([0-9.]*\) msg\/s.*/\1/p')
+		--count "$rows" --window "$WINDOW" --body-size "$BODY_SIZE" | msg_rate)
 	after=$(cpu_sample)
 	echo "$scen $c" >>"$work/ceilings"
 	local -a b a
@@ -598,7 +597,6 @@ cat "$work/plans_out"
 
 col() { awk -v s="$1" -v c="$2" '$1 == s { print $c }' "$work/results" | median; }
 ceil() { awk -v s="$1" '$1 == s { print $2 }' "$work/ceilings" | median; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 label() {
 	case $1 in
 	fresh) echo "1.  fresh, $N rows" ;;
@@ -621,13 +619,13 @@ echo "ceiling (rabbitmq-c, window $WINDOW): median of the run's $(wc -l <"$work/
 	"$ceiling msg/s (from $(awk '{ print $2 }' "$work/ceilings" | sort -n | head -1)" \
 	"to $(awk '{ print $2 }' "$work/ceilings" | sort -n | tail -1))"
 bench_record steady ceiling_msgs "$ceiling" msg/s
-fmt='%-54s %8s %6s %8s %6s %16s %17s\n'
-printf "$fmt" "scenario" "relay" "ratio" "paired" "ratio" "claim ms" "cpu % of a core"
-printf "$fmt" "" "msg/s" "" "ceiling" "paired" "first / mid" "rl/pg/mq/outside"
+row() { printf '%-54s %8s %6s %8s %6s %16s %17s\n' "$@"; }
+row "scenario" "relay" "ratio" "paired" "ratio" "claim ms" "cpu % of a core"
+row "" "msg/s" "" "ceiling" "paired" "first / mid" "rl/pg/mq/outside"
 for s in fresh fresh_xmin bursts bursts_an hist_stale hist_analyzed held_fresh held_hist held_long; do
 	c=$(ceil "$s")
 	r=$(col "$s" 2)
-	printf "$fmt" "$(label "$s")" "$r" "$(ratio "$r" "$ceiling")" "$c" "$(ratio "$r" "$c")" \
+	row "$(label "$s")" "$r" "$(ratio "$r" "$ceiling")" "$c" "$(ratio "$r" "$c")" \
 		"$(col "$s" 3) / $(col "$s" 4)" "$(col "$s" 5)/$(col "$s" 6)/$(col "$s" 7)/$(col "$s" 8)"
 	bench_record steady "${s}_msgs" "$r" msg/s
 	bench_record steady "${s}_over_ceiling" "$(ratio "$r" "$ceiling")" ratio

@@ -35,6 +35,7 @@ BODY_SIZE=200
 PERROW_N=$(((N + 9) / 10))
 PERROW_SYNC_COMMIT=${PERROW_SYNC_COMMIT:-0}
 
+# shellcheck source=servers.sh
 . "$(dirname "$0")/servers.sh"
 
 make -s -C "$here" ceiling_publisher perrow_relay >/dev/null
@@ -50,20 +51,17 @@ perrow_dsn="host=$work/pg port=$(<"$work/pg/port") user=postgres dbname=perrow"
 perrow_flags=()
 [ "$PERROW_SYNC_COMMIT" = 0 ] || perrow_flags=(--sync-commit)
 
-purge() { "$harness/rabbitmq.sh" ctl "$work/mq" purge_queue bench.q >/dev/null; }
-
 ceiling_run() {
-	purge
+	purge_queue bench.q
 	"$here/ceiling_publisher" --url "$url" --exchange bench.ex --routing-key bench \
-		--count "$N" --window "$WINDOW" --body-size "$BODY_SIZE" |
-		sed -n 's/.* = \([0-9.]*\) msg\/s.*/\1/p'
+		--count "$N" --window "$WINDOW" --body-size "$BODY_SIZE" | msg_rate
 }
 
 # Fill the outbox in one transaction, through mqtx.publish as an
 # application would (the relay sees nothing until the commit wakes it), then
 # time from the commit to the last row published.
 relay_run() {
-	purge
+	purge_queue bench.q
 	psql_ -c "TRUNCATE mqtx.outbox" >/dev/null
 	psql_ <<-SQL >/dev/null
 		BEGIN;
@@ -82,7 +80,7 @@ relay_run() {
 
 # The same fill in database perrow, then perrow_relay drains it.
 perrow_run() {
-	purge
+	purge_queue bench.q
 	psql_ -d perrow <<-SQL >/dev/null
 		TRUNCATE mqtx.outbox;
 		SELECT count(mqtx.publish('bench.ex', 'bench',
@@ -93,7 +91,7 @@ perrow_run() {
 	out=$("$here/perrow_relay" --dsn "$perrow_dsn" --url "$url" ${perrow_flags[@]+"${perrow_flags[@]}"})
 	[ "$(psql_ -d perrow -c "SELECT count(*) FROM mqtx.outbox WHERE status <> 'published'")" = 0 ] ||
 		{ echo "perrow_relay left rows unpublished: $out" >&2; exit 1; }
-	echo "$out" | sed -n 's/.* = \([0-9.]*\) msg\/s.*/\1/p'
+	msg_rate <<<"$out"
 }
 
 
@@ -110,10 +108,9 @@ for round in $(seq 1 "$ROUNDS"); do
 	perrows+=("$p")
 done
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
-ceiling=$(printf '%s\n' "${ceilings[@]}" | median)
-relay=$(printf '%s\n' "${relays[@]}" | median)
-perrow=$(printf '%s\n' "${perrows[@]}" | median)
+ceiling=$(median_of "${ceilings[@]}")
+relay=$(median_of "${relays[@]}")
+perrow=$(median_of "${perrows[@]}")
 [ "$PERROW_SYNC_COMMIT" = 0 ] && perrow_commit=off || perrow_commit=on
 echo
 echo "relay throughput, ~$BODY_SIZE-byte messages, persistent, durable queue," \

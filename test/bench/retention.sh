@@ -33,6 +33,7 @@ RATE=${2:-2000}
 RETENTION=${3:-60}
 KEEP=${4:-1000000}
 
+# shellcheck source=servers.sh
 . "$(dirname "$0")/servers.sh"
 
 examples=$here/../../examples
@@ -44,7 +45,9 @@ out=${BENCH_DIR:-$work}
 start_servers mqtx.retention=-1 mqtx.inbox_retention=-1
 psql_ -f "$examples/order_service.sql" >/dev/null
 
-# the relay's statement, as the C source has it
+# the relay's statement, as the C source has it ($1 and $2 are its
+# parameters, replaced by this pass's values)
+# shellcheck disable=SC2016 # $1 and $2 are the statement's, not the shell's
 new_sql=$(sed -n '/^static const char \*const retention_sql =/,/;$/p' "$here/../../src/relay.c" |
 	sed '1d; s/^"//; s/"[;]*$//' | tr -d '\n' | sed 's/\$1/60/; s/\$2/1000/')
 old_sql="DELETE FROM mqtx.outbox WHERE id IN (SELECT id FROM mqtx.outbox WHERE status = 'published' AND published_at < pg_catalog.now() - pg_catalog.make_interval(secs => 60) ORDER BY id LIMIT 1000)"
@@ -57,8 +60,7 @@ psql_ -c "INSERT INTO mqtx.outbox (exchange, routing_key, payload, status, publi
 # pass_ms SQL: median execution time of 5 EXPLAIN ANALYZE runs of SQL, each
 # rolled back, with the relay's planner settings.
 pass_ms() {
-	local i
-	for i in 1 2 3 4 5; do
+	for _ in 1 2 3 4 5; do
 		psql_ -c "SET enable_seqscan = off" -c "SET enable_bitmapscan = off" \
 			-c "SET enable_sort = off" -c "SET jit = off" -c "BEGIN" \
 			-c "EXPLAIN (ANALYZE, COSTS OFF) $1" -c "ROLLBACK" |
@@ -75,12 +77,11 @@ batch_new=$(pass_ms "$new_sql")
 batch_old=$(pass_ms "$old_sql")
 psql_ -c "TRUNCATE mqtx.outbox" >/dev/null
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.1f", a / b}'; }
 echo "retention pass with $KEEP published rows kept (EXPLAIN ANALYZE, median of 5):"
 printf '  %-40s %10s ms  (0.3.0: %s ms, %sx)\n' "idle (nothing past retention)" \
-	"$idle_new" "$idle_old" "$(ratio "$idle_old" "$idle_new")"
+	"$idle_new" "$idle_old" "$(ratio "$idle_old" "$idle_new" 1)"
 printf '  %-40s %10s ms  (0.3.0: %s ms, %sx)\n' "deleting 1,000 rows" \
-	"$batch_new" "$batch_old" "$(ratio "$batch_old" "$batch_new")"
+	"$batch_new" "$batch_old" "$(ratio "$batch_old" "$batch_new" 1)"
 bench_record retention idle_pass_ms "$idle_new" ms
 bench_record retention idle_pass_0_3_ms "$idle_old" ms
 bench_record retention batch_pass_ms "$batch_new" ms
@@ -124,14 +125,16 @@ sample $(($(date +%s) - t0)) >>"$csv"
 # nothing lost: every order was relayed, and applied once
 orders=$(psql_ -c "SELECT count(*) FROM orders")
 outbox_wait_drained
-for i in $(seq 1 600); do
+for _ in $(seq 1 600); do
 	applied=$(psql_ -c "SELECT coalesce(sum(applied), 0) FROM mqtx.consumer_stats")
 	[ "$applied" -ge "$orders" ] && break
 	sleep 0.5
 done
 failed=$(psql_ -c "SELECT count(*) FROM mqtx.outbox WHERE status = 'failed'")
-[ "$applied" = "$orders" ] && [ "$failed" = 0 ] ||
-	{ echo "soak: $orders orders, $applied applied, $failed failed" >&2; exit 1; }
+if [ "$applied" != "$orders" ] || [ "$failed" != 0 ]; then
+	echo "soak: $orders orders, $applied applied, $failed failed" >&2
+	exit 1
+fi
 
 tps=$(<"$work/soak_tps")
 summary=$(awk -F, -v n="$SECONDS_" 'NR > 1 {

@@ -1,23 +1,30 @@
+# shellcheck shell=bash
 # Sourced by the benchmark scripts: a RabbitMQ node and a PostgreSQL cluster
 # with mqtx preloaded, on 127.0.0.1 in a temporary directory that is removed,
 # servers stopped, when the script exits.
 #
 #   start_servers [NAME=VALUE ...]   extra postgresql.conf settings
 #
-# Sets here, harness, work, pgbench, amqp_port, url; defines psql_, median,
-# outbox_wait_drained, pgbench_tps and bench_record.
+# Sets here, harness, work, PGBIN, amqp_port, url; defines psql_, median,
+# median_of, ratio, msg_rate, consumers_on, purge_queue, outbox_wait_drained,
+# pgbench_tps and bench_record.  Every cluster a script starts in a
+# directory of $work ("$harness/pgcluster.sh" start "$work/NAME" ...) is
+# stopped at exit too.
 
 here=$(cd "$(dirname "${BASH_SOURCE[1]}")" && pwd)
 harness=$here/../harness
+# shellcheck source=../harness/lib.sh
+. "$harness/lib.sh"
+PGBIN=$(pg_bindir)
 work=$(mktemp -d /tmp/mqtx-bench.XXXXXX)
-# pgbench from the same installation as pg_config, PostgreSQL 15's otherwise
-pgbench=/usr/lib/postgresql/15/bin/pgbench
-if command -v pg_config >/dev/null 2>&1 && [ -x "$(pg_config --bindir)/pgbench" ]; then
-	pgbench=$(pg_config --bindir)/pgbench
-fi
 chmod 755 "$work"
 cleanup() {
-	"$harness/pgcluster.sh" stop "$work/pg" >/dev/null 2>&1 || true
+	local dir
+	for dir in "$work"/*/; do
+		if [ -f "$dir/data/PG_VERSION" ]; then
+			"$harness/pgcluster.sh" stop "$dir" >/dev/null 2>&1 || true
+		fi
+	done
 	"$harness/rabbitmq.sh" stop "$work/mq" >/dev/null 2>&1 || true
 	rm -rf "$work"
 }
@@ -26,7 +33,7 @@ trap cleanup EXIT INT TERM
 start_servers() {
 	amqp_port=$("$harness/rabbitmq.sh" start "$work/mq" | sed -n 's/^AMQP_PORT=//p')
 	url="amqp://guest:guest@127.0.0.1:$amqp_port/%2f"
-	"$harness/pgcluster.sh" start "$work/pg" $((20000 + RANDOM % 20000)) \
+	"$harness/pgcluster.sh" start "$work/pg" "$(free_ports 1)" \
 		shared_preload_libraries=mqtx mqtx.database=postgres \
 		mqtx.broker_url="$url" "$@" >/dev/null
 }
@@ -34,8 +41,25 @@ start_servers() {
 psql_() { "$harness/pgcluster.sh" psql "$work/pg" -X -q -At -v ON_ERROR_STOP=1 "$@"; }
 
 median() { sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
+median_of() { printf '%s\n' "$@" | median; }
 
-# outbox_wait_drained [psql options]: returns once no outbox row is pending.
+# ratio A B [DECIMALS]: A / B, with 2 decimals unless told
+ratio() { awk -v a="$1" -v b="$2" -v d="${3:-2}" 'BEGIN {printf "%." d "f", a / b}'; }
+
+# The rate of a line "... = N msg/s ..." (what ceiling_publisher,
+# raw_consumer and perrow_relay print), read from stdin.
+msg_rate() { sed -n 's/.* = \([0-9.]*\) msg\/s.*/\1/p'; }
+
+# consumers_on QUEUE: how many consumers the broker has on QUEUE (nothing
+# when there is no such queue).
+consumers_on() {
+	"$harness/rabbitmq.sh" ctl "$work/mq" -q list_queues name consumers |
+		awk -v q="$1" '$1 == q {print $2}'
+}
+
+purge_queue() { "$harness/rabbitmq.sh" ctl "$work/mq" purge_queue "$1" >/dev/null; }
+
+# outbox_wait_drained: returns once no outbox row is pending.
 # It waits inside one server session, on the pending-rows index: polling
 # from the shell (runuser, psql, a backend per poll) takes CPU from the
 # workers being measured.  It commits between polls: one transaction for
@@ -43,7 +67,7 @@ median() { sort -n | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 # would then walk every entry published since, which is not what is
 # being measured.
 outbox_wait_drained() {
-	psql_ "$@" -c "SET statement_timeout = '10min'" -c "SET enable_seqscan = off" -c "
+	psql_ -c "SET statement_timeout = '10min'" -c "SET enable_seqscan = off" -c "
 		DO \$\$ BEGIN
 			WHILE EXISTS (SELECT FROM mqtx.outbox WHERE status = 'pending') LOOP
 				COMMIT;
@@ -58,7 +82,7 @@ outbox_wait_drained() {
 pgbench_tps() {
 	local script=$1
 	shift
-	"$pgbench" -h "$work/pg" -p "$(<"$work/pg/port")" -U postgres -n -M prepared "$@" \
+	"$PGBIN/pgbench" -h "$work/pg" -p "$(<"$work/pg/port")" -U postgres -n -M prepared "$@" \
 		-f "$script" postgres >"$work/pgbench.out" 2>&1 || { cat "$work/pgbench.out" >&2; exit 1; }
 	sed -n 's/^tps = \([0-9]*\)[.0-9]* .*without initial connection time.*/\1/p' \
 		"$work/pgbench.out"

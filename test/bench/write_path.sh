@@ -31,6 +31,7 @@ CLIENTS=${2:-4}
 ROUNDS=${3:-3}
 HISTORY=${HISTORY:-0}
 
+# shellcheck source=servers.sh
 . "$(dirname "$0")/servers.sh"
 
 examples=$here/../../examples
@@ -109,10 +110,9 @@ for round in $(seq 1 "$ROUNDS"); do
 	plains+=("$p") hands+=("$h") mqtxs+=("$m")
 done
 
-plain=$(printf '%s\n' "${plains[@]}" | median)
-hand=$(printf '%s\n' "${hands[@]}" | median)
-mq=$(printf '%s\n' "${mqtxs[@]}" | median)
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.2f", a / b}'; }
+plain=$(median_of "${plains[@]}")
+hand=$(median_of "${hands[@]}")
+mq=$(median_of "${mqtxs[@]}")
 
 echo
 echo "write path, workers off, pgbench -M prepared -c $CLIENTS -j $CLIENTS -T $DURATION," \

@@ -22,12 +22,9 @@ usage() {
 	exit 2
 }
 
-if command -v pg_config >/dev/null 2>&1 &&
-	[ -x "$(pg_config --bindir)/initdb" ]; then
-	PGBIN=$(pg_config --bindir)
-else
-	PGBIN=/usr/lib/postgresql/15/bin
-fi
+# shellcheck source=lib.sh
+. "$(dirname "$0")/lib.sh"
+PGBIN=$(pg_bindir)
 
 is_root() { [ "$(id -u)" -eq 0 ]; }
 

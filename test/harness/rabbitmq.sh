@@ -9,6 +9,8 @@
 #   rabbitmq.sh kill DIR           SIGKILL the node (fault tests); epmd stays
 #   rabbitmq.sh ctl DIR ARGS...    rabbitmqctl -n NODE ARGS... with the node's env
 #   rabbitmq.sh env DIR            print DIR/env
+#   rabbitmq.sh check              exit 0 if RabbitMQ is installed where this
+#                                  script runs it from, else say what is missing
 #
 # Knob: MQTX_RABBITMQ_START_TIMEOUT (seconds, default 60).
 #
@@ -37,13 +39,12 @@
 #    tests keep working across stop/start and kill/start).
 set -euo pipefail
 
+# shellcheck source=lib.sh
+. "$(dirname "$0")/lib.sh"
+
 RMQ_BIN=/usr/lib/rabbitmq/bin
 COOKIE=MQTXTESTHARNESSCOOKIE
 START_TIMEOUT=${MQTX_RABBITMQ_START_TIMEOUT:-60}
-# rabbitmqctl's own distribution listener uses this range by default; keep
-# our node ports out of it.
-CTL_DIST_MIN=35672
-CTL_DIST_MAX=35682
 ENV_VARS="RABBITMQ_NODENAME RABBITMQ_NODE_IP_ADDRESS RABBITMQ_NODE_PORT
 RABBITMQ_DIST_PORT RABBITMQ_MNESIA_BASE RABBITMQ_LOG_BASE RABBITMQ_CONFIG_FILE
 RABBITMQ_ADVANCED_CONFIG_FILE RABBITMQ_CONF_ENV_FILE
@@ -188,27 +189,6 @@ signal_all() {
 
 port_open() {
 	(exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
-}
-
-# Print N free loopback TCP ports (distinct, outside the CLI range and the
-# given exclusions).  All sockets are held open until every port is chosen so
-# the kernel cannot hand out the same port twice.
-free_ports() {
-	local n=$1; shift
-	perl -MIO::Socket::INET -e '
-		my ($n, @excl) = @ARGV;
-		my %skip = map { $_ => 1 } (@excl, '"$CTL_DIST_MIN..$CTL_DIST_MAX"');
-		my (@socks, @ports);
-		for (my $try = 0; @ports < $n; $try++) {
-			die "cannot find free ports\n" if $try > 1000;
-			my $s = IO::Socket::INET->new(LocalAddr => "127.0.0.1", LocalPort => 0,
-				Proto => "tcp", Listen => 1) or die "bind: $!\n";
-			my $p = $s->sockport;
-			next if $skip{$p}++;
-			push @socks, $s;
-			push @ports, $p;
-		}
-		print "@ports\n";' "$n" "$@"
 }
 
 # TLS listener ports in a config file ("listeners.ssl.N = [ADDR:]PORT").
@@ -466,6 +446,18 @@ cmd_kill() {
 	wait_gone 10 node_pids || die "node $NODE survived SIGKILL"
 }
 
+# The programs start and ctl run, and what the tests skip without.
+cmd_check() {
+	local prog
+	for prog in rabbitmq-server rabbitmqctl; do
+		[ -x "$RMQ_BIN/$prog" ] || {
+			echo "no $RMQ_BIN/$prog"
+			exit 1
+		}
+	done
+}
+
+[ "${1:-}" != check ] || { [ $# -eq 1 ] || usage; cmd_check; exit 0; }
 [ $# -ge 2 ] || usage
 cmd=$1 DIR=$2
 shift 2

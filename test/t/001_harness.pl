@@ -2,7 +2,7 @@
 # real RabbitMQ node starts and carries a message, and the broker URL (with
 # its password) stays hidden from non-superusers and out of the server log.
 use strict;
-use warnings;
+use warnings FATAL => 'all';
 
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
@@ -10,6 +10,8 @@ use Test::More;
 
 use MqtxTest::RabbitMQ;
 use MqtxTest::Util;
+
+MqtxTest::RabbitMQ->skip_all_unless_installed;
 
 my $mq = MqtxTest::RabbitMQ->new(name => 'harness');
 $mq->start;
@@ -41,9 +43,7 @@ like($node->safe_psql('postgres', "SELECT mqtx.publish('', 'harness.q', '{}')"),
 	qr/^[0-9a-f-]{36}$/, 'publish returns a message id');
 
 # The relay is running, serving the database.
-wait_for($node, 'postgres',
-	"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'mqtx relay'",
-	'1', 'one relay worker runs');
+wait_workers($node, 1, 'one relay worker runs', kind => 'relay');
 
 # The URL is for superusers only.
 $node->safe_psql('postgres', 'CREATE ROLE app LOGIN');

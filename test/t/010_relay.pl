@@ -2,7 +2,7 @@
 # properties, the outbox trigger, wake-up at commit, unroutable messages,
 # an unknown exchange, and several databases served at once.
 use strict;
-use warnings;
+use warnings FATAL => 'all';
 
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
@@ -11,6 +11,8 @@ use JSON::PP;
 
 use MqtxTest::RabbitMQ;
 use MqtxTest::Util;
+
+MqtxTest::RabbitMQ->skip_all_unless_installed;
 
 my $mq = MqtxTest::RabbitMQ->new(name => 'relay');
 $mq->start;
@@ -85,7 +87,12 @@ $node->safe_psql('postgres', q{
 	ALTER SYSTEM SET mqtx.poll_interval = '60s';
 	SELECT pg_reload_conf();
 });
-sleep 1;		# let the relay finish its current nap under the old interval
+# Time, not a condition: a worker's settings cannot be seen from outside.
+# The second lets the relay take the reload and start a 60 s nap, the half
+# second puts the commit well inside that nap.  A relay slower to reload
+# would publish within its old 200 ms poll: the check would show less, not
+# fail.
+sleep 1;
 $node->safe_psql('postgres', q{
 	SELECT pg_sleep(0.5);
 	CREATE TABLE wake AS SELECT mqtx.publish('orders', 'order.created', '{"wake": 1}') AS id, clock_timestamp() AS at;

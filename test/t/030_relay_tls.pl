@@ -5,7 +5,7 @@
 # Whatever fails, messages stay pending and go out once the relay can
 # connect.
 use strict;
-use warnings;
+use warnings FATAL => 'all';
 
 use IPC::Run ();
 use PostgreSQL::Test::Cluster;
@@ -15,6 +15,8 @@ use Time::HiRes qw(usleep);
 
 use MqtxTest::RabbitMQ;
 use MqtxTest::Util;
+
+MqtxTest::RabbitMQ->skip_all_unless_installed;
 
 # --- certificates: a CA, a server certificate for localhost (DNS and IP
 # SAN), a client certificate, a server certificate for another name, and an

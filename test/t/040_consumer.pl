@@ -3,7 +3,7 @@
 # (alert, redrive, discard), poison messages, messages without a
 # message_id, and unsubscribe.
 use strict;
-use warnings;
+use warnings FATAL => 'all';
 
 use Digest::SHA qw(sha256_hex);
 use JSON::PP;
@@ -15,6 +15,7 @@ use Time::HiRes qw(usleep);
 use MqtxTest::RabbitMQ;
 use MqtxTest::Util;
 
+MqtxTest::RabbitMQ->skip_all_unless_installed;
 
 my $mq = MqtxTest::RabbitMQ->new(name => 'consumer');
 $mq->start;
@@ -24,28 +25,6 @@ my $node = mqtx_node('consumer', 'mqtx.broker_url' => "'$url'");
 
 # ------------------------------------------------------------------
 # helpers
-
-sub publish
-{
-	my ($queue, %o) = @_;
-	amqp_publish($url, $queue, %o);
-}
-
-sub publish_many
-{
-	my ($queue, @messages) = @_;
-	amqp_publish_many($url, $queue, @messages);
-}
-
-# Ready messages in $queue, or undef if the broker has no such queue.
-sub ready_count
-{
-	my ($queue) = @_;
-	my $n = eval { amqp_tool('count', '--url', $url, '--queue', $queue) };
-	return undef unless defined $n;
-	chomp $n;
-	return $n;
-}
 
 sub stat_value
 {
@@ -141,17 +120,14 @@ is( $node->safe_psql('postgres',
 is( $node->safe_psql('postgres',
 		"SELECT durable FROM mqtx.queues WHERE name = 'orders.q'"),
 	't', 'subscribe records the queue as durable in mqtx.queues');
-wait_for($node, 'postgres',
-	"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'mqtx consumer'",
-	'1', 'one consumer worker runs');
-my $consumer_pid = $node->safe_psql('postgres',
-	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'mqtx consumer'");
+wait_workers($node, 1, 'one consumer worker runs', kind => 'consumer');
+my $consumer_pid = worker_pid($node, 'consumer');
 wait_for($node, 'postgres',
 	"SELECT broker_connected FROM mqtx.consumer_stats WHERE database = 'postgres'",
 	't', 'the consumer connects to the broker');
 wait_queue_exists($url, 'orders.q');
 
-publish_many('orders.q',
+amqp_publish_many($url, 'orders.q',
 	map { [ "order-$_", qq({"order_id": $_}) ] } 1 .. $N);
 wait_for($node, 'postgres', 'SELECT count(*) FROM dispatch',
 	$N, "all $N messages are applied");
@@ -163,15 +139,15 @@ is( $node->safe_psql('postgres',
 		'SELECT count(*), count(DISTINCT order_id), min(order_id), max(order_id) FROM handler_calls'),
 	"$N|$N|1|$N", 'the handler ran once per message');
 wait_queue_drained($mq, 'orders.q');
-is(ready_count('orders.q'), 0, 'amqp count: nothing left in orders.q');
+is(queue_count($url, 'orders.q'), 0, 'amqp count: nothing left in orders.q');
 
 # ------------------------------------------------------------------
 # c. every message delivered again: duplicates are acked, not applied
 
 my $dup_before = stat_value('duplicates');
-publish_many('orders.q',
+amqp_publish_many($url, 'orders.q',
 	map { [ "order-$_", qq({"order_id": $_}) ] } 1 .. $N);
-publish('orders.q', id => 'order-1', body => '{"order_id": 1}', repeat => 3);
+amqp_publish($url, 'orders.q', id => 'order-1', body => '{"order_id": 1}', repeat => 3);
 my $dup_expected = $N + 3;
 wait_for($node, 'postgres',
 	"SELECT duplicates - $dup_before >= $dup_expected FROM mqtx.consumer_stats WHERE database = 'postgres'",
@@ -195,7 +171,7 @@ is( $node->safe_psql('postgres',
 $node->safe_psql('postgres',
 	"SELECT mqtx.subscribe('flaky.q', 'flaky(jsonb,jsonb)', max_attempts => 10)");
 wait_queue_exists($url, 'flaky.q');
-publish('flaky.q', id => 'flaky-1', body => '{"order_id": 1}');
+amqp_publish($url, 'flaky.q', id => 'flaky-1', body => '{"order_id": 1}');
 wait_for($node, 'postgres',
 	"SELECT attempts >= 2 FROM mqtx.consumer_attempts WHERE queue = 'flaky.q' AND message_id = 'flaky-1'",
 	't', 'failed attempts are recorded in mqtx.consumer_attempts');
@@ -229,7 +205,7 @@ is( $node->safe_psql('postgres',
 		"SELECT handler::text, prefetch, max_attempts FROM mqtx.subscriptions WHERE queue = 'refuse.q'"),
 	'refuse(jsonb,jsonb)|100|3', 'max_attempts given by name is recorded');
 wait_queue_exists($url, 'refuse.q');
-publish('refuse.q', id => 'refuse-7', body => '{"order_id": 7}',
+amqp_publish($url, 'refuse.q', id => 'refuse-7', body => '{"order_id": 7}',
 	headers => ['tenant=acme']);
 wait_for($node, 'postgres',
 	"SELECT count(*) FROM mqtx.dead_letter WHERE message_id = 'refuse-7'",
@@ -305,22 +281,26 @@ $node->safe_psql('postgres',
 	"SELECT mqtx.subscribe('poison.q', 'poison_handler(jsonb,jsonb)')");
 wait_queue_exists($url, 'poison.q');
 
-publish('poison.q', id => 'poison-json', body => 'not json at all');
+amqp_publish($url, 'poison.q', id => 'poison-json', body => 'not json at all');
 my $bad_utf8 = PostgreSQL::Test::Utils::tempdir() . '/bad_utf8';
 open(my $fh, '>:raw', $bad_utf8) or die "cannot write $bad_utf8: $!";
 print $fh "\xff\xfe";
 close($fh);
-publish('poison.q', id => 'poison-utf8', body_file => $bad_utf8);
+amqp_publish($url, 'poison.q', id => 'poison-utf8', body_file => $bad_utf8);
 
 $node->safe_psql('postgres', q{
 	ALTER SYSTEM SET mqtx.max_payload = '1kB';
 	SELECT pg_reload_conf();
 });
-sleep 1;	# let the worker process the SIGHUP before the message arrives
+# Time, not a condition: a worker's settings cannot be seen from outside.
+# The consumer takes a reload at the top of its loop, which the SIGHUP wakes;
+# a second is ample for it to have mqtx.max_payload = 1kB before the oversized
+# message arrives.
+sleep 1;
 my ($big_head, $big_tail) = ('{"order_id": 9, "pad": "', '"}');
 my $big = $big_head . ('x' x (2000 - length($big_head . $big_tail))) . $big_tail;
 is(length($big), 2000, 'the oversized body is 2000 bytes');
-publish('poison.q', id => 'poison-size', body => $big);
+amqp_publish($url, 'poison.q', id => 'poison-size', body => $big);
 
 wait_for($node, 'postgres',
 	"SELECT count(*) FROM mqtx.dead_letter WHERE queue = 'poison.q'",
@@ -365,7 +345,7 @@ $node->safe_psql('postgres', q{
 # g. no message_id: deduplicated on the body's sha256
 
 my $anon = '{"order_id": 1001, "anon": true}';
-publish('orders.q', body => $anon);
+amqp_publish($url, 'orders.q', body => $anon);
 wait_for($node, 'postgres', 'SELECT count(*) FROM dispatch WHERE order_id = 1001',
 	'1', 'a message without message_id is applied');
 is( $node->safe_psql('postgres',
@@ -373,7 +353,7 @@ is( $node->safe_psql('postgres',
 		  . sha256_hex($anon) . "'"),
 	'1', "its inbox key is 'sha256:' and the body's hash");
 $dup_before = stat_value('duplicates');
-publish('orders.q', body => $anon);
+amqp_publish($url, 'orders.q', body => $anon);
 wait_for($node, 'postgres',
 	"SELECT duplicates > $dup_before FROM mqtx.consumer_stats WHERE database = 'postgres'",
 	't', 'the identical body sent again is a duplicate');
@@ -399,14 +379,14 @@ is($node->safe_psql('postgres', "SELECT mqtx.unsubscribe('orders.q')"),
 wait_until('the consumer cancels its consumer on orders.q',
 	sub { ($mq->consumer_count('orders.q') // -1) == 0 });
 
-publish_many('orders.q', map { [ "late-$_", qq({"order_id": $_}) ] } 2001 .. 2005);
+amqp_publish_many($url, 'orders.q', map { [ "late-$_", qq({"order_id": $_}) ] } 2001 .. 2005);
 my $stable = 1;
 for (1 .. 10)
 {
-	my $n = ready_count('orders.q');
+	my $n = queue_count($url, 'orders.q');
 	$stable = 0, diag('ready in orders.q: ' . ($n // 'no queue'))
 	  unless defined $n && $n == 5;
-	usleep(200_000);
+	usleep(200_000);    # time, on purpose: nothing may take them for 2 s
 }
 ok($stable, 'messages published after unsubscribe stay in the queue (5, for 2 s)');
 is( $node->safe_psql('postgres',
@@ -469,8 +449,8 @@ is( $node->safe_psql('postgres',
 
 $node->safe_psql('postgres', "SELECT mqtx.declare_queue('mixed.q')");
 wait_queue_exists($url, 'mixed.q');
-publish_many('mixed.q', map { [ "mixed-$_", qq({"order_id": $_}) ] } 1 .. 40);
-is(ready_count('mixed.q'), 40, 'forty messages wait in mixed.q');
+amqp_publish_many($url, 'mixed.q', map { [ "mixed-$_", qq({"order_id": $_}) ] } 1 .. 40);
+is(queue_count($url, 'mixed.q'), 40, 'forty messages wait in mixed.q');
 $node->safe_psql('postgres',
 	"SELECT mqtx.subscribe('mixed.q', 'mixed(jsonb,jsonb)', prefetch => 100, max_attempts => 2)");
 wait_for($node, 'postgres',
@@ -518,8 +498,7 @@ is( $node->safe_psql('postgres', q{
 		SELECT applied, dead_lettered, duplicates >= 504, retried > 0, consumed >= applied + duplicates
 		FROM mqtx.consumer_stats WHERE database = 'postgres'}),
 	'547|5|t|t|t', 'consumer_stats counters add up');
-is( $node->safe_psql('postgres',
-		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'mqtx consumer'"),
+is(worker_pid($node, 'consumer'),
 	$consumer_pid, 'the same consumer worker ran throughout (no crash)');
 
 # (before stopping the node: shutdown ends the workers with exit code 1)

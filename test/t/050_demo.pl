@@ -3,7 +3,7 @@
 # reports.  Then check that its reconciliation (examples/reconcile.sh)
 # fails when the two databases disagree, so a passing demo means something.
 use strict;
-use warnings;
+use warnings FATAL => 'all';
 
 use Cwd qw(abs_path);
 use File::Basename qw(dirname);
@@ -12,7 +12,11 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
+use MqtxTest::RabbitMQ;
 use MqtxTest::Util;
+
+# the demo starts a RabbitMQ node of its own (test/harness/rabbitmq.sh)
+MqtxTest::RabbitMQ->skip_all_unless_installed;
 
 my $examples = abs_path(dirname(__FILE__) . '/../../examples');
 

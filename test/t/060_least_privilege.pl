@@ -29,6 +29,8 @@ use Test::More;
 use MqtxTest::RabbitMQ;
 use MqtxTest::Util;
 
+MqtxTest::RabbitMQ->skip_all_unless_installed;
+
 my $mq = MqtxTest::RabbitMQ->new(name => 'leastpriv');
 $mq->start;
 my $url = $mq->url;
@@ -79,13 +81,16 @@ sub su_exposed
 	return $node->safe_psql($db, $sql);
 }
 
+# backend_type => pid of the workers that serve appdb
 sub worker_pids
 {
-	my $rows = su('postgres',
-		"SELECT backend_type, pid FROM pg_stat_activity "
-		  . "WHERE backend_type IN ('mqtx relay', 'mqtx consumer') AND datname = 'appdb' "
-		  . "ORDER BY backend_type");
-	return { map { split /\|/ } split /\n/, $rows };
+	my %pids;
+	for my $kind (qw(relay consumer))
+	{
+		my $pid = worker_pid($node, $kind, db => 'appdb');
+		$pids{"mqtx $kind"} = $pid if $pid ne '';
+	}
+	return \%pids;
 }
 
 # What ran where it must not: every look-alike, and the deferred trigger
@@ -134,9 +139,7 @@ su('otherdb', 'CREATE EXTENSION mqtx');
 is(su('postgres', "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'mqtx%'"),
 	'0', 'CREATE EXTENSION created no cluster-wide role');
 
-wait_for($node, 'postgres',
-	"SELECT count(*) FROM pg_stat_activity WHERE backend_type IN ('mqtx relay', 'mqtx consumer') AND datname = 'appdb'",
-	'2', 'the relay and the consumer serve appdb');
+wait_workers($node, 2, 'the relay and the consumer serve appdb', db => 'appdb');
 
 # ------------------------------------------------------------------
 # the attacker (app, owner of appdb) sets up its schema, its handlers and
@@ -319,12 +322,10 @@ su('appdb', 'DELETE FROM public.trap');
 my $old = worker_pids();
 is(scalar keys %$old, 2, 'relay and consumer pids before the restart');
 su('postgres',
-	"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type IN ('mqtx relay', 'mqtx consumer')");
+	'SELECT pg_terminate_backend(pid) FROM (' . worker_pid_query() . ') w');
 my $old_list = join(',', values %$old);
-wait_for($node, 'postgres',
-	"SELECT count(*) FROM pg_stat_activity WHERE backend_type IN ('mqtx relay', 'mqtx consumer') "
-	  . "AND datname = 'appdb' AND pid NOT IN ($old_list)",
-	'2', 'the postmaster starts both workers again (new pids)');
+wait_workers($node, 2, 'the postmaster starts both workers again (new pids)',
+	db => 'appdb', where => "pid NOT IN ($old_list)");
 my $pids = worker_pids();
 wait_for($node, 'appdb',
 	"SELECT pid = $pids->{'mqtx relay'} AND broker_connected FROM mqtx.relay_stats WHERE database = 'appdb'",
@@ -709,7 +710,7 @@ wait_for($node, 'appdb',
 	  . "AND count(*) FILTER (WHERE status = 'pending') = 0 FROM mqtx.outbox",
 	't', 'every other outbox row was published');
 wait_until("orders.audit received the $ordinary orders once each", sub {
-	my $n = eval { amqp_tool('count', '--url', $url, '--queue', 'orders.audit') };
+	my $n = queue_count($url, 'orders.audit');
 	defined $n && $n == $ordinary;
 });
 my $now = worker_pids();

@@ -14,7 +14,7 @@
 # start to end, and the database, with the wire strings it stored, dumps
 # and restores cleanly.
 use strict;
-use warnings;
+use warnings FATAL => 'all';
 
 use Cwd qw(abs_path);
 use Digest::SHA qw(sha256_hex);
@@ -27,6 +27,8 @@ use Test::More;
 
 use MqtxTest::RabbitMQ;
 use MqtxTest::Util;
+
+MqtxTest::RabbitMQ->skip_all_unless_installed;
 
 my $publish_raw = abs_path(dirname(__FILE__) . '/../tools') . '/publish_raw.py';
 my $python = '/usr/bin/python3';
@@ -65,14 +67,8 @@ sub lit
 sub queue_counts
 {
 	my ($queue) = @_;
-	my $out = $mq->ctl('list_queues', '-q', '--no-table-headers',
-		'name', 'messages_ready', 'messages_unacknowledged');
-	for my $line (split /\n/, $out)
-	{
-		my ($name, $ready, $unacked) = $line =~ /^(.*)\t(\d+)\t(\d+)$/ or next;
-		return "$ready|$unacked" if $name eq $queue;
-	}
-	return 'no queue';
+	my $c = $mq->queue_columns('messages_ready', 'messages_unacknowledged')->{$queue};
+	return defined $c ? join('|', @$c) : 'no queue';
 }
 
 # ------------------------------------------------------------------
@@ -151,8 +147,7 @@ is( sql(
 wait_for($node, 'postgres',
 	"SELECT broker_connected FROM mqtx.consumer_stats WHERE database = 'postgres'",
 	't', 'the consumer connects to the broker');
-my $consumer_pid = sql(
-	"SELECT pid FROM pg_stat_activity WHERE backend_type = 'mqtx consumer'");
+my $consumer_pid = worker_pid($node, 'consumer');
 like($consumer_pid, qr/^\d+$/, "one consumer runs (pid $consumer_pid)");
 wait_queue_exists($url, $_) for qw(poison.a poison.b);
 wait_until('the relay binds poison.a to the fanout exchange poison.fanout',
@@ -439,7 +434,7 @@ is( sql(q{
 		FROM mqtx.consumer_stats WHERE database = 'postgres'}),
 	($good_a + $good_b) . "|$letters|t|t|t",
 	'consumer_stats: applied and dead_lettered add up');
-is( sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'mqtx consumer'"),
+is( worker_pid($node, 'consumer'),
 	$consumer_pid, 'after the catalogue, the consumer pid is the one of the start');
 my $catalogue_log = slurp_file($node->logfile);
 unlike($catalogue_log, qr/an error interrupted the consumer/,
@@ -498,7 +493,7 @@ is( sql(q{
 	'1|s-ssi|1|0', 's-ssi: applied once on the retry, not dead-lettered');
 cmp_ok(sql("SELECT retried FROM mqtx.consumer_stats WHERE database = 'postgres'"),
 	'>', $retried_before, 's-ssi: counted as retried');
-is( sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'mqtx consumer'"),
+is( worker_pid($node, 'consumer'),
 	$consumer_pid, 's-ssi: the consumer pid is still the one of the start');
 
 # The same in a batch: the other deliveries of the batch are applied, and
@@ -549,7 +544,7 @@ is( sql(q{
 			(SELECT count(*) FROM mqtx.dead_letter WHERE message_id LIKE 's-%'),
 			(SELECT count(*) FROM mqtx.consumer_attempts)}),
 	's-ssi,s-ssi-2|0|0', 'the culprit\'s effect once; no dead letter, no attempt left');
-is( sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'mqtx consumer'"),
+is( worker_pid($node, 'consumer'),
 	$consumer_pid, 's-ssi-2: the consumer pid is still the one of the start');
 unlike(slurp_file($node->logfile, $log_offset),
 	qr/background worker "[^"]*consumer[^"]*" \(PID \d+\) (?:exited|was terminated)/,
@@ -607,7 +602,7 @@ for my $q (qw(poison.a poison.b))
 is(sql('SELECT count(*) FROM mqtx.consumer_attempts'), '0',
 	'at the end, mqtx.consumer_attempts is empty');
 
-is( sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'mqtx consumer'"),
+is( worker_pid($node, 'consumer'),
 	$consumer_pid, 'the consumer pid is the same as at the start');
 my $log = slurp_file($node->logfile);
 unlike($log,

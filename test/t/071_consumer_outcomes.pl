@@ -17,7 +17,7 @@
 # wal_writer_delay throughout (item 3 needs it, and everything else must
 # hold under it too), and a 2 s AMQP heartbeat (item 5).
 use strict;
-use warnings;
+use warnings FATAL => 'all';
 
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
@@ -27,6 +27,7 @@ use Time::HiRes qw(time usleep);
 use MqtxTest::RabbitMQ;
 use MqtxTest::Util;
 
+MqtxTest::RabbitMQ->skip_all_unless_installed;
 
 my $mq = MqtxTest::RabbitMQ->new(name => 'outcomes');
 $mq->start;
@@ -41,18 +42,6 @@ my $node = mqtx_node('outcomes',
 # ------------------------------------------------------------------
 # helpers
 
-sub publish
-{
-	my ($queue, %o) = @_;
-	amqp_publish($url, $queue, %o);
-}
-
-sub publish_many
-{
-	my ($queue, @messages) = @_;
-	amqp_publish_many($url, $queue, @messages);
-}
-
 sub sql
 {
 	my ($sql, $n, $db) = @_;
@@ -66,29 +55,13 @@ sub stat_value
 	return sql("SELECT $column FROM mqtx.consumer_stats WHERE database = '$db'", $n, $db);
 }
 
-sub consumer_pid
-{
-	return sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'mqtx consumer'");
-}
+sub consumer_pid { return worker_pid($node, 'consumer') }
 
-# name => [ready, unacked] for every queue of the broker
-sub queue_counts
-{
-	my $out = $mq->ctl('list_queues', '-q', '--no-table-headers',
-		'name', 'messages_ready', 'messages_unacknowledged');
-	my %counts;
-	for my $line (split /\n/, $out)
-	{
-		my ($name, $ready, $unacked) = $line =~ /^(.*)\t(\d+)\t(\d+)$/ or next;
-		$counts{$name} = [ $ready + 0, $unacked + 0 ];
-	}
-	return \%counts;
-}
-
+# Ready and unacknowledged messages of a queue, as "ready/unacked".
 sub ready_unacked
 {
 	my ($queue) = @_;
-	my $c = queue_counts()->{$queue};
+	my $c = $mq->queue_columns('messages_ready', 'messages_unacknowledged')->{$queue};
 	return defined $c ? "$c->[0]/$c->[1]" : 'no queue';
 }
 
@@ -243,8 +216,8 @@ my $reconnects0 = stat_value('reconnects');
 # the note on subscribe_one)
 subscribe_one('dump.q', q{'dump_apply(jsonb,jsonb)'});
 subscribe_one('dumpfail.q', q{'dump_fail(jsonb,jsonb)', max_attempts => 1000});
-publish_many('dump.q', map { [ "dump-$_", qq({"id": "dump-$_"}) ] } 1 .. 5);
-publish('dumpfail.q', id => 'df-1', body => '{"id": "df-1"}');
+amqp_publish_many($url, 'dump.q', map { [ "dump-$_", qq({"id": "dump-$_"}) ] } 1 .. 5);
+amqp_publish($url, 'dumpfail.q', id => 'df-1', body => '{"id": "df-1"}');
 wait_for($node, 'postgres', 'SELECT count(*) FROM dump_calls', '5',
 	'2: node A applies five messages');
 wait_for($node, 'postgres',
@@ -322,11 +295,11 @@ wait_until('2: B consumes dump.q',
 	sub { ($mq->consumer_count('dump.q') // 0) == 1 });
 
 my $b_dups = stat_value('duplicates', $nodeb, 'restored');
-publish('dump.q', id => 'dump-3', body => '{"id": "dump-3"}');
+amqp_publish($url, 'dump.q', id => 'dump-3', body => '{"id": "dump-3"}');
 wait_for($nodeb, 'restored',
 	"SELECT duplicates FROM mqtx.consumer_stats WHERE database = 'restored'",
 	$b_dups + 1, '2: B counts a redelivery of a message A applied as a duplicate');
-publish('dump.q', id => 'dump-6', body => '{"id": "dump-6"}');
+amqp_publish($url, 'dump.q', id => 'dump-6', body => '{"id": "dump-6"}');
 wait_for($nodeb, 'restored', "SELECT count(*) FROM dump_calls WHERE id = 'dump-6'",
 	'1', '2: B applies a new message');
 is( sql(q{SELECT count(*), count(*) FILTER (WHERE id = 'dump-3') FROM dump_calls},
@@ -350,7 +323,7 @@ sql(q{SELECT mqtx.subscribe('redrive.q', 'redrive_handler(jsonb,jsonb)', max_att
 wait_queue_exists($url, 'redrive.q');
 my $dl0 = stat_value('dead_lettered');
 my $dup0 = stat_value('duplicates');
-publish('redrive.q', id => 'rd-1', body => '{"id": "rd-1"}', repeat => 2);
+amqp_publish($url, 'redrive.q', id => 'rd-1', body => '{"id": "rd-1"}', repeat => 2);
 wait_for($node, 'postgres',
 	"SELECT count(*), min(attempts) FROM mqtx.dead_letter WHERE queue = 'redrive.q' AND message_id = 'rd-1'",
 	'1|2', '1: two copies of rd-1 end as one dead letter, after max_attempts = 2');
@@ -382,7 +355,7 @@ is( sql(qq{SELECT (SELECT count(*) FROM mqtx.inbox WHERE queue = 'redrive.q' AND
 	'1|0|0|0|rd-1',
 	'1: the inbox has the original id, not the new one; no dead letter, no attempts left');
 
-publish('redrive.q', id => 'rd-1', body => '{"id": "rd-1"}');
+amqp_publish($url, 'redrive.q', id => 'rd-1', body => '{"id": "rd-1"}');
 wait_for($node, 'postgres',
 	"SELECT duplicates - $dups >= 1 FROM mqtx.consumer_stats WHERE database = 'postgres'",
 	't', '1: a third copy of rd-1 is a duplicate');
@@ -393,7 +366,7 @@ is(sql("SELECT mqtx.redrive_all('redrive.q')"), '0', '1: nothing is left to redr
 
 # a copy published right after the redrive races the redriven one: one wins
 sql('UPDATE redrive_flag SET failing = true');
-publish('redrive.q', id => 'rd-2', body => '{"id": "rd-2"}');
+amqp_publish($url, 'redrive.q', id => 'rd-2', body => '{"id": "rd-2"}');
 wait_for($node, 'postgres',
 	"SELECT count(*) FROM mqtx.dead_letter WHERE queue = 'redrive.q' AND message_id = 'rd-2'",
 	'1', '1: rd-2 is dead-lettered');
@@ -401,7 +374,7 @@ wait_queue_drained($mq, 'redrive.q');
 sql('UPDATE redrive_flag SET failing = false');
 $dups = stat_value('duplicates');
 is(sql("SELECT mqtx.redrive_all('redrive.q')"), '1', '1: rd-2 redriven');
-publish('redrive.q', id => 'rd-2', body => '{"id": "rd-2"}');
+amqp_publish($url, 'redrive.q', id => 'rd-2', body => '{"id": "rd-2"}');
 wait_for($node, 'postgres',
 	"SELECT bool_and(status = 'published') FROM mqtx.outbox WHERE headers->>'x-mqtx-redriven-from' = 'rd-2'",
 	't', '1: the redriven rd-2 is published');
@@ -419,7 +392,7 @@ is( sql(q{SELECT (SELECT count(*) FROM mqtx.inbox WHERE queue = 'redrive.q'),
 # redriven while the handler still fails: dead-lettered again under its
 # original id; redriven once more after the fix: applied once
 sql('UPDATE redrive_flag SET failing = true');
-publish('redrive.q', id => 'rd-3', body => '{"id": "rd-3"}');
+amqp_publish($url, 'redrive.q', id => 'rd-3', body => '{"id": "rd-3"}');
 wait_for($node, 'postgres',
 	"SELECT count(*) FROM mqtx.dead_letter WHERE queue = 'redrive.q' AND message_id = 'rd-3'",
 	'1', '1: rd-3 is dead-lettered');
@@ -455,11 +428,11 @@ subscribe_one('fast.q', q{'fast_handler(jsonb,jsonb)'});
 is(sql("SELECT handler_timeout FROM mqtx.subscriptions WHERE queue = 'slow.q'"),
 	'00:00:00.3', '4: handler_timeout recorded');
 $pid = consumer_pid();
-publish_many('slow.q', map { [ "slow-$_", qq({"id": "slow-$_"}) ] } 1 .. 2);
+amqp_publish_many($url, 'slow.q', map { [ "slow-$_", qq({"id": "slow-$_"}) ] } 1 .. 2);
 my @latency;
 for my $i (1 .. 6)
 {
-	publish('fast.q', id => "fast-$i", body => qq({"id": "fast-$i"}));
+	amqp_publish($url, 'fast.q', id => "fast-$i", body => qq({"id": "fast-$i"}));
 	my $t = time_until(30, sub {
 		sql("SELECT count(*) FROM fast_applied WHERE id = 'fast-$i'") eq '1' });
 	push @latency, $t // 999;
@@ -494,7 +467,7 @@ wait_queue_drained($mq, 'slow.q');
 
 sql("SELECT mqtx.declare_queue('long.q')");
 wait_queue_exists($url, 'long.q');
-publish_many('long.q', map { [ "long-$_", qq({"id": "long-$_"}) ] } 1 .. 10);
+amqp_publish_many($url, 'long.q', map { [ "long-$_", qq({"id": "long-$_"}) ] } 1 .. 10);
 is(ready_unacked('long.q'), '10/0', '5: ten messages wait in long.q');
 is( join(',', sort split /\s+/, $mq->ctl('list_connections', '-q', '--no-table-headers', 'timeout')),
 	'2,2', '5: the broker has A\'s relay and consumer connected with a 2 s heartbeat');
@@ -526,14 +499,14 @@ my $pf;
 wait_until('6: the broker shows prefetch 5 for prefetch.q',
 	sub { ($pf = consumer_prefetch('prefetch.q')) eq '5' })
   or diag("prefetch counts: $pf");
-publish('prefetch.q', id => 'pf-1', body => '{"id": "pf-1"}');
+amqp_publish($url, 'prefetch.q', id => 'pf-1', body => '{"id": "pf-1"}');
 wait_for($node, 'postgres', 'SELECT count(*) FROM prefetch_applied', '1',
 	'6: a message flows');
 sql(q{SELECT mqtx.subscribe('prefetch.q', 'prefetch_handler(jsonb,jsonb)', prefetch => 17)});
 wait_until('6: after subscribing again, the broker shows one consumer with prefetch 17',
 	sub { ($pf = consumer_prefetch('prefetch.q')) eq '17' })
   or diag("prefetch counts: $pf");
-publish_many('prefetch.q', map { [ "pf-$_", qq({"id": "pf-$_"}) ] } 2 .. 4);
+amqp_publish_many($url, 'prefetch.q', map { [ "pf-$_", qq({"id": "pf-$_"}) ] } 2 .. 4);
 wait_for($node, 'postgres', 'SELECT count(*), count(DISTINCT id) FROM prefetch_applied', '4|4',
 	'6: messages still flow, each applied once');
 wait_queue_drained($mq, 'prefetch.q');
@@ -549,7 +522,7 @@ wait_queue_exists($url, 'leak.q');
 # a: fails once, then succeeds
 my $retried = stat_value('retried');
 sql(q{UPDATE leak_conf SET fail_until = (SELECT last_value + CASE WHEN is_called THEN 1 ELSE 0 END FROM leak_calls)});
-publish('leak.q', id => 'leak-a', body => '{"id": "leak-a"}');
+amqp_publish($url, 'leak.q', id => 'leak-a', body => '{"id": "leak-a"}');
 wait_for($node, 'postgres', "SELECT count(*) FROM leak_applied WHERE id = 'leak-a'", '1',
 	'8a: a message that failed once is applied on its retry');
 cmp_ok(stat_value('retried') - $retried, '>=', 1, '8a: it did fail first (consumer_stats.retried grew)');
@@ -561,7 +534,7 @@ is(sql("SELECT count(*) FROM mqtx.consumer_attempts WHERE queue = 'leak.q'"), '0
 # other has a failed attempt on record; that copy is then a duplicate
 $dups = stat_value('duplicates');
 sql(q{UPDATE leak_conf SET fail_until = (SELECT last_value + 2 FROM leak_calls)});
-publish('leak.q', id => 'leak-b', body => '{"id": "leak-b"}', repeat => 2);
+amqp_publish($url, 'leak.q', id => 'leak-b', body => '{"id": "leak-b"}', repeat => 2);
 wait_for($node, 'postgres', "SELECT count(*) FROM leak_applied WHERE id = 'leak-b'", '1',
 	'8b: one of two failing copies is applied');
 wait_queue_drained($mq, 'leak.q', '8b: both copies are acked');
@@ -578,8 +551,8 @@ is( sql(qq{SELECT (SELECT count(*) FROM leak_applied WHERE id = 'leak-b'),
 sql('UPDATE leak_conf SET fail_until = 1000000');
 my $calls = sql('SELECT last_value FROM leak_calls');
 $dups = stat_value('duplicates');
-publish('leak.q', id => 'leak-a', body => '{"id": "leak-a"}');
-publish('leak.q', id => 'leak-a', body => 'not json');
+amqp_publish($url, 'leak.q', id => 'leak-a', body => '{"id": "leak-a"}');
+amqp_publish($url, 'leak.q', id => 'leak-a', body => 'not json');
 wait_for($node, 'postgres',
 	"SELECT duplicates - $dups FROM mqtx.consumer_stats WHERE database = 'postgres'",
 	'2', '8c: two late copies of an applied message (one of them poison) are duplicates');
@@ -611,7 +584,7 @@ for my $round (1 .. 3)
 {
 	# what the test itself committed must not be what gets lost
 	sql('CHECKPOINT');
-	publish_many('durable.q',
+	amqp_publish_many($url, 'durable.q',
 		map { [ "dur-$round-$_", qq({"id": "dur-$round-$_"}) ] } 1 .. $N);
 	my $depth;
 	wait_until("3.$round: durable.q is drained (all $N acked)",
@@ -646,7 +619,7 @@ wait_for($node, 'postgres', 'SHOW mqtx.retry_base', '1min', '7: retry_base is 60
 sql(q{SELECT mqtx.subscribe('hold.q', 'hold_handler(jsonb,jsonb)', max_attempts => 100)});
 wait_queue_exists($url, 'hold.q');
 $pid = consumer_pid();
-publish_many('hold.q', map { [ "hold-$_", qq({"id": "hold-$_"}) ] } 1 .. 3);
+amqp_publish_many($url, 'hold.q', map { [ "hold-$_", qq({"id": "hold-$_"}) ] } 1 .. 3);
 wait_for($node, 'postgres',
 	"SELECT count(*) FROM mqtx.consumer_attempts WHERE queue = 'hold.q'", '3',
 	'7: the three failing messages have attempts on record');

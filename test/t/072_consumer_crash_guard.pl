@@ -14,24 +14,20 @@ use Test::More;
 use MqtxTest::RabbitMQ;
 use MqtxTest::Util;
 
+MqtxTest::RabbitMQ->skip_all_unless_installed;
+
 my $mq = MqtxTest::RabbitMQ->new(name => 'crashguard');
 $mq->start;
 my $url = $mq->url;
 
 my $node = mqtx_node('crashguard', 'mqtx.broker_url' => "'$url'");
 
-sub consumer_pid
-{
-	return $node->safe_psql('postgres',
-		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'mqtx consumer'");
-}
+sub consumer_pid { return worker_pid($node, 'consumer') }
 
 # The consumer, sleeping in the handler of the message "killer".
 sub consumer_in_handler
 {
-	return $node->safe_psql('postgres',
-		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'mqtx consumer'"
-		  . " AND wait_event = 'PgSleep'");
+	return worker_pid($node, 'consumer', where => "wait_event = 'PgSleep'");
 }
 
 sub publish

@@ -22,6 +22,8 @@ use Time::HiRes qw(gettimeofday tv_interval usleep);
 use MqtxTest::RabbitMQ;
 use MqtxTest::Util;
 
+MqtxTest::RabbitMQ->skip_all_unless_installed;
+
 my $mq = MqtxTest::RabbitMQ->new(name => 'pressure');
 $mq->start;
 my $url = $mq->url;
@@ -38,16 +40,9 @@ my $node = mqtx_node('pressure',
 
 sub sql { return $node->safe_psql('postgres', $_[0]) }
 
-sub current_relay_pid
-{
-	return sql("SELECT pid FROM mqtx.relay_stats WHERE database = 'postgres'");
-}
+sub current_relay_pid { return worker_pid($node, 'relay', db => 'postgres') }
 
-sub consumer_pid
-{
-	return sql(
-		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'mqtx consumer'");
-}
+sub consumer_pid { return worker_pid($node, 'consumer') }
 
 sub broker_blocks_a_connection
 {

@@ -20,6 +20,8 @@ use Test::More;
 use MqtxTest::RabbitMQ;
 use MqtxTest::Util;
 
+MqtxTest::RabbitMQ->skip_all_unless_installed;
+
 my $mq = MqtxTest::RabbitMQ->new(name => 'refusals');
 $mq->start;
 my $guest_url = $mq->url;
@@ -34,20 +36,14 @@ my $node = mqtx_node('refusals', 'mqtx.broker_url' => "'$url'");
 
 sub sql { return $node->safe_psql('postgres', $_[0]) }
 
-sub consumer_pid
-{
-	return sql("SELECT pid FROM mqtx.consumer_stats WHERE database = 'postgres'");
-}
+sub consumer_pid { return worker_pid($node, 'consumer', db => 'postgres') }
 
 sub consumer_reconnects
 {
 	return sql("SELECT reconnects FROM mqtx.consumer_stats WHERE database = 'postgres'");
 }
 
-sub relay_pid_now
-{
-	return sql("SELECT pid FROM mqtx.relay_stats WHERE database = 'postgres'");
-}
+sub relay_pid_now { return worker_pid($node, 'relay', db => 'postgres') }
 
 sub broker_error_rows
 {
@@ -95,7 +91,7 @@ my $until = time + 10;
 while (time < $until)
 {
 	$pids_seen{ consumer_pid() }++;
-	sleep 1;
+	sleep 1;    # time, on purpose: a look a second at the same process
 }
 is(join(',', sort keys %pids_seen), $consumer,
 	'the same consumer process throughout the refusal');

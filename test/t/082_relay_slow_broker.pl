@@ -20,6 +20,8 @@ use MqtxTest::DelayProxy;
 use MqtxTest::RabbitMQ;
 use MqtxTest::Util;
 
+MqtxTest::RabbitMQ->skip_all_unless_installed;
+
 my $mq = MqtxTest::RabbitMQ->new(name => 'slowlink');
 $mq->start;
 my $url = $mq->url;
@@ -49,7 +51,7 @@ sql(q{
 query_within($node, 60, 'SELECT broker_connected FROM mqtx.relay_stats', 't',
 	'the relay connects through the delay proxy');
 wait_queue_exists($url, 'slow.q');
-my $relay = sql('SELECT pid FROM mqtx.relay_stats');
+my $relay = worker_pid($node, 'relay');
 like($relay, qr/^\d+$/, "the relay runs (pid $relay)");
 
 # the link is slow: a round trip through the proxy takes the delay
@@ -87,7 +89,7 @@ is( sql('SELECT status, count(*), max(attempts) FROM mqtx.outbox GROUP BY 1 ORDE
 	"all $N rows are published, with no failed attempt");
 note('the last errors recorded: '
 	  . sql('SELECT last_error, count(*) FROM mqtx.outbox WHERE last_error IS NOT NULL GROUP BY 1'));
-is(sql('SELECT pid FROM mqtx.relay_stats'), $relay, 'the same relay process throughout');
+is(worker_pid($node, 'relay'), $relay, 'the same relay process throughout');
 note('relay_stats: ' . sql('SELECT * FROM mqtx.relay_stats'));
 
 my $messages = amqp_messages($url, 'slow.q');
@@ -121,7 +123,7 @@ query_within($node, 120,
 	'0', 'every row whose confirm was late ends published');
 is(sql(q{SELECT count(*) FILTER (WHERE attempts > 0 OR last_error IS NOT NULL) FROM mqtx.outbox}),
 	'0', 'a late confirm is no failed attempt');
-is(sql('SELECT pid FROM mqtx.relay_stats'), $relay, 'the same relay process after the late confirms');
+is(worker_pid($node, 'relay'), $relay, 'the same relay process after the late confirms');
 
 $node->stop;
 $proxy->stop;

@@ -19,6 +19,8 @@ use Time::HiRes qw(usleep);
 use MqtxTest::RabbitMQ;
 use MqtxTest::Util;
 
+MqtxTest::RabbitMQ->skip_all_unless_installed;
+
 my $ROUNDS = $ENV{MQTX_PHANTOM_ROUNDS} // 3;
 
 my $mq = MqtxTest::RabbitMQ->new(name => 'asynccommit');

@@ -14,6 +14,8 @@ use MqtxTest::DelayProxy;
 use MqtxTest::RabbitMQ;
 use MqtxTest::Util;
 
+MqtxTest::RabbitMQ->skip_all_unless_installed;
+
 my $mq = MqtxTest::RabbitMQ->new(name => 'recreated');
 $mq->start;
 my $url = $mq->url;
@@ -42,7 +44,7 @@ declare_topology();
 query_within($node, 60, 'SELECT broker_connected FROM mqtx.relay_stats', 't',
 	'the relay connects through the slow link');
 wait_queue_exists($url, 'recreated.q');
-my $relay = sql('SELECT pid FROM mqtx.relay_stats');
+my $relay = worker_pid($node, 'relay');
 
 # one message while the link is fast: the relay then knows the exchange,
 # and later sends without asking the broker about it first
@@ -85,7 +87,7 @@ is(sql(q{SELECT count(*) FROM mqtx.outbox WHERE status = 'published'}), '0',
 	'no new row is marked published by an old confirm');
 is(sql(q{SELECT count(*) FROM mqtx.outbox WHERE payload ? 'old'}), '0',
 	'the new outbox holds only the new rows');
-is(sql('SELECT pid FROM mqtx.relay_stats'), $relay, 'the same relay process throughout');
+is(worker_pid($node, 'relay'), $relay, 'the same relay process throughout');
 is($mq->queue_depth('recreated.q'), $N, 'the broker has each old message once');
 
 $node->stop;

@@ -13,6 +13,8 @@ use Test::More;
 use MqtxTest::RabbitMQ;
 use MqtxTest::Util;
 
+MqtxTest::RabbitMQ->skip_all_unless_installed;
+
 my $mq = MqtxTest::RabbitMQ->new(name => 'qdeleted');
 $mq->start;
 my $url = $mq->url;
@@ -37,7 +39,7 @@ sql(q{
 });
 wait_until('the consumer consumes both queues',
 	sub { ($mq->consumer_count('a.q') // 0) == 1 && ($mq->consumer_count('b.q') // 0) == 1 });
-my $consumer = sql(q{SELECT pid FROM mqtx.consumer_stats});
+my $consumer = worker_pid($node, 'consumer');
 like($consumer, qr/^\d+$/, "the consumer runs (pid $consumer)");
 
 amqp_publish($url, 'a.q', id => 'a-1', body => '{"n": 1}');
@@ -63,7 +65,7 @@ wait_for($node, 'postgres', q{SELECT count(*) FROM applied WHERE queue = 'a'}, '
 wait_for($node, 'postgres', 'SELECT count(*) FROM mqtx.broker_errors', '0',
 	'nothing is listed as refused any more');
 
-is(sql(q{SELECT pid FROM mqtx.consumer_stats}), $consumer,
+is(worker_pid($node, 'consumer'), $consumer,
 	'the same consumer process throughout');
 is(sql(q{SELECT reconnects FROM mqtx.consumer_stats}), '0',
 	'on the same connection: no reconnect');

@@ -26,7 +26,7 @@ standard input closes, so it cannot outlive the test.
 package MqtxTest::DelayProxy;
 
 use strict;
-use warnings;
+use warnings FATAL => 'all';
 
 use Carp qw(croak);
 use Cwd qw(abs_path);

@@ -9,12 +9,17 @@ MqtxTest::RabbitMQ - throwaway RabbitMQ nodes for mqtx TAP tests
   use lib 'test/perl';
   use MqtxTest::RabbitMQ;
 
+  # Before any test: skip_all, with the reason, when RabbitMQ is missing.
+  MqtxTest::RabbitMQ->skip_all_unless_installed;
+
   my $mq = MqtxTest::RabbitMQ->new(name => 'mq1');   # not started yet
   $mq->start;                                      # dies with the reason
   my $url = $mq->url;          # amqp://guest:guest@127.0.0.1:PORT/%2f
   $mq->add_user('mqtx', 'secret');
   $mq->declare_queue('orders');
   is($mq->queue_depth('orders'), 0);
+  my $q = $mq->queue_columns('messages_ready', 'messages_unacknowledged');
+  my ($ready, $unacked) = @{ $q->{orders} };      # no key: no such queue
   my $body = $mq->get_message('orders');         # undef when empty
   $mq->set_memory_alarm(1);                        # block publishers
   my @states = $mq->connection_states;             # ('blocked', ...)
@@ -44,7 +49,7 @@ so the shell script stays the single source of truth for how a node is run.
 package MqtxTest::RabbitMQ;
 
 use strict;
-use warnings;
+use warnings FATAL => 'all';
 
 use Carp qw(croak);
 use Cwd qw(abs_path);
@@ -62,6 +67,21 @@ my %running;
 # Only the process that started a node may stop it: a forked child that
 # exits normally must not take the test's nodes down with it.
 my $owner_pid = $$;
+
+# A test file that runs a broker calls this first: without RabbitMQ where
+# rabbitmq.sh runs it from ("rabbitmq.sh check" says), the file is skipped,
+# with the reason, instead of failing.
+sub skip_all_unless_installed
+{
+	my ($class) = @_;
+	my ($rc, $out, $err) = $class->_script('check');
+	return if $rc == 0;
+	my $why = join(' ', grep { /\S/ } split /\n/, "$out$err");
+	require Test::More;
+	Test::More::plan(skip_all => "RabbitMQ is not installed: $why"
+		  . ' (test/install_deps.sh installs it)');
+	return;
+}
 
 sub new
 {
@@ -116,7 +136,8 @@ sub port { return $_[0]{port} }
 sub tls_port { return $_[0]{tls_ports}[0] }
 sub tls_ports { return @{ $_[0]{tls_ports} } }
 
-# Run rabbitmq.sh; returns (exit status, stdout, stderr).
+# Run rabbitmq.sh; returns (exit status, stdout, stderr).  A class method
+# too (check needs no node).
 sub _script
 {
 	my ($self, @args) = @_;
@@ -234,14 +255,26 @@ sub consumer_count
 sub queue_number
 {
 	my ($self, $queue, $column) = @_;
+	my $values = $self->queue_columns($column)->{$queue};
+	return defined $values ? $values->[0] : undef;
+}
+
+# Numeric columns of rabbitmqctl list_queues (messages_ready, consumers,
+# ...) for every queue on vhost "/": a hash of queue name => [ the values,
+# in the order asked for ].
+sub queue_columns
+{
+	my ($self, @columns) = @_;
 	my $out = $self->ctl('list_queues', '-q', '--no-table-headers',
-		'name', $column);
+		'name', @columns);
+	my $line_re = '^(.*)' . ('\t(\d+)' x @columns) . '$';
+	my %queues;
 	for my $line (split /\n/, $out)
 	{
-		my ($name, $n) = $line =~ /^(.*)\t(\d+)$/ or next;
-		return $n + 0 if $name eq $queue;
+		my ($name, @values) = $line =~ /$line_re/ or next;
+		$queues{$name} = [ map { $_ + 0 } @values ];
 	}
-	return undef;
+	return \%queues;
 }
 
 # The memory alarm: on makes the node block every connection that

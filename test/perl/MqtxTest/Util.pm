@@ -1,9 +1,9 @@
 # Helpers shared by the mqtx TAP tests: PostgreSQL nodes that preload mqtx,
-# bounded waits, and the AMQP test tool.
+# mqtx's workers, bounded waits, and the AMQP test tool.
 package MqtxTest::Util;
 
 use strict;
-use warnings;
+use warnings FATAL => 'all';
 
 use Cwd qw(abs_path);
 use File::Basename qw(dirname);
@@ -15,8 +15,8 @@ use Time::HiRes qw(usleep);
 use Exporter qw(import);
 our @EXPORT = qw(mqtx_node wait_for wait_until wait_queue_exists wait_queue_drained
   amqp_tool amqp_publish_args amqp_publish amqp_publish_many amqp_messages
-  message_body relay_pid wait_within query_within sql_result pid_alive
-  sample_activity proc_memory queue_count);
+  message_body worker_pid_query worker_pid wait_workers wait_within
+  query_within sql_result pid_alive sample_activity proc_memory queue_count);
 
 # Servers listen on 127.0.0.1 TCP, like a deployment, not on a socket dir.
 $PostgreSQL::Test::Utils::use_unix_sockets = 0;
@@ -75,7 +75,7 @@ sub wait_queue_exists
 {
 	my ($url, $queue) = @_;
 	wait_until("queue $queue exists on the broker",
-		sub { defined eval { amqp_tool('count', '--url', $url, '--queue', $queue) } });
+		sub { defined queue_count($url, $queue) });
 }
 
 # Ready messages in a queue, through AMQP (a passive declare: much quicker
@@ -168,12 +168,37 @@ sub message_body
 	return JSON::PP->new->decode($message->{body});
 }
 
-sub relay_pid
+# The query for the pids of mqtx's workers, as pg_stat_activity shows them
+# (it answers in every database, with or without the extension).  %o: kind,
+# 'relay' or 'consumer' (both when absent); db, the database served;
+# except, a pid to leave out; where, one more condition.
+sub worker_pid_query
 {
-	my ($node, $db) = @_;
-	return $node->safe_psql('postgres',
-		"SELECT pid FROM pg_stat_activity WHERE backend_type = 'mqtx relay'"
-		  . " AND datname = '$db'");
+	my (%o) = @_;
+	my $q = 'SELECT pid FROM pg_stat_activity WHERE backend_type '
+	  . (defined $o{kind}
+		? "= 'mqtx $o{kind}'"
+		: "IN ('mqtx relay', 'mqtx consumer')");
+	$q .= " AND datname = '$o{db}'" if defined $o{db};
+	$q .= " AND pid <> $o{except}" if defined $o{except};
+	$q .= " AND $o{where}" if defined $o{where};
+	return $q;
+}
+
+# The pid of the $kind worker ('relay' or 'consumer'): '' when none runs,
+# one a line if several do.  %o as for worker_pid_query.
+sub worker_pid
+{
+	my ($node, $kind, %o) = @_;
+	return $node->safe_psql('postgres', worker_pid_query(%o, kind => $kind));
+}
+
+# Wait until $n workers run that match %o (as for worker_pid_query).
+sub wait_workers
+{
+	my ($node, $n, $what, %o) = @_;
+	return wait_for($node, 'postgres',
+		'SELECT count(*) FROM (' . worker_pid_query(%o) . ') w', $n, $what);
 }
 
 # Poll a Perl condition every 100 ms for at most $seconds: for the waits
