@@ -65,7 +65,7 @@ installcheck: test-tools
 # PostgreSQL's, with the type names in src/typedefs.list; `make typedefs`
 # remakes that list after new types (test/tools/indent.sh says how to get
 # pg_bsd_indent).  A formatted tree is left unchanged by `make indent`.
-INDENT_FILES = $(sort $(wildcard src/*.c src/*.h test/tools/*.c test/bench/*.c))
+INDENT_FILES = $(sort $(wildcard src/*.c src/*.h test/tools/*.c test/bench/*.c test/bench/*.h))
 .PHONY: indent typedefs
 indent:
 	test/tools/indent.sh indent $(INDENT_FILES)

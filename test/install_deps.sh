@@ -11,6 +11,7 @@ packages=(
 	rabbitmq-server librabbitmq-dev libssl-dev amqp-tools openssl
 	libipc-run-perl python3-pika
 	procps iproute2
+	pg-bsd-indent
 	"$@"
 )
 

@@ -3,7 +3,7 @@
 # the TAP suite (workers against real PostgreSQL and RabbitMQ servers that
 # the tests start on 127.0.0.1 and stop again).
 #
-#   sudo test/run_all.sh
+#   test/run_all.sh          (as root; a sudoer: sudo test/run_all.sh)
 #
 # initdb refuses to run as root, so as root the tests run as the postgres
 # user, in a copy of the tree that user owns.
