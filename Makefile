@@ -24,7 +24,13 @@ endif
 DATA_built = src/sql/$(EXTENSION)--$(EXTVERSION).sql
 DATA = $(filter-out $(DATA_built),$(wildcard src/sql/$(EXTENSION)--*.sql))
 
-PG_CPPFLAGS = -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers \
+# Symbols are hidden but for what the backend looks up by name (declared
+# PGDLLEXPORT: _PG_init, the worker mains, the SQL functions), as PGXS does
+# from PostgreSQL 16 on.  Exported, every mqtx_ function would be visible
+# to every library a backend loads, and a second copy of mqtx.so (loaded
+# by another path) would call into the first one's.
+PG_CPPFLAGS = -fvisibility=hidden '-DPGDLLEXPORT=__attribute__((visibility("default")))' \
+	-Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers \
 	$(shell pkg-config --cflags librabbitmq openssl)
 SHLIB_LINK = $(shell pkg-config --libs librabbitmq openssl)
 

@@ -31,7 +31,7 @@ PG_MODULE_MAGIC;
 static bool relay_enabled = true;
 static bool consumer_enabled = true;
 
-void		_PG_init(void);
+extern PGDLLEXPORT void _PG_init(void);
 
 /*
  * Which workers the postmaster starts; PGC_POSTMASTER, so they can only be

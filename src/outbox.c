@@ -69,6 +69,15 @@
 
 int			mqtx_max_payload = 1024 * 1024;
 
+/*
+ * The library is built with hidden symbols (Makefile): what the backend
+ * looks up by name is declared PGDLLEXPORT, which PostgreSQL 15's
+ * PG_FUNCTION_INFO_V1 does not do for the function itself.
+ */
+extern PGDLLEXPORT Datum mqtx_publish(PG_FUNCTION_ARGS);
+extern PGDLLEXPORT Datum mqtx_outbox_trigger(PG_FUNCTION_ARGS);
+extern PGDLLEXPORT Datum mqtx_new_message_id_sql(PG_FUNCTION_ARGS);
+
 PG_FUNCTION_INFO_V1(mqtx_publish);
 PG_FUNCTION_INFO_V1(mqtx_outbox_trigger);
 PG_FUNCTION_INFO_V1(mqtx_new_message_id_sql);

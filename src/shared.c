@@ -73,6 +73,11 @@ static bool topology_changed_at_commit = false;
  */
 static int	topology_changed_level = 0;
 
+/* exported despite hidden symbols: see outbox.c */
+extern PGDLLEXPORT Datum mqtx_relay_stats(PG_FUNCTION_ARGS);
+extern PGDLLEXPORT Datum mqtx_consumer_stats(PG_FUNCTION_ARGS);
+extern PGDLLEXPORT Datum mqtx_topology_trigger(PG_FUNCTION_ARGS);
+
 PG_FUNCTION_INFO_V1(mqtx_relay_stats);
 PG_FUNCTION_INFO_V1(mqtx_consumer_stats);
 PG_FUNCTION_INFO_V1(mqtx_topology_trigger);
