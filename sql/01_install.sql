@@ -56,6 +56,10 @@ ALTER SYSTEM SET mqtx.broker_url = 'amqp://mqtx:s3cret@localhost/%zz';
 ALTER SYSTEM SET mqtx.broker_url = 'amqp://mqtx:s3cret@localhost:5672/%2f';
 ALTER SYSTEM SET mqtx.broker_url = 'amqps://mqtx:s3cret@[::1]:5671/orders';
 ALTER SYSTEM SET mqtx.broker_url = 'amqp://localhost';
+-- the nodes of a cluster, as a list (a comma separates URLs only before
+-- another amqp[s]:// URL: p,w is a password); a bad URL is named by place
+ALTER SYSTEM SET mqtx.broker_url = 'amqp://mqtx:s3cret@node1:5672/%2f, amqp://mqtx:s3cret@node2:5672/%2f,amqps://mqtx:p,w@node3/%2f';
+ALTER SYSTEM SET mqtx.broker_url = 'amqp://mqtx:s3cret@node1:5672/%2f, amqp://mqtx:s3cret@node2:5672/';
 ALTER SYSTEM SET mqtx.broker_url = '';
 ALTER SYSTEM RESET mqtx.broker_url;
 

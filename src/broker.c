@@ -122,31 +122,92 @@ parse_broker_url(const char *url, struct amqp_connection_info *info,
 }
 
 /*
- * Is this a usable broker URL?  On failure *reason says why, without
- * repeating the URL (it may carry a password).
+ * The URLs of mqtx.broker_url, in order: one, or several separated by
+ * commas (the nodes of a cluster).  A comma separates two URLs only where
+ * another amqp:// or amqps:// URL follows it, so a password may contain
+ * one; blanks around the commas are dropped.  An empty setting is one
+ * empty URL, which mqtx_broker_connect refuses as "not set".
  */
-bool
-mqtx_broker_url_is_valid(const char *url, char **reason)
+List *
+mqtx_broker_addresses(const char *urls)
 {
-	struct amqp_connection_info info;
+	List	   *addresses = NIL;
+	const char *start = urls != NULL ? urls : "";
 
-	return parse_broker_url(url, &info, reason);
+	for (;;)
+	{
+		const char *end = start;
+
+		while (*end != '\0' && !mqtx_starts_next_url(end))
+			end++;
+		while (end > start && (end[-1] == ' ' || end[-1] == '\t'))
+			end--;
+		addresses = lappend(addresses, pnstrdup(start, end - start));
+		while (*end != '\0' && *end != ',')
+			end++;
+		if (*end == '\0')
+			break;
+		start = end + 1;
+		while (*start == ' ' || *start == '\t')
+			start++;
+	}
+	return addresses;
 }
 
 /*
- * "amqp://host:port", for log lines: never the user or password.
+ * Is this a usable value of mqtx.broker_url, every URL of it?  On failure
+ * *reason says why (and, in a list, which URL), without repeating a URL:
+ * it may carry a password.
+ */
+bool
+mqtx_broker_url_is_valid(const char *urls, char **reason)
+{
+	List	   *addresses = mqtx_broker_addresses(urls);
+	ListCell   *lc;
+
+	foreach(lc, addresses)
+	{
+		struct amqp_connection_info info;
+
+		if (parse_broker_url(lfirst(lc), &info, reason))
+			continue;
+		if (list_length(addresses) > 1)
+			*reason = psprintf("URL %d of %d: %s", foreach_current_index(lc) + 1,
+							   list_length(addresses), *reason);
+		return false;
+	}
+	return true;
+}
+
+/*
+ * "amqp://host:port", for log lines: never the user or password.  For a
+ * list, each URL so, separated by ", ".
  */
 char *
-mqtx_broker_describe(const char *url)
+mqtx_broker_describe(const char *urls)
 {
-	struct amqp_connection_info info;
-	char	   *reason;
+	List	   *addresses = mqtx_broker_addresses(urls);
+	StringInfoData described;
+	ListCell   *lc;
 
-	if (url == NULL || url[0] == '\0')
-		return pstrdup("(no broker configured)");
-	if (!parse_broker_url(url, &info, &reason))
-		return pstrdup("(invalid broker URL)");
-	return psprintf("%s%s:%d", info.ssl ? "amqps://" : "amqp://", info.host, info.port);
+	initStringInfo(&described);
+	foreach(lc, addresses)
+	{
+		const char *url = lfirst(lc);
+		struct amqp_connection_info info;
+		char	   *reason;
+
+		if (described.len > 0)
+			appendStringInfoString(&described, ", ");
+		if (url[0] == '\0')
+			appendStringInfoString(&described, "(no broker configured)");
+		else if (!parse_broker_url(url, &info, &reason))
+			appendStringInfoString(&described, "(invalid broker URL)");
+		else
+			appendStringInfo(&described, "%s%s:%d", info.ssl ? "amqps://" : "amqp://",
+							 info.host, info.port);
+	}
+	return described.data;
 }
 
 /* The library's timeouts are timevals */
@@ -773,6 +834,8 @@ mqtx_broker_connect(const char *url, const char *name, char **error)
 		return NULL;
 
 	conn = MemoryContextAllocZero(TopMemoryContext, sizeof(BrokerConnection));
+	snprintf(conn->address, sizeof(conn->address), "%s%s:%d",
+			 info.ssl ? "amqps://" : "amqp://", info.host, info.port);
 	conn->cache_context = AllocSetContextCreate(TopMemoryContext,
 												"mqtx broker connection",
 												ALLOCSET_SMALL_SIZES);
@@ -872,6 +935,13 @@ double
 mqtx_broker_round_trip_ms(BrokerConnection *conn)
 {
 	return conn != NULL ? conn->round_trip_ms : 0;
+}
+
+/* The node a connection is to, as "amqp://host:port" (no credentials) */
+const char *
+mqtx_broker_address(BrokerConnection *conn)
+{
+	return conn->address;
 }
 
 /* Is the connection still usable?  False for NULL */
@@ -1295,7 +1365,7 @@ check_broker_url(char **newval, void **extra, GucSource source)
 	if (mqtx_broker_url_is_valid(*newval, &reason))
 		return true;
 	GUC_check_errdetail("%s", reason);
-	GUC_check_errhint("The expected form is amqp[s]://user:password@host:port/vhost; percent-encode reserved characters (the default vhost \"/\" is written %%2f).");
+	GUC_check_errhint("The expected form is amqp[s]://user:password@host:port/vhost, or several such URLs separated by commas; percent-encode reserved characters (the default vhost \"/\" is written %%2f).");
 	return false;
 }
 
@@ -1319,8 +1389,9 @@ void
 mqtx_broker_define_settings(void)
 {
 	DefineCustomStringVariable("mqtx.broker_url",
-							   "URL of the RabbitMQ broker the workers connect to.",
+							   "URL of the RabbitMQ broker the workers connect to, or a comma-separated list of the URLs of a cluster's nodes.",
 							   "amqp://user:password@host:port/vhost, or amqps:// for TLS. "
+							   "The workers connect to the first URL that answers and move on when it fails. "
 							   "Empty means no broker is configured.",
 							   &mqtx_broker_url,
 							   "",

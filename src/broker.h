@@ -19,6 +19,7 @@
 #define MQTX_BROKER_H
 
 #include "datatype/timestamp.h"
+#include "nodes/pg_list.h"
 #include "utils/jsonb.h"
 
 /* AMQP 0-9-1 "shortstr": exchange names, routing keys, header keys */
@@ -104,11 +105,13 @@ typedef struct BrokerDelivery
 #define BROKER_CHANNEL_LOST 2
 
 /* Checks that need no connection (broker.c, broker_fields.c) */
-extern bool mqtx_broker_url_is_valid(const char *url, char **reason);
-extern char *mqtx_broker_describe(const char *url);
+extern List *mqtx_broker_addresses(const char *urls);
+extern bool mqtx_broker_url_is_valid(const char *urls, char **reason);
+extern char *mqtx_broker_describe(const char *urls);
 extern bool mqtx_headers_are_valid(Jsonb *headers, char **reason);
 
 /* The connection (broker.c) */
+extern const char *mqtx_broker_address(BrokerConnection *conn);
 extern BrokerConnection *mqtx_broker_connect(const char *url, const char *name,
 											 char **error);
 extern void mqtx_broker_disconnect(BrokerConnection *conn);

@@ -89,6 +89,7 @@ typedef struct LibrarySocket
 struct BrokerConnection
 {
 	amqp_connection_state_t state;
+	char		address[MQTX_SHORTSTR_MAX + 32];	/* amqp[s]://host:port */
 	bool		open;			/* false once the connection is unusable */
 	bool		channel_open[MAX_CHANNELS];
 	int			channel_max;	/* negotiated, capped at MAX_CHANNELS - 1 */

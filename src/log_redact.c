@@ -45,13 +45,31 @@ static emit_log_hook_type previous_emit_log_hook = NULL;
 static ProcessUtility_hook_type previous_process_utility_hook = NULL;
 
 /*
- * Characters that end a URL inside a log message.
+ * Does a comma at p separate two URLs of a list, that is, does another
+ * amqp:// or amqps:// URL follow it (after blanks)?  Any other comma may be
+ * part of a password.
+ */
+bool
+mqtx_starts_next_url(const char *p)
+{
+	if (*p != ',')
+		return false;
+	p++;
+	while (*p == ' ' || *p == '\t')
+		p++;
+	return pg_strncasecmp(p, "amqp://", 7) == 0 ||
+		pg_strncasecmp(p, "amqps://", 8) == 0;
+}
+
+/*
+ * Where a URL inside a log message ends: at a blank or a quote, or at the
+ * comma before the next URL of a list.
  */
 static bool
-ends_url(char c)
+ends_url(const char *p)
 {
-	return c == '\0' || c == ' ' || c == '\t' || c == '\n' ||
-		c == '"' || c == '\'';
+	return *p == '\0' || *p == ' ' || *p == '\t' || *p == '\n' ||
+		*p == '"' || *p == '\'' || mqtx_starts_next_url(p);
 }
 
 /*
@@ -66,7 +84,7 @@ find_password(const char *authority, const char **start, const char **end)
 	const char *at = NULL;
 	const char *p;
 
-	for (p = authority; !ends_url(*p); p++)
+	for (p = authority; !ends_url(p); p++)
 	{
 		if (*p == ':' && colon == NULL)
 			colon = p;

@@ -734,6 +734,14 @@ awaits_confirms(RelayBatch *batch)
 	return !batch->timed_out && !mqtx_broker_all_settled(batch->messages, batch->count);
 }
 
+/* The node the relay publishes to, for log lines */
+static const char *
+connected_broker(void)
+{
+	return relay.worker.conn != NULL ? mqtx_broker_address(relay.worker.conn) :
+		mqtx_broker_describe(mqtx_broker_url);
+}
+
 /*
  * Batches whose confirms did not all come in time (late_after_ms):
  * their unconfirmed rows have an unknown fate and may be claimed and sent
@@ -760,7 +768,7 @@ note_late_confirms(void)
 	if (late && !relay.confirms_late)
 		ereport(LOG,
 				(errmsg("mqtx relay: broker %s did not confirm messages within %.0f ms; sending them again",
-						mqtx_broker_describe(mqtx_broker_url), late_after_ms()),
+						connected_broker(), late_after_ms()),
 				 errdetail("A confirm that arrives later still counts; the consumer's inbox absorbs the duplicates.")));
 	if (late)
 		relay.confirms_late = true;
@@ -784,14 +792,14 @@ follow_blocked_state(void)
 		if (blocked)
 			ereport(WARNING,
 					(errmsg("mqtx relay: broker %s blocked publishing: %s",
-							mqtx_broker_describe(mqtx_broker_url),
+							connected_broker(),
 							reason && reason[0] ? reason : "no reason given"),
 					 errdetail("Messages stay pending until the broker unblocks the connection."),
 					 errhint("This is usually a memory or disk alarm on the broker.")));
 		else
 			ereport(LOG,
 					(errmsg("mqtx relay: broker %s unblocked publishing",
-							mqtx_broker_describe(mqtx_broker_url))));
+							connected_broker())));
 		relay.blocked = blocked;
 		mqtx_slot_set_blocked(relay.worker.slot, MQTX_RELAY, blocked);
 	}

@@ -315,13 +315,24 @@ forget_broker(MqtxWorker *w, const char *reason)
 }
 
 /*
- * Give up on the connection; reconnect on the next pass.
+ * Give up on the connection; reconnect on the next pass, to another URL
+ * of mqtx.broker_url first when it lists several.  Losing one node of a
+ * list is not yet losing the broker: that is logged once the others have
+ * been tried (log_broker_down).
  */
 void
 mqtx_worker_drop_broker(MqtxWorker *w, const char *error)
 {
 	TimestampTz now = GetCurrentTimestamp();
+	bool		moving_on = w->conn != NULL && w->broker_state == MQTX_BROKER_UP &&
+	list_length(mqtx_broker_addresses(mqtx_broker_url)) > 1;
 
+	if (moving_on)
+		ereport(LOG,
+				(errmsg("mqtx %s: lost broker %s; connecting to another URL of mqtx.broker_url",
+						w->role, mqtx_broker_address(w->conn)),
+				 errdetail_internal("%s", error)));
+	w->next_address = w->address + 1;
 	forget_broker(w, error);
 	if (TimestampDifferenceExceeds(w->connected_at, now, CONNECTION_STABLE_MS))
 	{
@@ -333,7 +344,13 @@ mqtx_worker_drop_broker(MqtxWorker *w, const char *error)
 		w->next_connect_at = TimestampTzPlusMilliseconds(now, w->reconnect_delay_ms);
 		w->reconnect_delay_ms = Min(w->reconnect_delay_ms * 2, RECONNECT_MAX_MS);
 	}
-	log_broker_down(w, error);
+	if (moving_on)
+	{
+		w->broker_state = MQTX_BROKER_UNKNOWN;
+		mqtx_slot_set_connected(w->slot, w->kind, false);
+	}
+	else
+		log_broker_down(w, error);
 }
 
 /*
@@ -720,7 +737,7 @@ static bool
 probe_object(MqtxWorker *w, TopologyObject *o)
 {
 	char	   *error = NULL;
-	BrokerConnection *probe = mqtx_broker_connect(mqtx_broker_url,
+	BrokerConnection *probe = mqtx_broker_connect(w->address_url,
 												  psprintf("mqtx %s probe for database %s",
 														   w->role, mqtx_slot_dbname(w->slot)),
 												  &error);
@@ -814,6 +831,48 @@ topology_is_current(MqtxWorker *w)
 }
 
 /*
+ * Connect to the first URL of mqtx.broker_url that answers, starting from
+ * w->next_address and going round the list once: the node the worker was
+ * on is tried last after it failed (mqtx_worker_drop_broker moves
+ * next_address on), so a dead node costs one attempt, not one per pass.
+ * On failure *error says what each URL answered.
+ */
+static void
+connect_to_an_address(MqtxWorker *w, char **error)
+{
+	List	   *addresses = mqtx_broker_addresses(mqtx_broker_url);
+	int			count = list_length(addresses);
+	char	   *name = psprintf("mqtx %s for database %s", w->role,
+								mqtx_slot_dbname(w->slot));
+	StringInfoData errors;
+
+	initStringInfo(&errors);
+	for (int i = 0; i < count && w->conn == NULL; i++)
+	{
+		int			index = (w->next_address + i) % count;
+		const char *url = list_nth(addresses, index);
+		char	   *url_error = NULL;
+
+		CHECK_FOR_INTERRUPTS();
+		w->conn = mqtx_broker_connect(url, name, &url_error);
+		if (w->conn != NULL)
+		{
+			w->address = index;
+			w->next_address = index;
+			if (w->address_url != NULL)
+				pfree(w->address_url);
+			w->address_url = MemoryContextStrdup(w->long_context, url);
+		}
+		else if (count == 1)
+			appendStringInfoString(&errors, url_error);
+		else
+			appendStringInfo(&errors, "%s%s: %s", errors.len > 0 ? "; " : "",
+							 mqtx_broker_describe(url), url_error);
+	}
+	*error = errors.data;
+}
+
+/*
  * Make sure there is a broker connection, respecting the reconnect
  * backoff, with the topology declared.  Returns whether there is one.
  */
@@ -835,10 +894,7 @@ mqtx_worker_ensure_broker(MqtxWorker *w)
 		if (GetCurrentTimestamp() < w->next_connect_at)
 			return false;
 		pgstat_report_activity(STATE_RUNNING, psprintf("mqtx %s: connecting to broker", w->role));
-		w->conn = mqtx_broker_connect(mqtx_broker_url,
-									  psprintf("mqtx %s for database %s", w->role,
-											   mqtx_slot_dbname(w->slot)),
-									  &error);
+		connect_to_an_address(w, &error);
 		pgstat_report_activity(STATE_IDLE, NULL);
 		if (w->conn == NULL)
 		{
@@ -853,7 +909,7 @@ mqtx_worker_ensure_broker(MqtxWorker *w)
 		if (w->broker_state != MQTX_BROKER_UP)
 			ereport(LOG,
 					(errmsg("mqtx %s: connected to broker %s",
-							w->role, mqtx_broker_describe(mqtx_broker_url))));
+							w->role, mqtx_broker_address(w->conn))));
 		w->ever_connected = true;
 		w->broker_state = MQTX_BROKER_UP;
 		w->connected_at = GetCurrentTimestamp();
@@ -900,6 +956,7 @@ mqtx_worker_reload(MqtxWorker *w)
 					w->role, mqtx_broker_describe(mqtx_broker_url))));
 	mqtx_worker_restart_broker(w, "the broker settings changed");
 	w->reconnect_delay_ms = RECONNECT_MIN_MS;
+	w->next_address = 0;
 }
 
 /*
