@@ -29,6 +29,7 @@
 #include "nodes/pg_list.h"
 
 #include "broker.h"
+#include "shared.h"
 
 /*
  * One connection, and on it a channel per purpose: one in confirm mode for
@@ -89,7 +90,7 @@ typedef struct LibrarySocket
 struct BrokerConnection
 {
 	amqp_connection_state_t state;
-	char		address[MQTX_SHORTSTR_MAX + 32];	/* amqp[s]://host:port */
+	char		address[MQTX_BROKER_ADDRESS_LEN];	/* amqp[s]://host:port */
 	bool		open;			/* false once the connection is unusable */
 	bool		channel_open[MAX_CHANNELS];
 	int			channel_max;	/* negotiated, capped at MAX_CHANNELS - 1 */

@@ -24,6 +24,7 @@
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
+#include "utils/timestamp.h"
 #include "utils/tuplestore.h"
 #include "utils/varlena.h"
 
@@ -36,6 +37,9 @@ typedef struct MqtxWorkerInfo
 	Latch	   *latch;
 	bool		broker_connected;
 	bool		broker_blocked; /* connection.blocked by the broker */
+	char		broker_address[MQTX_BROKER_ADDRESS_LEN];	/* the node, when
+															 * connected */
+	TimestampTz connected_since;
 } MqtxWorkerInfo;
 
 struct MqtxSlot
@@ -77,10 +81,12 @@ static int	topology_changed_level = 0;
 extern PGDLLEXPORT Datum mqtx_relay_stats(PG_FUNCTION_ARGS);
 extern PGDLLEXPORT Datum mqtx_consumer_stats(PG_FUNCTION_ARGS);
 extern PGDLLEXPORT Datum mqtx_topology_trigger(PG_FUNCTION_ARGS);
+extern PGDLLEXPORT Datum mqtx_broker_connections(PG_FUNCTION_ARGS);
 
 PG_FUNCTION_INFO_V1(mqtx_relay_stats);
 PG_FUNCTION_INFO_V1(mqtx_consumer_stats);
 PG_FUNCTION_INFO_V1(mqtx_topology_trigger);
+PG_FUNCTION_INFO_V1(mqtx_broker_connections);
 
 static Size
 shared_state_size(void)
@@ -386,18 +392,28 @@ mqtx_slot_detach(MqtxSlot *slot, MqtxWorkerKind kind)
 	slot->workers[kind].latch = NULL;
 	slot->workers[kind].broker_connected = false;
 	slot->workers[kind].broker_blocked = false;
+	slot->workers[kind].broker_address[0] = '\0';
+	slot->workers[kind].connected_since = 0;
 	SpinLockRelease(&slot->mutex);
 }
 
 /*
- * Whether the worker is connected to the broker: the stats functions show
- * it, and commits wake only a relay that is.
+ * The worker is connected to the broker node broker_address ("amqp://host:
+ * port"), or, for NULL, not connected: mqtx.broker_connections and the
+ * stats views show it, and commits wake only a relay that is connected.
  */
 void
-mqtx_slot_set_connected(MqtxSlot *slot, MqtxWorkerKind kind, bool connected)
+mqtx_slot_set_connected(MqtxSlot *slot, MqtxWorkerKind kind,
+						const char *broker_address)
 {
+	MqtxWorkerInfo *info = &slot->workers[kind];
+	TimestampTz now = GetCurrentTimestamp();
+
 	SpinLockAcquire(&slot->mutex);
-	slot->workers[kind].broker_connected = connected;
+	info->broker_connected = broker_address != NULL;
+	strlcpy(info->broker_address, broker_address ? broker_address : "",
+			sizeof(info->broker_address));
+	info->connected_since = broker_address != NULL ? now : 0;
 	SpinLockRelease(&slot->mutex);
 }
 
@@ -471,6 +487,49 @@ mqtx_consumer_stats(PG_FUNCTION_ARGS)
 {
 	worker_stats(fcinfo, MQTX_CONSUMER, MQTX_CONSUMER_CONSUMED,
 				 MQTX_CONSUMER_RECONNECTS);
+	PG_RETURN_VOID();
+}
+
+/*
+ * mqtx.broker_connections(): per served database and worker, its process
+ * and the broker node it is connected to, since when (NULLs when none).
+ * Which node matters once mqtx.broker_url lists a cluster's nodes.
+ */
+Datum
+mqtx_broker_connections(PG_FUNCTION_ARGS)
+{
+	static const char *const worker_names[MQTX_NWORKER_KINDS] = {"relay", "consumer"};
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+
+	InitMaterializedSRF(fcinfo, 0);
+	if (shared_state == NULL)
+		PG_RETURN_VOID();
+
+	for (int i = 0; i < shared_state->nslots; i++)
+	{
+		MqtxSlot   *slot = &shared_state->slots[i];
+
+		for (int kind = 0; kind < MQTX_NWORKER_KINDS; kind++)
+		{
+			Datum		values[5];
+			bool		nulls[5] = {0};
+			MqtxWorkerInfo info;
+
+			SpinLockAcquire(&slot->mutex);
+			info = slot->workers[kind];
+			SpinLockRelease(&slot->mutex);
+
+			values[0] = CStringGetTextDatum(slot->dbname);
+			values[1] = CStringGetTextDatum(worker_names[kind]);
+			values[2] = Int32GetDatum(info.pid);
+			nulls[2] = info.pid == 0;
+			values[3] = CStringGetTextDatum(info.broker_address);
+			nulls[3] = !info.broker_connected;
+			values[4] = TimestampTzGetDatum(info.connected_since);
+			nulls[4] = !info.broker_connected;
+			tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+		}
+	}
 	PG_RETURN_VOID();
 }
 

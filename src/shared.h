@@ -17,6 +17,9 @@
 /* mqtx.database lists at most this many databases: one slot each */
 #define MQTX_MAX_DATABASES 64
 
+/* room for a broker node as "amqps://host:port" (host: an AMQP shortstr) */
+#define MQTX_BROKER_ADDRESS_LEN 300
+
 typedef enum MqtxWorkerKind
 {
 	MQTX_RELAY,
@@ -56,7 +59,7 @@ extern const char *mqtx_slot_dbname(MqtxSlot *slot);
 extern void mqtx_slot_attach(MqtxSlot *slot, MqtxWorkerKind kind, Oid dboid);
 extern void mqtx_slot_detach(MqtxSlot *slot, MqtxWorkerKind kind);
 extern void mqtx_slot_set_connected(MqtxSlot *slot, MqtxWorkerKind kind,
-									bool connected);
+									const char *broker_address);
 extern void mqtx_slot_set_blocked(MqtxSlot *slot, MqtxWorkerKind kind,
 								  bool blocked);
 extern uint32 mqtx_slot_topology_generation(MqtxSlot *slot);

@@ -300,7 +300,7 @@ log_broker_down(MqtxWorker *w, const char *error)
 	else
 		elog(DEBUG1, "mqtx %s: broker still unavailable: %s", w->role, error);
 	w->broker_state = MQTX_BROKER_DOWN;
-	mqtx_slot_set_connected(w->slot, w->kind, false);
+	mqtx_slot_set_connected(w->slot, w->kind, NULL);
 }
 
 static void
@@ -347,7 +347,7 @@ mqtx_worker_drop_broker(MqtxWorker *w, const char *error)
 	if (moving_on)
 	{
 		w->broker_state = MQTX_BROKER_UNKNOWN;
-		mqtx_slot_set_connected(w->slot, w->kind, false);
+		mqtx_slot_set_connected(w->slot, w->kind, NULL);
 	}
 	else
 		log_broker_down(w, error);
@@ -363,7 +363,7 @@ mqtx_worker_restart_broker(MqtxWorker *w, const char *reason)
 {
 	forget_broker(w, reason);
 	w->broker_state = MQTX_BROKER_UNKNOWN;
-	mqtx_slot_set_connected(w->slot, w->kind, false);
+	mqtx_slot_set_connected(w->slot, w->kind, NULL);
 	w->next_connect_at = GetCurrentTimestamp();
 }
 
@@ -913,7 +913,7 @@ mqtx_worker_ensure_broker(MqtxWorker *w)
 		w->ever_connected = true;
 		w->broker_state = MQTX_BROKER_UP;
 		w->connected_at = GetCurrentTimestamp();
-		mqtx_slot_set_connected(w->slot, w->kind, true);
+		mqtx_slot_set_connected(w->slot, w->kind, mqtx_broker_address(w->conn));
 	}
 
 	/*

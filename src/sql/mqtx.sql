@@ -637,6 +637,33 @@ COMMENT ON COLUMN mqtx.consumer_stats.dead_lettered IS
 COMMENT ON COLUMN mqtx.consumer_stats.reconnects IS
 	'Connections to the broker made after the first';
 
+-- Which broker node each worker is on: once mqtx.broker_url lists a
+-- cluster's nodes, the one a worker reached is worth knowing.
+CREATE FUNCTION mqtx.broker_connections(
+	OUT database text, OUT worker text, OUT pid integer,
+	OUT broker text, OUT connected_since timestamptz)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'mqtx_broker_connections'
+LANGUAGE C VOLATILE;
+
+COMMENT ON FUNCTION mqtx.broker_connections() IS
+	'Per served database and worker: its process and the broker node it is connected to, since when';
+
+CREATE VIEW mqtx.broker_connections AS SELECT * FROM mqtx.broker_connections();
+
+COMMENT ON VIEW mqtx.broker_connections IS
+	'Per served database and worker (relay, consumer): the broker node it is connected to';
+COMMENT ON COLUMN mqtx.broker_connections.database IS
+	'A database the workers serve (mqtx.database)';
+COMMENT ON COLUMN mqtx.broker_connections.worker IS
+	'relay or consumer';
+COMMENT ON COLUMN mqtx.broker_connections.pid IS
+	'The worker''s process id; NULL while it is not running';
+COMMENT ON COLUMN mqtx.broker_connections.broker IS
+	'The node it is connected to, as amqp[s]://host:port (one of mqtx.broker_url''s URLs, without credentials); NULL while not connected';
+COMMENT ON COLUMN mqtx.broker_connections.connected_since IS
+	'When that connection was made; NULL while not connected';
+
 -- What the broker refused, one row per object: a worker skips an exchange,
 -- queue, binding or subscription the broker will not take, goes on with
 -- the rest, and tries it again later.  Only the workers write here, and a

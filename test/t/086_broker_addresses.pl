@@ -64,6 +64,10 @@ publish_orders(1, 100);
 wait_published(100, 'the first 100 orders are published');
 is($mq_a->queue_depth('dispatch'), 100, 'node A holds them');
 is($mq_b->queue_depth('dispatch'), undef, 'node B was never used: it has no queue');
+wait_for($node, 'postgres',
+	"SELECT string_agg(worker || ' ' || broker, ', ' ORDER BY worker) FROM mqtx.broker_connections",
+	"consumer amqp://127.0.0.1:$port_a, relay amqp://127.0.0.1:$port_a",
+	'mqtx.broker_connections shows both workers on node A');
 
 # --- node A dies: the relay moves to B, without a restart and without
 # --- saying the broker is unavailable
@@ -83,6 +87,14 @@ unlike($log, qr/mqtx relay: broker .* is unavailable/,
 	'no "unavailable" warning while another node answers');
 wait_until('the consumer moves to node B too',
 	sub { slurp_file($node->logfile, $log_offset) =~ /mqtx consumer: connected to broker amqp:\/\/127\.0\.0\.1:$port_b\n/ });
+wait_for($node, 'postgres',
+	"SELECT string_agg(worker || ' ' || broker, ', ' ORDER BY worker) FROM mqtx.broker_connections",
+	"consumer amqp://127.0.0.1:$port_b, relay amqp://127.0.0.1:$port_b",
+	'mqtx.broker_connections shows both on node B');
+ok( $node->safe_psql('postgres',
+		"SELECT connected_since > now() - interval '1 minute' FROM mqtx.broker_connections WHERE worker = 'relay'"
+	) eq 't',
+	'with the time of the new connection');
 
 # --- every URL fails: one warning naming them all, then back on a node
 # --- that returns
