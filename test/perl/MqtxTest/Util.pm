@@ -40,8 +40,10 @@ sub mqtx_node
 		# the test framework turns it off; the relay-kill tests need it
 		restart_after_crash => 'on',
 		%settings);
+	# -init: options for init (allows_streaming => 1 for a primary)
+	my %init = %{ delete($conf{'-init'}) // {} };
 	my $node = PostgreSQL::Test::Cluster->new($name);
-	$node->init;
+	$node->init(%init);
 	$node->append_conf('postgresql.conf',
 		join('', map { "$_ = $conf{$_}\n" } sort keys %conf));
 	$node->start;
