@@ -136,22 +136,21 @@ mqtx_broker_addresses(const char *urls)
 
 	for (;;)
 	{
-		const char *end = start;
+		const char *separator = start;
+		const char *end;
 
-		while (*end != '\0' && !mqtx_starts_next_url(end))
-			end++;
+		while (*separator != '\0' && !mqtx_starts_next_url(separator))
+			separator++;
+		end = separator;
 		while (end > start && (end[-1] == ' ' || end[-1] == '\t'))
 			end--;
 		addresses = lappend(addresses, pnstrdup(start, end - start));
-		while (*end != '\0' && *end != ',')
-			end++;
-		if (*end == '\0')
-			break;
-		start = end + 1;
+		if (*separator == '\0')
+			return addresses;
+		start = separator + 1;
 		while (*start == ' ' || *start == '\t')
 			start++;
 	}
-	return addresses;
 }
 
 /*

@@ -136,6 +136,17 @@ init_shared_memory(void)
 	LWLockRelease(AddinShmemInitLock);
 }
 
+/*
+ * "relay" or "consumer": in log lines, process names and the views.
+ */
+const char *
+mqtx_worker_kind_name(MqtxWorkerKind kind)
+{
+	static const char *const names[MQTX_NWORKER_KINDS] = {"relay", "consumer"};
+
+	return names[kind];
+}
+
 /* The slot of the index-th served database (a worker's main_arg). */
 MqtxSlot *
 mqtx_slot(int index)
@@ -434,6 +445,18 @@ mqtx_count(MqtxSlot *slot, MqtxCounter counter, uint64 n)
 		pg_atomic_fetch_add_u64(&slot->counters[counter], n);
 }
 
+/* A consistent copy of what a slot holds of one worker */
+static MqtxWorkerInfo
+worker_info(MqtxSlot *slot, MqtxWorkerKind kind)
+{
+	MqtxWorkerInfo info;
+
+	SpinLockAcquire(&slot->mutex);
+	info = slot->workers[kind];
+	SpinLockRelease(&slot->mutex);
+	return info;
+}
+
 /*
  * One row per served database: the worker's process, broker state and a
  * range of counters since server start.
@@ -456,9 +479,7 @@ worker_stats(FunctionCallInfo fcinfo, MqtxWorkerKind kind,
 		MqtxWorkerInfo info;
 		int			ncols = 3;
 
-		SpinLockAcquire(&slot->mutex);
-		info = slot->workers[kind];
-		SpinLockRelease(&slot->mutex);
+		info = worker_info(slot, kind);
 
 		values[0] = CStringGetTextDatum(slot->dbname);
 		values[1] = Int32GetDatum(info.pid);
@@ -498,7 +519,6 @@ mqtx_consumer_stats(PG_FUNCTION_ARGS)
 Datum
 mqtx_broker_connections(PG_FUNCTION_ARGS)
 {
-	static const char *const worker_names[MQTX_NWORKER_KINDS] = {"relay", "consumer"};
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 
 	InitMaterializedSRF(fcinfo, 0);
@@ -515,12 +535,10 @@ mqtx_broker_connections(PG_FUNCTION_ARGS)
 			bool		nulls[5] = {0};
 			MqtxWorkerInfo info;
 
-			SpinLockAcquire(&slot->mutex);
-			info = slot->workers[kind];
-			SpinLockRelease(&slot->mutex);
+			info = worker_info(slot, kind);
 
 			values[0] = CStringGetTextDatum(slot->dbname);
-			values[1] = CStringGetTextDatum(worker_names[kind]);
+			values[1] = CStringGetTextDatum(mqtx_worker_kind_name(kind));
 			values[2] = Int32GetDatum(info.pid);
 			nulls[2] = info.pid == 0;
 			values[3] = CStringGetTextDatum(info.broker_address);

@@ -54,6 +54,7 @@ extern void mqtx_shared_init(void);
 extern int	mqtx_served_database_count(void);
 extern const char *mqtx_served_database(int index);
 
+extern const char *mqtx_worker_kind_name(MqtxWorkerKind kind);
 extern MqtxSlot *mqtx_slot(int index);
 extern const char *mqtx_slot_dbname(MqtxSlot *slot);
 extern void mqtx_slot_attach(MqtxSlot *slot, MqtxWorkerKind kind, Oid dboid);

@@ -79,7 +79,6 @@ static const char *const topology_sql =
 static const char *const worker_function[MQTX_NWORKER_KINDS] = {
 	"mqtx_relay_main", "mqtx_consumer_main"
 };
-static const char *const worker_role[MQTX_NWORKER_KINDS] = {"relay", "consumer"};
 static const MqtxCounter reconnect_counter[MQTX_NWORKER_KINDS] = {
 	MQTX_RELAY_RECONNECTS, MQTX_CONSUMER_RECONNECTS
 };
@@ -104,8 +103,8 @@ mqtx_register_worker(MqtxWorkerKind kind, int slot_index, const char *dbname)
 	strlcpy(worker.bgw_library_name, "mqtx", BGW_MAXLEN);
 	strlcpy(worker.bgw_function_name, worker_function[kind], BGW_MAXLEN);
 	snprintf(worker.bgw_name, BGW_MAXLEN, "mqtx %s for database %s",
-			 worker_role[kind], dbname);
-	snprintf(worker.bgw_type, BGW_MAXLEN, "mqtx %s", worker_role[kind]);
+			 mqtx_worker_kind_name(kind), dbname);
+	snprintf(worker.bgw_type, BGW_MAXLEN, "mqtx %s", mqtx_worker_kind_name(kind));
 	worker.bgw_main_arg = Int32GetDatum(slot_index);
 	RegisterBackgroundWorker(&worker);
 }
@@ -133,7 +132,7 @@ mqtx_worker_start(MqtxWorker *w, MqtxWorkerKind kind, Datum main_arg)
 
 	memset(w, 0, sizeof(*w));
 	w->kind = kind;
-	w->role = worker_role[kind];
+	w->role = mqtx_worker_kind_name(kind);
 	w->slot = mqtx_slot(DatumGetInt32(main_arg));
 	w->reconnect_delay_ms = RECONNECT_MIN_MS;
 	w->context = AllocSetContextCreate(TopMemoryContext, "mqtx worker step",
@@ -324,15 +323,18 @@ void
 mqtx_worker_drop_broker(MqtxWorker *w, const char *error)
 {
 	TimestampTz now = GetCurrentTimestamp();
-	bool		moving_on = w->conn != NULL && w->broker_state == MQTX_BROKER_UP &&
-	list_length(mqtx_broker_addresses(mqtx_broker_url)) > 1;
+	bool		moving_on = false;
+
+	if (w->conn != NULL && w->broker_state == MQTX_BROKER_UP)
+		moving_on = list_length(mqtx_broker_addresses(mqtx_broker_url)) > 1;
 
 	if (moving_on)
 		ereport(LOG,
 				(errmsg("mqtx %s: lost broker %s; connecting to another URL of mqtx.broker_url",
 						w->role, mqtx_broker_address(w->conn)),
 				 errdetail_internal("%s", error)));
-	w->next_address = w->address + 1;
+	if (w->conn != NULL)
+		w->address++;			/* the next URL first; wrapped at use */
 	forget_broker(w, error);
 	if (TimestampDifferenceExceeds(w->connected_at, now, CONNECTION_STABLE_MS))
 	{
@@ -727,6 +729,19 @@ declare_object(MqtxWorker *w, TopologyObject *o, char **error)
 }
 
 /*
+ * The URL of mqtx.broker_url the worker is connected to.  The setting
+ * cannot have changed under the connection: a reload that changes it
+ * replaces the connection (mqtx_worker_reload).
+ */
+static const char *
+connected_url(MqtxWorker *w)
+{
+	List	   *addresses = mqtx_broker_addresses(mqtx_broker_url);
+
+	return list_nth(addresses, w->address);
+}
+
+/*
  * An object over which the broker closed the whole connection before (an
  * exchange type it lacks) is tried again on a connection of its own, so
  * that the worker's connection, and the messages in flight on it, are
@@ -737,7 +752,7 @@ static bool
 probe_object(MqtxWorker *w, TopologyObject *o)
 {
 	char	   *error = NULL;
-	BrokerConnection *probe = mqtx_broker_connect(w->address_url,
+	BrokerConnection *probe = mqtx_broker_connect(connected_url(w),
 												  psprintf("mqtx %s probe for database %s",
 														   w->role, mqtx_slot_dbname(w->slot)),
 												  &error);
@@ -832,9 +847,9 @@ topology_is_current(MqtxWorker *w)
 
 /*
  * Connect to the first URL of mqtx.broker_url that answers, starting from
- * w->next_address and going round the list once: the node the worker was
- * on is tried last after it failed (mqtx_worker_drop_broker moves
- * next_address on), so a dead node costs one attempt, not one per pass.
+ * w->address and going round the list once: the node the worker was on
+ * is tried last after it failed (mqtx_worker_drop_broker moves w->address
+ * on), so a dead node costs one attempt, not one per pass.
  * On failure *error says what each URL answered.
  */
 static void
@@ -849,20 +864,14 @@ connect_to_an_address(MqtxWorker *w, char **error)
 	initStringInfo(&errors);
 	for (int i = 0; i < count && w->conn == NULL; i++)
 	{
-		int			index = (w->next_address + i) % count;
+		int			index = (w->address + i) % count;
 		const char *url = list_nth(addresses, index);
 		char	   *url_error = NULL;
 
 		CHECK_FOR_INTERRUPTS();
 		w->conn = mqtx_broker_connect(url, name, &url_error);
 		if (w->conn != NULL)
-		{
 			w->address = index;
-			w->next_address = index;
-			if (w->address_url != NULL)
-				pfree(w->address_url);
-			w->address_url = MemoryContextStrdup(w->long_context, url);
-		}
 		else if (count == 1)
 			appendStringInfoString(&errors, url_error);
 		else
@@ -956,7 +965,7 @@ mqtx_worker_reload(MqtxWorker *w)
 					w->role, mqtx_broker_describe(mqtx_broker_url))));
 	mqtx_worker_restart_broker(w, "the broker settings changed");
 	w->reconnect_delay_ms = RECONNECT_MIN_MS;
-	w->next_address = 0;
+	w->address = 0;
 }
 
 /*

@@ -40,9 +40,8 @@ typedef struct MqtxWorker
 	MemoryContext context;		/* where each step returns; the worker may
 								 * switch it */
 	BrokerConnection *conn;
-	int			address;		/* which URL of mqtx.broker_url conn is to */
-	int			next_address;	/* the URL the next connect tries first */
-	char	   *address_url;	/* that URL, in long_context; NULL: none */
+	int			address;		/* the URL of mqtx.broker_url conn is to, or
+								 * (not connected) the one to try first */
 	MqtxBrokerState broker_state;
 	bool		ever_connected;
 	int			reconnect_delay_ms;
