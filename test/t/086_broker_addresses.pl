@@ -64,8 +64,9 @@ publish_orders(1, 100);
 wait_published(100, 'the first 100 orders are published');
 is($mq_a->queue_depth('dispatch'), 100, 'node A holds them');
 is($mq_b->queue_depth('dispatch'), undef, 'node B was never used: it has no queue');
-wait_for($node, 'postgres',
-	"SELECT string_agg(worker || ' ' || broker, ', ' ORDER BY worker) FROM mqtx.broker_connections",
+my $workers_nodes =
+  "SELECT string_agg(worker || ' ' || broker, ', ' ORDER BY worker) FROM mqtx.broker_connections";
+wait_for($node, 'postgres', $workers_nodes,
 	"consumer amqp://127.0.0.1:$port_a, relay amqp://127.0.0.1:$port_a",
 	'mqtx.broker_connections shows both workers on node A');
 
@@ -87,8 +88,7 @@ unlike($log, qr/mqtx relay: broker .* is unavailable/,
 	'no "unavailable" warning while another node answers');
 wait_until('the consumer moves to node B too',
 	sub { slurp_file($node->logfile, $log_offset) =~ /mqtx consumer: connected to broker amqp:\/\/127\.0\.0\.1:$port_b\n/ });
-wait_for($node, 'postgres',
-	"SELECT string_agg(worker || ' ' || broker, ', ' ORDER BY worker) FROM mqtx.broker_connections",
+wait_for($node, 'postgres', $workers_nodes,
 	"consumer amqp://127.0.0.1:$port_b, relay amqp://127.0.0.1:$port_b",
 	'mqtx.broker_connections shows both on node B');
 ok( $node->safe_psql('postgres',

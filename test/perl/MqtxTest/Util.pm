@@ -15,7 +15,7 @@ use Time::HiRes qw(usleep);
 use Exporter qw(import);
 our @EXPORT = qw(mqtx_node wait_for wait_until wait_queue_exists wait_queue_drained
   amqp_tool amqp_publish_args amqp_publish amqp_publish_many amqp_messages
-  message_body worker_pid_query worker_pid wait_workers wait_within
+  message_body worker_pid_query worker_pid worker_count wait_workers wait_within
   query_within sql_result pid_alive sample_activity proc_memory queue_count);
 
 # Servers listen on 127.0.0.1 TCP, like a deployment, not on a socket dir.
@@ -195,12 +195,24 @@ sub worker_pid
 	return $node->safe_psql('postgres', worker_pid_query(%o, kind => $kind));
 }
 
+# How many workers run that match %o (as for worker_pid_query).
+sub worker_count_query
+{
+	my (%o) = @_;
+	return 'SELECT count(*) FROM (' . worker_pid_query(%o) . ') w';
+}
+
+sub worker_count
+{
+	my ($node, %o) = @_;
+	return $node->safe_psql('postgres', worker_count_query(%o));
+}
+
 # Wait until $n workers run that match %o (as for worker_pid_query).
 sub wait_workers
 {
 	my ($node, $n, $what, %o) = @_;
-	return wait_for($node, 'postgres',
-		'SELECT count(*) FROM (' . worker_pid_query(%o) . ') w', $n, $what);
+	return wait_for($node, 'postgres', worker_count_query(%o), $n, $what);
 }
 
 # Poll a Perl condition every 100 ms for at most $seconds: for the waits
