@@ -92,6 +92,7 @@ typedef struct BrokerDelivery
 	char	   *routing_key;
 	char	   *message_id;		/* NULL when the message has none */
 	char	   *redriven_from;	/* header x-mqtx-redriven-from, or NULL */
+	int64		delivery_count; /* header x-delivery-count, or 0 */
 	char	   *headers_json;	/* NULL when the message has none */
 	char	   *headers_error;	/* why the headers could not be read, or NULL */
 	char	   *body;			/* raw bytes, NUL-terminated for convenience */

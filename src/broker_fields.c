@@ -424,30 +424,72 @@ field_to_json(StringInfo out, amqp_field_value_t *field, int depth)
 	return true;
 }
 
-/*
- * The original id of a redriven message: the header
- * MQTX_REDRIVEN_FROM_HEADER at the top level of the table, when it is a
- * non-empty string; else NULL.
- */
-char *
-mqtx_amqp_redriven_from(amqp_table_t *headers)
+/* The value of the header named name at the top level of the table, or NULL. */
+static amqp_field_value_t *
+find_header(amqp_table_t *headers, const char *name)
 {
 	for (int i = 0; i < headers->num_entries; i++)
 	{
 		amqp_table_entry_t *entry = &headers->entries[i];
 
-		if (entry->key.len == strlen(MQTX_REDRIVEN_FROM_HEADER) &&
-			memcmp(entry->key.bytes, MQTX_REDRIVEN_FROM_HEADER, entry->key.len) == 0 &&
-			(entry->value.kind == AMQP_FIELD_KIND_UTF8 ||
-			 entry->value.kind == AMQP_FIELD_KIND_BYTES) &&
-			entry->value.value.bytes.len > 0)
-		{
-			amqp_bytes_t id = entry->value.value.bytes;
-
-			/* a dedupe key already, written by mqtx.redrive: taken as it is */
-			return is_plain_text(id.bytes, id.len) ? pnstrdup(id.bytes, id.len) :
-				mqtx_amqp_wire_string(id);
-		}
+		if (entry->key.len == strlen(name) &&
+			memcmp(entry->key.bytes, name, entry->key.len) == 0)
+			return &entry->value;
 	}
 	return NULL;
+}
+
+/*
+ * The original id of a redriven message: the header
+ * MQTX_REDRIVEN_FROM_HEADER, when it is a non-empty string; else NULL.
+ */
+char *
+mqtx_amqp_redriven_from(amqp_table_t *headers)
+{
+	amqp_field_value_t *value = find_header(headers, MQTX_REDRIVEN_FROM_HEADER);
+	amqp_bytes_t id;
+
+	if (value == NULL ||
+		(value->kind != AMQP_FIELD_KIND_UTF8 && value->kind != AMQP_FIELD_KIND_BYTES) ||
+		value->value.bytes.len == 0)
+		return NULL;
+	id = value->value.bytes;
+	/* a dedupe key already, written by mqtx.redrive: taken as it is */
+	return is_plain_text(id.bytes, id.len) ? pnstrdup(id.bytes, id.len) :
+		mqtx_amqp_wire_string(id);
+}
+
+/*
+ * How often a quorum queue has handed the message out before and had it
+ * back: its header x-delivery-count, whatever integer type carries it; 0
+ * when there is none (a first delivery, or not a quorum queue).
+ */
+int64
+mqtx_amqp_delivery_count(amqp_table_t *headers)
+{
+	amqp_field_value_t *value = find_header(headers, "x-delivery-count");
+
+	if (value == NULL)
+		return 0;
+	switch (value->kind)
+	{
+		case AMQP_FIELD_KIND_I8:
+			return value->value.i8;
+		case AMQP_FIELD_KIND_U8:
+			return value->value.u8;
+		case AMQP_FIELD_KIND_I16:
+			return value->value.i16;
+		case AMQP_FIELD_KIND_U16:
+			return value->value.u16;
+		case AMQP_FIELD_KIND_I32:
+			return value->value.i32;
+		case AMQP_FIELD_KIND_U32:
+			return value->value.u32;
+		case AMQP_FIELD_KIND_I64:
+			return value->value.i64;
+		case AMQP_FIELD_KIND_U64:
+			return (int64) Min(value->value.u64, (uint64) PG_INT64_MAX);
+		default:
+			return 0;
+	}
 }

@@ -97,9 +97,14 @@ static int	inbox_retention = 7 * 24 * 3600;
 #define ERROR_PAUSE_MAX_MS 60000
 
 static const char *const subscriptions_sql =
-"SELECT queue, handler::oid, prefetch, max_attempts,"
-"       (extract(epoch FROM handler_timeout) * 1000)::int4 "
-"FROM mqtx.subscriptions ORDER BY queue";
+"SELECT s.queue, s.handler::oid, s.prefetch, s.max_attempts,"
+"       (extract(epoch FROM s.handler_timeout) * 1000)::int4,"
+"       CASE WHEN q.arguments->>'x-queue-type' = 'quorum'"
+"             AND jsonb_typeof(q.arguments->'x-delivery-limit') = 'number'"
+"            THEN least(greatest((q.arguments->>'x-delivery-limit')::numeric, 0), 2147483647)::int4"
+"       END "
+"FROM mqtx.subscriptions s LEFT JOIN mqtx.queues q ON q.name = s.queue "
+"ORDER BY s.queue";
 
 /*
  * Attempts of a message that is applied now, or turns out a duplicate,
@@ -175,6 +180,7 @@ typedef struct Subscription
 	int			prefetch;
 	int			max_attempts;
 	int			handler_timeout_ms;
+	int			delivery_limit; /* the quorum queue's x-delivery-limit, or 0 */
 	int			channel;		/* consumed on this channel; 0: not consumed */
 } Subscription;
 
@@ -457,6 +463,9 @@ read_subscriptions(void)
 		sub->prefetch = DatumGetInt32(SPI_getbinval(tuple, desc, 3, &isnull));
 		sub->max_attempts = DatumGetInt32(SPI_getbinval(tuple, desc, 4, &isnull));
 		sub->handler_timeout_ms = DatumGetInt32(SPI_getbinval(tuple, desc, 5, &isnull));
+		sub->delivery_limit = DatumGetInt32(SPI_getbinval(tuple, desc, 6, &isnull));
+		if (isnull)
+			sub->delivery_limit = 0;
 		loaded = lappend(loaded, sub);
 	}
 	MemoryContextSwitchTo(old);
@@ -1170,6 +1179,26 @@ record_attempt(Work *w)
 }
 
 /*
+ * A quorum queue with x-delivery-limit drops (or dead-letters to its own
+ * exchange) a message handed back once more than the limit: this delivery,
+ * if it failed, is the last the consumer would see, and holding it for a
+ * retry would lose it to a crash or a lost connection.  It is dead-lettered
+ * here instead, where an operator can redrive it.  The consumer's own
+ * retries never hand a message back, so only crashes and lost connections
+ * bring a message this far.
+ */
+static bool
+is_last_delivery(Work *w)
+{
+	if (w->sub->delivery_limit <= 0 || w->d->delivery_count < w->sub->delivery_limit)
+		return false;
+	ereport(LOG,
+			(errmsg("mqtx consumer: message %s from queue \"%s\" failed on the last delivery the broker allows (x-delivery-count " INT64_FORMAT ", x-delivery-limit %d); dead-lettering it now",
+					w->key, w->d->queue, w->d->delivery_count, w->sub->delivery_limit)));
+	return true;
+}
+
+/*
  * Decide, in the transaction, what becomes of a delivery that failed.
  */
 static void
@@ -1182,7 +1211,7 @@ settle_failure(Work *w)
 		return;
 	}
 	record_attempt(w);
-	if (w->attempts >= w->sub->max_attempts)
+	if (w->attempts >= w->sub->max_attempts || is_last_delivery(w))
 		w->settled = dead_letter(w);
 }
 

@@ -2,8 +2,8 @@
  *
  * mqtx.c
  *	  Module initialisation: each part defines its settings, then (when
- *	  preloaded) the relay and the consumer are registered for every
- *	  served database.
+ *	  preloaded) the launcher is registered, which starts the relay and
+ *	  the consumer of every served database.
  *
  * The SQL functions must work when the library is loaded on demand, as
  * pg_regress does, so nothing here insists on shared_preload_libraries;
@@ -20,6 +20,7 @@
 
 #include "broker.h"
 #include "consumer.h"
+#include "launcher.h"
 #include "log_redact.h"
 #include "outbox.h"
 #include "relay.h"
@@ -28,41 +29,7 @@
 
 PG_MODULE_MAGIC;
 
-static bool relay_enabled = true;
-static bool consumer_enabled = true;
-
 extern PGDLLEXPORT void _PG_init(void);
-
-/*
- * Which workers the postmaster starts; PGC_POSTMASTER, so they can only be
- * defined while the library is being preloaded.
- */
-static void
-define_worker_switches(void)
-{
-	DefineCustomBoolVariable("mqtx.relay_enabled",
-							 "Run the relay worker, which publishes the outbox.",
-							 NULL,
-							 &relay_enabled, true,
-							 PGC_POSTMASTER, 0, NULL, NULL, NULL);
-	DefineCustomBoolVariable("mqtx.consumer_enabled",
-							 "Run the consumer worker, which applies subscribed queues.",
-							 NULL,
-							 &consumer_enabled, true,
-							 PGC_POSTMASTER, 0, NULL, NULL, NULL);
-}
-
-static void
-register_workers(void)
-{
-	for (int i = 0; i < mqtx_served_database_count(); i++)
-	{
-		if (relay_enabled)
-			mqtx_register_worker(MQTX_RELAY, i, mqtx_served_database(i));
-		if (consumer_enabled)
-			mqtx_register_worker(MQTX_CONSUMER, i, mqtx_served_database(i));
-	}
-}
 
 /*
  * Module load, in the postmaster when preloaded, else in the first session
@@ -80,11 +47,14 @@ _PG_init(void)
 	mqtx_relay_define_settings();
 	mqtx_consumer_define_settings();
 	if (process_shared_preload_libraries_in_progress)
-		define_worker_switches();
+		mqtx_launcher_define_settings();
 	/* defines mqtx.database when preloaded */
 	mqtx_shared_init();
 	MarkGUCPrefixReserved("mqtx");
 
 	if (process_shared_preload_libraries_in_progress)
-		register_workers();
+	{
+		mqtx_launcher_install_hooks();
+		mqtx_launcher_register();
+	}
 }

@@ -40,13 +40,26 @@ typedef struct MqtxWorkerInfo
 	char		broker_address[MQTX_BROKER_ADDRESS_LEN];	/* the node, when
 															 * connected */
 	TimestampTz connected_since;
+	MqtxWorkerExit exit_reason; /* why the last worker of this kind left */
+	uint32		catalog_changes_seen;	/* when it found no extension */
 } MqtxWorkerInfo;
 
+/*
+ * A slot is given to a database by the launcher and taken back when the
+ * database leaves mqtx.database.  Each assignment has a new number, which
+ * the workers started for it carry: a worker whose number is no longer
+ * the slot's serves a database that is not served any more, and leaves.
+ */
 struct MqtxSlot
 {
+	slock_t		mutex;			/* protects all but the atomics */
+	bool		in_use;
+	uint32		assignment;
 	char		dbname[NAMEDATALEN];
-	slock_t		mutex;			/* protects dboid and workers */
 	Oid			dboid;
+	MqtxServeState state;		/* what the launcher made of it */
+	char		state_detail[128];
+	TimestampTz state_since;
 	MqtxWorkerInfo workers[MQTX_NWORKER_KINDS];
 	pg_atomic_uint32 topology_generation;
 	pg_atomic_uint64 counters[MQTX_NCOUNTERS];
@@ -54,21 +67,25 @@ struct MqtxSlot
 
 typedef struct MqtxSharedState
 {
-	int			nslots;
-	MqtxSlot	slots[FLEXIBLE_ARRAY_MEMBER];
+	slock_t		mutex;			/* protects the launcher's latch */
+	Latch	   *launcher_latch;
+	/* databases or extensions created or dropped: the launcher looks again */
+	pg_atomic_uint32 catalog_changes;
+	uint32		next_assignment;	/* only the launcher assigns */
+	MqtxSlot	slots[MQTX_MAX_DATABASES];
 } MqtxSharedState;
 
 static MqtxSharedState *shared_state = NULL;
 static shmem_request_hook_type previous_shmem_request_hook = NULL;
 static shmem_startup_hook_type previous_shmem_startup_hook = NULL;
 
-/* mqtx.database, and the names in it, parsed once in the postmaster */
+/* mqtx.database; the launcher follows it on reload */
 static char *served_databases_setting = NULL;
-static List *served_databases = NIL;
 
-/* What this backend's open transaction asks of the relay at commit. */
+/* What this backend's open transaction asks of the workers at commit. */
 static bool wake_relay_at_commit = false;
 static bool topology_changed_at_commit = false;
+static bool wake_launcher_at_commit = false;
 
 /*
  * The outermost (sub)transaction level with a topology change still in
@@ -77,22 +94,29 @@ static bool topology_changed_at_commit = false;
  */
 static int	topology_changed_level = 0;
 
+static void wake_worker(MqtxSlot *slot, MqtxWorkerKind kind, bool only_if_connected);
+
 /* exported despite hidden symbols: see outbox.c */
 extern PGDLLEXPORT Datum mqtx_relay_stats(PG_FUNCTION_ARGS);
 extern PGDLLEXPORT Datum mqtx_consumer_stats(PG_FUNCTION_ARGS);
 extern PGDLLEXPORT Datum mqtx_topology_trigger(PG_FUNCTION_ARGS);
 extern PGDLLEXPORT Datum mqtx_broker_connections(PG_FUNCTION_ARGS);
+extern PGDLLEXPORT Datum mqtx_served_databases(PG_FUNCTION_ARGS);
 
 PG_FUNCTION_INFO_V1(mqtx_relay_stats);
 PG_FUNCTION_INFO_V1(mqtx_consumer_stats);
 PG_FUNCTION_INFO_V1(mqtx_topology_trigger);
 PG_FUNCTION_INFO_V1(mqtx_broker_connections);
+PG_FUNCTION_INFO_V1(mqtx_served_databases);
 
+/*
+ * Room for as many databases as mqtx.database may list, whatever it lists
+ * now: the setting can change on reload, shared memory cannot.
+ */
 static Size
 shared_state_size(void)
 {
-	return add_size(offsetof(MqtxSharedState, slots),
-					mul_size(sizeof(MqtxSlot), list_length(served_databases)));
+	return sizeof(MqtxSharedState);
 }
 
 static void
@@ -117,16 +141,13 @@ init_shared_memory(void)
 	shared_state = ShmemInitStruct("mqtx", shared_state_size(), &found);
 	if (!found)
 	{
-		ListCell   *lc;
-		int			i = 0;
-
 		memset(shared_state, 0, shared_state_size());
-		shared_state->nslots = list_length(served_databases);
-		foreach(lc, served_databases)
+		SpinLockInit(&shared_state->mutex);
+		pg_atomic_init_u32(&shared_state->catalog_changes, 0);
+		for (int i = 0; i < MQTX_MAX_DATABASES; i++)
 		{
-			MqtxSlot   *slot = &shared_state->slots[i++];
+			MqtxSlot   *slot = &shared_state->slots[i];
 
-			strlcpy(slot->dbname, lfirst(lc), NAMEDATALEN);
 			SpinLockInit(&slot->mutex);
 			pg_atomic_init_u32(&slot->topology_generation, 0);
 			for (int c = 0; c < MQTX_NCOUNTERS; c++)
@@ -147,15 +168,18 @@ mqtx_worker_kind_name(MqtxWorkerKind kind)
 	return names[kind];
 }
 
-/* The slot of the index-th served database (a worker's main_arg). */
+/* The index-th of the MQTX_MAX_DATABASES slots (a worker's main_arg). */
 MqtxSlot *
 mqtx_slot(int index)
 {
-	Assert(shared_state != NULL && index >= 0 && index < shared_state->nslots);
+	Assert(shared_state != NULL && index >= 0 && index < MQTX_MAX_DATABASES);
 	return &shared_state->slots[index];
 }
 
-/* The database a slot serves; fixed at server start. */
+/*
+ * The database a slot serves; it changes only while no worker serves it,
+ * so a worker reads its own slot's without the lock.
+ */
 const char *
 mqtx_slot_dbname(MqtxSlot *slot)
 {
@@ -170,15 +194,198 @@ mqtx_slot_topology_generation(MqtxSlot *slot)
 }
 
 /*
- * The slot of the relay serving this database, or NULL when there is none
- * (mqtx not preloaded, or the database is not in mqtx.database).
+ * The slot's assignment number if it is in use and, when dbname is not
+ * NULL, its database (NAMEDATALEN bytes); 0 when it is free.
+ */
+uint32
+mqtx_slot_assignment(MqtxSlot *slot, char *dbname)
+{
+	uint32		assignment;
+
+	SpinLockAcquire(&slot->mutex);
+	assignment = slot->in_use ? slot->assignment : 0;
+	if (dbname != NULL)
+		strlcpy(dbname, slot->dbname, NAMEDATALEN);
+	SpinLockRelease(&slot->mutex);
+	return assignment;
+}
+
+/*
+ * Give a free slot to a database, with fresh counters; returns the
+ * assignment number its workers carry.  Only the launcher calls this.
+ */
+uint32
+mqtx_slot_assign(MqtxSlot *slot, const char *dbname)
+{
+	uint32		assignment;
+
+	/* 0 means "free"; numbers wrap only after four billion assignments */
+	if (++shared_state->next_assignment == 0)
+		shared_state->next_assignment = 1;
+	assignment = shared_state->next_assignment;
+
+	for (int c = 0; c < MQTX_NCOUNTERS; c++)
+		pg_atomic_write_u64(&slot->counters[c], 0);
+	SpinLockAcquire(&slot->mutex);
+	slot->in_use = true;
+	slot->assignment = assignment;
+	strlcpy(slot->dbname, dbname, NAMEDATALEN);
+	slot->dboid = InvalidOid;
+	slot->state = MQTX_SERVE_STARTING;
+	slot->state_detail[0] = '\0';
+	slot->state_since = GetCurrentTimestamp();
+	for (int kind = 0; kind < MQTX_NWORKER_KINDS; kind++)
+		slot->workers[kind].exit_reason = MQTX_EXIT_UNKNOWN;
+	SpinLockRelease(&slot->mutex);
+	return assignment;
+}
+
+/*
+ * The database leaves mqtx.database: its workers see that their number is
+ * no longer the slot's and exit; the launcher frees the slot once they
+ * have (mqtx_slot_release).
+ */
+void
+mqtx_slot_retire(MqtxSlot *slot)
+{
+	SpinLockAcquire(&slot->mutex);
+	slot->assignment = 0;
+	slot->state = MQTX_SERVE_STOPPING;
+	slot->state_detail[0] = '\0';
+	slot->state_since = GetCurrentTimestamp();
+	SpinLockRelease(&slot->mutex);
+	for (int kind = 0; kind < MQTX_NWORKER_KINDS; kind++)
+		wake_worker(slot, kind, false);
+}
+
+/* A retired slot whose workers are gone is free again. */
+void
+mqtx_slot_release(MqtxSlot *slot)
+{
+	SpinLockAcquire(&slot->mutex);
+	slot->in_use = false;
+	slot->dboid = InvalidOid;
+	SpinLockRelease(&slot->mutex);
+}
+
+/* Whether the slot is given to a database, retired or not. */
+bool
+mqtx_slot_in_use(MqtxSlot *slot)
+{
+	bool		in_use;
+
+	SpinLockAcquire(&slot->mutex);
+	in_use = slot->in_use;
+	SpinLockRelease(&slot->mutex);
+	return in_use;
+}
+
+/* What the launcher made of the slot's database, for mqtx.served_databases. */
+void
+mqtx_slot_set_state(MqtxSlot *slot, MqtxServeState state, const char *detail)
+{
+	SpinLockAcquire(&slot->mutex);
+	if (slot->state != state || strcmp(slot->state_detail, detail) != 0)
+	{
+		slot->state = state;
+		strlcpy(slot->state_detail, detail, sizeof(slot->state_detail));
+		slot->state_since = GetCurrentTimestamp();
+	}
+	SpinLockRelease(&slot->mutex);
+}
+
+/* The process of the slot's worker of this kind, or 0. */
+pid_t
+mqtx_slot_worker_pid(MqtxSlot *slot, MqtxWorkerKind kind)
+{
+	pid_t		pid;
+
+	SpinLockAcquire(&slot->mutex);
+	pid = slot->workers[kind].pid;
+	SpinLockRelease(&slot->mutex);
+	return pid;
+}
+
+/*
+ * A worker says why it leaves: the launcher restarts one that found no
+ * extension only once a database or extension has changed since
+ * catalog_changes_seen, the count it read before looking.
+ */
+void
+mqtx_slot_note_exit(MqtxSlot *slot, MqtxWorkerKind kind, MqtxWorkerExit reason,
+					uint32 catalog_changes_seen)
+{
+	SpinLockAcquire(&slot->mutex);
+	slot->workers[kind].exit_reason = reason;
+	slot->workers[kind].catalog_changes_seen = catalog_changes_seen;
+	SpinLockRelease(&slot->mutex);
+}
+
+/* Why the slot's last worker of this kind left; the launcher resets it. */
+MqtxWorkerExit
+mqtx_slot_take_exit(MqtxSlot *slot, MqtxWorkerKind kind, uint32 *catalog_changes_seen)
+{
+	MqtxWorkerExit reason;
+
+	SpinLockAcquire(&slot->mutex);
+	reason = slot->workers[kind].exit_reason;
+	*catalog_changes_seen = slot->workers[kind].catalog_changes_seen;
+	slot->workers[kind].exit_reason = MQTX_EXIT_UNKNOWN;
+	SpinLockRelease(&slot->mutex);
+	return reason;
+}
+
+/* How many databases or extensions have been created or dropped (it wraps). */
+uint32
+mqtx_catalog_changes(void)
+{
+	return pg_atomic_read_u32(&shared_state->catalog_changes);
+}
+
+/* The launcher says where to wake it, or (NULL) that it is gone. */
+void
+mqtx_set_launcher_latch(Latch *latch)
+{
+	SpinLockAcquire(&shared_state->mutex);
+	shared_state->launcher_latch = latch;
+	SpinLockRelease(&shared_state->mutex);
+}
+
+static void
+wake_launcher(void)
+{
+	Latch	   *latch;
+
+	pg_atomic_fetch_add_u32(&shared_state->catalog_changes, 1);
+	SpinLockAcquire(&shared_state->mutex);
+	latch = shared_state->launcher_latch;
+	SpinLockRelease(&shared_state->mutex);
+	if (latch != NULL)
+		SetLatch(latch);
+}
+
+/*
+ * The open transaction creates or drops a database or an extension: if it
+ * commits, the launcher looks again at the databases it could not serve.
+ */
+void
+mqtx_wake_launcher_at_commit(void)
+{
+	wake_launcher_at_commit = true;
+}
+
+/*
+ * The slot of the workers serving this database, or NULL when there is
+ * none (mqtx not preloaded, the database not in mqtx.database, or its
+ * workers not started yet).  A slot's dboid is set by its workers and
+ * cleared when it is freed.
  */
 static MqtxSlot *
 slot_for_database(Oid dboid)
 {
 	if (shared_state == NULL)
 		return NULL;
-	for (int i = 0; i < shared_state->nslots; i++)
+	for (int i = 0; i < MQTX_MAX_DATABASES; i++)
 		if (shared_state->slots[i].dboid == dboid)
 			return &shared_state->slots[i];
 	return NULL;
@@ -267,10 +474,13 @@ wake_at_commit_callback(XactEvent event, void *arg)
 		case XACT_EVENT_COMMIT:
 			if (wake_relay_at_commit)
 				wake_workers(MyDatabaseId, topology_changed_at_commit);
+			if (wake_launcher_at_commit && shared_state != NULL)
+				wake_launcher();
 			/* FALLTHROUGH */
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PREPARE:
 			wake_relay_at_commit = false;
+			wake_launcher_at_commit = false;
 			topology_changed_at_commit = false;
 			topology_changed_level = 0;
 			break;
@@ -323,46 +533,41 @@ check_database_list(char **newval, void **extra, GucSource source)
 }
 
 /*
- * mqtx.database names the databases that get a slot and workers; it is
- * parsed once, in the postmaster, and the workers inherit the list.
+ * mqtx.database names the databases that get a slot and workers.  The
+ * launcher reads it again on every reload.
  */
 static void
 define_served_databases(void)
 {
-	MemoryContext old;
-
 	DefineCustomStringVariable("mqtx.database",
 							   "Databases served by the mqtx workers.",
 							   "A comma-separated list; each database needs CREATE EXTENSION mqtx.",
 							   &served_databases_setting,
 							   "postgres",
-							   PGC_POSTMASTER,
+							   PGC_SIGHUP,
 							   GUC_LIST_INPUT,
 							   check_database_list, NULL, NULL);
-	old = MemoryContextSwitchTo(TopMemoryContext);
-	if (!SplitIdentifierString(pstrdup(served_databases_setting), ',',
-							   &served_databases))
-		elog(ERROR, "invalid mqtx.database");	/* the check hook prevents it */
-	MemoryContextSwitchTo(old);
-}
-
-/* How many databases mqtx.database lists (0 when not preloaded). */
-int
-mqtx_served_database_count(void)
-{
-	return list_length(served_databases);
-}
-
-/* The index-th database of mqtx.database, as listed. */
-const char *
-mqtx_served_database(int index)
-{
-	return list_nth(served_databases, index);
 }
 
 /*
- * Shared memory, and the setting that sizes it, exist only when preloaded
- * (a PGC_POSTMASTER setting can't be defined later); the commit callbacks
+ * The databases mqtx.database lists now, in the current memory context
+ * (NIL when not preloaded).
+ */
+List *
+mqtx_listed_databases(void)
+{
+	List	   *names = NIL;
+
+	if (served_databases_setting == NULL)
+		return NIL;
+	if (!SplitIdentifierString(pstrdup(served_databases_setting), ',', &names))
+		elog(ERROR, "invalid mqtx.database");	/* the check hook prevents it */
+	return names;
+}
+
+/*
+ * Shared memory, and mqtx.database, exist only when preloaded (without
+ * the launcher nothing would follow the setting); the commit callbacks
  * are wanted wherever the library is loaded (they do nothing without
  * shared memory).
  */
@@ -383,15 +588,24 @@ mqtx_shared_init(void)
 
 /*
  * A worker claims its slot: records who it is and where to wake it.
+ * False, and nothing recorded, when the slot no longer has the worker's
+ * assignment (its database left mqtx.database since it was started).
  */
-void
-mqtx_slot_attach(MqtxSlot *slot, MqtxWorkerKind kind, Oid dboid)
+bool
+mqtx_slot_attach(MqtxSlot *slot, MqtxWorkerKind kind, uint32 assignment, Oid dboid)
 {
+	bool		mine;
+
 	SpinLockAcquire(&slot->mutex);
-	slot->dboid = dboid;
-	slot->workers[kind].pid = MyProcPid;
-	slot->workers[kind].latch = MyLatch;
+	mine = slot->in_use && slot->assignment == assignment;
+	if (mine)
+	{
+		slot->dboid = dboid;
+		slot->workers[kind].pid = MyProcPid;
+		slot->workers[kind].latch = MyLatch;
+	}
 	SpinLockRelease(&slot->mutex);
+	return mine;
 }
 
 /* A worker gives up its slot as it exits (a before_shmem_exit callback). */
@@ -445,43 +659,69 @@ mqtx_count(MqtxSlot *slot, MqtxCounter counter, uint64 n)
 		pg_atomic_fetch_add_u64(&slot->counters[counter], n);
 }
 
-/* A consistent copy of what a slot holds of one worker */
-static MqtxWorkerInfo
-worker_info(MqtxSlot *slot, MqtxWorkerKind kind)
+/* What the views show of a slot, copied under its lock */
+typedef struct SlotCopy
 {
-	MqtxWorkerInfo info;
+	char		dbname[NAMEDATALEN];
+	MqtxServeState state;
+	char		state_detail[128];
+	TimestampTz state_since;
+	MqtxWorkerInfo workers[MQTX_NWORKER_KINDS];
+} SlotCopy;
+
+/* false when the slot serves no database */
+static bool
+copy_slot(MqtxSlot *slot, SlotCopy *copy)
+{
+	bool		in_use;
 
 	SpinLockAcquire(&slot->mutex);
-	info = slot->workers[kind];
+	in_use = slot->in_use;
+	memcpy(copy->dbname, slot->dbname, NAMEDATALEN);
+	copy->state = slot->state;
+	memcpy(copy->state_detail, slot->state_detail, sizeof(copy->state_detail));
+	copy->state_since = slot->state_since;
+	memcpy(copy->workers, slot->workers, sizeof(copy->workers));
 	SpinLockRelease(&slot->mutex);
-	return info;
+	return in_use;
+}
+
+/*
+ * The next slot in use after *index (start from -1), copied into *copy;
+ * NULL after the last one, or without shared memory.
+ */
+static MqtxSlot *
+next_slot_in_use(int *index, SlotCopy *copy)
+{
+	if (shared_state == NULL)
+		return NULL;
+	while (++(*index) < MQTX_MAX_DATABASES)
+		if (copy_slot(&shared_state->slots[*index], copy))
+			return &shared_state->slots[*index];
+	return NULL;
 }
 
 /*
  * One row per served database: the worker's process, broker state and a
- * range of counters since server start.
+ * range of counters since the database was first served.
  */
 static void
 worker_stats(FunctionCallInfo fcinfo, MqtxWorkerKind kind,
 			 MqtxCounter first, MqtxCounter last)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	MqtxSlot   *slot;
+	SlotCopy	copy;
 
 	InitMaterializedSRF(fcinfo, 0);
-	if (shared_state == NULL)
-		return;
-
-	for (int i = 0; i < shared_state->nslots; i++)
+	for (int i = -1; (slot = next_slot_in_use(&i, &copy)) != NULL;)
 	{
-		MqtxSlot   *slot = &shared_state->slots[i];
 		Datum		values[4 + MQTX_NCOUNTERS];
 		bool		nulls[4 + MQTX_NCOUNTERS] = {0};
-		MqtxWorkerInfo info;
+		MqtxWorkerInfo info = copy.workers[kind];
 		int			ncols = 3;
 
-		info = worker_info(slot, kind);
-
-		values[0] = CStringGetTextDatum(slot->dbname);
+		values[0] = CStringGetTextDatum(copy.dbname);
 		values[1] = Int32GetDatum(info.pid);
 		nulls[1] = (info.pid == 0);
 		values[2] = BoolGetDatum(info.broker_connected);
@@ -520,24 +760,18 @@ Datum
 mqtx_broker_connections(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	SlotCopy	copy;
 
 	InitMaterializedSRF(fcinfo, 0);
-	if (shared_state == NULL)
-		PG_RETURN_VOID();
-
-	for (int i = 0; i < shared_state->nslots; i++)
+	for (int i = -1; next_slot_in_use(&i, &copy) != NULL;)
 	{
-		MqtxSlot   *slot = &shared_state->slots[i];
-
 		for (int kind = 0; kind < MQTX_NWORKER_KINDS; kind++)
 		{
 			Datum		values[5];
 			bool		nulls[5] = {0};
-			MqtxWorkerInfo info;
+			MqtxWorkerInfo info = copy.workers[kind];
 
-			info = worker_info(slot, kind);
-
-			values[0] = CStringGetTextDatum(slot->dbname);
+			values[0] = CStringGetTextDatum(copy.dbname);
 			values[1] = CStringGetTextDatum(mqtx_worker_kind_name(kind));
 			values[2] = Int32GetDatum(info.pid);
 			nulls[2] = info.pid == 0;
@@ -547,6 +781,55 @@ mqtx_broker_connections(PG_FUNCTION_ARGS)
 			nulls[4] = !info.broker_connected;
 			tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 		}
+	}
+	PG_RETURN_VOID();
+}
+
+/* how mqtx.served_databases names a state */
+static const char *
+serve_state_name(MqtxServeState state)
+{
+	static const char *const names[] = {
+		[MQTX_SERVE_STARTING] = "starting",
+		[MQTX_SERVE_SERVING] = "serving",
+		[MQTX_SERVE_STANDBY] = "standby",
+		[MQTX_SERVE_NO_DATABASE] = "no database",
+		[MQTX_SERVE_NO_EXTENSION] = "no extension",
+		[MQTX_SERVE_NO_WORKER_SLOT] = "no worker slot",
+		[MQTX_SERVE_STOPPING] = "stopping",
+	};
+
+	return names[state];
+}
+
+/*
+ * mqtx.served_databases(): per database of mqtx.database (and any still
+ * being let go), what the launcher made of it, since when, and the
+ * workers' processes.
+ */
+Datum
+mqtx_served_databases(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	SlotCopy	copy;
+
+	InitMaterializedSRF(fcinfo, 0);
+	for (int i = -1; next_slot_in_use(&i, &copy) != NULL;)
+	{
+		Datum		values[6];
+		bool		nulls[6] = {0};
+
+		values[0] = CStringGetTextDatum(copy.dbname);
+		values[1] = CStringGetTextDatum(serve_state_name(copy.state));
+		values[2] = CStringGetTextDatum(copy.state_detail);
+		nulls[2] = copy.state_detail[0] == '\0';
+		values[3] = TimestampTzGetDatum(copy.state_since);
+		for (int kind = 0; kind < MQTX_NWORKER_KINDS; kind++)
+		{
+			values[4 + kind] = Int32GetDatum(copy.workers[kind].pid);
+			nulls[4 + kind] = copy.workers[kind].pid == 0;
+		}
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
 	PG_RETURN_VOID();
 }

@@ -3,7 +3,7 @@
  * shared.h
  *	  Shared memory (shared.c): one slot per served database, with the
  *	  workers' latches, broker states and counters, and the commit-time
- *	  wake-ups that sessions give the workers.
+ *	  wake-ups that sessions give the workers and the launcher.
  *
  * A slot's layout is private to shared.c: the workers and the SQL
  * functions reach it only through these calls, which take its spinlock
@@ -13,6 +13,9 @@
  */
 #ifndef MQTX_SHARED_H
 #define MQTX_SHARED_H
+
+#include "nodes/pg_list.h"
+#include "storage/latch.h"
 
 /* mqtx.database lists at most this many databases: one slot each */
 #define MQTX_MAX_DATABASES 64
@@ -45,19 +48,56 @@ typedef enum MqtxCounter
 	MQTX_NCOUNTERS
 } MqtxCounter;
 
+/* what the launcher made of a database, in mqtx.served_databases */
+typedef enum MqtxServeState
+{
+	MQTX_SERVE_STARTING,
+	MQTX_SERVE_SERVING,
+	MQTX_SERVE_STANDBY,
+	MQTX_SERVE_NO_DATABASE,
+	MQTX_SERVE_NO_EXTENSION,
+	MQTX_SERVE_NO_WORKER_SLOT,
+	MQTX_SERVE_STOPPING
+} MqtxServeState;
+
+/* why a worker left, as it tells the launcher */
+typedef enum MqtxWorkerExit
+{
+	MQTX_EXIT_UNKNOWN,			/* an error, a signal: start it again later */
+	MQTX_EXIT_NO_EXTENSION		/* wait for CREATE EXTENSION mqtx */
+} MqtxWorkerExit;
+
 typedef struct MqtxSlot MqtxSlot;
 
 /* from _PG_init: mqtx.database, the hooks and the commit callbacks */
 extern void mqtx_shared_init(void);
 
-/* the served databases, known in the postmaster before shared memory is */
-extern int	mqtx_served_database_count(void);
-extern const char *mqtx_served_database(int index);
+/* the databases mqtx.database lists now, in the current memory context */
+extern List *mqtx_listed_databases(void);
 
 extern const char *mqtx_worker_kind_name(MqtxWorkerKind kind);
 extern MqtxSlot *mqtx_slot(int index);
 extern const char *mqtx_slot_dbname(MqtxSlot *slot);
-extern void mqtx_slot_attach(MqtxSlot *slot, MqtxWorkerKind kind, Oid dboid);
+
+/* the launcher's side of a slot */
+extern uint32 mqtx_slot_assignment(MqtxSlot *slot, char *dbname);
+extern uint32 mqtx_slot_assign(MqtxSlot *slot, const char *dbname);
+extern void mqtx_slot_retire(MqtxSlot *slot);
+extern void mqtx_slot_release(MqtxSlot *slot);
+extern bool mqtx_slot_in_use(MqtxSlot *slot);
+extern void mqtx_slot_set_state(MqtxSlot *slot, MqtxServeState state,
+								const char *detail);
+extern pid_t mqtx_slot_worker_pid(MqtxSlot *slot, MqtxWorkerKind kind);
+extern MqtxWorkerExit mqtx_slot_take_exit(MqtxSlot *slot, MqtxWorkerKind kind,
+										  uint32 *catalog_changes_seen);
+extern uint32 mqtx_catalog_changes(void);
+extern void mqtx_set_launcher_latch(Latch *latch);
+
+/* a worker's side */
+extern bool mqtx_slot_attach(MqtxSlot *slot, MqtxWorkerKind kind,
+							 uint32 assignment, Oid dboid);
+extern void mqtx_slot_note_exit(MqtxSlot *slot, MqtxWorkerKind kind,
+								MqtxWorkerExit reason, uint32 catalog_changes_seen);
 extern void mqtx_slot_detach(MqtxSlot *slot, MqtxWorkerKind kind);
 extern void mqtx_slot_set_connected(MqtxSlot *slot, MqtxWorkerKind kind,
 									const char *broker_address);
@@ -68,5 +108,8 @@ extern void mqtx_count(MqtxSlot *slot, MqtxCounter counter, uint64 n);
 
 /* the session's open transaction enqueued a message: wake the relay at commit */
 extern void mqtx_wake_relay_at_commit(void);
+
+/* it created or dropped a database or an extension: wake the launcher */
+extern void mqtx_wake_launcher_at_commit(void);
 
 #endif							/* MQTX_SHARED_H */

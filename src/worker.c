@@ -76,38 +76,12 @@ static const char *const topology_sql =
 "SELECT 'binding', queue, exchange, NULL, NULL, routing_key FROM mqtx.bindings "
 "ORDER BY 1 DESC, 2, 3";		/* exchanges and queues before bindings */
 
-static const char *const worker_function[MQTX_NWORKER_KINDS] = {
-	"mqtx_relay_main", "mqtx_consumer_main"
-};
 static const MqtxCounter reconnect_counter[MQTX_NWORKER_KINDS] = {
 	MQTX_RELAY_RECONNECTS, MQTX_CONSUMER_RECONNECTS
 };
 
 /* The worker of this process, for the exit callback. */
 static MqtxWorker *this_worker = NULL;
-
-/*
- * Register a relay or consumer for the database of slot slot_index; from
- * _PG_init, in the postmaster.  A worker that exits is started again after
- * five seconds.
- */
-void
-mqtx_register_worker(MqtxWorkerKind kind, int slot_index, const char *dbname)
-{
-	BackgroundWorker worker;
-
-	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker.bgw_restart_time = 5;
-	strlcpy(worker.bgw_library_name, "mqtx", BGW_MAXLEN);
-	strlcpy(worker.bgw_function_name, worker_function[kind], BGW_MAXLEN);
-	snprintf(worker.bgw_name, BGW_MAXLEN, "mqtx %s for database %s",
-			 mqtx_worker_kind_name(kind), dbname);
-	snprintf(worker.bgw_type, BGW_MAXLEN, "mqtx %s", mqtx_worker_kind_name(kind));
-	worker.bgw_main_arg = Int32GetDatum(slot_index);
-	RegisterBackgroundWorker(&worker);
-}
 
 static void
 worker_exit(int code, Datum arg)
@@ -134,6 +108,10 @@ mqtx_worker_start(MqtxWorker *w, MqtxWorkerKind kind, Datum main_arg)
 	w->kind = kind;
 	w->role = mqtx_worker_kind_name(kind);
 	w->slot = mqtx_slot(DatumGetInt32(main_arg));
+	memcpy(&w->assignment, MyBgworkerEntry->bgw_extra, sizeof(w->assignment));
+	/* started for a database the launcher has let go of since */
+	if (mqtx_slot_assignment(w->slot, NULL) != w->assignment)
+		proc_exit(0);
 	w->reconnect_delay_ms = RECONNECT_MIN_MS;
 	w->context = AllocSetContextCreate(TopMemoryContext, "mqtx worker step",
 									   ALLOCSET_DEFAULT_SIZES);
@@ -170,7 +148,8 @@ mqtx_worker_start(MqtxWorker *w, MqtxWorkerKind kind, Datum main_arg)
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_SESSION);
 	pgstat_report_appname(psprintf("mqtx %s", w->role));
 
-	mqtx_slot_attach(w->slot, kind, MyDatabaseId);
+	if (!mqtx_slot_attach(w->slot, kind, w->assignment, MyDatabaseId))
+		proc_exit(0);
 	this_worker = w;
 	before_shmem_exit(worker_exit, 0);
 	MemoryContextSwitchTo(w->context);
@@ -249,11 +228,28 @@ mqtx_version_older(const char *version, const char *than)
 }
 
 /*
+ * Exit quietly if the launcher has let go of this worker's database (it
+ * left mqtx.database).
+ */
+static void
+exit_unless_still_served(MqtxWorker *w)
+{
+	if (mqtx_slot_assignment(w->slot, NULL) == w->assignment)
+		return;
+	ereport(LOG,
+			(errmsg("mqtx %s: database \"%s\" is no longer served; exiting",
+					w->role, mqtx_slot_dbname(w->slot))));
+	proc_exit(0);
+}
+
+/*
  * Is the extension installed and committed here, at a version this
- * worker's statements work with?  A database without it, with CREATE
- * EXTENSION still in progress, or (after the library was upgraded) with
- * ALTER EXTENSION mqtx UPDATE still to run, is waited on, the last with
- * one log line.
+ * worker's statements work with?  Without it (or with CREATE EXTENSION
+ * still in progress) the worker tells the launcher and exits: the
+ * launcher starts it again once an extension has been created.  After the
+ * library was upgraded, ALTER EXTENSION mqtx UPDATE still to run is
+ * waited on, with one log line.  A worker whose database is no longer
+ * served exits here too: both workers ask this on every pass.
  */
 bool
 mqtx_worker_extension_ready(MqtxWorker *w)
@@ -262,15 +258,22 @@ mqtx_worker_extension_ready(MqtxWorker *w)
 	Oid			extension;
 	char	   *version = NULL;
 	bool		ready;
+	uint32		catalog_changes = mqtx_catalog_changes();
 
+	exit_unless_still_served(w);
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	extension = get_extension_oid("mqtx", true);
 	ready = OidIsValid(extension);
-	if (ready)
-		version = installed_version(extension);
+	if (!ready)
+	{
+		CommitTransactionCommand();
+		mqtx_slot_note_exit(w->slot, w->kind, MQTX_EXIT_NO_EXTENSION, catalog_changes);
+		proc_exit(0);
+	}
+	version = installed_version(extension);
 	strlcpy(w->schema_version, version ? version : "", sizeof(w->schema_version));
-	if (ready && needed != NULL)
+	if (needed != NULL)
 	{
 		ready = version != NULL && !mqtx_version_older(version, needed);
 		if (!ready && !w->waiting_for_update)

@@ -1,8 +1,8 @@
 /*-------------------------------------------------------------------------
  *
  * worker.h
- *	  What the relay and the consumer share (worker.c): registration, the
- *	  start and the steps of a worker's loop, its broker connection and
+ *	  What the relay and the consumer share (worker.c): the start and
+ *	  the steps of a worker's loop, its broker connection and
  *	  topology, what the broker refused, waiting, and retention.
  *
  *-------------------------------------------------------------------------
@@ -37,6 +37,7 @@ typedef struct MqtxWorker
 	MqtxWorkerKind kind;
 	const char *role;			/* "relay" or "consumer", for log lines */
 	MqtxSlot   *slot;
+	uint32		assignment;		/* the slot's, when the launcher started us */
 	MemoryContext context;		/* where each step returns; the worker may
 								 * switch it */
 	BrokerConnection *conn;
@@ -61,8 +62,6 @@ typedef struct MqtxWorker
 } MqtxWorker;
 
 extern void mqtx_worker_define_settings(void);
-extern void mqtx_register_worker(MqtxWorkerKind kind, int slot_index,
-								 const char *dbname);
 extern void mqtx_worker_start(MqtxWorker *w, MqtxWorkerKind kind, Datum main_arg);
 extern void mqtx_worker_begin_step(const char *activity);
 extern void mqtx_worker_end_step(MqtxWorker *w);

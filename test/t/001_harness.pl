@@ -34,9 +34,9 @@ my $node = mqtx_node('harness', 'mqtx.broker_url' => "'$url'",
 is($node->safe_psql('postgres', 'SHOW shared_preload_libraries'),
 	'mqtx', 'mqtx is preloaded');
 is( $node->safe_psql('postgres',
-		"SELECT context FROM pg_settings WHERE name = 'mqtx.database'"),
-	'postmaster',
-	'postmaster-level settings exist only when preloaded');
+		"SELECT name, context FROM pg_settings WHERE name IN ('mqtx.database', 'mqtx.relay_enabled') ORDER BY 1"),
+	"mqtx.database|sighup\nmqtx.relay_enabled|postmaster",
+	'the settings that exist only when preloaded: the launcher follows mqtx.database on reload');
 
 $node->safe_psql('postgres', 'CREATE EXTENSION mqtx');
 like($node->safe_psql('postgres', "SELECT mqtx.publish('', 'harness.q', '{}')"),

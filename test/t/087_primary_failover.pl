@@ -64,6 +64,18 @@ wait_for($primary, 'postgres',
 is(worker_count($standby), '0',
 	'no mqtx worker runs on the standby while it is in recovery');
 
+# The launcher runs there, says once that the workers wait, and shows it.
+sub standby_lines
+{
+	my @lines = slurp_file($standby->logfile)
+	  =~ /mqtx launcher: this server is a standby/g;
+	return scalar @lines;
+}
+wait_within(10, 'the standby says once that the workers wait for promotion',
+	sub { standby_lines() == 1 });
+is($standby->safe_psql('postgres', 'SELECT database, state FROM mqtx.served_databases'),
+	'postgres|standby', 'mqtx.served_databases shows it');
+
 # --- orders stream in; the primary dies in the middle
 my ($out, $err) = ('', '');
 my $stream = IPC::Run::start(
@@ -80,6 +92,9 @@ like($err, qr/terminat|connection|server closed/i, 'the order stream was cut by 
 is(worker_count($standby), '0', 'still no mqtx worker before promotion');
 $standby->promote;
 wait_workers($standby, 2, 'after promotion the relay and the consumer start');
+is(standby_lines(), 1, 'the wait was logged once, not in a loop');
+like(slurp_file($standby->logfile), qr/mqtx launcher: the server was promoted; starting the workers/,
+	'and its end');
 my $before = $standby->safe_psql('postgres', 'SELECT max(id) FROM orders');
 ok($before >= 500, "the promoted server has the $before orders committed before the crash");
 $standby->safe_psql('postgres', "CALL add_orders($before + 1, $before + 200)");
