@@ -1,18 +1,49 @@
 #!/usr/bin/env bash
 # Throwaway RabbitMQ nodes for the mqtx tests.  Each node keeps all of its
 # state (mnesia, logs, config, cookie, HOME, pid file) in one directory and
-# gets its own epmd, so several nodes can run side by side.
+# gets its own epmd, so several nodes can run side by side; the nodes of a
+# cluster share their seed's epmd instead (see "Clusters" below).
 #
-#   rabbitmq.sh start DIR [PORT]   start (or restart) the node; prints AMQP_PORT=N
+#   rabbitmq.sh start DIR [PORT] [--join SEED_DIR]
+#                                  start (or restart) the node; prints AMQP_PORT=N
 #                                  (and AMQPS_PORT=N per TLS listener)
-#   rabbitmq.sh stop DIR           stop the node and its epmd (idempotent)
+#   rabbitmq.sh stop DIR           stop the node, and its epmd if no other node
+#                                  uses it any more (idempotent)
 #   rabbitmq.sh kill DIR           SIGKILL the node (fault tests); epmd stays
 #   rabbitmq.sh ctl DIR ARGS...    rabbitmqctl -n NODE ARGS... with the node's env
 #   rabbitmq.sh env DIR            print DIR/env
+#   rabbitmq.sh pid DIR            print the node's OS pid; exit 1 if it is down
 #   rabbitmq.sh check              exit 0 if RabbitMQ is installed where this
 #                                  script runs it from, else say what is missing
 #
-# Knob: MQTX_RABBITMQ_START_TIMEOUT (seconds, default 60).
+# Knob: MQTX_RABBITMQ_START_TIMEOUT (seconds, default 60; for a cluster
+# member it covers waiting for the seed and joining too).
+#
+# Clusters: `start DIR --join SEED_DIR` makes DIR's node a member of the
+# cluster whose first node (the seed) lives in SEED_DIR.  The seed is an
+# ordinary node (started without --join); a member cannot be a seed.  The
+# first start records the seed in DIR/cluster, and later starts honour it
+# with or without --join (a different seed is refused).  Several members and
+# their seed may be started at the same time (that is what makes a cluster
+# quick to bring up): a member waits for SEED_DIR/env to appear, boots on its
+# own, waits for the seed to be running, then does stop_app, join_cluster
+# SEED, start_app -- once: DIR/cluster then says JOINED, and from then on the
+# member's mnesia knows the cluster and every start (after stop or kill)
+# rejoins by itself.  Joins into one seed take turns (SEED_DIR/join.lock),
+# one node at a time as in RabbitMQ's clustering guide, rather than count
+# on concurrent join_cluster calls being safe.
+#   Erlang nodes on one host find each other through the epmd at their
+# ERL_EPMD_PORT, so a member takes its seed's port (and so do its CLI
+# commands, which run with DIR/env).  That epmd belongs to no single node:
+# `stop` of any node takes it down only when no beam (node or rabbitmqctl)
+# using its port is left, i.e. the last node of the cluster to stop does,
+# whichever that is; a `start` holds the same lock (SEED_DIR/epmd.lock, or
+# DIR/epmd.lock for a standalone node) from launching until its beam exists,
+# so a stop cannot find "no users" in between and pull epmd from under a
+# booting node.
+#   A member that was stopped or killed boots only once another node of its
+# cluster runs (mnesia waits for its peers); a whole cluster that was
+# stopped should be started again all at once.
 #
 # Extra configuration: if DIR/extra.conf exists, its lines are appended to the
 # generated rabbitmq.conf at every start (so edit it between stop and start).
@@ -37,6 +68,9 @@
 #    create one, so a fixed cookie is written before the first start.
 #  * Ports are recorded in DIR/env so a restart reuses them (clients and
 #    tests keep working across stop/start and kill/start).
+#  * Lock files are held on fds 8 (join) and 9 (epmd), which every node and
+#    CLI command is started with closed: a detached node that inherited one
+#    would hold the lock for its whole life.
 set -euo pipefail
 
 # shellcheck source=lib.sh
@@ -88,10 +122,11 @@ run_node_env() {
 		LANG=C.UTF-8 LC_ALL=C.UTF-8 USER="$user" LOGNAME="$user")
 	local v
 	for v in $ENV_VARS; do envv+=("$v=${!v}"); done
+	# 8>&- 9>&-: see the lock files above.
 	if is_root && [ "$user" != root ]; then
-		(cd "$DIR" && runuser -u "$user" -- env -i "${envv[@]}" "$@")
+		(cd "$DIR" && runuser -u "$user" -- env -i "${envv[@]}" "$@" 8>&- 9>&-)
 	else
-		(cd "$DIR" && env -i "${envv[@]}" "$@")
+		(cd "$DIR" && env -i "${envv[@]}" "$@" 8>&- 9>&-)
 	fi
 }
 
@@ -102,7 +137,14 @@ ctl() {
 # ctl_bounded SECONDS ARGS...: rabbitmqctl that cannot hang the harness.
 ctl_bounded() {
 	local secs=$1; shift
-	run_node_env "$(node_user)" timeout -k 5 "$secs" "$RMQ_BIN/rabbitmqctl" -n "$NODE" "$@"
+	ctl_node_bounded "$NODE" "$secs" "$@"
+}
+
+# ctl_node_bounded NODE SECONDS ARGS...: the same, aimed at another node of
+# the cluster (same epmd, same cookie, so our own env reaches it).
+ctl_node_bounded() {
+	local node=$1 secs=$2; shift 2
+	run_node_env "$(node_user)" timeout -k 5 "$secs" "$RMQ_BIN/rabbitmqctl" -n "$node" "$@"
 }
 
 # Those of the given pids that are still alive (zombies count as gone).
@@ -158,6 +200,12 @@ epmd_pids() {
 	pids_with_env epmd "ERL_EPMD_PORT=$ERL_EPMD_PORT" | only_alive
 }
 
+# Every beam (a node of the cluster, or a rabbitmqctl talking to one) that
+# uses our epmd: while there is one, epmd must stay.
+epmd_users() {
+	pids_with_env beam.smp "ERL_EPMD_PORT=$ERL_EPMD_PORT" | only_alive
+}
+
 only_alive() {
 	local -a pids
 	mapfile -t pids
@@ -205,11 +253,119 @@ ssl_files() {
 
 log_tail() {
 	local f
-	for f in "$DIR"/log/*.log "$DIR"/log/await_startup.out; do
+	for f in "$DIR"/log/*.log "$DIR"/log/await_startup.out "$DIR"/log/join.out; do
 		[ -s "$f" ] || continue
 		echo "---- tail of $f ----"
 		tail -n 30 "$f"
 	done
+}
+
+# DIR/cluster: CLUSTER_SEED_DIR (empty for a standalone node or a seed) and
+# CLUSTER_JOINED (yes once join_cluster has succeeded).
+read_cluster() {
+	CLUSTER_SEED_DIR="" CLUSTER_JOINED=""
+	[ -f "$DIR/cluster" ] || return 0
+	# shellcheck disable=SC1091
+	. "$DIR/cluster"
+}
+
+# recorded_seed D: the seed dir in D/cluster of another node (empty: none).
+recorded_seed() {
+	# shellcheck disable=SC2034 # both are set by the file
+	local CLUSTER_SEED_DIR="" CLUSTER_JOINED=""
+	if [ -f "$1/cluster" ]; then
+		# shellcheck disable=SC1091
+		. "$1/cluster"
+	fi
+	echo "$CLUSTER_SEED_DIR"
+}
+
+write_cluster() {
+	local tmp="$DIR/cluster.tmp"
+	{
+		echo "# written by $me; sourceable"
+		printf 'CLUSTER_SEED_DIR=%q\n' "$CLUSTER_SEED_DIR"
+		printf 'CLUSTER_JOINED=%q\n' "$CLUSTER_JOINED"
+	} >"$tmp"
+	mv -f "$tmp" "$DIR/cluster"
+}
+
+# The directory whose epmd.lock guards our epmd: the seed's for a member.
+epmd_lock_dir() {
+	echo "${CLUSTER_SEED_DIR:-$DIR}"
+}
+
+# take_lock FD FILE: flock FILE on fd FD (8 or 9), waiting at most
+# START_TIMEOUT.  A lock file that cannot be created (its directory is gone)
+# is done without: there is then nobody left to race with.
+take_lock() {
+	local fd=$1 file=$2
+	if ! { : >>"$file"; } 2>/dev/null; then
+		echo "$me: warning: cannot create lock file $file; going on without it" >&2
+		return 0
+	fi
+	case $fd in
+	8) exec 8>>"$file" ;;
+	9) exec 9>>"$file" ;;
+	*) die "take_lock: bad fd $fd" ;;
+	esac
+	flock -w "$START_TIMEOUT" "$fd" || die "timed out waiting for lock $file"
+}
+
+release_lock() {
+	case $1 in
+	8) exec 8>&- ;;
+	9) exec 9>&- ;;
+	esac
+}
+
+# seed_env SEED_DIR: the seed's node name and epmd port, "NODE PORT" (empty
+# until the seed's first start has written its env).
+seed_env() {
+	[ -f "$1/env" ] || return 0
+	# shellcheck disable=SC1091
+	(. "$1/env" && echo "$RABBITMQ_NODENAME $ERL_EPMD_PORT")
+}
+
+# await_node NODE DEADLINE OUT: wait until NODE runs (rabbitmqctl
+# await_startup, which fails fast until NODE has registered with epmd), at
+# most until SECONDS reaches DEADLINE; the last attempt's output is in OUT.
+await_node() {
+	local node=$1 deadline=$2 out=$3 left
+	while :; do
+		left=$((deadline - SECONDS))
+		[ $left -ge 1 ] || return 1
+		if ctl_node_bounded "$node" $((left + 5)) -q await_startup -t "$left" \
+			>"$out" 2>&1; then
+			return 0
+		fi
+		sleep 1
+	done
+}
+
+# Make this freshly booted node a member of the seed's cluster.  Only its
+# first boot gets here; afterwards its mnesia lists the cluster's nodes and
+# the node rejoins by itself at every boot.  On failure JOIN_ERR says why.
+join_seed() {
+	local seed=$1 deadline=$2 out=$DIR/log/join.out cmd
+	JOIN_ERR=""
+	take_lock 8 "$CLUSTER_SEED_DIR/join.lock"
+	# In a parallel start the seed may still be booting.
+	if ! await_node "$seed" "$deadline" "$out"; then
+		JOIN_ERR="seed node $seed is not running"
+	else
+		for cmd in stop_app "join_cluster $seed" start_app; do
+			# shellcheck disable=SC2086 # cmd: words without blanks
+			if ! ctl_bounded $((deadline - SECONDS + 5)) -q $cmd >"$out" 2>&1; then
+				JOIN_ERR="rabbitmqctl $cmd failed"
+				break
+			fi
+		done
+	fi
+	release_lock 8
+	[ -z "$JOIN_ERR" ] || return 1
+	CLUSTER_JOINED=yes
+	write_cluster
 }
 
 write_env() {
@@ -222,18 +378,73 @@ write_env() {
 }
 
 cmd_start() {
-	local want_port=${1:-}
+	local want_port="" join=""
+	while [ $# -gt 0 ]; do
+		case $1 in
+		--join)
+			[ $# -ge 2 ] || usage
+			join=$2
+			shift 2
+			;;
+		--join=*)
+			join=${1#--join=}
+			shift
+			;;
+		*)
+			[ -z "$want_port" ] || usage
+			want_port=$1
+			shift
+			;;
+		esac
+	done
 	[ -z "$want_port" ] || [[ $want_port =~ ^[0-9]+$ ]] || die "bad port: $want_port"
 	mkdir -p "$DIR"
 	DIR=$(abs_dir "$DIR")
+	# A member's budget covers waiting for its seed and joining it too.
+	local deadline=$((SECONDS + START_TIMEOUT))
 
-	local node="" amqp="" dist="" epmd=""
+	local node="" amqp="" dist="" epmd="" had_env=""
 	if load_env; then
+		had_env=1
 		node=$RABBITMQ_NODENAME amqp=$RABBITMQ_NODE_PORT
 		dist=$RABBITMQ_DIST_PORT epmd=$ERL_EPMD_PORT
 		if [ -n "$(node_pids)" ]; then
 			die "node $node in $DIR is already running (AMQP port $amqp); stop it first"
 		fi
+	fi
+	read_cluster
+	if [ -n "$join" ]; then
+		join=$(abs_dir "$join")
+		[ "$join" != "$DIR" ] || die "$DIR cannot join itself"
+		if [ -n "$CLUSTER_SEED_DIR" ] && [ "$CLUSTER_SEED_DIR" != "$join" ]; then
+			die "$DIR is a member of the cluster of $CLUSTER_SEED_DIR, not of $join"
+		fi
+		# join_cluster would wipe such a node's data, and its own epmd
+		# (kept by a kill) would be left behind: use a new directory.
+		[ -n "$CLUSTER_SEED_DIR" ] || [ -z "$had_env" ] ||
+			die "$DIR already holds a standalone node; a member needs a fresh directory"
+		# One level only: then the seed's epmd.lock is everybody's.
+		[ -z "$(recorded_seed "$join")" ] ||
+			die "$join is itself a cluster member; join its seed instead"
+		if [ -z "$CLUSTER_SEED_DIR" ]; then
+			CLUSTER_SEED_DIR=$join
+			write_cluster
+		fi
+	fi
+	local seed="" seed_info=""
+	if [ -n "$CLUSTER_SEED_DIR" ]; then
+		# The seed may be starting at this very moment: its env, with its
+		# node name and epmd port, appears early in its start.
+		while seed_info=$(seed_env "$CLUSTER_SEED_DIR") && [ -z "$seed_info" ]; do
+			[ $SECONDS -lt "$deadline" ] ||
+				die "seed $CLUSTER_SEED_DIR has no node (no env) after ${START_TIMEOUT}s"
+			sleep 0.1
+		done
+		[ -n "$seed_info" ] || die "cannot read $CLUSTER_SEED_DIR/env"
+		seed=${seed_info% *}
+		# Always the seed's current port: all of the cluster must meet in
+		# one epmd.
+		epmd=${seed_info#* }
 	fi
 	if [ -z "$node" ]; then
 		# Stable per directory (mnesia lives under a node-named subdir), and
@@ -341,20 +552,23 @@ EOF
 		fi
 	done
 
-	local t0=$SECONDS
 	# -detached sends the VM's stdout to /dev/null, so a boot failure that
 	# happens before the node's logging is up (e.g. dist port taken) is only
 	# visible as the "Slogan" of its crash dump; keep that in the log dir.
 	local dump=$DIR/log/erl_crash.dump
-	rm -f "$dump" "$DIR/log/await_startup.out"
+	rm -f "$dump" "$DIR/log/await_startup.out" "$DIR/log/join.out"
+	# Until our beam exists, a stop of another node sharing our epmd must
+	# not conclude that epmd has no users left (see the header).
+	take_lock 9 "$(epmd_lock_dir)/epmd.lock"
 	if ! run_node_env "$user" env ERL_CRASH_DUMP="$dump" \
 		"$RMQ_BIN/rabbitmq-server" -detached \
 		</dev/null >>"$DIR/log/startup.log" 2>&1; then
+		release_lock 9
 		log_tail >&2
 		die "rabbitmq-server failed to launch"
 	fi
 
-	local deadline=$((t0 + START_TIMEOUT)) missing=0 up="" why=""
+	local missing=0 up="" why=""
 	while :; do
 		if [ $SECONDS -ge $deadline ]; then
 			why="did not come up within ${START_TIMEOUT}s"
@@ -374,6 +588,7 @@ EOF
 			sleep 0.2
 			continue
 		fi
+		release_lock 9
 		missing=0
 		if [ -z "$up" ]; then
 			local left=$((deadline - SECONDS))
@@ -388,6 +603,12 @@ EOF
 				continue
 			fi
 		fi
+		if [ -n "$seed" ] && [ "$CLUSTER_JOINED" != yes ]; then
+			if ! join_seed "$seed" "$deadline"; then
+				why="could not join the cluster of $seed: $JOIN_ERR"
+				break
+			fi
+		fi
 		local all_open=1
 		for p in "$amqp" "${tls_ports[@]}"; do
 			port_open "$p" || { all_open=""; break; }
@@ -400,6 +621,7 @@ EOF
 		sleep 0.2
 	done
 
+	release_lock 9
 	{
 		echo "$me: node $node $why"
 		log_tail
@@ -420,6 +642,7 @@ EOF
 cmd_stop() {
 	DIR=$(abs_dir "$DIR" 2>/dev/null) || return 0
 	load_env || return 0
+	read_cluster
 	if [ -n "$(node_pids)" ]; then
 		ctl_bounded 30 -q stop "$RABBITMQ_PID_FILE" >/dev/null 2>&1 || true
 		if ! wait_gone 15 node_pids; then
@@ -428,7 +651,11 @@ cmd_stop() {
 				die "could not stop node $NODE"
 		fi
 	fi
-	if [ -n "$(epmd_pids)" ]; then
+	# Our node is gone; epmd goes too unless another beam still uses it.
+	# Each stop checks only after its own node is gone, so of several
+	# stopping at once the last one sees no user left.
+	take_lock 9 "$(epmd_lock_dir)/epmd.lock"
+	if [ -n "$(epmd_pids)" ] && [ -z "$(epmd_users)" ]; then
 		run_node_env "$(node_user)" timeout -k 2 10 epmd -kill >/dev/null 2>&1 || true
 		if ! wait_gone 5 epmd_pids; then
 			signal_all TERM epmd_pids
@@ -436,6 +663,7 @@ cmd_stop() {
 				die "could not stop epmd on port $ERL_EPMD_PORT"
 		fi
 	fi
+	release_lock 9
 	rm -f "$RABBITMQ_PID_FILE"
 }
 
@@ -444,6 +672,15 @@ cmd_kill() {
 	load_env || die "no node in $DIR"
 	signal_all KILL node_pids
 	wait_gone 10 node_pids || die "node $NODE survived SIGKILL"
+}
+
+cmd_pid() {
+	DIR=$(abs_dir "$DIR")
+	load_env || die "no node in $DIR"
+	local pids
+	pids=$(node_pids)
+	[ -n "$pids" ] || return 1
+	echo "$pids"
 }
 
 # The programs start and ctl run, and what the tests skip without.
@@ -463,7 +700,6 @@ cmd=$1 DIR=$2
 shift 2
 case $cmd in
 start)
-	[ $# -le 1 ] || usage
 	cmd_start "$@"
 	;;
 stop)
@@ -473,6 +709,10 @@ stop)
 kill)
 	[ $# -eq 0 ] || usage
 	cmd_kill
+	;;
+pid)
+	[ $# -eq 0 ] || usage
+	cmd_pid
 	;;
 ctl)
 	DIR=$(abs_dir "$DIR")

@@ -1,12 +1,15 @@
 # The test harness itself: mqtx loads through shared_preload_libraries, a
 # real RabbitMQ node starts and carries a message, and the broker URL (with
 # its password) stays hidden from non-superusers and out of the server log.
+# Then a 3-node RabbitMQ cluster forms and its quorum queue survives the
+# SIGKILL of a node, which rejoins when restarted.
 use strict;
 use warnings FATAL => 'all';
 
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use IO::Socket::INET;
 
 use MqtxTest::RabbitMQ;
 use MqtxTest::Util;
@@ -87,4 +90,53 @@ like($log, qr/invalid value for parameter "mqtx\.broker_url"/,
 	'the rejected value is logged, masked');
 
 $mq->stop;
+
+# A 3-node cluster: a quorum queue on it keeps working while the node a
+# client is connected to (its leader too) is SIGKILLed, and that node comes
+# back into the cluster.
+my @qc = MqtxTest::RabbitMQ->new_cluster(name => 'qc', size => 3);
+my @names = sort map { $_->node_name } @qc;
+is(scalar(keys %{ { map { $_ => 1 } @names } }), 3, 'the cluster nodes have distinct names');
+is_deeply([ $qc[2]->running_nodes ], \@names, 'they form one cluster of 3 running nodes');
+like($qc[0]->cluster_urls,
+	qr{^amqp://guest:guest\@127\.0\.0\.1:\d+/%2f(?:,amqp://guest:guest\@127\.0\.0\.1:\d+/%2f){2}$},
+	'cluster_urls lists every node');
+
+$qc[0]->declare_queue('harness.qq', quorum => 1);
+my $info = $qc[1]->queue_info('harness.qq');
+is($info->{type}, 'quorum', 'a quorum queue is declared');
+is_deeply($info->{members}, \@names, 'with a member on each node');
+
+amqp_publish($qc[0]->url, 'harness.qq', body => 'via one');
+is(amqp_messages($qc[1]->url, 'harness.qq')->[0]{body},
+	'via one', 'a message published through one node is read through another');
+
+# Kill the leader (the node the queue was declared through, normally).
+my $victim = $qc[0]->node_by_name($qc[0]->queue_leader('harness.qq'));
+my ($s1, $s2) = grep { $_ != $victim } @qc;
+my $old_pid = $victim->os_pid;
+$victim->kill;
+ok(!defined $victim->os_pid, 'the leader node is SIGKILLed');
+# Until the survivors have elected a new leader (well under a second), a
+# publish is nacked.
+wait_until('the two survivors take publishes',
+	sub { eval { amqp_publish($s1->url, 'harness.qq', body => 'after kill'); 1 } });
+is(amqp_messages($s2->url, 'harness.qq')->[0]{body},
+	'after kill', 'and deliver them');
+isnt($s1->queue_leader('harness.qq'), $victim->node_name, 'under a new leader');
+
+$victim->start;
+is_deeply([ $victim->running_nodes ], \@names,
+	'the killed node, restarted, is back in the cluster of 3');
+my $new_pid = $victim->os_pid;
+ok(defined $new_pid && $new_pid != $old_pid, 'as a new process');
+amqp_publish($s2->url, 'harness.qq', body => 'after restart');
+is(amqp_messages($victim->url, 'harness.qq')->[0]{body},
+	'after restart', 'and serves the queue again');
+
+my $epmd_port = $qc[0]->env_value('ERL_EPMD_PORT');
+MqtxTest::RabbitMQ->stop_nodes(@qc);
+ok(!(grep { defined $_->os_pid } @qc), 'the cluster stops');
+ok(!IO::Socket::INET->new(PeerAddr => "127.0.0.1:$epmd_port", Proto => 'tcp'),
+	'and so does its shared epmd');
 done_testing();

@@ -39,10 +39,44 @@ MqtxTest::RabbitMQ - throwaway RabbitMQ nodes for mqtx TAP tests
   my $amqps = $tq->amqps_url;   # amqps://guest:guest@localhost:TLSPORT/%2f
   $tq->stop;  $tq->set_extra_conf($other_lines);  $tq->start;
 
+  # A cluster of 3 nodes, all on 127.0.0.1 and sharing one epmd; started
+  # (all at once; dies with the reasons) unless start => 0 is given.
+  my @mq = MqtxTest::RabbitMQ->new_cluster(name => 'qc', size => 3);
+  my ($n1, $n2, $n3) = @mq;        # seed first; each an object as above
+                                   # (url, port, ctl, kill, start, stop, ...)
+  my $urls = $n1->cluster_urls;    # "amqp://guest:guest@127.0.0.1:P1/%2f,..."
+  my @peers = $n1->cluster_nodes;  # the node objects of its cluster (@mq)
+  my @names = $n1->running_nodes;  # sorted node names from its
+                                   # cluster_status (in scalar context: count)
+  $n1->node_name;                  # 'mqtx_..._NNN@localhost' (after start)
+  $n1->env_value('ERL_EPMD_PORT'); # a variable of its DIR/env
+  $n1->os_pid;                     # pid of its beam; undef while down
+  $n1->declare_queue('qq', quorum => 1);  # durable, x-queue-type quorum
+  $n1->declare_queue('q2', durable => 1, arguments => { 'x-max-length' => 10 });
+  my $leader = $n2->queue_leader('qq');   # a node name
+  my @members = $n2->queue_members('qq'); # sorted node names
+  my $info = $n2->queue_info('qq');       # { type, leader, members, online }
+  my $node = $n2->node_by_name($leader);  # the object of that node
+  $node->kill;  $node->start;      # comes back into the same cluster
+  MqtxTest::RabbitMQ->stop_nodes(@mq);    # all at once; also done at exit
+  MqtxTest::RabbitMQ->start_nodes(@mq);   # all at once, after such a stop
+
 =head1 DESCRIPTION
 
 All the work is done by test/harness/rabbitmq.sh; this module only wraps it,
 so the shell script stays the single source of truth for how a node is run.
+
+A cluster's members are ordinary node objects that know their seed (the
+first node): their start passes C<--join SEED_DIR>, which rabbitmq.sh
+honours once (the first boot joins; later boots rejoin from mnesia).  A
+member that was stopped or killed can be started again on its own while
+another node of its cluster runs; after a stop of the whole cluster, start
+it again with C<start_nodes> (all nodes at once: each waits for its peers).
+Keep all the node objects: one that is dropped stops its node (DESTROY), and
+the others know their peers only weakly.  Queue counts from C<rabbitmqctl
+list_queues> (C<queue_depth> and friends) are metrics that a quorum queue
+publishes with a lag, so right after a restart they can read 0: count with
+AMQP (Util.pm's queue_count) instead.
 
 =cut
 
@@ -57,11 +91,14 @@ use File::Basename qw(dirname);
 use File::Path qw(make_path);
 use File::Temp ();
 use IPC::Run ();
+use JSON::PP ();
+use Scalar::Util qw(weaken);
 
 our $SCRIPT = abs_path(dirname(__FILE__) . '/../../harness/rabbitmq.sh');
 
-# Nodes still running, by dir.  Keyed by dir (not object) so that the END
-# block can stop them even after the objects are gone.
+# Nodes still running (or being started), by dir.  Keyed by dir (not
+# object) so that the END block can stop them even after the objects are
+# gone.
 my %running;
 
 # Only the process that started a node may stop it: a forked child that
@@ -92,10 +129,69 @@ sub new
 	make_path($dir);
 	# Absolute, so a later chdir in the test cannot lose the node.
 	$dir = abs_path($dir);
+	# seed_dir: the directory of the seed node of this node's cluster
 	my $self = bless { name => $name, dir => $dir, port => undef,
-		tls_ports => [] }, $class;
+		tls_ports => [], seed_dir => $args{seed_dir} }, $class;
 	$self->set_extra_conf($args{extra_conf}) if defined $args{extra_conf};
 	return $self;
+}
+
+# The node objects of a cluster of $args{size} (default 3) nodes named
+# NAME_1 .. NAME_N; NAME_1 is the seed the others join.  Started (see
+# start_nodes) unless start => 0.
+sub new_cluster
+{
+	my ($class, %args) = @_;
+	my $name = delete $args{name} // 'cluster';
+	my $size = delete $args{size} // 3;
+	my $start = delete $args{start} // 1;
+	croak "bad cluster size '$size'" unless $size =~ /^[1-9][0-9]*$/;
+	croak "unknown new_cluster argument(s): @{[ sort keys %args ]}" if %args;
+	croak "new_cluster returns a list of nodes" unless wantarray;
+	my @nodes = ($class->new(name => "${name}_1"));
+	push @nodes, $class->new(name => "${name}_$_",
+		seed_dir => $nodes[0]->dir)
+	  for 2 .. $size;
+	# Each node knows them all; weakly, or they would never be destroyed.
+	my @peers = @nodes;
+	weaken($_) for @peers;
+	$_->{peers} = \@peers for @nodes;
+	$class->start_nodes(@nodes) if $start;
+	return @nodes;
+}
+
+# Starts the given nodes at the same time and waits for all of them; dies
+# with every failure's reason.  On a first start a member waits for its
+# seed, so the seed must be among them or already running.
+sub start_nodes
+{
+	my ($class, @nodes) = @_;
+	my (@jobs, @errors);
+	for my $n (@nodes)
+	{
+		my ($out, $err) = ('', '');
+		$running{ $n->{dir} } = 1;
+		my $h = IPC::Run::start([ $SCRIPT, $n->_start_args ],
+			'<', \undef, '>', \$out, '2>', \$err);
+		push @jobs, [ $n, $h, \$out, \$err ];
+	}
+	for my $job (@jobs)
+	{
+		my ($n, $h, $out, $err) = @$job;
+		my $rc = eval { $h->finish } ? 0 : (($h->full_result // 256) >> 8 || 1);
+		eval { $n->_started($rc, $$out, $$err); 1 } or push @errors, $@;
+	}
+	die join('', @errors) if @errors;
+	return;
+}
+
+# Stops the given nodes at the same time; dies if any could not be stopped.
+sub stop_nodes
+{
+	my ($class, @nodes) = @_;
+	my @errors = _stop_dirs(map { $_->{dir} } @nodes);
+	die join("\n", @errors) if @errors;
+	return;
 }
 
 # Lines appended to the node's rabbitmq.conf (DIR/extra.conf, see
@@ -135,6 +231,64 @@ sub port { return $_[0]{port} }
 # lists them all, as of the last start.
 sub tls_port { return $_[0]{tls_ports}[0] }
 sub tls_ports { return @{ $_[0]{tls_ports} } }
+# The seed's dir for a cluster member (undef for a seed or standalone node).
+sub seed_dir { return $_[0]{seed_dir} }
+
+# The node objects of this node's cluster, seed first, itself included
+# (just itself for a standalone node); in scalar context, how many.
+sub cluster_nodes
+{
+	my ($self) = @_;
+	my @nodes = $self->{peers} ? grep { defined } @{ $self->{peers} } : ($self);
+	return @nodes;
+}
+
+# The URLs of all the nodes of the cluster, comma-separated, as
+# mqtx.broker_url takes them.  %args as for url (user, password, vhost).
+sub cluster_urls
+{
+	my ($self, %args) = @_;
+	return join(',', map { $_->url(%args) } $self->cluster_nodes);
+}
+
+# The object of the node of this cluster whose node name is $name (undef:
+# none).
+sub node_by_name
+{
+	my ($self, $name) = @_;
+	return (grep { $_->node_name eq $name } $self->cluster_nodes)[0];
+}
+
+# The node's Erlang name (mqtx_..._N@localhost), known from its first start
+# on: rabbitmq.sh derives it from the dir and records it in DIR/env.
+sub node_name
+{
+	my ($self) = @_;
+	return $self->{node_name} //= $self->env_value('RABBITMQ_NODENAME')
+	  // die "no RABBITMQ_NODENAME in $self->{dir}/env\n";
+}
+
+# A variable of the node's DIR/env (ERL_EPMD_PORT, RABBITMQ_DIST_PORT, ...;
+# see rabbitmq.sh), or undef if it has none; croaks before the first start.
+sub env_value
+{
+	my ($self, $var) = @_;
+	my ($rc, $out, $err) = $self->_script('env', $self->{dir});
+	croak "RabbitMQ node '$self->{name}' has no env yet (never started):\n$err"
+	  if $rc != 0;
+	$out =~ /^export \Q$var\E=(.*)$/m or return undef;
+	# undo printf %q's backslashes (enough for the values written there)
+	(my $value = $1) =~ s/\\(.)/$1/g;
+	return $value;
+}
+
+# The OS pid of the node's beam, or undef while it is not running.
+sub os_pid
+{
+	my ($self) = @_;
+	my ($rc, $out) = $self->_script('pid', $self->{dir});
+	return $rc == 0 && $out =~ /^(\d+)$/m ? $1 + 0 : undef;
+}
 
 # Run rabbitmq.sh; returns (exit status, stdout, stderr).  A class method
 # too (check needs no node).
@@ -149,15 +303,31 @@ sub _script
 sub start
 {
 	my ($self) = @_;
-	my @port = defined $self->{port} ? ($self->{port}) : ();
-	my ($rc, $out, $err) = $self->_script('start', $self->{dir}, @port);
+	$running{ $self->{dir} } = 1;
+	my ($rc, $out, $err) = $self->_script($self->_start_args);
+	return $self->_started($rc, $out, $err);
+}
+
+# rabbitmq.sh's arguments for starting this node.
+sub _start_args
+{
+	my ($self) = @_;
+	my @args = ('start', $self->{dir});
+	push @args, $self->{port} if defined $self->{port};
+	push @args, '--join', $self->{seed_dir} if defined $self->{seed_dir};
+	return @args;
+}
+
+# What rabbitmq.sh start said: take the ports, or die with its reason.
+sub _started
+{
+	my ($self, $rc, $out, $err) = @_;
 	# rabbitmq.sh itself cleans up a node that failed to boot.
 	die "RabbitMQ node '$self->{name}' failed to start:\n$err" if $rc != 0;
 	$out =~ /^AMQP_PORT=(\d+)$/m
 	  or die "rabbitmq.sh start printed no AMQP_PORT:\n$out$err";
 	$self->{port} = $1;
 	$self->{tls_ports} = [ $out =~ /^AMQPS_PORT=(\d+)$/mg ];
-	$running{ $self->{dir} } = 1;
 	return $self;
 }
 
@@ -259,20 +429,21 @@ sub queue_number
 	return defined $values ? $values->[0] : undef;
 }
 
-# Numeric columns of rabbitmqctl list_queues (messages_ready, consumers,
+# Columns of rabbitmqctl list_queues (messages_ready, consumers, type,
 # ...) for every queue on vhost "/": a hash of queue name => [ the values,
-# in the order asked for ].
+# in the order asked for ], numbers as numbers.  A column's value must not
+# hold a tab (list columns such as members are better read by queue_info).
 sub queue_columns
 {
 	my ($self, @columns) = @_;
 	my $out = $self->ctl('list_queues', '-q', '--no-table-headers',
 		'name', @columns);
-	my $line_re = '^(.*)' . ('\t(\d+)' x @columns) . '$';
+	my $line_re = '^(.*)' . ('\t([^\t]*)' x @columns) . '$';
 	my %queues;
 	for my $line (split /\n/, $out)
 	{
 		my ($name, @values) = $line =~ /$line_re/ or next;
-		$queues{$name} = [ map { $_ + 0 } @values ];
+		$queues{$name} = [ map { /^\d+$/ ? $_ + 0 : $_ } @values ];
 	}
 	return \%queues;
 }
@@ -312,16 +483,101 @@ sub purge_queue
 	return;
 }
 
-# Declares $queue on vhost "/" as guest; durable => 1 for a durable queue.
+# Declares $queue on vhost "/" as guest, through this node (so a quorum
+# queue's first leader is this node); durable => 1 for a durable queue,
+# quorum => 1 for a quorum queue (durable, as they must be), arguments =>
+# { 'x-...' => value } for other queue arguments.
 sub declare_queue
 {
 	my ($self, $queue, %args) = @_;
-	my @cmd = ('amqp-declare-queue', '--url=' . $self->url, '-q', $queue);
-	push @cmd, '-d' if $args{durable};
+	my %qargs = %{ $args{arguments} // {} };
+	if ($args{quorum})
+	{
+		$qargs{'x-queue-type'} = 'quorum';
+		$args{durable} = 1;
+	}
 	my ($out, $err) = ('', '');
-	IPC::Run::run(\@cmd, '<', \undef, '>', \$out, '2>', \$err)
-	  or die "amqp-declare-queue $queue failed:\n$err";
+	if (!%qargs)
+	{
+		my @cmd = ('amqp-declare-queue', '--url=' . $self->url, '-q', $queue);
+		push @cmd, '-d' if $args{durable};
+		IPC::Run::run(\@cmd, '<', \undef, '>', \$out, '2>', \$err)
+		  or die "amqp-declare-queue $queue failed:\n$err";
+		return;
+	}
+	# amqp-declare-queue cannot pass queue arguments; pika (python3-pika,
+	# for Debian's python3, hence the path) can.
+	my $py = <<'PY';
+import json, sys, pika
+url, queue, durable, qargs = sys.argv[1], sys.argv[2], sys.argv[3] == "1", json.loads(sys.argv[4])
+params = pika.URLParameters(url + "?connection_attempts=1&socket_timeout=10&blocked_connection_timeout=10")
+conn = pika.BlockingConnection(params)
+conn.channel().queue_declare(queue, durable=durable, arguments=qargs)
+conn.close()
+PY
+	IPC::Run::run(
+		[
+			'/usr/bin/python3', '-c', $py, $self->url, $queue,
+			$args{durable} ? 1 : 0, JSON::PP->new->canonical->encode(\%qargs)
+		],
+		'<', \undef, '>', \$out, '2>', \$err)
+	  or die "declaring queue $queue (arguments "
+	  . join(', ', map { "$_ => $qargs{$_}" } sort keys %qargs)
+	  . ") failed:\n$err";
 	return;
+}
+
+# The decoded JSON of rabbitmqctl cluster_status, as this node sees it.
+sub cluster_status
+{
+	my ($self) = @_;
+	return JSON::PP::decode_json(
+		$self->ctl('cluster_status', '-q', '--formatter', 'json'));
+}
+
+# Names of the nodes of this node's cluster that run (itself included),
+# sorted; in scalar context, how many.
+sub running_nodes
+{
+	my ($self) = @_;
+	my @names = sort @{ $self->cluster_status->{running_nodes} // [] };
+	return @names;
+}
+
+# What rabbitmqctl list_queues says of $queue (vhost "/"): a hash with type
+# ("classic", "quorum", ...), leader (a node name), members and online
+# (array refs of node names, sorted), or undef if there is no such queue.
+sub queue_info
+{
+	my ($self, $queue) = @_;
+	my $list = JSON::PP::decode_json(
+		$self->ctl('list_queues', '-q', '--formatter', 'json',
+			'name', 'type', 'leader', 'members', 'online'));
+	for my $q (@$list)
+	{
+		next unless $q->{name} eq $queue;
+		# classic queues have '' rather than lists here
+		$q->{$_} = [ sort @{ ref $q->{$_} ? $q->{$_} : [] } ]
+		  for qw(members online);
+		return $q;
+	}
+	return undef;
+}
+
+# The node name of a quorum queue's leader (undef: no such queue).
+sub queue_leader
+{
+	my ($self, $queue) = @_;
+	my $info = $self->queue_info($queue) // return undef;
+	return $info->{leader};
+}
+
+# The node names of a quorum queue's members, sorted (empty: no such queue).
+sub queue_members
+{
+	my ($self, $queue) = @_;
+	my $info = $self->queue_info($queue) // return ();
+	return @{ $info->{members} };
 }
 
 # Takes one message off $queue (auto-ack, as guest); returns its body, or
@@ -349,20 +605,54 @@ sub DESTROY
 	return;
 }
 
+# Stop the nodes in these dirs, all at once (a stop takes seconds, mostly
+# waiting); returns the error messages of those that failed.  The nodes of
+# a cluster share an epmd, which the last of them to stop takes down
+# (rabbitmq.sh sees to that), so stopping them together is safe.
+sub _stop_dirs
+{
+	my (@dirs) = @_;
+	my (@jobs, @errors);
+	for my $dir (@dirs)
+	{
+		my ($out, $err) = ('', '');
+		my $h = eval {
+			IPC::Run::start([ $SCRIPT, 'stop', $dir ],
+				'<', \undef, '>', \$out, '2>', \$err);
+		};
+		if (!$h)
+		{
+			push @errors, "could not run rabbitmq.sh stop $dir: $@";
+			next;
+		}
+		push @jobs, [ $dir, $h, \$err ];
+	}
+	for my $job (@jobs)
+	{
+		my ($dir, $h, $err) = @$job;
+		if (eval { $h->finish })
+		{
+			delete $running{$dir};
+		}
+		else
+		{
+			push @errors, "could not stop RabbitMQ node in $dir:\n${$err}$@";
+		}
+	}
+	return @errors;
+}
+
 # Runs before File::Temp's END (this module loads File::Temp first, and END
 # blocks run in reverse order), so the node is down before its dir goes.
+# A node that only got as far as being started is stopped too (stop of a
+# node that is not running does nothing), and so is a killed one: its dir
+# stays registered.
 END
 {
 	if ($$ == $owner_pid)
 	{
 		local ($@, $?, $!);
-		for my $dir (sort keys %running)
-		{
-			my ($out, $err) = ('', '');
-			IPC::Run::run([ $SCRIPT, 'stop', $dir ],
-				'<', \undef, '>', \$out, '2>', \$err)
-			  or warn "could not stop RabbitMQ node in $dir:\n$err";
-		}
+		warn "$_\n" for _stop_dirs(sort keys %running);
 		%running = ();
 	}
 }
