@@ -48,6 +48,9 @@ SELECT mqtx.declare_queue('q5', true,
 SELECT mqtx.declare_queue('q6', true,
 	'{"x-queue-type": "quorum", "x-delivery-limit": 20, "x-dead-letter-exchange": "dlx"}');
 SELECT mqtx.declare_queue('q7', true, '{"x-queue-type": "quorum"}');
+-- a whole number however it is written
+SELECT mqtx.declare_queue('q8', true,
+	'{"x-queue-type": "quorum", "x-delivery-limit": 1e1, "x-dead-letter-exchange": "dlx"}');
 SELECT name, arguments FROM mqtx.queues WHERE name ~ '^q[0-9]' ORDER BY name;
 
 -- one row per served database (the workers' states depend on timing)

@@ -174,7 +174,9 @@ copy_content(amqp_message_t *message, BrokerDelivery *delivery)
 			delivery->headers_error = psprintf("headers nest deeper than %d levels",
 											   MAX_HEADER_DEPTH);
 		delivery->redriven_from = mqtx_amqp_redriven_from(&props->headers);
-		delivery->delivery_count = mqtx_amqp_delivery_count(&props->headers);
+		/* the broker's on a message it hands out again; else the publisher's */
+		if (delivery->redelivered)
+			delivery->delivery_count = mqtx_amqp_delivery_count(&props->headers);
 	}
 	delivery->body_len = (int) message->body.len;
 	delivery->body = palloc(delivery->body_len + 1);

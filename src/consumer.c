@@ -101,7 +101,8 @@ static const char *const subscriptions_sql =
 "       (extract(epoch FROM s.handler_timeout) * 1000)::int4,"
 "       CASE WHEN q.arguments->>'x-queue-type' = 'quorum'"
 "             AND jsonb_typeof(q.arguments->'x-delivery-limit') = 'number'"
-"            THEN least(greatest((q.arguments->>'x-delivery-limit')::numeric, 0), 2147483647)::int4"
+"            THEN least(greatest(floor((q.arguments->>'x-delivery-limit')::numeric), 0),"
+"                       2147483647)::int4"
 "       END "
 "FROM mqtx.subscriptions s LEFT JOIN mqtx.queues q ON q.name = s.queue "
 "ORDER BY s.queue";

@@ -100,7 +100,7 @@ typedef struct LaunchedWorker
 	bool		unwatched;		/* running, started by an earlier launcher */
 	TimestampTz start_at;		/* when to start it, when not running */
 	bool		awaits_extension;	/* it found no extension ... */
-	uint32		catalog_changes_seen;	/* ... as of this count */
+	uint32		extension_changes_seen; /* ... as of this count */
 	bool		awaits_database;	/* the database does not exist */
 	bool		lacks_slot;		/* no background worker slot was free */
 } LaunchedWorker;
@@ -123,7 +123,7 @@ static MemoryContext pass_context = NULL;
 static List *connectable_databases = NIL;
 static bool connectable_databases_read = false;
 
-static uint32 catalog_changes_seen = 0;
+static uint32 database_changes_seen = 0;
 static bool in_standby_logged = false;
 
 static bool
@@ -166,7 +166,7 @@ notice_catalog_change(ObjectAccessType access, Oid classId, Oid objectId,
 		previous_object_access_hook(access, classId, objectId, subId, arg);
 	if ((access == OAT_POST_CREATE || access == OAT_DROP) &&
 		(classId == DatabaseRelationId || classId == ExtensionRelationId))
-		mqtx_wake_launcher_at_commit();
+		mqtx_wake_launcher_at_commit(classId == DatabaseRelationId);
 }
 
 void
@@ -272,14 +272,21 @@ watch_worker(MqtxSlot *slot, MqtxWorkerKind kind, LaunchedWorker *w,
 				return;
 		}
 	}
-	else if (!w->unwatched || mqtx_slot_worker_pid(slot, kind) != 0)
+	else if (!w->unwatched)
 		return;
-	w->unwatched = false;
+
+	/*
+	 * A worker of this kind is in the slot all the same: one an earlier
+	 * launcher started, which ours gave way to (mqtx_slot_attach).
+	 */
+	w->unwatched = mqtx_slot_worker_pid(slot, kind) != 0;
+	if (w->unwatched)
+		return;
 
 	if (mqtx_slot_take_exit(slot, kind, &changes_seen) == MQTX_EXIT_NO_EXTENSION)
 	{
 		w->awaits_extension = true;
-		w->catalog_changes_seen = changes_seen;
+		w->extension_changes_seen = changes_seen;
 		w->start_at = now;
 	}
 	else
@@ -367,6 +374,20 @@ slot_serving(const char *dbname)
 	return -1;
 }
 
+/* Whether a retired slot of dbname still waits for its workers to exit. */
+static bool
+slot_retiring(const char *dbname)
+{
+	char		name[NAMEDATALEN];
+
+	for (int i = 0; i < MQTX_MAX_DATABASES; i++)
+		if (mqtx_slot_in_use(mqtx_slot(i)) &&
+			mqtx_slot_assignment(mqtx_slot(i), name) == 0 &&
+			strcmp(name, dbname) == 0)
+			return true;
+	return false;
+}
+
 /* A fresh view of a slot's database; now: start its workers at once. */
 static void
 reset_served(int index, TimestampTz now)
@@ -412,6 +433,16 @@ follow_setting(TimestampTz now)
 
 		if (slot_serving(dbname) >= 0)
 			continue;
+
+		/*
+		 * Listed again while its old slot waits for its workers to exit: wait
+		 * too, or two relays would publish the same rows.
+		 */
+		if (slot_retiring(dbname))
+		{
+			complete = false;
+			continue;
+		}
 		for (int i = 0; i < MQTX_MAX_DATABASES && free_slot < 0; i++)
 			if (!mqtx_slot_in_use(mqtx_slot(i)))
 				free_slot = i;
@@ -441,6 +472,7 @@ adopt_slots(TimestampTz now)
 		reset_served(i, now);
 		if (!mqtx_slot_in_use(slot))
 			continue;
+		served[i].retired_at = now;
 		for (int kind = 0; kind < MQTX_NWORKER_KINDS; kind++)
 			served[i].workers[kind].unwatched = mqtx_slot_worker_pid(slot, kind) != 0;
 	}
@@ -463,14 +495,17 @@ release_if_stopped(int index, TimestampTz now)
 	{
 		LaunchedWorker *w = &db->workers[kind];
 
+		pid_t		pid;
+
 		watch_worker(slot, kind, w, now);
-		if (!worker_running(w) && mqtx_slot_worker_pid(slot, kind) == 0)
+		pid = mqtx_slot_worker_pid(slot, kind);
+		if (!worker_running(w) && pid == 0)
 			continue;
 		stopped = false;
 		if (overdue && w->handle != NULL)
 			TerminateBackgroundWorker(w->handle);
-		else if (overdue)
-			(void) kill(mqtx_slot_worker_pid(slot, kind), SIGTERM);
+		else if (overdue && pid > 0)
+			(void) kill(pid, SIGTERM);
 	}
 	db->terminated |= overdue;
 	if (stopped)
@@ -490,10 +525,9 @@ ms_until(TimestampTz now, TimestampTz then)
  */
 static void
 start_due_workers(int index, uint32 assignment, const char *dbname,
-				  TimestampTz now, long *timeout)
+				  bool databases_changed, TimestampTz now, long *timeout)
 {
 	MqtxSlot   *slot = mqtx_slot(index);
-	bool		catalog_changed = mqtx_catalog_changes() != catalog_changes_seen;
 
 	for (int kind = 0; kind < MQTX_NWORKER_KINDS; kind++)
 	{
@@ -509,10 +543,16 @@ start_due_workers(int index, uint32 assignment, const char *dbname,
 			continue;
 		}
 		if (w->awaits_extension &&
-			mqtx_catalog_changes() == w->catalog_changes_seen)
+			mqtx_slot_extension_changes(slot) == w->extension_changes_seen)
 			continue;
-		if (w->awaits_database && catalog_changed)
+		if (w->awaits_database && databases_changed)
 			w->start_at = now;
+		/* one that an earlier launcher started, ours gave way to */
+		if (mqtx_slot_worker_pid(slot, kind) != 0)
+		{
+			w->unwatched = true;
+			continue;
+		}
 		if (now < w->start_at)
 		{
 			*timeout = Min(*timeout, ms_until(now, w->start_at));
@@ -559,7 +599,8 @@ database_state(int index, char *detail, size_t detail_size)
 			state = MQTX_SERVE_NO_DATABASE;
 		else if (w->awaits_extension && state == MQTX_SERVE_SERVING)
 			state = MQTX_SERVE_NO_EXTENSION;
-		else if (!worker_running(w) && state == MQTX_SERVE_SERVING)
+		else if (state == MQTX_SERVE_SERVING &&
+				 (!worker_running(w) || !mqtx_slot_extension_found(mqtx_slot(index), kind)))
 			state = MQTX_SERVE_STARTING;
 	}
 	return state;
@@ -623,6 +664,8 @@ static long
 serve_databases(TimestampTz now)
 {
 	long		timeout = IDLE_MS;
+	uint32		database_changes = mqtx_database_changes();
+	bool		databases_changed = database_changes != database_changes_seen;
 
 	connectable_databases_read = false;
 	for (int i = 0; i < MQTX_MAX_DATABASES; i++)
@@ -642,12 +685,12 @@ serve_databases(TimestampTz now)
 				timeout = Min(timeout, UNWATCHED_POLL_MS);
 			continue;
 		}
-		start_due_workers(i, assignment, dbname, now, &timeout);
+		start_due_workers(i, assignment, dbname, databases_changed, now, &timeout);
 		state = database_state(i, detail, sizeof(detail));
 		mqtx_slot_set_state(slot, state, detail);
 		log_state(i, dbname, state, detail);
 	}
-	catalog_changes_seen = mqtx_catalog_changes();
+	database_changes_seen = database_changes;
 	return timeout;
 }
 
@@ -674,6 +717,18 @@ wait_for_promotion(void)
 		if (mqtx_slot_assignment(mqtx_slot(i), NULL) != 0)
 			mqtx_slot_set_state(mqtx_slot(i), MQTX_SERVE_STANDBY, "");
 	return true;
+}
+
+/*
+ * On reload, look again at every database without the extension: the
+ * commit of a prepared CREATE EXTENSION (COMMIT PREPARED) wakes nobody.
+ */
+static void
+look_again(void)
+{
+	for (int i = 0; i < MQTX_MAX_DATABASES; i++)
+		for (int kind = 0; kind < MQTX_NWORKER_KINDS; kind++)
+			served[i].workers[kind].awaits_extension = false;
 }
 
 static void
@@ -716,6 +771,7 @@ mqtx_launcher_main(Datum main_arg)
 			ConfigReloadPending = false;
 			ProcessConfigFile(PGC_SIGHUP);
 			setting_followed = false;
+			look_again();
 		}
 		if (!setting_followed)
 			setting_followed = follow_setting(GetCurrentTimestamp());

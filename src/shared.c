@@ -40,8 +40,9 @@ typedef struct MqtxWorkerInfo
 	char		broker_address[MQTX_BROKER_ADDRESS_LEN];	/* the node, when
 															 * connected */
 	TimestampTz connected_since;
+	bool		found_extension;	/* it has seen the extension installed */
 	MqtxWorkerExit exit_reason; /* why the last worker of this kind left */
-	uint32		catalog_changes_seen;	/* when it found no extension */
+	uint32		extension_changes_seen; /* when it found no extension */
 } MqtxWorkerInfo;
 
 /*
@@ -62,6 +63,8 @@ struct MqtxSlot
 	TimestampTz state_since;
 	MqtxWorkerInfo workers[MQTX_NWORKER_KINDS];
 	pg_atomic_uint32 topology_generation;
+	/* extensions created or dropped in the database (it wraps) */
+	pg_atomic_uint32 extension_changes;
 	pg_atomic_uint64 counters[MQTX_NCOUNTERS];
 };
 
@@ -69,8 +72,8 @@ typedef struct MqtxSharedState
 {
 	slock_t		mutex;			/* protects the launcher's latch */
 	Latch	   *launcher_latch;
-	/* databases or extensions created or dropped: the launcher looks again */
-	pg_atomic_uint32 catalog_changes;
+	/* databases created or dropped: the launcher looks again (it wraps) */
+	pg_atomic_uint32 database_changes;
 	uint32		next_assignment;	/* only the launcher assigns */
 	MqtxSlot	slots[MQTX_MAX_DATABASES];
 } MqtxSharedState;
@@ -85,7 +88,8 @@ static char *served_databases_setting = NULL;
 /* What this backend's open transaction asks of the workers at commit. */
 static bool wake_relay_at_commit = false;
 static bool topology_changed_at_commit = false;
-static bool wake_launcher_at_commit = false;
+static bool database_changed_at_commit = false;
+static bool extension_changed_at_commit = false;
 
 /*
  * The outermost (sub)transaction level with a topology change still in
@@ -95,6 +99,8 @@ static bool wake_launcher_at_commit = false;
 static int	topology_changed_level = 0;
 
 static void wake_worker(MqtxSlot *slot, MqtxWorkerKind kind, bool only_if_connected);
+static MqtxSlot *slot_for_database(Oid dboid);
+static void set_launcher_latch(void);
 
 /* exported despite hidden symbols: see outbox.c */
 extern PGDLLEXPORT Datum mqtx_relay_stats(PG_FUNCTION_ARGS);
@@ -143,13 +149,14 @@ init_shared_memory(void)
 	{
 		memset(shared_state, 0, shared_state_size());
 		SpinLockInit(&shared_state->mutex);
-		pg_atomic_init_u32(&shared_state->catalog_changes, 0);
+		pg_atomic_init_u32(&shared_state->database_changes, 0);
 		for (int i = 0; i < MQTX_MAX_DATABASES; i++)
 		{
 			MqtxSlot   *slot = &shared_state->slots[i];
 
 			SpinLockInit(&slot->mutex);
 			pg_atomic_init_u32(&slot->topology_generation, 0);
+			pg_atomic_init_u32(&slot->extension_changes, 0);
 			for (int c = 0; c < MQTX_NCOUNTERS; c++)
 				pg_atomic_init_u64(&slot->counters[c], 0);
 		}
@@ -218,6 +225,7 @@ uint32
 mqtx_slot_assign(MqtxSlot *slot, const char *dbname)
 {
 	uint32		assignment;
+	TimestampTz now = GetCurrentTimestamp();
 
 	/* 0 means "free"; numbers wrap only after four billion assignments */
 	if (++shared_state->next_assignment == 0)
@@ -233,7 +241,7 @@ mqtx_slot_assign(MqtxSlot *slot, const char *dbname)
 	slot->dboid = InvalidOid;
 	slot->state = MQTX_SERVE_STARTING;
 	slot->state_detail[0] = '\0';
-	slot->state_since = GetCurrentTimestamp();
+	slot->state_since = now;
 	for (int kind = 0; kind < MQTX_NWORKER_KINDS; kind++)
 		slot->workers[kind].exit_reason = MQTX_EXIT_UNKNOWN;
 	SpinLockRelease(&slot->mutex);
@@ -248,11 +256,13 @@ mqtx_slot_assign(MqtxSlot *slot, const char *dbname)
 void
 mqtx_slot_retire(MqtxSlot *slot)
 {
+	TimestampTz now = GetCurrentTimestamp();
+
 	SpinLockAcquire(&slot->mutex);
 	slot->assignment = 0;
 	slot->state = MQTX_SERVE_STOPPING;
 	slot->state_detail[0] = '\0';
-	slot->state_since = GetCurrentTimestamp();
+	slot->state_since = now;
 	SpinLockRelease(&slot->mutex);
 	for (int kind = 0; kind < MQTX_NWORKER_KINDS; kind++)
 		wake_worker(slot, kind, false);
@@ -284,12 +294,14 @@ mqtx_slot_in_use(MqtxSlot *slot)
 void
 mqtx_slot_set_state(MqtxSlot *slot, MqtxServeState state, const char *detail)
 {
+	TimestampTz now = GetCurrentTimestamp();
+
 	SpinLockAcquire(&slot->mutex);
 	if (slot->state != state || strcmp(slot->state_detail, detail) != 0)
 	{
 		slot->state = state;
 		strlcpy(slot->state_detail, detail, sizeof(slot->state_detail));
-		slot->state_since = GetCurrentTimestamp();
+		slot->state_since = now;
 	}
 	SpinLockRelease(&slot->mutex);
 }
@@ -308,38 +320,75 @@ mqtx_slot_worker_pid(MqtxSlot *slot, MqtxWorkerKind kind)
 
 /*
  * A worker says why it leaves: the launcher restarts one that found no
- * extension only once a database or extension has changed since
- * catalog_changes_seen, the count it read before looking.
+ * extension only once an extension has been created or dropped in its
+ * database since extension_changes_seen, the count it read before
+ * looking.
  */
 void
 mqtx_slot_note_exit(MqtxSlot *slot, MqtxWorkerKind kind, MqtxWorkerExit reason,
-					uint32 catalog_changes_seen)
+					uint32 extension_changes_seen)
 {
 	SpinLockAcquire(&slot->mutex);
 	slot->workers[kind].exit_reason = reason;
-	slot->workers[kind].catalog_changes_seen = catalog_changes_seen;
+	slot->workers[kind].extension_changes_seen = extension_changes_seen;
 	SpinLockRelease(&slot->mutex);
 }
 
-/* Why the slot's last worker of this kind left; the launcher resets it. */
+/*
+ * The worker has found the extension installed (it may still wait for an
+ * update): the launcher can say the database is served.
+ */
+void
+mqtx_slot_note_extension_found(MqtxSlot *slot, MqtxWorkerKind kind)
+{
+	SpinLockAcquire(&slot->mutex);
+	slot->workers[kind].found_extension = true;
+	SpinLockRelease(&slot->mutex);
+	set_launcher_latch();
+}
+
+/*
+ * Why the slot's last worker of this kind left; resets it, and whether a
+ * worker found the extension, for the next worker the launcher starts.
+ */
 MqtxWorkerExit
-mqtx_slot_take_exit(MqtxSlot *slot, MqtxWorkerKind kind, uint32 *catalog_changes_seen)
+mqtx_slot_take_exit(MqtxSlot *slot, MqtxWorkerKind kind, uint32 *extension_changes_seen)
 {
 	MqtxWorkerExit reason;
 
 	SpinLockAcquire(&slot->mutex);
 	reason = slot->workers[kind].exit_reason;
-	*catalog_changes_seen = slot->workers[kind].catalog_changes_seen;
+	*extension_changes_seen = slot->workers[kind].extension_changes_seen;
 	slot->workers[kind].exit_reason = MQTX_EXIT_UNKNOWN;
+	slot->workers[kind].found_extension = false;
 	SpinLockRelease(&slot->mutex);
 	return reason;
 }
 
-/* How many databases or extensions have been created or dropped (it wraps). */
-uint32
-mqtx_catalog_changes(void)
+/* Whether the slot's running worker of this kind has found the extension. */
+bool
+mqtx_slot_extension_found(MqtxSlot *slot, MqtxWorkerKind kind)
 {
-	return pg_atomic_read_u32(&shared_state->catalog_changes);
+	bool		found;
+
+	SpinLockAcquire(&slot->mutex);
+	found = slot->workers[kind].found_extension;
+	SpinLockRelease(&slot->mutex);
+	return found;
+}
+
+/* How many databases have been created or dropped (it wraps). */
+uint32
+mqtx_database_changes(void)
+{
+	return pg_atomic_read_u32(&shared_state->database_changes);
+}
+
+/* How many extensions have been created or dropped in the slot's database. */
+uint32
+mqtx_slot_extension_changes(MqtxSlot *slot)
+{
+	return pg_atomic_read_u32(&slot->extension_changes);
 }
 
 /* The launcher says where to wake it, or (NULL) that it is gone. */
@@ -351,12 +400,32 @@ mqtx_set_launcher_latch(Latch *latch)
 	SpinLockRelease(&shared_state->mutex);
 }
 
+/*
+ * Count what changed, then wake the launcher: a database created or
+ * dropped concerns every database the launcher could not find; an
+ * extension only this database, if it has a slot (its workers record the
+ * database's OID there before they look for the extension).
+ */
 static void
-wake_launcher(void)
+wake_launcher(bool database_changed, bool extension_changed)
+{
+	if (database_changed)
+		pg_atomic_fetch_add_u32(&shared_state->database_changes, 1);
+	if (extension_changed)
+	{
+		MqtxSlot   *slot = slot_for_database(MyDatabaseId);
+
+		if (slot != NULL)
+			pg_atomic_fetch_add_u32(&slot->extension_changes, 1);
+	}
+	set_launcher_latch();
+}
+
+static void
+set_launcher_latch(void)
 {
 	Latch	   *latch;
 
-	pg_atomic_fetch_add_u32(&shared_state->catalog_changes, 1);
 	SpinLockAcquire(&shared_state->mutex);
 	latch = shared_state->launcher_latch;
 	SpinLockRelease(&shared_state->mutex);
@@ -365,13 +434,17 @@ wake_launcher(void)
 }
 
 /*
- * The open transaction creates or drops a database or an extension: if it
- * commits, the launcher looks again at the databases it could not serve.
+ * The open transaction creates or drops a database (database) or an
+ * extension: if it commits, the launcher looks again at the databases it
+ * could not serve.
  */
 void
-mqtx_wake_launcher_at_commit(void)
+mqtx_wake_launcher_at_commit(bool database)
 {
-	wake_launcher_at_commit = true;
+	if (database)
+		database_changed_at_commit = true;
+	else
+		extension_changed_at_commit = true;
 }
 
 /*
@@ -474,13 +547,15 @@ wake_at_commit_callback(XactEvent event, void *arg)
 		case XACT_EVENT_COMMIT:
 			if (wake_relay_at_commit)
 				wake_workers(MyDatabaseId, topology_changed_at_commit);
-			if (wake_launcher_at_commit && shared_state != NULL)
-				wake_launcher();
+			if ((database_changed_at_commit || extension_changed_at_commit) &&
+				shared_state != NULL)
+				wake_launcher(database_changed_at_commit, extension_changed_at_commit);
 			/* FALLTHROUGH */
 		case XACT_EVENT_ABORT:
 		case XACT_EVENT_PREPARE:
 			wake_relay_at_commit = false;
-			wake_launcher_at_commit = false;
+			database_changed_at_commit = false;
+			extension_changed_at_commit = false;
 			topology_changed_at_commit = false;
 			topology_changed_level = 0;
 			break;
@@ -597,7 +672,13 @@ mqtx_slot_attach(MqtxSlot *slot, MqtxWorkerKind kind, uint32 assignment, Oid dbo
 	bool		mine;
 
 	SpinLockAcquire(&slot->mutex);
-	mine = slot->in_use && slot->assignment == assignment;
+
+	/*
+	 * and no other worker of this kind is there (one a launcher lost sight
+	 * of)
+	 */
+	mine = slot->in_use && slot->assignment == assignment &&
+		slot->workers[kind].pid == 0;
 	if (mine)
 	{
 		slot->dboid = dboid;

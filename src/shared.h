@@ -89,15 +89,18 @@ extern void mqtx_slot_set_state(MqtxSlot *slot, MqtxServeState state,
 								const char *detail);
 extern pid_t mqtx_slot_worker_pid(MqtxSlot *slot, MqtxWorkerKind kind);
 extern MqtxWorkerExit mqtx_slot_take_exit(MqtxSlot *slot, MqtxWorkerKind kind,
-										  uint32 *catalog_changes_seen);
-extern uint32 mqtx_catalog_changes(void);
+										  uint32 *extension_changes_seen);
+extern bool mqtx_slot_extension_found(MqtxSlot *slot, MqtxWorkerKind kind);
+extern uint32 mqtx_database_changes(void);
+extern uint32 mqtx_slot_extension_changes(MqtxSlot *slot);
 extern void mqtx_set_launcher_latch(Latch *latch);
 
 /* a worker's side */
 extern bool mqtx_slot_attach(MqtxSlot *slot, MqtxWorkerKind kind,
 							 uint32 assignment, Oid dboid);
 extern void mqtx_slot_note_exit(MqtxSlot *slot, MqtxWorkerKind kind,
-								MqtxWorkerExit reason, uint32 catalog_changes_seen);
+								MqtxWorkerExit reason, uint32 extension_changes_seen);
+extern void mqtx_slot_note_extension_found(MqtxSlot *slot, MqtxWorkerKind kind);
 extern void mqtx_slot_detach(MqtxSlot *slot, MqtxWorkerKind kind);
 extern void mqtx_slot_set_connected(MqtxSlot *slot, MqtxWorkerKind kind,
 									const char *broker_address);
@@ -110,6 +113,6 @@ extern void mqtx_count(MqtxSlot *slot, MqtxCounter counter, uint64 n);
 extern void mqtx_wake_relay_at_commit(void);
 
 /* it created or dropped a database or an extension: wake the launcher */
-extern void mqtx_wake_launcher_at_commit(void);
+extern void mqtx_wake_launcher_at_commit(bool database);
 
 #endif							/* MQTX_SHARED_H */

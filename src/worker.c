@@ -258,7 +258,7 @@ mqtx_worker_extension_ready(MqtxWorker *w)
 	Oid			extension;
 	char	   *version = NULL;
 	bool		ready;
-	uint32		catalog_changes = mqtx_catalog_changes();
+	uint32		extension_changes = mqtx_slot_extension_changes(w->slot);
 
 	exit_unless_still_served(w);
 	SetCurrentStatementStartTimestamp();
@@ -268,9 +268,12 @@ mqtx_worker_extension_ready(MqtxWorker *w)
 	if (!ready)
 	{
 		CommitTransactionCommand();
-		mqtx_slot_note_exit(w->slot, w->kind, MQTX_EXIT_NO_EXTENSION, catalog_changes);
+		mqtx_slot_note_exit(w->slot, w->kind, MQTX_EXIT_NO_EXTENSION, extension_changes);
 		proc_exit(0);
 	}
+	if (!w->found_extension)
+		mqtx_slot_note_extension_found(w->slot, w->kind);
+	w->found_extension = true;
 	version = installed_version(extension);
 	strlcpy(w->schema_version, version ? version : "", sizeof(w->schema_version));
 	if (needed != NULL)

@@ -48,6 +48,7 @@ typedef struct MqtxWorker
 	int			reconnect_delay_ms;
 	TimestampTz connected_at;	/* of the current or last connection */
 	bool		waiting_for_update; /* logged that the schema is too old */
+	bool		found_extension;	/* told the launcher it is installed */
 	TimestampTz next_connect_at;
 	uint32		declared_generation;
 	bool		topology_declared;

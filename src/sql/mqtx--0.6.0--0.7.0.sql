@@ -30,8 +30,11 @@ BEGIN
 				MESSAGE = format('mqtx queue "%s" has x-delivery-limit but is not a quorum queue', NEW.name),
 				HINT = 'Only quorum queues count deliveries: add "x-queue-type": "quorum", or leave x-delivery-limit out.';
 		END IF;
-		IF jsonb_typeof(delivery_limit) <> 'number' OR delivery_limit::text !~ '^[0-9]+$'
-		   OR delivery_limit::numeric NOT BETWEEN 1 AND 2147483647 THEN
+		-- CASE: the cast only once the value is known to be a number
+		IF (CASE WHEN jsonb_typeof(delivery_limit) <> 'number' THEN true
+				 ELSE delivery_limit::numeric NOT BETWEEN 1 AND 2147483647
+					  OR delivery_limit::numeric % 1 <> 0
+			END) THEN
 			RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
 				MESSAGE = format('x-delivery-limit of mqtx queue "%s" must be a whole number from 1 to 2147483647, not %s',
 								 NEW.name, delivery_limit),

@@ -80,7 +80,8 @@ wait_within(5, 'CREATE EXTENSION gets the database its workers',
 	sub { worker_count($node, db => 'postgres') == 2 });
 my $served_after = time() - $t0;
 diag(sprintf('workers running %.2f s after CREATE EXTENSION', $served_after));
-is(state_of('postgres'), 'serving', 'mqtx.served_databases says so');
+wait_within(5, 'mqtx.served_databases says so once they have found it',
+	sub { state_of('postgres') eq 'serving' });
 my $relay = worker_pid($node, 'relay', db => 'postgres');
 
 # The listed database is created, then given the extension: served, and
@@ -125,6 +126,22 @@ wait_within(10, 'the freed slots serve app2',
 	sub { worker_count($node, db => 'app2') == 2 && state_of('app2') eq 'serving' });
 is(sql_result($node, 'DROP DATABASE app1'), '',
 	'a database no longer served drops without FORCE');
+
+# Removed and listed again at once, before its workers have exited: the
+# new workers wait for the old ones, so there are never two relays.
+my $app2_relay = worker_pid($node, 'relay', db => 'app2');
+$node->safe_psql('postgres', "ALTER SYSTEM SET mqtx.database = 'postgres'");
+$node->reload;
+$node->safe_psql('postgres', "ALTER SYSTEM SET mqtx.database = 'postgres, app2'");
+$node->reload;
+my $most = 0;
+wait_within(15, 'a database listed again is served again', sub {
+	my $n = worker_count($node, db => 'app2', kind => 'relay');
+	$most = $n if $n > $most;
+	my $pid = worker_pid($node, 'relay', db => 'app2');
+	$pid ne '' && $pid ne $app2_relay && state_of('app2') eq 'serving';
+});
+is($most, 1, 'by one relay at a time');
 
 # A served database dropped WITH (FORCE): no worker, and no error loop.
 my $fatal_before = log_count(qr/FATAL:  database "app2" does not exist/);
