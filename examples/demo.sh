@@ -212,7 +212,7 @@ inject_fault() {
 		pid=$(worker_pid order relay)
 		[ -n "$pid" ] || return 0
 		q order -c "SELECT pg_terminate_backend($pid)" >/dev/null
-		event="FAULT: relay (pid $pid) terminated; the postmaster starts it again"
+		event="FAULT: relay (pid $pid) terminated; the launcher starts it again"
 		;;
 	2)	[ "$placed" -ge $((total / 4)) ] || return 0
 		"$harness/rabbitmq.sh" start "$work/mq" >"$work/mq-start.log" 2>&1 &

@@ -68,11 +68,27 @@
 #include "broker.h"
 #include "outbox.h"
 #include "relay.h"
+#include "standby.h"
 #include "statements.h"
 #include "worker.h"
 
 static int	max_attempts = 10;
 static int	outbox_retention = 7 * 24 * 3600;
+static bool wait_for_standby = false;
+
+/*
+ * With mqtx.wait_for_standby, how long a pass waits for a standby to flush
+ * a claimed batch's WAL before it holds the batch back and later passes
+ * look again; a standby on a fast network flushes in a millisecond or two.
+ */
+#define STANDBY_WAIT_MS 100
+#define STANDBY_POLL_MS 1
+
+/*
+ * A standby that lags is said once it has kept the messages back this
+ * long; no standby at all, at once.
+ */
+#define STANDBY_LAG_WARNING_MS 10000
 
 
 /*
@@ -187,6 +203,11 @@ typedef struct RelayState
 	double		confirm_latency_ms; /* recent send-to-confirm time, 0: none
 									 * yet */
 	bool		outbox_replaced;	/* logged that in-flight rows were dropped */
+	XLogRecPtr	standby_target; /* waiting for a standby to flush this far */
+	RelayBatch *held;			/* claimed, sent once a standby has its WAL */
+	XLogRecPtr	held_newest_commit;
+	TimestampTz standby_wait_since;
+	bool		standby_wait_logged;
 	TimestampTz next_retention_at;
 } RelayState;
 
@@ -648,6 +669,88 @@ make_durable(XLogRecPtr newest_commit)
 		XLogFlush(newest_commit);
 }
 
+/* The messages held back for a standby may go: say so if the wait was said. */
+static void
+end_standby_wait(const char *why)
+{
+	if (relay.standby_wait_logged)
+		ereport(LOG,
+				(errmsg("mqtx relay: %s; publishing again", why)));
+	relay.standby_target = InvalidXLogRecPtr;
+	relay.standby_wait_logged = false;
+}
+
+/*
+ * Whether a streaming standby has flushed WAL up to target.  give_up: a
+ * pass puts its batch back, and later passes wait for target.  The wait is
+ * said once: at once when no standby streams, after a while when one lags.
+ */
+static bool
+standby_has(XLogRecPtr target, bool give_up)
+{
+	int			standbys;
+	XLogRecPtr	flushed = mqtx_standby_flush_position(&standbys);
+	bool		has = !XLogRecPtrIsInvalid(flushed) && flushed >= target;
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (has)
+	{
+		end_standby_wait("a standby has the pending messages' commits");
+		return true;
+	}
+	if (give_up && XLogRecPtrIsInvalid(relay.standby_target))
+	{
+		relay.standby_target = target;
+		relay.standby_wait_since = now;
+	}
+	if (!XLogRecPtrIsInvalid(relay.standby_target) && !relay.standby_wait_logged &&
+		(standbys == 0 ||
+		 now >= TimestampTzPlusMilliseconds(relay.standby_wait_since, STANDBY_LAG_WARNING_MS)))
+	{
+		relay.standby_wait_logged = true;
+		ereport(WARNING,
+				(errmsg("mqtx relay: no standby has the commits of the pending messages; they stay pending (mqtx.wait_for_standby)"),
+				 standbys == 0 ?
+				 errdetail("No physical standby is streaming from this server.") :
+				 errdetail("The furthest of %d standbys has flushed WAL to %X/%X; the messages need %X/%X.",
+						   standbys, LSN_FORMAT_ARGS(flushed), LSN_FORMAT_ARGS(target)),
+				 errhint("The relay publishes them once a standby catches up, or once mqtx.wait_for_standby is turned off.")));
+	}
+	return false;
+}
+
+/*
+ * mqtx.wait_for_standby: publish nothing a failover could lose.  Under
+ * asynchronous replication a commit the primary has acknowledged may not
+ * be on its standby yet; published now, its message would outlive the
+ * order it announces if the standby took over (a phantom).  Every row the
+ * claim saw was committed before the claim, so once a standby has flushed
+ * WAL past the insert position read after the claim, it has them all.
+ * Waits briefly; false if no standby got there, and the caller holds the
+ * batch back.
+ */
+static bool
+replicated(XLogRecPtr claimed_at)
+{
+	TimestampTz give_up = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													  STANDBY_WAIT_MS);
+
+	/* the walsenders send only what is flushed */
+	if (XLogNeedsFlush(claimed_at))
+		XLogFlush(claimed_at);
+	pgstat_report_activity(STATE_RUNNING, "mqtx relay: waiting for a standby to flush the batch's commits");
+	while (!standby_has(claimed_at, false))
+	{
+		if (GetCurrentTimestamp() >= give_up)
+			return standby_has(claimed_at, true);
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 STANDBY_POLL_MS, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
+	return true;
+}
+
 /*
  * Refuse, before sending anything, the messages whose exchange does not
  * exist: publishing to it would close the channel and fail the whole
@@ -853,24 +956,48 @@ relay_pass(void)
 {
 	RelayBatch *batch = NULL;
 	XLogRecPtr	newest_commit = InvalidXLogRecPtr;
+	XLogRecPtr	claimed_at = InvalidXLogRecPtr;
 	char	   *error = NULL;
 	bool		ok = true;
 
 	follow_blocked_state();
-	if (any_decided() || may_claim())
+	if (!wait_for_standby && !XLogRecPtrIsInvalid(relay.standby_target))
+		end_standby_wait("mqtx.wait_for_standby is off");
+	if (any_decided() || (relay.held == NULL && may_claim()))
 	{
 		Oid			outbox;
 
 		mqtx_worker_begin_step("mqtx relay: recording outcomes and claiming rows");
 		outbox = mqtx_lock_table("outbox");
 		record_in_flight(outbox, false);
-		if (may_claim() && OidIsValid(outbox))
+		if (relay.held == NULL && may_claim() && OidIsValid(outbox))
 			batch = claim_batch(outbox, &newest_commit);
 		mqtx_worker_end_step(&relay.worker);
+		claimed_at = mqtx_wal_inserted_end();
 	}
 	if (batch != NULL && batch->count == 0)
 	{
 		free_batch(batch);
+		batch = NULL;
+	}
+
+	/*
+	 * A batch held back for a standby goes once one has its commits; until
+	 * then nothing more is claimed.  Claiming it again instead would take a
+	 * new, later position to wait for every time, and never catch up with a
+	 * standby that lags by more than STANDBY_WAIT_MS.
+	 */
+	if (relay.held != NULL && may_claim() &&
+		(!wait_for_standby || standby_has(relay.standby_target, false)))
+	{
+		batch = relay.held;
+		newest_commit = relay.held_newest_commit;
+		relay.held = NULL;
+	}
+	else if (batch != NULL && wait_for_standby && !replicated(claimed_at))
+	{
+		relay.held = batch;
+		relay.held_newest_commit = newest_commit;
 		batch = NULL;
 	}
 
@@ -904,7 +1031,7 @@ relay_pass(void)
  * waits for a commit's wake-up, the poll interval or a confirm, then
  * publishes a pass of due rows; retention runs only when a pass left
  * nothing to do, so it never delays publishing.  Errors are FATAL: the
- * postmaster starts a new relay after bgw_restart_time, and rows claimed
+ * launcher starts a new relay five seconds later, and rows claimed
  * but not confirmed are simply due again.
  */
 void
@@ -951,6 +1078,11 @@ mqtx_relay_define_settings(void)
 							NULL,
 							&max_attempts, 10, 1, 1000,
 							PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomBoolVariable("mqtx.wait_for_standby",
+							 "Publish a message only once a streaming standby has flushed its commit.",
+							 "Under asynchronous replication, keeps a failover from leaving published messages whose rows the new primary lacks.",
+							 &wait_for_standby, false,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("mqtx.retention",
 							"How long published outbox rows are kept (-1 keeps them forever).",
 							NULL,
