@@ -74,3 +74,96 @@ UPDATE mqtx.outbox SET status = 'published', published_at = now() WHERE id = 1;
 UPDATE mqtx.outbox SET attempts = -1 WHERE id = 1;
 SELECT status FROM mqtx.outbox WHERE id = 1;
 \set VERBOSITY default
+
+--
+-- Ordering keys and scheduled delivery (0.8.0)
+--
+TRUNCATE mqtx.outbox;
+SELECT mqtx.publish('ex', 'rk', '{"n": 1}', ordering_key => 'order-42') IS NOT NULL AS keyed;
+SELECT mqtx.publish('ex', 'rk', '{"n": 2}', '{"h": 1}', 'order-42') IS NOT NULL AS keyed;
+-- a key is held by the transaction that enqueues for it, to its end
+BEGIN;
+SELECT mqtx.publish('ex', 'rk', '{"n": 3}', ordering_key => 'order-7') IS NOT NULL AS keyed;
+SELECT locktype, objsubid, mode, granted FROM pg_locks
+WHERE locktype = 'advisory' AND pid = pg_backend_pid();
+COMMIT;
+SELECT count(*) AS locks_left FROM pg_locks
+WHERE locktype = 'advisory' AND pid = pg_backend_pid();
+SELECT payload, ordering_key, deliver_at IS NULL AS unscheduled, next_attempt_at = created_at AS due_at_once
+FROM mqtx.outbox ORDER BY id;
+
+-- deliver_at, or delay after now(); a time past is due at once
+BEGIN;
+SELECT mqtx.publish('ex', 'rk', '{"n": 4}', deliver_at => now() + interval '30 minutes') IS NOT NULL AS scheduled;
+SELECT mqtx.publish('ex', 'rk', '{"n": 5}', delay => interval '1 hour') IS NOT NULL AS scheduled;
+SELECT mqtx.publish('ex', 'rk', '{"n": 6}', deliver_at => now() - interval '1 day') IS NOT NULL AS scheduled;
+SELECT payload, deliver_at - now() AS after, next_attempt_at = deliver_at AS due_then
+FROM mqtx.outbox WHERE deliver_at IS NOT NULL ORDER BY id;
+COMMIT;
+SELECT pending, scheduled, oldest_pending_age IS NOT NULL AS some_due FROM mqtx.outbox_stats;
+
+-- mistakes
+SELECT mqtx.publish('ex', 'rk', '{}', deliver_at => now(), delay => '1 minute');
+SELECT mqtx.publish('ex', 'rk', '{}', delay => '-1 second');
+SELECT mqtx.publish('ex', 'rk', '{}', deliver_at => 'infinity');
+SELECT mqtx.publish('ex', 'rk', '{}', deliver_at => '-infinity');
+SELECT mqtx.publish('ex', 'rk', '{}', ordering_key => repeat('k', 256));
+SELECT mqtx.publish('ex', 'rk', '{}', ordering_key => repeat('k', 255)) IS NOT NULL AS longest_key;
+SELECT count(*) AS outbox FROM mqtx.outbox;
+
+--
+-- mqtx.cancel: withdraws a message not yet sent, in the caller's
+-- transaction.  No relay claims here (no broker), so every pending message
+-- is still to be sent.
+--
+SELECT mqtx.publish('ex', 'rk', '{"cancel": 1}', delay => '1 hour') AS scheduled_id \gset
+BEGIN;
+SELECT mqtx.cancel(:'scheduled_id') AS withdrawn;
+SELECT count(*) AS left FROM mqtx.outbox WHERE message_id = :'scheduled_id';
+ROLLBACK;
+-- rolled back, the message stays
+SELECT count(*) AS kept FROM mqtx.outbox WHERE message_id = :'scheduled_id';
+SELECT mqtx.cancel(:'scheduled_id') AS withdrawn;
+SELECT count(*) AS left FROM mqtx.outbox WHERE message_id = :'scheduled_id';
+-- twice, or a message that never was: nothing to withdraw
+SELECT mqtx.cancel(:'scheduled_id') AS withdrawn;
+SELECT mqtx.cancel(mqtx.new_message_id()) AS withdrawn;
+-- a published message is not withdrawn; a failed one is
+SELECT mqtx.publish('ex', 'rk', '{"cancel": 2}') AS sent_id \gset
+UPDATE mqtx.outbox SET status = 'published', published_at = now() WHERE message_id = :'sent_id';
+SELECT mqtx.cancel(:'sent_id') AS withdrawn;
+SELECT mqtx.publish('ex', 'rk', '{"cancel": 3}') AS failed_id \gset
+UPDATE mqtx.outbox SET status = 'failed' WHERE message_id = :'failed_id';
+SELECT mqtx.cancel(:'failed_id') AS withdrawn;
+SELECT message_id::text = :'sent_id' AS only_the_published_is_left
+FROM mqtx.outbox WHERE payload ? 'cancel';
+SELECT mqtx.cancel(NULL);
+
+--
+-- mqtx.blocked_keys: the key whose first message failed holds back the
+-- later ones; a key scheduled for later holds back its own; a key whose
+-- first message is simply due is not blocked
+--
+TRUNCATE mqtx.outbox;
+SELECT mqtx.publish('ex', 'rk', '{"k": "a", "n": 1}', ordering_key => 'a') AS a1 \gset
+SELECT count(*) FROM (SELECT mqtx.publish('ex', 'rk', jsonb_build_object('k', 'a', 'n', n), ordering_key => 'a')
+					  FROM generate_series(2, 3) n) p;
+UPDATE mqtx.outbox SET status = 'failed', attempts = 10, last_error = 'NOT_FOUND - no exchange'
+WHERE message_id = :'a1';
+SELECT mqtx.publish('ex', 'rk', '{"k": "b", "n": 1}', ordering_key => 'b', delay => '1 hour') IS NOT NULL AS b1;
+SELECT mqtx.publish('ex', 'rk', '{"k": "b", "n": 2}', ordering_key => 'b') IS NOT NULL AS b2;
+SELECT mqtx.publish('ex', 'rk', '{"k": "c", "n": 1}', ordering_key => 'c') IS NOT NULL AS c1;
+SELECT mqtx.publish('ex', 'rk', '{"k": "c", "n": 2}', ordering_key => 'c') IS NOT NULL AS c2;
+SELECT mqtx.publish('ex', 'rk', '{"k": "d", "n": 1}', ordering_key => 'd') AS d1 \gset
+UPDATE mqtx.outbox SET attempts = 1, last_error = 'nacked', next_attempt_at = now() + interval '1 minute'
+WHERE message_id = :'d1';
+SELECT ordering_key, reason, blocked_by_message_id = :'a1' AS blocked_by_a1, attempts, last_error,
+	   next_attempt_at IS NOT NULL AS retried, waiting, oldest_waiting_since IS NOT NULL AS since
+FROM mqtx.blocked_keys ORDER BY 1;
+-- a waiting message is withdrawn: it cannot have been sent
+SELECT mqtx.cancel(message_id) AS withdrawn FROM mqtx.outbox
+WHERE ordering_key = 'a' AND payload->>'n' = '3';
+-- withdrawing the failed first message frees its key
+SELECT mqtx.cancel(:'a1') AS withdrawn;
+SELECT ordering_key FROM mqtx.blocked_keys ORDER BY 1;
+TRUNCATE mqtx.outbox;

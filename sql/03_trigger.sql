@@ -94,3 +94,19 @@ SELECT mqtx.outbox_trigger();
 -- rolled back (the one row is the insert made under the UPDATE trigger)
 SELECT count(*) FROM mqtx.outbox WHERE exchange = 'ex';
 SELECT count(*) FROM misuse;
+
+-- the arguments after the routing key name the columns that make the
+-- ordering key: one column's value, or several joined by '/'; NULL
+-- values make no key
+TRUNCATE mqtx.outbox;
+CREATE TABLE order_events (order_id int, region text, event text);
+CREATE TRIGGER by_order AFTER INSERT ON order_events
+	FOR EACH ROW EXECUTE FUNCTION mqtx.outbox_trigger('orders', 'order.event', 'order_id');
+INSERT INTO order_events VALUES (42, 'eu', 'created'), (42, 'eu', 'paid'), (NULL, 'eu', 'lost');
+DROP TRIGGER by_order ON order_events;
+CREATE TRIGGER by_region_order AFTER INSERT ON order_events
+	FOR EACH ROW EXECUTE FUNCTION mqtx.outbox_trigger('orders', 'order.event', 'region', 'order_id');
+INSERT INTO order_events VALUES (7, 'us', 'created'), (NULL, 'us', 'odd'), (NULL, NULL, 'none');
+SELECT payload->>'event' AS event, ordering_key FROM mqtx.outbox ORDER BY id;
+DROP TABLE order_events;
+TRUNCATE mqtx.outbox;

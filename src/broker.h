@@ -102,6 +102,9 @@ typedef struct BrokerDelivery
 /* The header that carries a redriven message's original id */
 #define MQTX_REDRIVEN_FROM_HEADER "x-mqtx-redriven-from"
 
+/* The header that carries a message's ordering key */
+#define MQTX_ORDERING_KEY_HEADER "x-mqtx-ordering-key"
+
 /* mqtx_broker_next_delivery: a queue's channel was closed or its consumer cancelled */
 #define BROKER_CHANNEL_LOST 2
 

@@ -40,6 +40,7 @@
 #include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
 #include "commands/trigger.h"
+#include "common/hashfn.h"
 #include "executor/executor.h"
 #include "executor/spi.h"
 #include "fmgr.h"
@@ -49,6 +50,7 @@
 #include "nodes/nodeFuncs.h"
 #include "optimizer/optimizer.h"
 #include "rewrite/rewriteHandler.h"
+#include "storage/lmgr.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
@@ -57,9 +59,11 @@
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
+#include "utils/resowner.h"
 #include "utils/syscache.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
+#include "utils/datetime.h"
 
 #include "broker.h"
 #include "identity.h"
@@ -77,20 +81,73 @@ int			mqtx_max_payload = 1024 * 1024;
 extern PGDLLEXPORT Datum mqtx_publish(PG_FUNCTION_ARGS);
 extern PGDLLEXPORT Datum mqtx_outbox_trigger(PG_FUNCTION_ARGS);
 extern PGDLLEXPORT Datum mqtx_new_message_id_sql(PG_FUNCTION_ARGS);
+extern PGDLLEXPORT Datum mqtx_cancel(PG_FUNCTION_ARGS);
 
 PG_FUNCTION_INFO_V1(mqtx_publish);
+PG_FUNCTION_INFO_V1(mqtx_cancel);
 PG_FUNCTION_INFO_V1(mqtx_outbox_trigger);
 PG_FUNCTION_INFO_V1(mqtx_new_message_id_sql);
 
 #define TRIGGER_USAGE_HINT \
 	"Use CREATE TRIGGER ... AFTER INSERT ON <table> FOR EACH ROW " \
-	"EXECUTE FUNCTION mqtx.outbox_trigger('<exchange>', '<routing key>')."
+	"EXECUTE FUNCTION mqtx.outbox_trigger('<exchange>', '<routing key>'[, '<key column>', ...])."
 
-static const char *const insert_sql =
-"INSERT INTO mqtx.outbox (message_id, exchange, routing_key, payload, headers) "
-"VALUES ($1, $2, $3, $4, $5)";
+/*
+ * The advisory lock class of ordering keys, in the lock tag's fourth field:
+ * PostgreSQL's own advisory locks use 1 and 2, so an application's
+ * pg_advisory_xact_lock() never meets mqtx's.  pg_locks shows it as an
+ * advisory lock with this objsubid.
+ */
+#define ORDERING_KEY_LOCK_CLASS 0x6D71
 
-static SPIPlanPtr insert_plan = NULL;
+/* Several key columns make one key: their values joined by this */
+#define KEY_COLUMN_SEPARATOR '/'
+
+/*
+ * The SQL path's INSERTs, in the order of the filled columns: without the
+ * ordering columns (an outbox before 0.8.0), with them, and for a
+ * scheduled message, with next_attempt_at too (else it takes its default).
+ */
+typedef enum InsertStatement
+{
+	INSERT_UNORDERED,
+	INSERT_ORDERED,
+	INSERT_SCHEDULED,
+	NUM_INSERT_STATEMENTS
+}			InsertStatement;
+
+static const char *const insert_sql[NUM_INSERT_STATEMENTS] = {
+	[INSERT_UNORDERED] =
+	"INSERT INTO mqtx.outbox (message_id, exchange, routing_key, payload, headers) "
+	"VALUES ($1, $2, $3, $4, $5)",
+	[INSERT_ORDERED] =
+	"INSERT INTO mqtx.outbox (message_id, exchange, routing_key, payload, headers, "
+	"                         ordering_key, deliver_at) "
+	"VALUES ($1, $2, $3, $4, $5, $6, $7)",
+	[INSERT_SCHEDULED] =
+	"INSERT INTO mqtx.outbox (message_id, exchange, routing_key, payload, headers, "
+	"                         ordering_key, deliver_at, next_attempt_at) "
+	"VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+};
+
+static const int insert_nargs[NUM_INSERT_STATEMENTS] = {5, 7, 8};
+
+static SPIPlanPtr insert_plans[NUM_INSERT_STATEMENTS];
+
+/*
+ * What an enqueue writes: the message, and how it is to be sent.  NULL
+ * for an absent headers, key or schedule.
+ */
+typedef struct OutboxMessage
+{
+	text	   *exchange;
+	text	   *routing_key;
+	Jsonb	   *payload;
+	Jsonb	   *headers;
+	text	   *ordering_key;
+	bool		scheduled;
+	TimestampTz deliver_at;
+}			OutboxMessage;
 
 /* Per-trigger cache: how to turn this table's rows into jsonb. */
 typedef struct RowToJsonbCache
@@ -137,6 +194,24 @@ check_short_string(text *value, bool is_exchange)
 				 errmsg("exchange name of mqtx message is too long") :
 				 errmsg("routing key of mqtx message is too long"),
 				 errdetail("It is %d bytes; AMQP allows at most %d.",
+						   len, MQTX_SHORTSTR_MAX)));
+}
+
+/*
+ * An ordering key travels as an AMQP header value: the same bound as a
+ * routing key keeps it usable as a consistent-hash exchange's input and
+ * in a log line.
+ */
+static void
+check_ordering_key(text *key)
+{
+	int			len = utf8_length(VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key));
+
+	if (len > MQTX_SHORTSTR_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_STRING_DATA_RIGHT_TRUNCATION),
+				 errmsg("ordering key of mqtx message is too long"),
+				 errdetail("It is %d bytes; mqtx allows at most %d.",
 						   len, MQTX_SHORTSTR_MAX)));
 }
 
@@ -252,7 +327,10 @@ mqtx_new_message_id_sql(PG_FUNCTION_ARGS)
 }
 
 /*
- * The columns an enqueue fills; every other column takes its default.
+ * The columns an enqueue fills; every other column takes its default.  The
+ * ordering and schedule columns came in 0.8.0: an outbox of an earlier
+ * version (the library is new, ALTER EXTENSION UPDATE not run yet) takes
+ * messages without a key or a schedule, and refuses the others.
  */
 typedef enum OutboxColumn
 {
@@ -261,8 +339,13 @@ typedef enum OutboxColumn
 	COLUMN_ROUTING_KEY,
 	COLUMN_PAYLOAD,
 	COLUMN_HEADERS,
+	COLUMN_ORDERING_KEY,
+	COLUMN_DELIVER_AT,
+	COLUMN_NEXT_ATTEMPT_AT,
 	NUM_FILLED_COLUMNS
 } OutboxColumn;
+
+#define FIRST_ORDERING_COLUMN COLUMN_ORDERING_KEY
 
 typedef struct FilledColumn
 {
@@ -276,6 +359,9 @@ static const FilledColumn filled_columns[NUM_FILLED_COLUMNS] = {
 	[COLUMN_ROUTING_KEY] = {"routing_key", TEXTOID},
 	[COLUMN_PAYLOAD] = {"payload", JSONBOID},
 	[COLUMN_HEADERS] = {"headers", JSONBOID},
+	[COLUMN_ORDERING_KEY] = {"ordering_key", TEXTOID},
+	[COLUMN_DELIVER_AT] = {"deliver_at", TIMESTAMPTZOID},
+	[COLUMN_NEXT_ATTEMPT_AT] = {"next_attempt_at", TIMESTAMPTZOID},
 };
 
 /*
@@ -292,8 +378,9 @@ typedef struct OutboxShape
 	bool		direct;
 	const char *why_not;		/* when not direct, for the DEBUG message */
 	MemoryContext context;		/* holds the compiled expressions */
+	bool		has_ordering;	/* the 0.8.0 columns are there */
 	int			natts;
-	int			filled_attno[NUM_FILLED_COLUMNS];	/* 0-based */
+	int			filled_attno[NUM_FILLED_COLUMNS];	/* 0-based; -1: none */
 	ExprState **defaults;		/* per attribute; NULL: filled, or none */
 	int			nchecks;
 	ExprState **checks;
@@ -382,15 +469,9 @@ direct_insert_obstacle(Relation rel, OutboxShape *shape)
 		return "it has row security";
 	if (desc->constr != NULL && desc->constr->has_generated_stored)
 		return "it has generated columns";
-	for (int c = 0; c < NUM_FILLED_COLUMNS; c++)
-	{
-		AttrNumber	attno = get_attnum(RelationGetRelid(rel), filled_columns[c].name);
-
-		if (attno <= 0 ||
-			TupleDescAttr(desc, attno - 1)->atttypid != filled_columns[c].type)
+	for (int c = 0; c < FIRST_ORDERING_COLUMN; c++)
+		if (shape->filled_attno[c] < 0)
 			return "a column mqtx fills is missing or of another type";
-		shape->filled_attno[c] = attno - 1;
-	}
 
 	indexes = RelationGetIndexList(rel);
 	foreach(lc, indexes)
@@ -426,8 +507,9 @@ compile_outbox_expressions(Relation rel, OutboxShape *shape)
 		bool		filled = false;
 		Expr	   *expr;
 
+		/* next_attempt_at is filled only for a scheduled message */
 		for (int c = 0; c < NUM_FILLED_COLUMNS; c++)
-			filled |= shape->filled_attno[c] == i;
+			filled |= shape->filled_attno[c] == i && c != COLUMN_NEXT_ATTEMPT_AT;
 		if (att->attisdropped || filled)
 			continue;
 		expr = (Expr *) build_column_default(rel, i + 1);
@@ -459,6 +541,28 @@ compile_outbox_expressions(Relation rel, OutboxShape *shape)
 	return true;
 }
 
+/*
+ * Where the filled columns are (-1: missing or of another type), and
+ * whether the ordering and schedule columns are all there.
+ */
+static void
+find_filled_columns(Relation rel, OutboxShape *shape)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+
+	shape->has_ordering = true;
+	for (int c = 0; c < NUM_FILLED_COLUMNS; c++)
+	{
+		AttrNumber	attno = get_attnum(RelationGetRelid(rel), filled_columns[c].name);
+
+		shape->filled_attno[c] = -1;
+		if (attno > 0 && TupleDescAttr(desc, attno - 1)->atttypid == filled_columns[c].type)
+			shape->filled_attno[c] = attno - 1;
+		else if (c >= FIRST_ORDERING_COLUMN)
+			shape->has_ordering = false;
+	}
+}
+
 static void
 learn_outbox(Relation rel)
 {
@@ -478,6 +582,7 @@ learn_outbox(Relation rel)
 	/* set first: an invalidation that arrives while learning clears it */
 	shape->relid = RelationGetRelid(rel);
 
+	find_filled_columns(rel, shape);
 	shape->why_not = direct_insert_obstacle(rel, shape);
 	if (shape->why_not == NULL)
 	{
@@ -510,11 +615,14 @@ form_outbox_row(Relation rel, OutboxShape *shape, TupleTableSlot *slot,
 			slot->tts_values[i] = ExecEvalExprSwitchContext(shape->defaults[i], econtext,
 															&slot->tts_isnull[i]);
 	}
+	/* an outbox before 0.8.0 lacks the ordering columns */
 	for (int c = 0; c < NUM_FILLED_COLUMNS; c++)
-	{
-		slot->tts_values[shape->filled_attno[c]] = filled[c];
-		slot->tts_isnull[shape->filled_attno[c]] = filled_null[c];
-	}
+		if (shape->filled_attno[c] >= 0 &&
+			!(c == COLUMN_NEXT_ATTEMPT_AT && filled_null[c]))
+		{
+			slot->tts_values[shape->filled_attno[c]] = filled[c];
+			slot->tts_isnull[shape->filled_attno[c]] = filled_null[c];
+		}
 	ExecStoreVirtualTuple(slot);
 
 	for (int i = 0; i < shape->natts; i++)
@@ -539,6 +647,29 @@ form_outbox_row(Relation rel, OutboxShape *shape, TupleTableSlot *slot,
 }
 
 /*
+ * The values of the filled columns, for the direct insert and the SQL
+ * path alike.  A message not scheduled leaves next_attempt_at to its
+ * default (now(), unless the owner changed it): it is marked NULL here.
+ */
+static void
+filled_values(pg_uuid_t *message_id, OutboxMessage * msg, Datum *values, bool *isnull)
+{
+	memset(isnull, false, sizeof(bool) * NUM_FILLED_COLUMNS);
+	values[COLUMN_MESSAGE_ID] = UUIDPGetDatum(message_id);
+	values[COLUMN_EXCHANGE] = PointerGetDatum(msg->exchange);
+	values[COLUMN_ROUTING_KEY] = PointerGetDatum(msg->routing_key);
+	values[COLUMN_PAYLOAD] = JsonbPGetDatum(msg->payload);
+	values[COLUMN_HEADERS] = PointerGetDatum(msg->headers);
+	isnull[COLUMN_HEADERS] = msg->headers == NULL;
+	values[COLUMN_ORDERING_KEY] = PointerGetDatum(msg->ordering_key);
+	isnull[COLUMN_ORDERING_KEY] = msg->ordering_key == NULL;
+	values[COLUMN_DELIVER_AT] = TimestampTzGetDatum(msg->deliver_at);
+	isnull[COLUMN_DELIVER_AT] = !msg->scheduled;
+	values[COLUMN_NEXT_ATTEMPT_AT] = TimestampTzGetDatum(msg->deliver_at);
+	isnull[COLUMN_NEXT_ATTEMPT_AT] = !msg->scheduled;
+}
+
+/*
  * Insert the row as the executor's INSERT would, without planning a
  * statement or compiling the table's expressions for it (they were
  * compiled once, above): defaults, constraints, then the heap insert and
@@ -549,25 +680,19 @@ form_outbox_row(Relation rel, OutboxShape *shape, TupleTableSlot *slot,
  * change what they do.
  */
 static void
-insert_outbox_row_directly(Relation rel, pg_uuid_t *message_id, text *exchange,
-						   text *routing_key, Jsonb *payload, Jsonb *headers)
+insert_outbox_row_directly(Relation rel, pg_uuid_t *message_id, OutboxMessage * msg)
 {
 	EState	   *estate = CreateExecutorState();
 	ResultRelInfo *target = makeNode(ResultRelInfo);
 	TupleTableSlot *slot = MakeSingleTupleTableSlot(RelationGetDescr(rel),
 													&TTSOpsVirtual);
 	Datum		filled[NUM_FILLED_COLUMNS];
-	bool		filled_null[NUM_FILLED_COLUMNS] = {false};
+	bool		filled_null[NUM_FILLED_COLUMNS];
 	Oid			saved_user;
 	int			saved_context;
 	List	   *recheck;
 
-	filled[COLUMN_MESSAGE_ID] = UUIDPGetDatum(message_id);
-	filled[COLUMN_EXCHANGE] = PointerGetDatum(exchange);
-	filled[COLUMN_ROUTING_KEY] = PointerGetDatum(routing_key);
-	filled[COLUMN_PAYLOAD] = JsonbPGetDatum(payload);
-	filled[COLUMN_HEADERS] = headers ? JsonbPGetDatum(headers) : (Datum) 0;
-	filled_null[COLUMN_HEADERS] = headers == NULL;
+	filled_values(message_id, msg, filled, filled_null);
 
 	GetUserIdAndSecContext(&saved_user, &saved_context);
 	SetUserIdAndSecContext(rel->rd_rel->relowner,
@@ -598,30 +723,35 @@ insert_outbox_row_directly(Relation rel, pg_uuid_t *message_id, text *exchange,
 /*
  * The SQL path, for an outbox with something the direct insert does not
  * run (see direct_insert_obstacle): an INSERT run as the owner, so that
- * all of it runs.
+ * all of it runs.  An outbox of a version before 0.8.0 gets only the
+ * columns it has.
  */
 static void
-insert_outbox_row_with_sql(Relation rel, pg_uuid_t *message_id, text *exchange,
-						   text *routing_key, Jsonb *payload, Jsonb *headers)
+insert_outbox_row_with_sql(Relation rel, pg_uuid_t *message_id, OutboxMessage * msg)
 {
-	Oid			argtypes[5] = {UUIDOID, TEXTOID, TEXTOID, JSONBOID, JSONBOID};
-	Datum		values[5];
-	char		nulls[5] = {' ', ' ', ' ', ' ', headers ? ' ' : 'n'};
+	Oid			argtypes[NUM_FILLED_COLUMNS];
+	Datum		values[NUM_FILLED_COLUMNS];
+	bool		isnull[NUM_FILLED_COLUMNS];
+	char		nulls[NUM_FILLED_COLUMNS];
+	InsertStatement statement = !known_outbox.has_ordering ? INSERT_UNORDERED :
+	msg->scheduled ? INSERT_SCHEDULED : INSERT_ORDERED;
 	MqtxIdentity saved;
 	int			rc;
 
-	values[0] = UUIDPGetDatum(message_id);
-	values[1] = PointerGetDatum(exchange);
-	values[2] = PointerGetDatum(routing_key);
-	values[3] = JsonbPGetDatum(payload);
-	values[4] = headers ? JsonbPGetDatum(headers) : (Datum) 0;
+	filled_values(message_id, msg, values, isnull);
+	for (int c = 0; c < NUM_FILLED_COLUMNS; c++)
+	{
+		argtypes[c] = filled_columns[c].type;
+		nulls[c] = isnull[c] ? 'n' : ' ';
+	}
 
 	/* nothing the caller put on search_path runs with the owner's rights */
 	mqtx_become(&saved, rel->rd_rel->relowner, "pg_catalog, pg_temp", true);
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	rc = mqtx_execute_prepared(&insert_plan, insert_sql, 5, argtypes, values, nulls);
+	rc = mqtx_execute_prepared(&insert_plans[statement], insert_sql[statement],
+							   insert_nargs[statement], argtypes, values, nulls);
 	if (rc != SPI_OK_INSERT || SPI_processed != 1)
 		elog(ERROR, "inserting into mqtx.outbox failed: %s",
 			 SPI_result_code_string(rc));
@@ -632,21 +762,15 @@ insert_outbox_row_with_sql(Relation rel, pg_uuid_t *message_id, text *exchange,
 }
 
 /*
- * Insert one outbox row and return its message id, allocated in the
- * caller's memory context.  The caller needs no privilege on the table
- * or its schema: the lookup checks none, and the insert runs as the
- * table's owner.
+ * mqtx.outbox, opened by name without a privilege check (callers need
+ * none on the table or its schema), and what this backend knows of it.
  */
-static Datum
-insert_outbox_row(text *exchange, text *routing_key, Jsonb *payload,
-				  Jsonb *headers)
+static Relation
+open_outbox(LOCKMODE lockmode)
 {
-	pg_uuid_t  *message_id = palloc(sizeof(pg_uuid_t));
 	Oid			relid = get_relname_relid("outbox", get_namespace_oid("mqtx", true));
-	Relation	rel;
+	Relation	rel = OidIsValid(relid) ? try_table_open(relid, lockmode) : NULL;
 
-	/* by name without a privilege check: callers need none on the schema */
-	rel = OidIsValid(relid) ? try_table_open(relid, RowExclusiveLock) : NULL;
 	if (rel == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_UNDEFINED_TABLE),
@@ -654,12 +778,53 @@ insert_outbox_row(text *exchange, text *routing_key, Jsonb *payload,
 				 errhint("Run CREATE EXTENSION mqtx in this database.")));
 	if (relid != known_outbox.relid)
 		learn_outbox(rel);
+	return rel;
+}
+
+/*
+ * Messages of one key are published in the order of their outbox ids;
+ * for that to be the order in which their transactions committed, no two
+ * transactions may enqueue for the same key at once.  The second waits,
+ * on a lock held to the end of the first, as it would on a row lock of
+ * the aggregate the key names.  Keys are told apart by a 64-bit hash: two
+ * keys that share one only wait for each other.
+ */
+static void
+lock_ordering_key(text *key)
+{
+	LOCKTAG		tag;
+	uint64		hash = hash_bytes_extended((const unsigned char *) VARDATA_ANY(key),
+										   VARSIZE_ANY_EXHDR(key), 0);
+
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, (uint32) (hash >> 32), (uint32) hash,
+						 ORDERING_KEY_LOCK_CLASS);
+	(void) LockAcquire(&tag, ExclusiveLock, false, false);
+}
+
+/*
+ * Insert one outbox row and return its message id, allocated in the
+ * caller's memory context.  The insert runs as the table's owner.
+ */
+static Datum
+insert_outbox_row(OutboxMessage * msg)
+{
+	pg_uuid_t  *message_id = palloc(sizeof(pg_uuid_t));
+	Relation	rel = open_outbox(RowExclusiveLock);
+
+	if ((msg->ordering_key != NULL || msg->scheduled) && !known_outbox.has_ordering)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("mqtx.outbox has no ordering_key and deliver_at columns"),
+				 errdetail("Ordering keys and scheduled messages need mqtx 0.8.0; the library is newer than the extension installed in this database."),
+				 errhint("Run ALTER EXTENSION mqtx UPDATE.")));
+	if (msg->ordering_key != NULL)
+		lock_ordering_key(msg->ordering_key);
 
 	*message_id = mqtx_new_message_id();
-	if (known_outbox.relid == relid && known_outbox.direct)
-		insert_outbox_row_directly(rel, message_id, exchange, routing_key, payload, headers);
+	if (known_outbox.direct)
+		insert_outbox_row_directly(rel, message_id, msg);
 	else
-		insert_outbox_row_with_sql(rel, message_id, exchange, routing_key, payload, headers);
+		insert_outbox_row_with_sql(rel, message_id, msg);
 	table_close(rel, NoLock);
 
 	mqtx_wake_relay_at_commit();
@@ -667,38 +832,88 @@ insert_outbox_row(text *exchange, text *routing_key, Jsonb *payload,
 }
 
 static Datum
-enqueue_message(text *exchange, text *routing_key, Jsonb *payload,
-				Jsonb *headers)
+enqueue_message(OutboxMessage * msg)
 {
-	check_short_string(exchange, true);
-	check_short_string(routing_key, false);
-	check_payload_size(payload);
-	check_headers(headers);
-	return insert_outbox_row(exchange, routing_key, payload, headers);
+	check_short_string(msg->exchange, true);
+	check_short_string(msg->routing_key, false);
+	if (msg->ordering_key != NULL)
+		check_ordering_key(msg->ordering_key);
+	check_payload_size(msg->payload);
+	check_headers(msg->headers);
+	return insert_outbox_row(msg);
 }
 
 /*
- * mqtx.publish(exchange, routing_key, payload, headers) returns uuid
+ * When a message given deliver_at or delay is to be sent.  A time already
+ * past means at once; infinity, or a delay that goes back, is a mistake.
+ */
+static TimestampTz
+delivery_time(FunctionCallInfo fcinfo, int deliver_at_arg, int delay_arg)
+{
+	TimestampTz deliver_at;
+
+	if (!PG_ARGISNULL(deliver_at_arg) && !PG_ARGISNULL(delay_arg))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("mqtx.publish() takes deliver_at or delay, not both")));
+	if (!PG_ARGISNULL(delay_arg))
+	{
+		Interval   *delay = PG_GETARG_INTERVAL_P(delay_arg);
+		Interval	zero;
+
+		memset(&zero, 0, sizeof(zero));
+		if (DatumGetBool(DirectFunctionCall2(interval_lt, IntervalPGetDatum(delay),
+											 IntervalPGetDatum(&zero))))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("delay of mqtx.publish() must not be negative")));
+		deliver_at = DatumGetTimestampTz(DirectFunctionCall2(timestamptz_pl_interval,
+															 TimestampTzGetDatum(GetCurrentTransactionStartTimestamp()),
+															 IntervalPGetDatum(delay)));
+	}
+	else
+		deliver_at = PG_GETARG_TIMESTAMPTZ(deliver_at_arg);
+	if (TIMESTAMP_NOT_FINITE(deliver_at))
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("delivery time of mqtx message must be finite")));
+	return deliver_at;
+}
+
+/*
+ * mqtx.publish(exchange, routing_key, payload, headers, ordering_key,
+ *				deliver_at, delay) returns uuid
  *
  * Not STRICT: a NULL argument is a mistake worth an error, not a silent
- * NULL result with nothing enqueued.
+ * NULL result with nothing enqueued.  The definition of mqtx 0.7.0 and
+ * before has the first four arguments only.
  */
 Datum
 mqtx_publish(PG_FUNCTION_ARGS)
 {
+	OutboxMessage msg = {0};
+
 	require_argument(PG_ARGISNULL(0), "exchange");
 	require_argument(PG_ARGISNULL(1), "routing_key");
 	require_argument(PG_ARGISNULL(2), "payload");
 
-	PG_RETURN_DATUM(enqueue_message(PG_GETARG_TEXT_PP(0),
-									PG_GETARG_TEXT_PP(1),
-									PG_GETARG_JSONB_P(2),
-									PG_ARGISNULL(3) ? NULL : PG_GETARG_JSONB_P(3)));
+	msg.exchange = PG_GETARG_TEXT_PP(0);
+	msg.routing_key = PG_GETARG_TEXT_PP(1);
+	msg.payload = PG_GETARG_JSONB_P(2);
+	msg.headers = PG_ARGISNULL(3) ? NULL : PG_GETARG_JSONB_P(3);
+	if (PG_NARGS() >= 7)
+	{
+		msg.ordering_key = PG_ARGISNULL(4) ? NULL : PG_GETARG_TEXT_PP(4);
+		msg.scheduled = !PG_ARGISNULL(5) || !PG_ARGISNULL(6);
+		if (msg.scheduled)
+			msg.deliver_at = delivery_time(fcinfo, 5, 6);
+	}
+	PG_RETURN_DATUM(enqueue_message(&msg));
 }
 
 /*
  * mqtx.outbox_trigger() works only as an AFTER INSERT ... FOR EACH ROW
- * trigger with the exchange and routing key as its two arguments.
+ * trigger with the exchange and routing key as its first two arguments.
  */
 static void
 check_trigger_usage(TriggerData *trigdata)
@@ -738,14 +953,55 @@ check_trigger_usage(TriggerData *trigdata)
 				 errdetail("Trigger \"%s\" on \"%s\" was fired by TRUNCATE.",
 						   trigger, table),
 				 errhint(TRIGGER_USAGE_HINT)));
-	if (nargs != 2)
+	if (nargs < 2)
 		ereport(ERROR,
 				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
-				 errmsg("mqtx.outbox_trigger() takes exactly two arguments, the exchange and the routing key"),
+				 errmsg("mqtx.outbox_trigger() takes the exchange and the routing key, then optionally the columns that make the ordering key"),
 				 errdetail_plural("Trigger \"%s\" on \"%s\" passes %d argument.",
 								  "Trigger \"%s\" on \"%s\" passes %d arguments.",
 								  nargs, trigger, table, nargs),
 				 errhint(TRIGGER_USAGE_HINT)));
+}
+
+/*
+ * The ordering key of a row, from the columns the trigger's arguments
+ * after the second name: one column's value as text, or several joined by
+ * KEY_COLUMN_SEPARATOR (two tuples that join the same only wait for each
+ * other).  NULL when there are none, or every one is NULL.
+ */
+static text *
+row_ordering_key(TriggerData *trigdata)
+{
+	Trigger    *trigger = trigdata->tg_trigger;
+	TupleDesc	desc = RelationGetDescr(trigdata->tg_relation);
+	StringInfoData key;
+	bool		any = false;
+
+	if (trigger->tgnargs <= 2)
+		return NULL;
+	initStringInfo(&key);
+	for (int i = 2; i < trigger->tgnargs; i++)
+	{
+		int			attno = SPI_fnumber(desc, trigger->tgargs[i]);
+		char	   *value;
+
+		if (attno <= 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_COLUMN),
+					 errmsg("column \"%s\" named by trigger \"%s\" as an ordering key column does not exist in table \"%s\"",
+							trigger->tgargs[i], trigger->tgname,
+							RelationGetRelationName(trigdata->tg_relation)),
+					 errhint(TRIGGER_USAGE_HINT)));
+		if (i > 2)
+			appendStringInfoChar(&key, KEY_COLUMN_SEPARATOR);
+		value = SPI_getvalue(trigdata->tg_trigtuple, desc, attno);
+		if (value != NULL)
+		{
+			appendStringInfoString(&key, value);
+			any = true;
+		}
+	}
+	return any ? cstring_to_text_with_len(key.data, key.len) : NULL;
 }
 
 /*
@@ -776,8 +1032,9 @@ row_to_jsonb_cache(FunctionCallInfo fcinfo, Oid rowtype)
 }
 
 /*
- * mqtx.outbox_trigger(exchange, routing_key): AFTER INSERT FOR EACH ROW,
- * enqueues the new row, as a JSON object, in the inserting transaction.
+ * mqtx.outbox_trigger(exchange, routing_key [, key_column ...]): AFTER
+ * INSERT FOR EACH ROW, enqueues the new row, as a JSON object, in the
+ * inserting transaction, with the ordering key its key columns make.
  */
 Datum
 mqtx_outbox_trigger(PG_FUNCTION_ARGS)
@@ -787,6 +1044,7 @@ mqtx_outbox_trigger(PG_FUNCTION_ARGS)
 	RowToJsonbCache *cache;
 	Datum		row;
 	char	  **args;
+	OutboxMessage msg = {0};
 
 	if (!CALLED_AS_TRIGGER(fcinfo))
 		ereport(ERROR,
@@ -800,10 +1058,126 @@ mqtx_outbox_trigger(PG_FUNCTION_ARGS)
 	row = heap_copy_tuple_as_datum(trigdata->tg_trigtuple, tupdesc);
 	args = trigdata->tg_trigger->tgargs;
 
-	enqueue_message(cstring_to_text(args[0]), cstring_to_text(args[1]),
-					DatumGetJsonbP(FunctionCall1(&cache->to_jsonb, row)),
-					NULL);
+	msg.exchange = cstring_to_text(args[0]);
+	msg.routing_key = cstring_to_text(args[1]);
+	msg.payload = DatumGetJsonbP(FunctionCall1(&cache->to_jsonb, row));
+	msg.ordering_key = row_ordering_key(trigdata);
+	enqueue_message(&msg);
 	return PointerGetDatum(NULL);
+}
+
+/*
+ * mqtx.cancel: the relays' claims are fenced by time, not by a list of
+ * rows.  Before a claim reads the outbox, its relay raises the claim
+ * horizon (shared.c) to the claim's now(); the claim takes only rows due
+ * by then, and skips rows locked by a session.  So once a cancel holds a
+ * row's lock, no claim that starts later takes it, and one that already
+ * read it had raised the horizon past the row's due time.  A row due
+ * after the horizon, then, has never been claimed, and is not on its way.
+ * So is a failed one, and one that waits behind an earlier message of its
+ * key still pending or failed (the claim leaves such rows out).
+ */
+static const char *const cancel_lock_sql =
+"SELECT o.id, o.status, o.next_attempt_at, o.ordering_key IS NOT NULL AND EXISTS ("
+"         SELECT FROM mqtx.outbox e"
+"          WHERE e.ordering_key = o.ordering_key AND e.id < o.id"
+"            AND e.status IN ('pending', 'failed'))"
+"  FROM mqtx.outbox o"
+" WHERE o.message_id = $1 AND o.status IN ('pending', 'failed')"
+"   FOR UPDATE OF o";
+
+static const char *const cancel_delete_sql =
+"DELETE FROM mqtx.outbox WHERE id = $1";
+
+static SPIPlanPtr cancel_lock_plan = NULL;
+static SPIPlanPtr cancel_delete_plan = NULL;
+
+/*
+ * Lock the message's row and decide whether it can be withdrawn; if so,
+ * delete it.  Returns whether it did.  In the caller's subtransaction,
+ * as the outbox's owner.
+ */
+static bool
+withdraw_message(Datum message_id)
+{
+	Oid			uuid_type = UUIDOID;
+	Oid			id_type = INT8OID;
+	HeapTuple	row;
+	TupleDesc	desc;
+	bool		isnull;
+	Datum		id;
+	bool		failed;
+	TimestampTz due;
+	bool		held_back;
+
+	if (mqtx_execute_prepared(&cancel_lock_plan, cancel_lock_sql, 1, &uuid_type,
+							  &message_id, NULL) != SPI_OK_SELECT)
+		elog(ERROR, "locking the outbox row of a message to cancel failed");
+	if (SPI_processed == 0)
+		return false;
+	row = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	id = SPI_getbinval(row, desc, 1, &isnull);
+	failed = strcmp(SPI_getvalue(row, desc, 2), "failed") == 0;
+	due = DatumGetTimestampTz(SPI_getbinval(row, desc, 3, &isnull));
+	held_back = DatumGetBool(SPI_getbinval(row, desc, 4, &isnull));
+
+	/* the lock is held: only now is the horizon worth reading */
+	if (!failed && !held_back && due <= mqtx_claim_horizon())
+		return false;
+	if (mqtx_execute_prepared(&cancel_delete_plan, cancel_delete_sql, 1, &id_type,
+							  &id, NULL) != SPI_OK_DELETE || SPI_processed != 1)
+		elog(ERROR, "deleting the outbox row of a cancelled message failed");
+	return true;
+}
+
+/*
+ * mqtx.cancel(message_id uuid) returns boolean
+ *
+ * Withdraws the message in the caller's transaction, by deleting its row
+ * (rolled back with the transaction, the message stays).  The row's lock
+ * is kept only when the message is withdrawn: one that may be on its way
+ * is left unlocked, in a subtransaction rolled back, so that the relay can
+ * record its outcome without waiting for the caller to commit.
+ */
+Datum
+mqtx_cancel(PG_FUNCTION_ARGS)
+{
+	MemoryContext context = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+	Relation	rel;
+	Oid			outbox_owner;
+	MqtxIdentity saved;
+	bool		withdrawn;
+
+	if (PG_ARGISNULL(0))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("argument \"message_id\" of mqtx.cancel() must not be NULL")));
+	rel = open_outbox(RowExclusiveLock);
+	if (!known_outbox.has_ordering)
+		ereport(ERROR,
+				(errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+				 errmsg("mqtx.cancel() needs mqtx 0.8.0"),
+				 errhint("Run ALTER EXTENSION mqtx UPDATE.")));
+	outbox_owner = rel->rd_rel->relowner;
+	table_close(rel, NoLock);
+
+	mqtx_become(&saved, outbox_owner, "pg_catalog, pg_temp", true);
+	BeginInternalSubTransaction(NULL);
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	withdrawn = withdraw_message(PG_GETARG_DATUM(0));
+	SPI_finish();
+	if (withdrawn)
+		ReleaseCurrentSubTransaction();
+	else
+		RollbackAndReleaseCurrentSubTransaction();
+	MemoryContextSwitchTo(context);
+	CurrentResourceOwner = owner;
+	/* on error, transaction abort restores it */
+	mqtx_restore_identity(&saved);
+	PG_RETURN_BOOL(withdrawn);
 }
 
 /*

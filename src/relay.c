@@ -92,19 +92,46 @@ static bool wait_for_standby = false;
 
 
 /*
- * Due pending rows, oldest first, other than those in flight.  A plain
- * read: the relay's claim is the in-flight list, not row locks, so the
- * transaction that reads them can end before anything is sent.  xmin
+ * Due pending rows, oldest first, other than those in flight.  The relay's
+ * claim is the in-flight list, not the row locks taken here: they last
+ * only as long as the claim's short transaction, and keep it from taking
+ * a row that a session is withdrawing (mqtx.cancel) or changing.  xmin
  * tells whose commit made a row visible, for make_durable.
+ *
+ * A row with an ordering key is taken only when no earlier row of its key
+ * is pending or failed: the earlier one is published and confirmed first,
+ * and each key has at most one message on its way (a later one sent with
+ * it could overtake it, were the earlier one refused and retried).  Its
+ * key goes with the message as the header x-mqtx-ordering-key
+ * (MQTX_ORDERING_KEY_HEADER, spelt out: test/bench reads this statement
+ * from the source).
  */
 static const char *const claim_sql =
-"SELECT id, message_id::text, exchange, routing_key, payload::text, headers, "
-"       extract(epoch FROM created_at)::bigint, xmin "
-"FROM mqtx.outbox "
-"WHERE status = 'pending' AND next_attempt_at <= pg_catalog.now() "
-"  AND id NOT IN (SELECT pg_catalog.unnest($2::bigint[])) "
-"ORDER BY next_attempt_at, id "
-"LIMIT $1";
+"SELECT o.id, o.message_id::text, o.exchange, o.routing_key, o.payload::text, "
+"       CASE WHEN o.ordering_key IS NULL THEN o.headers "
+"            ELSE coalesce(o.headers, '{}'::pg_catalog.jsonb) "
+"                 OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object("
+"                     'x-mqtx-ordering-key', o.ordering_key) END, "
+"       extract(epoch FROM o.created_at)::bigint, o.xmin "
+"FROM mqtx.outbox o "
+"WHERE o.status = 'pending' AND o.next_attempt_at <= pg_catalog.now() "
+"  AND o.id NOT IN (SELECT pg_catalog.unnest($2::bigint[])) "
+"  AND (o.ordering_key IS NULL OR NOT EXISTS ("
+"        SELECT FROM mqtx.outbox e "
+"         WHERE e.ordering_key = o.ordering_key AND e.id < o.id "
+"           AND e.status IN ('pending', 'failed'))) "
+"ORDER BY o.next_attempt_at, o.id "
+"LIMIT $1 "
+"FOR NO KEY UPDATE OF o SKIP LOCKED";
+
+/*
+ * When the next pending row not yet due becomes due: a scheduled message,
+ * or a retry.  The relay sleeps until then at most, so a message is sent
+ * within milliseconds of its time without polling the outbox for it.
+ */
+static const char *const next_due_sql =
+"SELECT pg_catalog.min(next_attempt_at) FROM mqtx.outbox "
+"WHERE status = 'pending' AND next_attempt_at > pg_catalog.now()";
 
 /*
  * Outcomes are written to the rows that were sent: the same id and the
@@ -209,6 +236,8 @@ typedef struct RelayState
 	TimestampTz standby_wait_since;
 	bool		standby_wait_logged;
 	TimestampTz next_retention_at;
+	TimestampTz next_due_at;	/* a row not due at the last claim is then; 0:
+								 * none known */
 } RelayState;
 
 static RelayState relay;
@@ -222,6 +251,7 @@ static RelayState relay;
 static SPIPlanPtr claim_plan = NULL;
 static SPIPlanPtr mark_published_plan = NULL;
 static SPIPlanPtr record_failures_plan = NULL;
+static SPIPlanPtr next_due_plan = NULL;
 
 static Datum
 build_array(Datum *elements, int count, Oid element_type)
@@ -620,6 +650,8 @@ claim_batch(Oid outbox, XLogRecPtr *newest_commit)
 		if (claim_plan == NULL || SPI_keepplan(claim_plan) != 0)
 			elog(ERROR, "preparing the claim of outbox rows failed");
 	}
+	/* before anything is read: see mqtx_cancel */
+	mqtx_note_claim(GetCurrentTransactionStartTimestamp());
 	portal = SPI_cursor_open(NULL, claim_plan, args, NULL, false);
 
 	batch_context = AllocSetContextCreate(TopMemoryContext, "mqtx relay batch",
@@ -911,6 +943,40 @@ follow_blocked_state(void)
 			relay.in_flight[b]->sent_at = GetCurrentTimestamp();
 }
 
+/*
+ * When the first row not due at the last claim becomes due, or 0: none
+ * is known.  In the claim's transaction.
+ */
+static TimestampTz
+next_due(void)
+{
+	bool		isnull;
+	Datum		due;
+
+	if (mqtx_execute_prepared(&next_due_plan, next_due_sql, 0, NULL, NULL, NULL) != SPI_OK_SELECT ||
+		SPI_processed != 1)
+		elog(ERROR, "reading when the next outbox row is due failed");
+	due = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	return isnull ? 0 : DatumGetTimestampTz(due);
+}
+
+/*
+ * How long the relay may sleep when it has nothing to do: the poll
+ * interval, or less when a scheduled message or a retry comes due sooner.
+ * A time that has passed without a claim (the broker is away) no longer
+ * shortens it.
+ */
+static long
+idle_wait_ms(void)
+{
+	TimestampTz now = GetCurrentTimestamp();
+
+	if (relay.next_due_at > now)
+		return Min((long) mqtx_poll_interval,
+				   Max(1, TimestampDifferenceMilliseconds(now, relay.next_due_at)));
+	return mqtx_poll_interval;
+}
+
 static bool
 may_claim(void)
 {
@@ -928,7 +994,7 @@ static TimestampTz
 confirm_wait_deadline(bool sent)
 {
 	TimestampTz deadline = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
-													   mqtx_poll_interval);
+													   idle_wait_ms());
 
 	if (sent && may_claim())
 		return 0;
@@ -971,7 +1037,11 @@ relay_pass(void)
 		outbox = mqtx_lock_table("outbox");
 		record_in_flight(outbox, false);
 		if (relay.held == NULL && may_claim() && OidIsValid(outbox))
+		{
 			batch = claim_batch(outbox, &newest_commit);
+			if (batch->count < mqtx_batch_size)
+				relay.next_due_at = next_due();
+		}
 		mqtx_worker_end_step(&relay.worker);
 		claimed_at = mqtx_wal_inserted_end();
 	}
@@ -1050,7 +1120,7 @@ mqtx_relay_main(Datum main_arg)
 	for (;;)
 	{
 		if (!more_work)
-			mqtx_worker_wait(&relay.worker, mqtx_poll_interval);
+			mqtx_worker_wait(&relay.worker, idle_wait_ms());
 		CHECK_FOR_INTERRUPTS();
 		MemoryContextReset(relay.worker.context);
 		MemoryContextSwitchTo(relay.worker.context);

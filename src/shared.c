@@ -75,6 +75,8 @@ typedef struct MqtxSharedState
 	/* databases created or dropped: the launcher looks again (it wraps) */
 	pg_atomic_uint32 database_changes;
 	uint32		next_assignment;	/* only the launcher assigns */
+	/* the latest now() of a relay's claim: see mqtx_claim_horizon */
+	pg_atomic_uint64 claim_horizon;
 	MqtxSlot	slots[MQTX_MAX_DATABASES];
 } MqtxSharedState;
 
@@ -150,6 +152,8 @@ init_shared_memory(void)
 		memset(shared_state, 0, shared_state_size());
 		SpinLockInit(&shared_state->mutex);
 		pg_atomic_init_u32(&shared_state->database_changes, 0);
+		/* a relay of before a crash restart may have sent what was due */
+		pg_atomic_init_u64(&shared_state->claim_horizon, (uint64) GetCurrentTimestamp());
 		for (int i = 0; i < MQTX_MAX_DATABASES; i++)
 		{
 			MqtxSlot   *slot = &shared_state->slots[i];
@@ -462,6 +466,41 @@ slot_for_database(Oid dboid)
 		if (shared_state->slots[i].dboid == dboid)
 			return &shared_state->slots[i];
 	return NULL;
+}
+
+/*
+ * A relay is about to claim outbox rows due by claim_now (its claim's
+ * now()): the claim horizon moves up to it, before the claim reads
+ * anything.  One horizon serves every database: it only ever grows, and
+ * a horizon per database would be lost with its slot.
+ */
+void
+mqtx_note_claim(TimestampTz claim_now)
+{
+	uint64		horizon;
+
+	if (shared_state == NULL)
+		return;
+	horizon = pg_atomic_read_u64(&shared_state->claim_horizon);
+	while ((int64) horizon < claim_now &&
+		   !pg_atomic_compare_exchange_u64(&shared_state->claim_horizon, &horizon,
+										   (uint64) claim_now))
+		;
+}
+
+/*
+ * No relay has claimed, or can still claim, an outbox row due after this
+ * time and locked before this call, since this server started: a
+ * message scheduled later than this has not been sent (mqtx.cancel).
+ * Without shared memory (mqtx not preloaded) no relay runs here at all.
+ */
+TimestampTz
+mqtx_claim_horizon(void)
+{
+	if (shared_state == NULL)
+		return DT_NOBEGIN;
+	pg_memory_barrier();
+	return (TimestampTz) pg_atomic_read_u64(&shared_state->claim_horizon);
 }
 
 /*

@@ -14,6 +14,7 @@
 #ifndef MQTX_SHARED_H
 #define MQTX_SHARED_H
 
+#include "datatype/timestamp.h"
 #include "nodes/pg_list.h"
 #include "storage/latch.h"
 
@@ -108,6 +109,10 @@ extern void mqtx_slot_set_blocked(MqtxSlot *slot, MqtxWorkerKind kind,
 								  bool blocked);
 extern uint32 mqtx_slot_topology_generation(MqtxSlot *slot);
 extern void mqtx_count(MqtxSlot *slot, MqtxCounter counter, uint64 n);
+
+/* the claim horizon: what a relay may have taken, for mqtx.cancel */
+extern void mqtx_note_claim(TimestampTz claim_now);
+extern TimestampTz mqtx_claim_horizon(void);
 
 /* the session's open transaction enqueued a message: wake the relay at commit */
 extern void mqtx_wake_relay_at_commit(void);

@@ -40,6 +40,8 @@ CREATE TABLE mqtx.outbox (
 	last_error		text,
 	created_at		timestamptz NOT NULL DEFAULT now(),
 	published_at	timestamptz,
+	ordering_key	text,
+	deliver_at		timestamptz,
 	CONSTRAINT outbox_message_id_key UNIQUE (message_id),
 	CONSTRAINT outbox_status_check
 		CHECK (status IN ('pending', 'published', 'failed')),
@@ -48,6 +50,7 @@ CREATE TABLE mqtx.outbox (
 	CONSTRAINT outbox_attempts_check CHECK (attempts >= 0),
 	CONSTRAINT outbox_exchange_check CHECK (octet_length(exchange) <= 255),
 	CONSTRAINT outbox_routing_key_check CHECK (octet_length(routing_key) <= 255),
+	CONSTRAINT outbox_ordering_key_check CHECK (octet_length(ordering_key) <= 255),
 	CONSTRAINT outbox_headers_check
 		CHECK (headers IS NULL OR jsonb_typeof(headers) = 'object')
 );
@@ -55,7 +58,7 @@ CREATE TABLE mqtx.outbox (
 COMMENT ON TABLE mqtx.outbox IS
 	'Messages waiting to be published to RabbitMQ, and their delivery status';
 COMMENT ON COLUMN mqtx.outbox.id IS
-	'Insertion order: the relay publishes due rows oldest first; the id in NOTIFY mqtx_alert';
+	'Insertion order: the relay publishes due rows oldest first, and a key''s messages in this order; the id in NOTIFY mqtx_alert';
 COMMENT ON COLUMN mqtx.outbox.message_id IS
 	'The AMQP message_id property, which consumers dedupe on; time-ordered (mqtx.new_message_id())';
 COMMENT ON COLUMN mqtx.outbox.exchange IS
@@ -71,13 +74,17 @@ COMMENT ON COLUMN mqtx.outbox.status IS
 COMMENT ON COLUMN mqtx.outbox.attempts IS
 	'Publish attempts the broker refused so far; a lost connection or a late confirm is not one';
 COMMENT ON COLUMN mqtx.outbox.next_attempt_at IS
-	'When a pending message is next due for publishing';
+	'When a pending message is next due for publishing: its deliver_at, then the time of its next retry';
 COMMENT ON COLUMN mqtx.outbox.last_error IS
 	'Why the last attempt failed';
 COMMENT ON COLUMN mqtx.outbox.created_at IS
 	'When the message was enqueued';
 COMMENT ON COLUMN mqtx.outbox.published_at IS
 	'When the broker confirmed the message; set exactly when the status is published, and retention deletes by it';
+COMMENT ON COLUMN mqtx.outbox.ordering_key IS
+	'Messages of one key are published one at a time, in commit order, each once the previous one is confirmed; NULL: no order (mqtx.publish(ordering_key =>))';
+COMMENT ON COLUMN mqtx.outbox.deliver_at IS
+	'When a scheduled message is to be published (mqtx.publish(deliver_at =>, delay =>)); NULL: as soon as it is committed';
 COMMENT ON SEQUENCE mqtx.outbox_id_seq IS
 	'Ids of mqtx.outbox rows (its identity column)';
 
@@ -86,6 +93,12 @@ COMMENT ON SEQUENCE mqtx.outbox_id_seq IS
 -- history grows.
 CREATE INDEX outbox_due_idx ON mqtx.outbox (next_attempt_at, id)
 	WHERE status = 'pending';
+
+-- A message with an ordering key waits while an earlier one of its key is
+-- pending or failed: the relay looks for one here, among the rows not yet
+-- published, however long the history.
+CREATE INDEX outbox_ordering_key_idx ON mqtx.outbox (ordering_key, id)
+	WHERE status IN ('pending', 'failed') AND ordering_key IS NOT NULL;
 
 -- Retention deletes published rows oldest first: with this index a pass
 -- reads what it deletes, not the history it keeps.
@@ -103,13 +116,16 @@ SELECT pg_catalog.pg_extension_config_dump(
 -- outbox's owner; callers need EXECUTE, not privileges on the table.
 --
 CREATE FUNCTION mqtx.publish(exchange text, routing_key text, payload jsonb,
-							 headers jsonb DEFAULT NULL)
+							 headers jsonb DEFAULT NULL,
+							 ordering_key text DEFAULT NULL,
+							 deliver_at timestamptz DEFAULT NULL,
+							 delay interval DEFAULT NULL)
 RETURNS uuid
 AS 'MODULE_PATHNAME', 'mqtx_publish'
 LANGUAGE C VOLATILE PARALLEL UNSAFE;
 
-COMMENT ON FUNCTION mqtx.publish(text, text, jsonb, jsonb) IS
-	'Enqueue a message in the current transaction; returns its message id';
+COMMENT ON FUNCTION mqtx.publish(text, text, jsonb, jsonb, text, timestamptz, interval) IS
+	'Enqueue a message in the current transaction, optionally in the order of its key and at a later time (deliver_at, or delay after now()); returns its message id';
 
 CREATE FUNCTION mqtx.outbox_trigger()
 RETURNS trigger
@@ -117,7 +133,15 @@ AS 'MODULE_PATHNAME', 'mqtx_outbox_trigger'
 LANGUAGE C VOLATILE;
 
 COMMENT ON FUNCTION mqtx.outbox_trigger() IS
-	'AFTER INSERT FOR EACH ROW trigger: enqueue the new row as JSON; arguments are the exchange and the routing key';
+	'AFTER INSERT FOR EACH ROW trigger: enqueue the new row as JSON; arguments are the exchange, the routing key, and optionally the columns whose values make the ordering key';
+
+CREATE FUNCTION mqtx.cancel(message_id uuid)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'mqtx_cancel'
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+COMMENT ON FUNCTION mqtx.cancel(uuid) IS
+	'Withdraw a message not yet sent, in the current transaction: true when it is withdrawn, false when it is published, may be on its way, or is not in the outbox';
 
 --
 -- Topology: what the workers declare on the broker (idempotently) each time
@@ -603,19 +627,73 @@ CREATE VIEW mqtx.outbox_stats AS
 SELECT count(*) FILTER (WHERE status = 'pending') AS pending,
 	   count(*) FILTER (WHERE status = 'published') AS published,
 	   count(*) FILTER (WHERE status = 'failed') AS failed,
-	   now() - min(created_at) FILTER (WHERE status = 'pending') AS oldest_pending_age
+	   now() - min(coalesce(deliver_at, created_at))
+		   FILTER (WHERE status = 'pending' AND (deliver_at IS NULL OR deliver_at <= now()))
+		   AS oldest_pending_age,
+	   count(*) FILTER (WHERE status = 'pending' AND deliver_at > now()) AS scheduled
 FROM mqtx.outbox;
 
 COMMENT ON VIEW mqtx.outbox_stats IS
-	'Outbox rows per status, and how long the oldest pending one has waited';
+	'Outbox rows per status, how many are scheduled for later, and how long the oldest due one has waited';
 COMMENT ON COLUMN mqtx.outbox_stats.pending IS
-	'Messages waiting to be published';
+	'Messages waiting to be published, scheduled ones included';
 COMMENT ON COLUMN mqtx.outbox_stats.published IS
 	'Published messages still kept (see mqtx.retention)';
 COMMENT ON COLUMN mqtx.outbox_stats.failed IS
 	'Messages given up on';
 COMMENT ON COLUMN mqtx.outbox_stats.oldest_pending_age IS
-	'How long the oldest pending message has waited; NULL when none is pending';
+	'How long the oldest due pending message has waited, since it was enqueued or, if scheduled, since its deliver_at; NULL when none is due';
+COMMENT ON COLUMN mqtx.outbox_stats.scheduled IS
+	'Pending messages whose deliver_at has not come yet';
+
+-- The keys whose messages wait: the first unpublished message of each key
+-- holds back the later ones until it is confirmed.  Keys whose first one
+-- is simply on its way are left out: they wait a round trip.
+CREATE VIEW mqtx.blocked_keys AS
+SELECT h.ordering_key,
+	   CASE WHEN h.status = 'failed' THEN 'failed'
+			WHEN h.attempts > 0 THEN 'retrying'
+			ELSE 'scheduled'
+	   END AS reason,
+	   h.id AS blocked_by_id,
+	   h.message_id AS blocked_by_message_id,
+	   h.attempts,
+	   h.last_error,
+	   CASE WHEN h.status = 'pending' THEN h.next_attempt_at END AS next_attempt_at,
+	   w.waiting,
+	   w.oldest_waiting_since
+FROM (SELECT DISTINCT ON (o.ordering_key) o.*
+	  FROM mqtx.outbox o
+	  WHERE o.status IN ('pending', 'failed') AND o.ordering_key IS NOT NULL
+	  ORDER BY o.ordering_key, o.id) h
+	 CROSS JOIN LATERAL (
+		SELECT count(*) AS waiting, min(l.created_at) AS oldest_waiting_since
+		FROM mqtx.outbox l
+		WHERE l.ordering_key = h.ordering_key AND l.id > h.id
+		  AND l.status IN ('pending', 'failed')) w
+WHERE h.status = 'failed' OR h.attempts > 0
+   OR (h.next_attempt_at > now() AND w.waiting > 0);
+
+COMMENT ON VIEW mqtx.blocked_keys IS
+	'Ordering keys whose messages are held back, and the message that holds them: failed, retrying, or scheduled later';
+COMMENT ON COLUMN mqtx.blocked_keys.ordering_key IS
+	'The key';
+COMMENT ON COLUMN mqtx.blocked_keys.reason IS
+	'failed: its first unpublished message gave up (reset it to pending, or mqtx.cancel it); retrying: the broker refused it and it is tried again; scheduled: its deliver_at has not come';
+COMMENT ON COLUMN mqtx.blocked_keys.blocked_by_id IS
+	'The outbox id of the message that holds the key';
+COMMENT ON COLUMN mqtx.blocked_keys.blocked_by_message_id IS
+	'Its message id';
+COMMENT ON COLUMN mqtx.blocked_keys.attempts IS
+	'Its failed publish attempts';
+COMMENT ON COLUMN mqtx.blocked_keys.last_error IS
+	'Why its last attempt failed';
+COMMENT ON COLUMN mqtx.blocked_keys.next_attempt_at IS
+	'When it is tried next; NULL when it is failed';
+COMMENT ON COLUMN mqtx.blocked_keys.waiting IS
+	'Later messages of the key that wait for it';
+COMMENT ON COLUMN mqtx.blocked_keys.oldest_waiting_since IS
+	'When the oldest of them was enqueued; NULL when none waits';
 
 CREATE FUNCTION mqtx.relay_stats(
 	OUT database text, OUT pid integer, OUT broker_connected boolean,
@@ -801,13 +879,14 @@ BEGIN
 			MESSAGE = 'mqtx.grant_publish needs a role';
 	END IF;
 	EXECUTE format('GRANT USAGE ON SCHEMA mqtx TO %s', role);
-	EXECUTE format('GRANT EXECUTE ON FUNCTION mqtx.publish(text, text, jsonb, jsonb), '
-				   'mqtx.outbox_trigger() TO %s', role);
+	EXECUTE format('GRANT EXECUTE ON FUNCTION '
+				   'mqtx.publish(text, text, jsonb, jsonb, text, timestamptz, interval), '
+				   'mqtx.cancel(uuid), mqtx.outbox_trigger() TO %s', role);
 END
 $$;
 
 COMMENT ON FUNCTION mqtx.grant_publish(regrole) IS
-	'Let a role enqueue messages in this database (mqtx.publish and mqtx.outbox_trigger)';
+	'Let a role enqueue and cancel messages in this database (mqtx.publish, mqtx.cancel and mqtx.outbox_trigger)';
 
 CREATE FUNCTION mqtx.revoke_publish(role regrole)
 RETURNS void
@@ -821,13 +900,14 @@ BEGIN
 	END IF;
 	-- USAGE on the schema stays: by itself it grants nothing, and the
 	-- role may have been given other rights in it
-	EXECUTE format('REVOKE EXECUTE ON FUNCTION mqtx.publish(text, text, jsonb, jsonb), '
-				   'mqtx.outbox_trigger() FROM %s', role);
+	EXECUTE format('REVOKE EXECUTE ON FUNCTION '
+				   'mqtx.publish(text, text, jsonb, jsonb, text, timestamptz, interval), '
+				   'mqtx.cancel(uuid), mqtx.outbox_trigger() FROM %s', role);
 END
 $$;
 
 COMMENT ON FUNCTION mqtx.revoke_publish(regrole) IS
-	'Take back the right to call mqtx.publish and to create outbox triggers in this database; existing triggers keep enqueueing';
+	'Take back the right to call mqtx.publish and mqtx.cancel and to create outbox triggers in this database; existing triggers keep enqueueing';
 
 REVOKE ALL ON FUNCTION mqtx.grant_publish(regrole), mqtx.revoke_publish(regrole) FROM PUBLIC;
 
