@@ -131,6 +131,35 @@ SELECT mqtx.discard(123456);
 SELECT count(*) FROM mqtx.dead_letter;
 SELECT queue, message_id FROM mqtx.inbox ORDER BY queue, message_id;
 
+-- after_dead_letter: wait (the default) or proceed
+SELECT mqtx.subscribe('keyed.q', 'apply_order(jsonb,jsonb)', after_dead_letter => 'proceed');
+SELECT queue, after_dead_letter FROM mqtx.subscriptions WHERE queue IN ('dispatch.q', 'keyed.q')
+ORDER BY queue;
+SELECT mqtx.subscribe('keyed.q', 'apply_order(jsonb,jsonb)', after_dead_letter => 'skip');
+SELECT mqtx.subscribe('keyed.q', 'apply_order(jsonb,jsonb)');
+SELECT after_dead_letter FROM mqtx.subscriptions WHERE queue = 'keyed.q';
+
+-- a dead letter of an ordering key is redriven into mqtx.parked, at its
+-- place among its key's parked messages, ahead of the later ones
+TRUNCATE mqtx.dead_letter, mqtx.inbox;
+INSERT INTO mqtx.parked (position, queue, ordering_key, message_id, body)
+VALUES (nextval('mqtx.parked_position_seq') + 10, 'keyed.q', 'order-7', 'k-2', '\x7b7d'),
+	   (nextval('mqtx.parked_position_seq') + 11, 'keyed.q', 'order-7', 'k-3', '\x7b7d');
+INSERT INTO mqtx.dead_letter (queue, message_id, exchange, routing_key, body, body_json,
+							  error_message, attempts, first_failed_at, last_failed_at,
+							  ordering_key, parked_position)
+VALUES ('keyed.q', 'k-1', '', 'keyed.q', '\x7b7d', '{}', 'handler failed', 5, now(), now(),
+		'order-7', currval('mqtx.parked_position_seq'));
+INSERT INTO mqtx.inbox (queue, message_id) VALUES ('keyed.q', 'k-1');
+SELECT queue, ordering_key, reason, dead_letter_id IS NOT NULL AS by_letter, parked
+FROM mqtx.held_keys;
+SELECT mqtx.redrive(id) IS NULL AS parked_not_published FROM mqtx.dead_letter WHERE message_id = 'k-1';
+SELECT message_id FROM mqtx.parked WHERE ordering_key = 'order-7' ORDER BY position;
+SELECT count(*) AS letters, (SELECT count(*) FROM mqtx.inbox) AS inbox FROM mqtx.dead_letter;
+SELECT queue, ordering_key, reason, parked FROM mqtx.held_keys;
+TRUNCATE mqtx.parked;
+SELECT mqtx.unsubscribe('keyed.q');
+
 -- unsubscribe
 SELECT mqtx.unsubscribe('dispatch.q');
 SELECT mqtx.unsubscribe('dispatch.q');

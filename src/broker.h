@@ -92,6 +92,9 @@ typedef struct BrokerDelivery
 	char	   *routing_key;
 	char	   *message_id;		/* NULL when the message has none */
 	char	   *redriven_from;	/* header x-mqtx-redriven-from, or NULL */
+	char	   *ordering_key;	/* header x-mqtx-ordering-key, or NULL */
+	int64		parked_position;	/* applied from mqtx.parked, at this
+									 * position; 0: from the broker */
 	int64		delivery_count; /* header x-delivery-count, or 0 */
 	char	   *headers_json;	/* NULL when the message has none */
 	char	   *headers_error;	/* why the headers could not be read, or NULL */

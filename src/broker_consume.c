@@ -173,7 +173,10 @@ copy_content(amqp_message_t *message, BrokerDelivery *delivery)
 		else
 			delivery->headers_error = psprintf("headers nest deeper than %d levels",
 											   MAX_HEADER_DEPTH);
-		delivery->redriven_from = mqtx_amqp_redriven_from(&props->headers);
+		delivery->redriven_from = mqtx_amqp_string_header(&props->headers,
+														  MQTX_REDRIVEN_FROM_HEADER);
+		delivery->ordering_key = mqtx_amqp_string_header(&props->headers,
+														 MQTX_ORDERING_KEY_HEADER);
 		/* the broker's on a message it hands out again; else the publisher's */
 		if (delivery->redelivered)
 			delivery->delivery_count = mqtx_amqp_delivery_count(&props->headers);

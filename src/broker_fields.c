@@ -440,13 +440,13 @@ find_header(amqp_table_t *headers, const char *name)
 }
 
 /*
- * The original id of a redriven message: the header
- * MQTX_REDRIVEN_FROM_HEADER, when it is a non-empty string; else NULL.
+ * A string header of mqtx's own (the original id of a redriven message,
+ * an ordering key), when it is a non-empty string; else NULL.
  */
 char *
-mqtx_amqp_redriven_from(amqp_table_t *headers)
+mqtx_amqp_string_header(amqp_table_t *headers, const char *name)
 {
-	amqp_field_value_t *value = find_header(headers, MQTX_REDRIVEN_FROM_HEADER);
+	amqp_field_value_t *value = find_header(headers, name);
 	amqp_bytes_t id;
 
 	if (value == NULL ||
@@ -454,7 +454,7 @@ mqtx_amqp_redriven_from(amqp_table_t *headers)
 		value->value.bytes.len == 0)
 		return NULL;
 	id = value->value.bytes;
-	/* a dedupe key already, written by mqtx.redrive: taken as it is */
+	/* written by mqtx (a dedupe key, a key): taken as it is */
 	return is_plain_text(id.bytes, id.len) ? pnstrdup(id.bytes, id.len) :
 		mqtx_amqp_wire_string(id);
 }

@@ -177,7 +177,7 @@ extern bool mqtx_amqp_table_fits_frame(amqp_table_t *table, int frame_max,
 									   size_t *room);
 extern char *mqtx_amqp_wire_string(amqp_bytes_t bytes);
 extern bool mqtx_amqp_table_to_json(StringInfo out, amqp_table_t *table, int depth);
-extern char *mqtx_amqp_redriven_from(amqp_table_t *headers);
+extern char *mqtx_amqp_string_header(amqp_table_t *headers, const char *name);
 extern int64 mqtx_amqp_delivery_count(amqp_table_t *headers);
 
 #endif							/* MQTX_BROKER_INTERNAL_H */

@@ -103,7 +103,8 @@ static const char *const subscriptions_sql =
 "             AND jsonb_typeof(q.arguments->'x-delivery-limit') = 'number'"
 "            THEN least(greatest(floor((q.arguments->>'x-delivery-limit')::numeric), 0),"
 "                       2147483647)::int4"
-"       END "
+"       END,"
+"       s.after_dead_letter = 'wait' "
 "FROM mqtx.subscriptions s LEFT JOIN mqtx.queues q ON q.name = s.queue "
 "ORDER BY s.queue";
 
@@ -148,9 +149,11 @@ static const char *const dead_letter_sql =
 "), letter AS ("
 "  INSERT INTO mqtx.dead_letter (queue, message_id, exchange, routing_key, headers,"
 "      body, body_text, body_json, error_message, error_detail, error_context,"
-"      attempts, first_failed_at, last_failed_at)"
+"      attempts, first_failed_at, last_failed_at, ordering_key, parked_position)"
 "  SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
-"      coalesce((SELECT first_failed_at FROM attempt), pg_catalog.now()), pg_catalog.now()"
+"      coalesce((SELECT first_failed_at FROM attempt), pg_catalog.now()), pg_catalog.now(),"
+"      $13, CASE WHEN $13 IS NOT NULL THEN coalesce($14,"
+"          pg_catalog.nextval('mqtx.parked_position_seq'::pg_catalog.regclass)) END"
 "  WHERE EXISTS (SELECT FROM seen)"
 "  ON CONFLICT ON CONSTRAINT dead_letter_queue_message_id_key DO NOTHING"
 "  RETURNING id, queue"
@@ -174,6 +177,53 @@ static const char *const retention_sql =
 "                      WHERE d.queue = i.queue AND d.message_id = i.message_id)"
 "   LIMIT $2))";
 
+/*
+ * Ordering keys.  A message of a key is applied only when nothing earlier
+ * of its key is held: no parked message of the key, and under
+ * after_dead_letter = wait no dead letter of it.  Otherwise it is parked
+ * (and acknowledged): the database keeps it, in order, and the consumer
+ * applies it from there once its key lets it.  A keyed message whose
+ * attempt fails is parked too, with its next attempt's time, rather than
+ * held unacknowledged as other failures are: so a key's later messages
+ * never wait in the prefetch window, the other keys flow, and a crash
+ * cannot hand the earlier one back behind later ones already parked.
+ */
+static const char *const key_held_sql =
+"SELECT EXISTS (SELECT FROM mqtx.parked WHERE queue = $1 AND ordering_key = $2)"
+"    OR ($3 AND EXISTS (SELECT FROM mqtx.dead_letter"
+"                        WHERE queue = $1 AND ordering_key = $2))";
+
+/* a copy already applied, or parked, is a duplicate: nothing is written */
+static const char *const park_sql =
+"INSERT INTO mqtx.parked (queue, ordering_key, message_id, exchange, routing_key,"
+"                         headers, body, next_attempt_at) "
+"SELECT $1, $2, $3, $4, $5, $6, $7, $8 "
+" WHERE NOT EXISTS (SELECT FROM mqtx.inbox WHERE queue = $1 AND message_id = $3) "
+"ON CONFLICT ON CONSTRAINT parked_queue_message_id_key DO NOTHING";
+
+static const char *const unpark_sql =
+"DELETE FROM mqtx.parked WHERE position = $1";
+
+static const char *const park_retry_sql =
+"UPDATE mqtx.parked SET next_attempt_at = $2 WHERE position = $1";
+
+/*
+ * The first parked message of every key whose key lets it go, oldest
+ * first: its time has come, and no dead letter holds its key.
+ */
+static const char *const parked_heads_sql =
+"SELECT p.position, p.queue, p.ordering_key, p.message_id, p.exchange, p.routing_key,"
+"       p.headers::text, p.body "
+"FROM (SELECT DISTINCT ON (queue, ordering_key) * FROM mqtx.parked"
+"       ORDER BY queue, ordering_key, position) p"
+"     JOIN mqtx.subscriptions s ON s.queue = p.queue "
+"WHERE (p.next_attempt_at IS NULL OR p.next_attempt_at <= pg_catalog.now())"
+"  AND NOT (s.after_dead_letter = 'wait' AND EXISTS ("
+"        SELECT FROM mqtx.dead_letter d"
+"         WHERE d.queue = p.queue AND d.ordering_key = p.ordering_key)) "
+"ORDER BY p.position "
+"LIMIT $1";
+
 typedef struct Subscription
 {
 	char	   *queue;
@@ -182,6 +232,8 @@ typedef struct Subscription
 	int			max_attempts;
 	int			handler_timeout_ms;
 	int			delivery_limit; /* the quorum queue's x-delivery-limit, or 0 */
+	bool		wait_after_dead_letter; /* a key's dead letter holds its later
+										 * messages */
 	int			channel;		/* consumed on this channel; 0: not consumed */
 } Subscription;
 
@@ -220,6 +272,10 @@ typedef struct Work
 	bool		failed;			/* failed already, in the batch's first try */
 	bool		suspect;		/* the delivery earlier consumers died on */
 	bool		quarantined;	/* dead-letter it without applying it */
+	bool		behind;			/* an earlier delivery of its key in the batch
+								 * was not applied */
+	bool		held;			/* its key is held: park it, unapplied */
+	bool		parked;			/* it was parked (acknowledge it) */
 } Work;
 
 typedef struct ConsumerState
@@ -235,6 +291,7 @@ typedef struct ConsumerState
 	MqtxCrashRecord suspect;	/* a delivery earlier consumers died on */
 	TimestampTz started_at;
 	TimestampTz next_retention_at;
+	TimestampTz next_parked_check_at;	/* look for parked messages to apply */
 } ConsumerState;
 
 static ConsumerState consumer;
@@ -245,6 +302,11 @@ static Datum wire_text_datum(const char *utf8);
 static SPIPlanPtr inbox_plan = NULL;
 static SPIPlanPtr record_attempt_plan = NULL;
 static SPIPlanPtr dead_letter_plan = NULL;
+static SPIPlanPtr key_held_plan = NULL;
+static SPIPlanPtr park_plan = NULL;
+static SPIPlanPtr unpark_plan = NULL;
+static SPIPlanPtr park_retry_plan = NULL;
+static SPIPlanPtr parked_heads_plan = NULL;
 
 /*
  * Error texts are kept (attempts, dead letters) and logged; one that quotes
@@ -339,6 +401,7 @@ copy_delivery(BrokerDelivery *dst, const BrokerDelivery *src)
 	dst->routing_key = pstrdup(src->routing_key);
 	dst->message_id = copy_string(src->message_id);
 	dst->redriven_from = copy_string(src->redriven_from);
+	dst->ordering_key = copy_string(src->ordering_key);
 	dst->headers_json = copy_string(src->headers_json);
 	dst->headers_error = copy_string(src->headers_error);
 	dst->body = palloc(src->body_len + 1);
@@ -360,6 +423,7 @@ free_delivery_copy(BrokerDelivery *d)
 	pfree(d->routing_key);
 	free_string(d->message_id);
 	free_string(d->redriven_from);
+	free_string(d->ordering_key);
 	free_string(d->headers_json);
 	free_string(d->headers_error);
 	pfree(d->body);
@@ -442,6 +506,18 @@ server_queue_name(BrokerDelivery *d)
 	return pg_any_to_server(d->queue, strlen(d->queue), PG_UTF8);
 }
 
+/*
+ * A string read from the database, as the wire's UTF-8 (what a delivery
+ * holds); NULL stays NULL.  In a transaction.
+ */
+static char *
+server_to_wire(const char *str)
+{
+	if (str == NULL)
+		return NULL;
+	return pstrdup(pg_server_to_any(str, strlen(str), PG_UTF8));
+}
+
 static List *
 read_subscriptions(void)
 {
@@ -467,6 +543,7 @@ read_subscriptions(void)
 		sub->delivery_limit = DatumGetInt32(SPI_getbinval(tuple, desc, 6, &isnull));
 		if (isnull)
 			sub->delivery_limit = 0;
+		sub->wait_after_dead_letter = DatumGetBool(SPI_getbinval(tuple, desc, 7, &isnull));
 		loaded = lappend(loaded, sub);
 	}
 	MemoryContextSwitchTo(old);
@@ -793,6 +870,59 @@ call_handler(Handler *handler, Subscription *sub, Jsonb *payload, Jsonb *headers
 }
 
 /*
+ * Whether a delivery's key is held by what the database keeps: a parked
+ * message of the key, or under after_dead_letter = wait a dead letter.
+ */
+static bool
+key_is_held(Work *w)
+{
+	Oid			types[3] = {TEXTOID, TEXTOID, BOOLOID};
+	Datum		values[3] = {CStringGetTextDatum(w->sub->queue),
+		wire_text_datum(w->d->ordering_key),
+	BoolGetDatum(w->sub->wait_after_dead_letter)};
+	bool		isnull;
+
+	execute(&key_held_plan, key_held_sql, 3, types, values, NULL, SPI_OK_SELECT);
+	return DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
+									  &isnull));
+}
+
+/* A parked message being applied leaves mqtx.parked with its outcome. */
+static void
+unpark(Work *w)
+{
+	Oid			type = INT8OID;
+	Datum		value = Int64GetDatum(w->d->parked_position);
+
+	execute(&unpark_plan, unpark_sql, 1, &type, &value, NULL, SPI_OK_DELETE);
+}
+
+/*
+ * Is an earlier delivery of the batch, of the same queue and key, not
+ * applied (held, failed, parked, about to be dead-lettered)?  Then this
+ * one must not be applied before it.
+ */
+static bool
+is_behind(Work *work, int i)
+{
+	Work	   *w = &work[i];
+
+	if (w->sub == NULL || w->d->ordering_key == NULL)
+		return false;
+	for (int j = 0; j < i; j++)
+	{
+		Work	   *e = &work[j];
+
+		if (e->sub == w->sub && e->d->ordering_key != NULL &&
+			strcmp(e->d->ordering_key, w->d->ordering_key) == 0 &&
+			(e->held || e->failed || e->quarantined || e->parked ||
+			 (e->result != APPLIED && e->result != DUPLICATE)))
+			return true;
+	}
+	return false;
+}
+
+/*
  * Apply one delivery: record its key in the inbox and, unless it was there
  * already, parse it and run the handler.  Errors propagate: the caller's
  * subtransaction holds its effects.  *stage says what an error means: the
@@ -817,6 +947,13 @@ apply_one(void *arg)
 	Jsonb	   *headers;
 
 	args->stage = HANDLER_FAILED;
+	if (w->d->parked_position > 0)
+		unpark(w);
+	else if (w->d->ordering_key != NULL && (w->behind || key_is_held(w)))
+	{
+		w->held = true;
+		return;
+	}
 	if (execute(&inbox_plan, inbox_sql, 2, types, values, NULL, SPI_OK_INSERT) == 0)
 	{
 		w->result = DUPLICATE;
@@ -898,6 +1035,7 @@ apply_each(void *arg)
 		args->current.work = &args->work[i];
 		args->current.stage = HANDLER_FAILED;
 		args->started = GetCurrentTimestamp();
+		args->work[i].behind = is_behind(args->work, i);
 		apply_one(&args->current);
 		keep_alive();
 	}
@@ -1032,10 +1170,10 @@ insert_dead_letter(void *arg)
 	Work	   *w = args->work;
 	BrokerDelivery *d = w->d;
 	ErrorData  *edata = w->edata;
-	Oid			types[12] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, JSONBOID, BYTEAOID,
-	TEXTOID, JSONBOID, TEXTOID, TEXTOID, TEXTOID, INT4OID};
-	Datum		values[12];
-	char		nulls[12];
+	Oid			types[14] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, JSONBOID, BYTEAOID,
+	TEXTOID, JSONBOID, TEXTOID, TEXTOID, TEXTOID, INT4OID, TEXTOID, INT8OID};
+	Datum		values[14];
+	char		nulls[14];
 	bytea	   *body = palloc(VARHDRSZ + d->body_len);
 	bool		utf8 = pg_verify_mbstr(PG_UTF8, d->body, d->body_len, true);
 	bool		isnull;
@@ -1073,8 +1211,18 @@ insert_dead_letter(void *arg)
 	}
 	values[11] = Int32GetDatum(Max(w->attempts, 1));
 	nulls[11] = ' ';
+	if (d->ordering_key != NULL)
+	{
+		values[12] = wire_text_datum(d->ordering_key);
+		nulls[12] = ' ';
+	}
+	if (d->parked_position > 0)
+	{
+		values[13] = Int64GetDatum(d->parked_position);
+		nulls[13] = ' ';
+	}
 
-	execute(&dead_letter_plan, dead_letter_sql, 12, types, values, nulls, SPI_OK_SELECT);
+	execute(&dead_letter_plan, dead_letter_sql, 14, types, values, nulls, SPI_OK_SELECT);
 	args->id = 0;
 	if (SPI_processed == 1)
 	{
@@ -1083,6 +1231,9 @@ insert_dead_letter(void *arg)
 		args->notified = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0],
 													SPI_tuptable->tupdesc, 2, &isnull));
 	}
+	/* its letter keeps its place in its key (parked_position) */
+	if (d->parked_position > 0)
+		unpark(w);
 }
 
 /*
@@ -1180,6 +1331,100 @@ record_attempt(Work *w)
 }
 
 /*
+ * When a delivery that failed attempts times is tried again: the backoff,
+ * exponential with jitter (half the delay fixed, half random), capped.
+ */
+static TimestampTz
+retry_time(int attempts)
+{
+	double		delay = Min((double) mqtx_retry_max,
+							mqtx_retry_base * pow(2.0, Max(attempts, 1) - 1));
+
+	delay *= 0.5 + 0.5 * pg_prng_double(&pg_global_prng_state);
+	return TimestampTzPlusMilliseconds(GetCurrentTimestamp(), (int64) delay);
+}
+
+typedef struct ParkArgs
+{
+	Work	   *work;
+	TimestampTz retry_at;		/* 0: as soon as its key lets it */
+}			ParkArgs;
+
+static void
+insert_parked(void *arg)
+{
+	ParkArgs   *args = arg;
+	Work	   *w = args->work;
+	BrokerDelivery *d = w->d;
+	Oid			types[8] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, JSONBOID, BYTEAOID,
+	TIMESTAMPTZOID};
+	Datum		values[8];
+	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', 'n', ' ', 'n'};
+	bytea	   *body = palloc(VARHDRSZ + d->body_len);
+
+	if (d->parked_position > 0)
+	{
+		/* parked already: only its next attempt's time changes */
+		Oid			retry_types[2] = {INT8OID, TIMESTAMPTZOID};
+		Datum		retry_values[2] = {Int64GetDatum(d->parked_position),
+		TimestampTzGetDatum(args->retry_at)};
+
+		execute(&park_retry_plan, park_retry_sql, 2, retry_types, retry_values, NULL,
+				SPI_OK_UPDATE);
+		return;
+	}
+	memcpy(VARDATA(body), d->body, d->body_len);
+	SET_VARSIZE(body, VARHDRSZ + d->body_len);
+	values[0] = CStringGetTextDatum(w->sub->queue);
+	values[1] = wire_text_datum(d->ordering_key);
+	values[2] = wire_text_datum(w->key);
+	values[3] = wire_text_datum(d->exchange);
+	values[4] = wire_text_datum(d->routing_key);
+	if (d->headers_json != NULL)
+	{
+		values[5] = JsonbPGetDatum(parse_headers(d));
+		nulls[5] = ' ';
+	}
+	values[6] = PointerGetDatum(body);
+	if (args->retry_at != 0)
+	{
+		values[7] = TimestampTzGetDatum(args->retry_at);
+		nulls[7] = ' ';
+	}
+	execute(&park_plan, park_sql, 8, types, values, nulls, SPI_OK_INSERT);
+}
+
+/*
+ * Park a delivery of an ordering key in mqtx.parked (or, for one applied
+ * from there, set its next attempt's time), in a subtransaction.  Returns
+ * whether it is parked: it may then be acknowledged.  When it cannot be
+ * (headers this database cannot hold, say), it is held for a retry as
+ * other failures are.
+ */
+static bool
+park(Work *w, TimestampTz retry_at)
+{
+	ParkArgs	args = {w, retry_at};
+	ErrorData  *edata = in_subtransaction(insert_parked, &args);
+
+	if (edata == NULL)
+	{
+		/* look for it again by its time; its key's next once it is gone */
+		consumer.next_parked_check_at = Min(consumer.next_parked_check_at,
+											retry_at != 0 ? retry_at :
+											TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+																		mqtx_poll_interval));
+		return true;
+	}
+	ereport(WARNING,
+			(errmsg("mqtx consumer: could not park message %s of ordering key \"%s\" from queue \"%s\"; it is held and tried again",
+					w->key, w->d->ordering_key, w->d->queue),
+			 errdetail_internal("%s", edata->message)));
+	FreeErrorData(edata);
+	return false;
+}
+
+/*
  * A quorum queue with x-delivery-limit drops (or dead-letters to its own
  * exchange) a message handed back once more than the limit: this delivery,
  * if it failed, is the last the consumer would see, and holding it for a
@@ -1214,20 +1459,19 @@ settle_failure(Work *w)
 	record_attempt(w);
 	if (w->attempts >= w->sub->max_attempts || is_last_delivery(w))
 		w->settled = dead_letter(w);
+	else if (w->d->ordering_key != NULL)
+		w->settled = w->parked = park(w, retry_time(w->attempts));
 }
 
 static void
 hold_for_retry(BrokerDelivery *d, int attempts)
 {
-	double		delay = Min((double) mqtx_retry_max,
-							mqtx_retry_base * pow(2.0, Max(attempts, 1) - 1));
 	MemoryContext old = MemoryContextSwitchTo(consumer.long_context);
 	HeldDelivery *held = palloc(sizeof(HeldDelivery));
 
-	delay *= 0.5 + 0.5 * pg_prng_double(&pg_global_prng_state);
 	copy_delivery(&held->delivery, d);
 	held->delivery.redelivered = true;	/* it has an attempt on record now */
-	held->retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), (int64) delay);
+	held->retry_at = retry_time(attempts);
 	consumer.held = lappend(consumer.held, held);
 	MemoryContextSwitchTo(old);
 }
@@ -1358,6 +1602,7 @@ try_in_one_transaction(Work *work, int count, ErrorData **commit_error)
 			w->edata = NULL;
 			w->attempts = 0;
 			w->settled = w->dead_lettered = w->failed = false;
+			w->held = w->parked = false;
 			w->suspect = w->sub != NULL && is_suspect(w);
 			w->quarantined = is_quarantined(w);
 		}
@@ -1365,17 +1610,26 @@ try_in_one_transaction(Work *work, int count, ErrorData **commit_error)
 		if (!(count > 1 && apply_all_at_once(work, count, &handlers)))
 			for (int i = 0; i < count; i++)
 			{
+				/* a single delivery's place in its batch is the caller's */
+				if (count > 1)
+				{
+					work[i].held = false;
+					work[i].behind = is_behind(work, i);
+				}
 				if (work[i].sub != NULL && !work[i].quarantined && !work[i].failed)
 					apply_delivery(&work[i], &handlers);
 				keep_alive();
 			}
+		/* in the batch's order: parked messages keep it */
 		for (int i = 0; i < count; i++)
 		{
 			Work	   *w = &work[i];
 
 			if (w->sub == NULL)
 				continue;
-			if (w->result == APPLIED || w->result == DUPLICATE)
+			if (w->held)
+				w->settled = w->parked = park(w, 0);
+			else if (w->result == APPLIED || w->result == DUPLICATE)
 				w->settled = true;
 			else
 				settle_failure(w);
@@ -1423,10 +1677,15 @@ record_transaction_failure(Work *w, ErrorData *commit_error)
 	 * is tried again, after the backoff, without spending an attempt.
 	 */
 	if (is_transient(commit_error))
+	{
 		ereport(LOG,
 				(errmsg("mqtx consumer: message %s from queue \"%s\" is tried again after its backoff",
 						w->key, w->d->queue),
 				 errdetail_internal("%s", commit_error->message)));
+		/* a key's message waits parked, not held (see key_held_sql) */
+		if (w->sub != NULL && w->d->ordering_key != NULL)
+			w->settled = w->parked = park(w, retry_time(1));
+	}
 	else if (w->sub != NULL)
 		settle_failure(w);
 	commit_durably();
@@ -1452,8 +1711,11 @@ apply_batch(Work *work, int count)
 				 errdetail_internal("%s", commit_error->message)));
 		/* the errors stay in the pass's memory, gone with it */
 		for (int i = 0; i < count; i++)
+		{
+			work[i].behind = is_behind(work, i);
 			if (!try_in_one_transaction(&work[i], 1, &commit_error))
 				record_transaction_failure(&work[i], commit_error);
+		}
 		return;
 	}
 	record_transaction_failure(&work[0], commit_error);
@@ -1466,8 +1728,25 @@ typedef struct DeliveryTag
 	uint64		tag;
 } DeliveryTag;
 
+/* Count a delivery's outcome, once its transaction has committed. */
+static void
+count_outcome(Work *w)
+{
+	if (w->result == APPLIED && !w->held)
+		mqtx_count(consumer.worker.slot, MQTX_CONSUMER_APPLIED, 1);
+	else if (w->held)
+		return;					/* parked behind its key: counted when applied */
+	else if (w->result == DUPLICATE || (w->settled && !w->dead_lettered && !w->parked))
+		mqtx_count(consumer.worker.slot, MQTX_CONSUMER_DUPLICATES, 1);
+	else if (w->dead_lettered)
+		mqtx_count(consumer.worker.slot, MQTX_CONSUMER_DEAD_LETTERED, 1);
+	else
+		mqtx_count(consumer.worker.slot, MQTX_CONSUMER_RETRIED, 1);
+}
+
 /*
- * After the commit: count, and sort into acks, requeues and holds.
+ * After the commit: count, and sort into acks, requeues and holds.  A
+ * message applied from mqtx.parked has nothing to acknowledge.
  */
 static int
 act_on_outcomes(Work *work, int count, DeliveryTag *ack, DeliveryTag *requeue,
@@ -1481,25 +1760,21 @@ act_on_outcomes(Work *work, int count, DeliveryTag *ack, DeliveryTag *requeue,
 		Work	   *w = &work[i];
 		DeliveryTag tag = {w->d->channel, w->d->delivery_tag};
 
-		if (w->sub == NULL)
+		if (w->sub == NULL && w->d->parked_position == 0)
 		{
 			requeue[(*nrequeue)++] = tag;
 			continue;
 		}
+		if (w->sub == NULL)
+			continue;
+		count_outcome(w);
+		if (w->d->parked_position > 0)
+			continue;
 		if (w->settled)
 			ack[nack++] = tag;
 		else if (mqtx_broker_channel_is_open(consumer.worker.conn, tag.channel))
 			hold_for_retry(w->d, w->attempts);
 		/* else its channel closed: the broker has it back, attempts on record */
-
-		if (w->result == APPLIED)
-			mqtx_count(consumer.worker.slot, MQTX_CONSUMER_APPLIED, 1);
-		else if (w->result == DUPLICATE || (w->settled && !w->dead_lettered))
-			mqtx_count(consumer.worker.slot, MQTX_CONSUMER_DUPLICATES, 1);
-		else if (w->dead_lettered)
-			mqtx_count(consumer.worker.slot, MQTX_CONSUMER_DEAD_LETTERED, 1);
-		else
-			mqtx_count(consumer.worker.slot, MQTX_CONSUMER_RETRIED, 1);
 	}
 	return nack;
 }
@@ -1608,6 +1883,58 @@ take_due_held(BrokerDelivery *batch, int capacity)
 }
 
 /*
+ * Parked messages whose keys let them go: the first of each key, oldest
+ * first, into the batch.  Looked for when the last look found some, when
+ * the consumer parked something, and otherwise every poll interval (an
+ * operator's redrive or discard, a retry come due).
+ */
+static int
+take_parked(BrokerDelivery *batch, int capacity)
+{
+	Oid			type = INT4OID;
+	Datum		limit = Int32GetDatum(capacity);
+	int			count;
+
+	if (capacity == 0 || GetCurrentTimestamp() < consumer.next_parked_check_at)
+		return 0;
+	mqtx_worker_begin_step("mqtx consumer: reading parked messages");
+	execute(&parked_heads_plan, parked_heads_sql, 1, &type, &limit, NULL, SPI_OK_SELECT);
+	count = (int) SPI_processed;
+	MemoryContextSwitchTo(consumer.worker.context);
+	for (int i = 0; i < count; i++)
+	{
+		HeapTuple	tuple = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		BrokerDelivery *d = &batch[i];
+		bool		isnull;
+		bytea	   *body;
+
+		memset(d, 0, sizeof(*d));
+		d->parked_position = DatumGetInt64(SPI_getbinval(tuple, desc, 1, &isnull));
+		d->queue = server_to_wire(SPI_getvalue(tuple, desc, 2));
+		d->ordering_key = server_to_wire(SPI_getvalue(tuple, desc, 3));
+		d->message_id = server_to_wire(SPI_getvalue(tuple, desc, 4));
+		d->exchange = server_to_wire(SPI_getvalue(tuple, desc, 5));
+		d->routing_key = server_to_wire(SPI_getvalue(tuple, desc, 6));
+		if (d->exchange == NULL)
+			d->exchange = pstrdup("");
+		if (d->routing_key == NULL)
+			d->routing_key = pstrdup("");
+		d->headers_json = server_to_wire(SPI_getvalue(tuple, desc, 7));
+		d->redelivered = true;
+		body = DatumGetByteaPP(SPI_getbinval(tuple, desc, 8, &isnull));
+		d->body_len = VARSIZE_ANY_EXHDR(body);
+		d->body = palloc(d->body_len + 1);
+		memcpy(d->body, VARDATA_ANY(body), d->body_len);
+		d->body[d->body_len] = '\0';
+	}
+	mqtx_worker_end_step(&consumer.worker);
+	consumer.next_parked_check_at = count > 0 ? 0 :
+		TimestampTzPlusMilliseconds(GetCurrentTimestamp(), mqtx_poll_interval);
+	return count;
+}
+
+/*
  * Gather a batch: due retries, then deliveries, waiting at most
  * DELIVERY_WAIT_MS for the first.  Once one is in hand, only deliveries
  * already received are added, without waiting for more: a trickle is
@@ -1622,6 +1949,8 @@ collect_batch(BrokerDelivery *batch, int capacity, char **error)
 	int			count = take_due_held(batch, capacity);
 	int64		budget = (int64) mqtx_batch_max_bytes * 1024;
 	int64		bytes = 0;
+
+	count += take_parked(batch + count, capacity - count);
 
 	for (int i = 0; i < count; i++)
 		bytes += batch[i].body_len;
@@ -1692,7 +2021,9 @@ consume_pass(void)
 	}
 	if (count == 0)
 		return false;
-	mqtx_count(consumer.worker.slot, MQTX_CONSUMER_CONSUMED, count);
+	for (int i = 0; i < count; i++)
+		if (batch[i].parked_position == 0)
+			mqtx_count(consumer.worker.slot, MQTX_CONSUMER_CONSUMED, 1);
 	consumer.one_at_a_time = Max(consumer.one_at_a_time - count, 0);
 
 	work = palloc0(sizeof(Work) * count);

@@ -125,6 +125,24 @@ static const char *const claim_sql =
 "FOR NO KEY UPDATE OF o SKIP LOCKED";
 
 /*
+ * The claim for an outbox before 0.8.0, which has no ordering keys: the
+ * library is upgraded and restarted before ALTER EXTENSION ... UPDATE
+ * runs, and publishing goes on meanwhile.
+ */
+static const char *const unordered_claim_sql =
+"SELECT o.id, o.message_id::text, o.exchange, o.routing_key, o.payload::text, o.headers, "
+"       extract(epoch FROM o.created_at)::bigint, o.xmin "
+"FROM mqtx.outbox o "
+"WHERE o.status = 'pending' AND o.next_attempt_at <= pg_catalog.now() "
+"  AND o.id NOT IN (SELECT pg_catalog.unnest($2::bigint[])) "
+"ORDER BY o.next_attempt_at, o.id "
+"LIMIT $1 "
+"FOR NO KEY UPDATE OF o SKIP LOCKED";
+
+/* The version whose outbox has ordering keys */
+#define ORDERING_KEYS_VERSION "0.8.0"
+
+/*
  * When the next pending row not yet due becomes due: a scheduled message,
  * or a retry.  The relay sleeps until then at most, so a message is sent
  * within milliseconds of its time without polling the outbox for it.
@@ -249,6 +267,7 @@ static RelayState relay;
  * replans them after DDL on the outbox, as it would a PREPAREd statement.
  */
 static SPIPlanPtr claim_plan = NULL;
+static SPIPlanPtr unordered_claim_plan = NULL;
 static SPIPlanPtr mark_published_plan = NULL;
 static SPIPlanPtr record_failures_plan = NULL;
 static SPIPlanPtr next_due_plan = NULL;
@@ -642,17 +661,20 @@ claim_batch(Oid outbox, XLogRecPtr *newest_commit)
 	int64		bytes = 0;
 	TransactionId *xmins = palloc(sizeof(TransactionId) * mqtx_batch_size);
 
+	bool		ordered = mqtx_worker_schema_at_least(&relay.worker, ORDERING_KEYS_VERSION);
+	SPIPlanPtr *plan = ordered ? &claim_plan : &unordered_claim_plan;
+
 	args[0] = Int32GetDatum(mqtx_batch_size);
 	args[1] = ids_in_flight();
-	if (claim_plan == NULL)
+	if (*plan == NULL)
 	{
-		claim_plan = SPI_prepare(claim_sql, 2, argtypes);
-		if (claim_plan == NULL || SPI_keepplan(claim_plan) != 0)
+		*plan = SPI_prepare(ordered ? claim_sql : unordered_claim_sql, 2, argtypes);
+		if (*plan == NULL || SPI_keepplan(*plan) != 0)
 			elog(ERROR, "preparing the claim of outbox rows failed");
 	}
 	/* before anything is read: see mqtx_cancel */
 	mqtx_note_claim(GetCurrentTransactionStartTimestamp());
-	portal = SPI_cursor_open(NULL, claim_plan, args, NULL, false);
+	portal = SPI_cursor_open(NULL, *plan, args, NULL, false);
 
 	batch_context = AllocSetContextCreate(TopMemoryContext, "mqtx relay batch",
 										  ALLOCSET_DEFAULT_SIZES);

@@ -323,10 +323,13 @@ CREATE TABLE mqtx.subscriptions (
 	max_attempts	integer NOT NULL DEFAULT 5,
 	created_at		timestamptz NOT NULL DEFAULT now(),
 	handler_timeout interval NOT NULL DEFAULT '30 seconds',
+	after_dead_letter text NOT NULL DEFAULT 'wait',
 	CONSTRAINT subscriptions_prefetch_check CHECK (prefetch BETWEEN 1 AND 65535),
 	CONSTRAINT subscriptions_max_attempts_check CHECK (max_attempts BETWEEN 1 AND 1000),
 	CONSTRAINT subscriptions_handler_timeout_check
-		CHECK (handler_timeout BETWEEN '1 millisecond' AND '1 day')
+		CHECK (handler_timeout BETWEEN '1 millisecond' AND '1 day'),
+	CONSTRAINT subscriptions_after_dead_letter_check
+		CHECK (after_dead_letter IN ('wait', 'proceed'))
 );
 
 COMMENT ON TABLE mqtx.subscriptions IS
@@ -343,6 +346,8 @@ COMMENT ON COLUMN mqtx.subscriptions.created_at IS
 	'When the queue was first subscribed';
 COMMENT ON COLUMN mqtx.subscriptions.handler_timeout IS
 	'How long one call of the handler may run; one that takes longer fails like any handler error';
+COMMENT ON COLUMN mqtx.subscriptions.after_dead_letter IS
+	'What the later messages of an ordering key do once one of the key is dead-lettered: wait (parked, until an operator redrives or discards it) or proceed';
 
 SELECT pg_catalog.pg_extension_config_dump('mqtx.subscriptions', '');
 
@@ -416,6 +421,8 @@ CREATE TABLE mqtx.dead_letter (
 	attempts		integer NOT NULL,
 	first_failed_at timestamptz NOT NULL,
 	last_failed_at	timestamptz NOT NULL,
+	ordering_key	text,
+	parked_position bigint,
 	-- one dead letter per message and queue, however many copies came
 	CONSTRAINT dead_letter_queue_message_id_key UNIQUE (queue, message_id)
 );
@@ -452,12 +459,127 @@ COMMENT ON COLUMN mqtx.dead_letter.first_failed_at IS
 	'When the first attempt failed';
 COMMENT ON COLUMN mqtx.dead_letter.last_failed_at IS
 	'When the last attempt failed';
+COMMENT ON COLUMN mqtx.dead_letter.ordering_key IS
+	'The message''s ordering key (header x-mqtx-ordering-key), or NULL; under after_dead_letter = wait the key''s later messages are parked while the letter is here';
+COMMENT ON COLUMN mqtx.dead_letter.parked_position IS
+	'Its place among its key''s messages: mqtx.redrive puts it back into mqtx.parked there, ahead of the later ones';
 COMMENT ON SEQUENCE mqtx.dead_letter_id_seq IS
 	'Ids of mqtx.dead_letter rows (its identity column)';
+
+-- Is a key held by a dead letter?  Asked for every message of a key.
+CREATE INDEX dead_letter_ordering_key_idx ON mqtx.dead_letter (queue, ordering_key)
+	WHERE ordering_key IS NOT NULL;
 
 SELECT pg_catalog.pg_extension_config_dump('mqtx.dead_letter', '');
 SELECT pg_catalog.pg_extension_config_dump(
 	pg_catalog.pg_get_serial_sequence('mqtx.dead_letter', 'id'), '');
+
+--
+-- Parked messages: the later messages of an ordering key whose earlier one
+-- is retried or dead-lettered, and a keyed message whose attempt failed.
+-- They are acknowledged to the broker once parked (durably, here), so a
+-- held key never fills the prefetch window, and the consumer applies them
+-- from here, in their order, once nothing earlier of their key is held.
+--
+CREATE SEQUENCE mqtx.parked_position_seq;
+
+CREATE TABLE mqtx.parked (
+	position		bigint PRIMARY KEY DEFAULT nextval('mqtx.parked_position_seq'),
+	queue			text NOT NULL,
+	ordering_key	text NOT NULL,
+	message_id		text NOT NULL,
+	exchange		text,
+	routing_key		text,
+	headers			jsonb,
+	body			bytea NOT NULL,
+	parked_at		timestamptz NOT NULL DEFAULT now(),
+	next_attempt_at timestamptz,
+	CONSTRAINT parked_queue_message_id_key UNIQUE (queue, message_id)
+);
+
+CREATE INDEX parked_ordering_key_idx ON mqtx.parked (queue, ordering_key, position);
+
+COMMENT ON TABLE mqtx.parked IS
+	'Messages of ordering keys that wait for an earlier message of their key, or for their own next attempt; the consumer applies them from here, in order';
+COMMENT ON COLUMN mqtx.parked.position IS
+	'Their order: a key''s messages are applied by ascending position';
+COMMENT ON COLUMN mqtx.parked.queue IS
+	'The queue the message came from';
+COMMENT ON COLUMN mqtx.parked.ordering_key IS
+	'Its ordering key (header x-mqtx-ordering-key)';
+COMMENT ON COLUMN mqtx.parked.message_id IS
+	'The message''s dedupe key, as in mqtx.inbox';
+COMMENT ON COLUMN mqtx.parked.exchange IS
+	'The exchange the message was published to';
+COMMENT ON COLUMN mqtx.parked.routing_key IS
+	'The routing key the message was published with';
+COMMENT ON COLUMN mqtx.parked.headers IS
+	'The message''s AMQP headers, as a JSON object, or NULL for none';
+COMMENT ON COLUMN mqtx.parked.body IS
+	'The message''s body, as it was received';
+COMMENT ON COLUMN mqtx.parked.parked_at IS
+	'When it was parked';
+COMMENT ON COLUMN mqtx.parked.next_attempt_at IS
+	'When it is tried next, after an attempt failed; NULL: as soon as its key lets it';
+COMMENT ON SEQUENCE mqtx.parked_position_seq IS
+	'Positions of mqtx.parked rows, and of the dead letters of ordering keys';
+
+-- acknowledged to the broker: the database holds the only copy
+SELECT pg_catalog.pg_extension_config_dump('mqtx.parked', '');
+SELECT pg_catalog.pg_extension_config_dump('mqtx.parked_position_seq', '');
+
+-- The keys the consumer holds back, and why: a dead letter (under
+-- after_dead_letter = wait), or a first message that waits for its retry.
+CREATE VIEW mqtx.held_keys AS
+WITH keys AS (
+	SELECT p.queue, p.ordering_key FROM mqtx.parked p
+	UNION
+	SELECT d.queue, d.ordering_key
+	FROM mqtx.dead_letter d JOIN mqtx.subscriptions s ON s.queue = d.queue
+	WHERE d.ordering_key IS NOT NULL AND s.after_dead_letter = 'wait'
+)
+SELECT k.queue, k.ordering_key,
+	   CASE WHEN l.id IS NOT NULL THEN 'dead letter'
+			WHEN f.next_attempt_at > now() THEN 'retrying'
+			ELSE 'applying'
+	   END AS reason,
+	   l.id AS dead_letter_id,
+	   f.message_id AS first_parked_message_id,
+	   f.next_attempt_at,
+	   coalesce(n.parked, 0) AS parked,
+	   n.parked_since
+FROM keys k
+	 LEFT JOIN LATERAL (
+		SELECT d.id FROM mqtx.dead_letter d JOIN mqtx.subscriptions s ON s.queue = d.queue
+		WHERE d.queue = k.queue AND d.ordering_key = k.ordering_key AND s.after_dead_letter = 'wait'
+		ORDER BY d.parked_position LIMIT 1) l ON true
+	 LEFT JOIN LATERAL (
+		SELECT p.message_id, p.next_attempt_at FROM mqtx.parked p
+		WHERE p.queue = k.queue AND p.ordering_key = k.ordering_key
+		ORDER BY p.position LIMIT 1) f ON true
+	 LEFT JOIN LATERAL (
+		SELECT count(*) AS parked, min(p.parked_at) AS parked_since FROM mqtx.parked p
+		WHERE p.queue = k.queue AND p.ordering_key = k.ordering_key) n ON true;
+
+COMMENT ON VIEW mqtx.held_keys IS
+	'Ordering keys whose messages the consumer holds back, why, and how many are parked';
+COMMENT ON COLUMN mqtx.held_keys.queue IS
+	'The queue';
+COMMENT ON COLUMN mqtx.held_keys.ordering_key IS
+	'The key';
+COMMENT ON COLUMN mqtx.held_keys.reason IS
+	'dead letter: a message of the key is dead-lettered (redrive or discard it); retrying: the first parked message waits for its next attempt; applying: the consumer is applying the parked messages';
+COMMENT ON COLUMN mqtx.held_keys.dead_letter_id IS
+	'The first dead letter that holds the key, or NULL';
+COMMENT ON COLUMN mqtx.held_keys.first_parked_message_id IS
+	'The key''s first parked message, or NULL';
+COMMENT ON COLUMN mqtx.held_keys.next_attempt_at IS
+	'When that message is tried next; NULL: as soon as the key lets it';
+COMMENT ON COLUMN mqtx.held_keys.parked IS
+	'How many of the key''s messages are parked';
+COMMENT ON COLUMN mqtx.held_keys.parked_since IS
+	'When the oldest of them was parked';
+
 
 --
 -- Subscriptions.  The consumer runs a handler as the handler function's
@@ -524,7 +646,8 @@ REVOKE ALL ON FUNCTION mqtx.check_subscription() FROM PUBLIC;
 CREATE FUNCTION mqtx.subscribe(queue text, handler regprocedure,
 							   prefetch integer DEFAULT 100,
 							   max_attempts integer DEFAULT 5,
-							   handler_timeout interval DEFAULT '30 seconds')
+							   handler_timeout interval DEFAULT '30 seconds',
+							   after_dead_letter text DEFAULT 'wait')
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -539,17 +662,19 @@ BEGIN
 	END IF;
 	-- the table's trigger checks the signature, and the caller's right to
 	-- run the handler's owner's code
-	INSERT INTO mqtx.subscriptions AS s (queue, handler, prefetch, max_attempts, handler_timeout)
+	INSERT INTO mqtx.subscriptions AS s (queue, handler, prefetch, max_attempts, handler_timeout,
+										 after_dead_letter)
 		VALUES (subscribe.queue, subscribe.handler, subscribe.prefetch, subscribe.max_attempts,
-				subscribe.handler_timeout)
+				subscribe.handler_timeout, subscribe.after_dead_letter)
 	ON CONFLICT ON CONSTRAINT subscriptions_pkey DO UPDATE
 		SET handler = excluded.handler, prefetch = excluded.prefetch,
-			max_attempts = excluded.max_attempts, handler_timeout = excluded.handler_timeout;
+			max_attempts = excluded.max_attempts, handler_timeout = excluded.handler_timeout,
+			after_dead_letter = excluded.after_dead_letter;
 END
 $$;
 
-COMMENT ON FUNCTION mqtx.subscribe(text, regprocedure, integer, integer, interval) IS
-	'Apply the messages of a queue with handler(payload jsonb, headers jsonb), run as the handler''s owner; declares the queue if needed';
+COMMENT ON FUNCTION mqtx.subscribe(text, regprocedure, integer, integer, interval, text) IS
+	'Apply the messages of a queue with handler(payload jsonb, headers jsonb), run as the handler''s owner; declares the queue if needed; after_dead_letter: wait or proceed';
 
 CREATE FUNCTION mqtx.unsubscribe(queue text)
 RETURNS boolean
@@ -588,6 +713,17 @@ BEGIN
 	-- it was dead-lettered, goes, so that exactly one copy is applied.
 	DELETE FROM mqtx.inbox i
 	 WHERE i.queue = letter.queue AND i.message_id = letter.message_id;
+	-- A message of an ordering key goes back to its place among its key's
+	-- parked messages, ahead of the later ones: sent through the outbox it
+	-- could arrive after a later message of its key.
+	IF letter.ordering_key IS NOT NULL THEN
+		INSERT INTO mqtx.parked (position, queue, ordering_key, message_id, exchange,
+								 routing_key, headers, body)
+		VALUES (coalesce(letter.parked_position, nextval('mqtx.parked_position_seq')),
+				letter.queue, letter.ordering_key, letter.message_id, letter.exchange,
+				letter.routing_key, letter.headers, letter.body);
+		RETURN NULL;
+	END IF;
 	-- through the outbox, so it takes the whole way again
 	RETURN mqtx.publish('', letter.queue, letter.body_json,
 						coalesce(letter.headers, '{}')
@@ -596,7 +732,7 @@ END
 $$;
 
 COMMENT ON FUNCTION mqtx.redrive(bigint) IS
-	'Send a dead letter to its queue again, through the outbox, under its original identity; returns the new AMQP message id';
+	'Send a dead letter to its queue again, through the outbox, under its original identity, and return the new AMQP message id; one of an ordering key goes back into mqtx.parked at its place (returns NULL)';
 
 CREATE FUNCTION mqtx.redrive_all(queue text)
 RETURNS integer

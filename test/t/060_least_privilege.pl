@@ -410,7 +410,7 @@ my ($ret, $out, $err);
 isnt($ret, 0, 'app, granted publishing in appdb only, cannot publish in otherdb');
 like($err, qr/permission denied/, 'with a permission error') or diag($err);
 is( su('otherdb',
-		"SELECT has_function_privilege('app', 'mqtx.publish(text,text,jsonb,jsonb)', 'EXECUTE'), "
+		"SELECT has_function_privilege('app', 'mqtx.publish(text,text,jsonb,jsonb,text,timestamptz,interval)', 'EXECUTE'), "
 		  . "has_schema_privilege('app', 'mqtx', 'USAGE')"),
 	'f|f', 'otherdb grants app neither EXECUTE on mqtx.publish nor USAGE on mqtx');
 is(su('otherdb', 'SELECT count(*) FROM mqtx.outbox'), '0', 'nothing was enqueued in otherdb');
@@ -432,7 +432,7 @@ like($err, qr/permission denied for function subscribe/, 'mqtx.subscribe is not 
 su('appdb', q{
 	CREATE FUNCTION public.su_handler(payload jsonb, headers jsonb) RETURNS void
 	LANGUAGE plpgsql AS $$ BEGIN END $$;
-	GRANT EXECUTE ON FUNCTION mqtx.subscribe(text, regprocedure, integer, integer, interval) TO app;
+	GRANT EXECUTE ON FUNCTION mqtx.subscribe(text, regprocedure, integer, integer, interval, text) TO app;
 	GRANT SELECT ON mqtx.queues TO app;
 	GRANT SELECT, INSERT, UPDATE ON mqtx.subscriptions TO app;
 });
@@ -452,7 +452,7 @@ like($err, qr/permission denied to subscribe handler/,
 	q{SELECT mqtx.subscribe('app.q', 'app.app_handler(jsonb,jsonb)', 100, 2)});
 is($ret, 0, 'delegated: subscribing its own function is allowed') or diag($err);
 su('appdb', q{
-	REVOKE EXECUTE ON FUNCTION mqtx.subscribe(text, regprocedure, integer, integer, interval) FROM app;
+	REVOKE EXECUTE ON FUNCTION mqtx.subscribe(text, regprocedure, integer, integer, interval, text) FROM app;
 	REVOKE SELECT ON mqtx.queues FROM app;
 	REVOKE SELECT, INSERT, UPDATE ON mqtx.subscriptions FROM app;
 	DROP FUNCTION public.su_handler(jsonb, jsonb);
