@@ -107,6 +107,12 @@ BEGIN
 		RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
 			MESSAGE = 'mqtx.subscribe needs a queue and a handler';
 	END IF;
+	IF after_dead_letter IS DISTINCT FROM 'wait' AND after_dead_letter IS DISTINCT FROM 'proceed' THEN
+		RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+			MESSAGE = format('after_dead_letter of mqtx.subscribe must be wait or proceed, not %s',
+							 coalesce(quote_literal(after_dead_letter), 'NULL')),
+			HINT = 'wait: a key''s later messages wait while one of the key is dead-lettered; proceed: they go on.';
+	END IF;
 	IF NOT EXISTS (SELECT FROM mqtx.queues q WHERE q.name = subscribe.queue) THEN
 		PERFORM mqtx.declare_queue(queue);
 	END IF;
