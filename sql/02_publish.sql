@@ -81,7 +81,8 @@ SELECT status FROM mqtx.outbox WHERE id = 1;
 TRUNCATE mqtx.outbox;
 SELECT mqtx.publish('ex', 'rk', '{"n": 1}', ordering_key => 'order-42') IS NOT NULL AS keyed;
 SELECT mqtx.publish('ex', 'rk', '{"n": 2}', '{"h": 1}', 'order-42') IS NOT NULL AS keyed;
--- a key is held by the transaction that enqueues for it, to its end
+-- a key is held by the transaction that enqueues for it, to its end, with
+-- the database's key lock in share mode (taken exclusively past 64 keys)
 BEGIN;
 SELECT mqtx.publish('ex', 'rk', '{"n": 3}', ordering_key => 'order-7') IS NOT NULL AS keyed;
 SELECT locktype, objsubid, mode, granted FROM pg_locks
@@ -89,6 +90,13 @@ WHERE locktype = 'advisory' AND pid = pg_backend_pid();
 COMMIT;
 SELECT count(*) AS locks_left FROM pg_locks
 WHERE locktype = 'advisory' AND pid = pg_backend_pid();
+-- past 64 keys, one exclusive lock for all of them, not a lock each
+BEGIN;
+SELECT count(mqtx.publish('ex', 'rk', '{}', ordering_key => 'bulk-' || g)) FROM generate_series(1, 70) g;
+SELECT mode, count(*) FROM pg_locks
+WHERE locktype = 'advisory' AND objsubid = 28017 AND pid = pg_backend_pid()
+GROUP BY mode ORDER BY mode;
+ROLLBACK;
 SELECT payload, ordering_key, deliver_at IS NULL AS unscheduled, next_attempt_at = created_at AS due_at_once
 FROM mqtx.outbox ORDER BY id;
 

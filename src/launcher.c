@@ -698,6 +698,9 @@ serve_databases(TimestampTz now)
  * On a standby: say so once, show it in the view, and look again soon.
  * The workers' statements write; they wait for the promotion.
  */
+/* whether this launcher has opened mqtx.cancel's claim horizon */
+static bool claim_horizon_opened = false;
+
 static bool
 wait_for_promotion(void)
 {
@@ -707,6 +710,9 @@ wait_for_promotion(void)
 			ereport(LOG,
 					(errmsg("mqtx launcher: the server was promoted; starting the workers")));
 		in_standby_logged = false;
+		if (!claim_horizon_opened)
+			mqtx_open_claim_horizon();
+		claim_horizon_opened = true;
 		return false;
 	}
 	if (!in_standby_logged)

@@ -51,6 +51,7 @@
 #include "optimizer/optimizer.h"
 #include "rewrite/rewriteHandler.h"
 #include "storage/lmgr.h"
+#include "storage/proc.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
 #include "utils/guc.h"
@@ -788,16 +789,51 @@ open_outbox(LOCKMODE lockmode)
  * on a lock held to the end of the first, as it would on a row lock of
  * the aggregate the key names.  Keys are told apart by a 64-bit hash: two
  * keys that share one only wait for each other.
+ *
+ * A transaction that enqueues for many keys (a bulk INSERT through a
+ * keyed trigger) would fill the shared lock table with one lock a key.
+ * Past KEY_LOCKS_PER_TRANSACTION it takes the database's key lock,
+ * exclusively, instead: every keyed enqueue holds that one in share mode
+ * beside its key's, so the one exclusive holder stands for all its keys.
  */
+#define KEY_LOCKS_PER_TRANSACTION 64
+
+static LocalTransactionId keys_locked_in = InvalidLocalTransactionId;
+static int	keys_locked = 0;
+
+static void
+set_key_lock_tag(LOCKTAG * tag, uint64 hash)
+{
+	SET_LOCKTAG_ADVISORY(*tag, MyDatabaseId, (uint32) (hash >> 32), (uint32) hash,
+						 ORDERING_KEY_LOCK_CLASS);
+}
+
 static void
 lock_ordering_key(text *key)
 {
 	LOCKTAG		tag;
-	uint64		hash = hash_bytes_extended((const unsigned char *) VARDATA_ANY(key),
-										   VARSIZE_ANY_EXHDR(key), 0);
+	LOCKTAG		all_keys;
+#if PG_VERSION_NUM >= 170000
+	LocalTransactionId lxid = MyProc->vxid.lxid;
+#else
+	LocalTransactionId lxid = MyProc->lxid;
+#endif
 
-	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, (uint32) (hash >> 32), (uint32) hash,
-						 ORDERING_KEY_LOCK_CLASS);
+	if (keys_locked_in != lxid)
+	{
+		keys_locked_in = lxid;
+		keys_locked = 0;
+	}
+	/* hash 0 stands for every key of the database; a key's has bit 0 set */
+	set_key_lock_tag(&all_keys, 0);
+	if (++keys_locked > KEY_LOCKS_PER_TRANSACTION)
+	{
+		(void) LockAcquire(&all_keys, ExclusiveLock, false, false);
+		return;
+	}
+	(void) LockAcquire(&all_keys, ShareLock, false, false);
+	set_key_lock_tag(&tag, hash_bytes_extended((const unsigned char *) VARDATA_ANY(key),
+											   VARSIZE_ANY_EXHDR(key), 0) | 1);
 	(void) LockAcquire(&tag, ExclusiveLock, false, false);
 }
 
@@ -1074,14 +1110,13 @@ mqtx_outbox_trigger(PG_FUNCTION_ARGS)
  * row's lock, no claim that starts later takes it, and one that already
  * read it had raised the horizon past the row's due time.  A row due
  * after the horizon, then, has never been claimed, and is not on its way.
- * So is a failed one, and one that waits behind an earlier message of its
- * key still pending or failed (the claim leaves such rows out).
+ * So is a failed one: the relay records refusals only of messages whose
+ * fate it knows (see record_decided), so no copy is on its way.  Clocks
+ * matter: a horizon is a time of this server's clock (see
+ * mqtx_claim_horizon for a promoted standby).
  */
 static const char *const cancel_lock_sql =
-"SELECT o.id, o.status, o.next_attempt_at, o.ordering_key IS NOT NULL AND EXISTS ("
-"         SELECT FROM mqtx.outbox e"
-"          WHERE e.ordering_key = o.ordering_key AND e.id < o.id"
-"            AND e.status IN ('pending', 'failed'))"
+"SELECT o.id, o.status, o.next_attempt_at"
 "  FROM mqtx.outbox o"
 " WHERE o.message_id = $1 AND o.status IN ('pending', 'failed')"
 "   FOR UPDATE OF o";
@@ -1108,7 +1143,6 @@ withdraw_message(Datum message_id)
 	Datum		id;
 	bool		failed;
 	TimestampTz due;
-	bool		held_back;
 
 	if (mqtx_execute_prepared(&cancel_lock_plan, cancel_lock_sql, 1, &uuid_type,
 							  &message_id, NULL) != SPI_OK_SELECT)
@@ -1120,10 +1154,9 @@ withdraw_message(Datum message_id)
 	id = SPI_getbinval(row, desc, 1, &isnull);
 	failed = strcmp(SPI_getvalue(row, desc, 2), "failed") == 0;
 	due = DatumGetTimestampTz(SPI_getbinval(row, desc, 3, &isnull));
-	held_back = DatumGetBool(SPI_getbinval(row, desc, 4, &isnull));
 
 	/* the lock is held: only now is the horizon worth reading */
-	if (!failed && !held_back && due <= mqtx_claim_horizon())
+	if (!failed && due <= mqtx_claim_horizon())
 		return false;
 	if (mqtx_execute_prepared(&cancel_delete_plan, cancel_delete_sql, 1, &id_type,
 							  &id, NULL) != SPI_OK_DELETE || SPI_processed != 1)
@@ -1148,7 +1181,7 @@ mqtx_cancel(PG_FUNCTION_ARGS)
 	Relation	rel;
 	Oid			outbox_owner;
 	MqtxIdentity saved;
-	bool		withdrawn;
+	volatile bool withdrawn = false;
 
 	if (PG_ARGISNULL(0))
 		ereport(ERROR,
@@ -1163,20 +1196,37 @@ mqtx_cancel(PG_FUNCTION_ARGS)
 	outbox_owner = rel->rd_rel->relowner;
 	table_close(rel, NoLock);
 
-	mqtx_become(&saved, outbox_owner, "pg_catalog, pg_temp", true);
+	/*
+	 * The owner's identity is taken inside the subtransaction, so that its
+	 * end, whichever it is, gives the caller's back: an error caught by the
+	 * caller's own exception block must not leave it the outbox owner.
+	 */
 	BeginInternalSubTransaction(NULL);
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	withdrawn = withdraw_message(PG_GETARG_DATUM(0));
-	SPI_finish();
+	MemoryContextSwitchTo(context);
+	PG_TRY();
+	{
+		mqtx_become(&saved, outbox_owner, "pg_catalog, pg_temp", true);
+		if (SPI_connect() != SPI_OK_CONNECT)
+			elog(ERROR, "SPI_connect failed");
+		withdrawn = withdraw_message(PG_GETARG_DATUM(0));
+		SPI_finish();
+		mqtx_restore_identity(&saved);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(context);
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(context);
+		CurrentResourceOwner = owner;
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
 	if (withdrawn)
 		ReleaseCurrentSubTransaction();
 	else
 		RollbackAndReleaseCurrentSubTransaction();
 	MemoryContextSwitchTo(context);
 	CurrentResourceOwner = owner;
-	/* on error, transaction abort restores it */
-	mqtx_restore_identity(&saved);
 	PG_RETURN_BOOL(withdrawn);
 }
 

@@ -139,9 +139,6 @@ static const char *const unordered_claim_sql =
 "LIMIT $1 "
 "FOR NO KEY UPDATE OF o SKIP LOCKED";
 
-/* The version whose outbox has ordering keys */
-#define ORDERING_KEYS_VERSION "0.8.0"
-
 /*
  * When the next pending row not yet due becomes due: a scheduled message,
  * or a retry.  The relay sleeps until then at most, so a message is sent
@@ -398,6 +395,16 @@ record_decided(RelayBatch **batches, int nbatches)
 			if (batch->recorded[i] || !is_decided(m))
 				continue;
 			batch->recorded[i] = true;
+
+			/*
+			 * A batch whose confirms came late had its unconfirmed rows sent
+			 * again: a refusal of this copy says nothing of the other, which
+			 * may be on its way, so it is not charged (the row stays due, as
+			 * it was: mqtx.cancel relies on a claimed row keeping its time).
+			 */
+			if (batch->timed_out &&
+				(m->outcome == PUBLISH_NACKED || m->outcome == PUBLISH_RETURNED))
+				continue;
 			if (m->outcome == PUBLISH_ACKED)
 			{
 				published_ids[npublished] = Int64GetDatum(batch->ids[i]);
@@ -661,7 +668,8 @@ claim_batch(Oid outbox, XLogRecPtr *newest_commit)
 	int64		bytes = 0;
 	TransactionId *xmins = palloc(sizeof(TransactionId) * mqtx_batch_size);
 
-	bool		ordered = mqtx_worker_schema_at_least(&relay.worker, ORDERING_KEYS_VERSION);
+	/* asked in this transaction: an ALTER EXTENSION UPDATE may just have run */
+	bool		ordered = get_attnum(outbox, "ordering_key") != InvalidAttrNumber;
 	SPIPlanPtr *plan = ordered ? &claim_plan : &unordered_claim_plan;
 
 	args[0] = Int32GetDatum(mqtx_batch_size);

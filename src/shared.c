@@ -77,6 +77,8 @@ typedef struct MqtxSharedState
 	uint32		next_assignment;	/* only the launcher assigns */
 	/* the latest now() of a relay's claim: see mqtx_claim_horizon */
 	pg_atomic_uint64 claim_horizon;
+	pg_atomic_uint32 claim_horizon_open;	/* set once this server is a
+											 * primary */
 	MqtxSlot	slots[MQTX_MAX_DATABASES];
 } MqtxSharedState;
 
@@ -154,6 +156,7 @@ init_shared_memory(void)
 		pg_atomic_init_u32(&shared_state->database_changes, 0);
 		/* a relay of before a crash restart may have sent what was due */
 		pg_atomic_init_u64(&shared_state->claim_horizon, (uint64) GetCurrentTimestamp());
+		pg_atomic_init_u32(&shared_state->claim_horizon_open, 0);
 		for (int i = 0; i < MQTX_MAX_DATABASES; i++)
 		{
 			MqtxSlot   *slot = &shared_state->slots[i];
@@ -492,7 +495,8 @@ mqtx_note_claim(TimestampTz claim_now)
  * No relay has claimed, or can still claim, an outbox row due after this
  * time and locked before this call, since this server started: a
  * message scheduled later than this has not been sent (mqtx.cancel).
- * Without shared memory (mqtx not preloaded) no relay runs here at all.
+ * Infinity until the launcher has seen the server as a primary.  Without
+ * shared memory (mqtx not preloaded) no relay runs here at all.
  */
 TimestampTz
 mqtx_claim_horizon(void)
@@ -500,7 +504,25 @@ mqtx_claim_horizon(void)
 	if (shared_state == NULL)
 		return DT_NOBEGIN;
 	pg_memory_barrier();
+	if (pg_atomic_read_u32(&shared_state->claim_horizon_open) == 0)
+		return DT_NOEND;
 	return (TimestampTz) pg_atomic_read_u64(&shared_state->claim_horizon);
+}
+
+/*
+ * The launcher sees this server as a primary (at start, or promoted): the
+ * horizon moves up to now, and is open.  Until then nothing counts as not
+ * sent: a promoted standby's shared memory dates from the standby's start,
+ * and the old primary's relay may have sent since whatever was due.
+ */
+void
+mqtx_open_claim_horizon(void)
+{
+	if (shared_state == NULL)
+		return;
+	mqtx_note_claim(GetCurrentTimestamp());
+	pg_write_barrier();
+	pg_atomic_write_u32(&shared_state->claim_horizon_open, 1);
 }
 
 /*

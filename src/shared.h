@@ -113,6 +113,7 @@ extern void mqtx_count(MqtxSlot *slot, MqtxCounter counter, uint64 n);
 /* the claim horizon: what a relay may have taken, for mqtx.cancel */
 extern void mqtx_note_claim(TimestampTz claim_now);
 extern TimestampTz mqtx_claim_horizon(void);
+extern void mqtx_open_claim_horizon(void);
 
 /* the session's open transaction enqueued a message: wake the relay at commit */
 extern void mqtx_wake_relay_at_commit(void);

@@ -64,11 +64,13 @@ $$;
 
 -- kept in a table of the script's own, gone at its end
 CREATE TABLE mqtx.grants_before_0_8_0 AS
-SELECT p.proname::text AS function, a.grantee::regrole::text AS grantee
+SELECT p.proname::text AS function,
+	   CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END AS grantee,
+	   CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END AS grant_option
   FROM pg_proc p, aclexplode(p.proacl) a
  WHERE p.oid IN ('mqtx.publish(text, text, jsonb, jsonb)'::regprocedure,
 				 'mqtx.subscribe(text, regprocedure, integer, integer, interval)'::regprocedure)
-   AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner AND a.grantee <> 0;
+   AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner;
 
 DROP FUNCTION mqtx.publish(text, text, jsonb, jsonb);
 DROP FUNCTION mqtx.subscribe(text, regprocedure, integer, integer, interval);
@@ -147,18 +149,19 @@ DECLARE
 	functions oid[] := ARRAY['mqtx.publish(text, text, jsonb, jsonb, text, timestamptz, interval)'::regprocedure,
 							 'mqtx.cancel(uuid)'::regprocedure,
 							 'mqtx.subscribe(text, regprocedure, integer, integer, interval, text)'::regprocedure];
+	-- the three have the extension's owner, and the same initial rights
 	initial aclitem[] := (SELECT i.initprivs FROM pg_init_privs i
 						  WHERE i.classoid = 'pg_proc'::regclass AND i.objoid = functions[1]);
 BEGIN
-	FOR old IN SELECT function, grantee FROM mqtx.grants_before_0_8_0 LOOP
+	FOR old IN SELECT function, grantee, grant_option FROM mqtx.grants_before_0_8_0 LOOP
 		IF old.function = 'publish' THEN
 			EXECUTE format('GRANT EXECUTE ON FUNCTION '
 						   'mqtx.publish(text, text, jsonb, jsonb, text, timestamptz, interval), '
-						   'mqtx.cancel(uuid) TO %s', old.grantee);
+						   'mqtx.cancel(uuid) TO %s%s', old.grantee, old.grant_option);
 		ELSE
 			EXECUTE format('GRANT EXECUTE ON FUNCTION '
-						   'mqtx.subscribe(text, regprocedure, integer, integer, interval, text) TO %s',
-						   old.grantee);
+						   'mqtx.subscribe(text, regprocedure, integer, integer, interval, text) TO %s%s',
+						   old.grantee, old.grant_option);
 		END IF;
 	END LOOP;
 	UPDATE pg_init_privs i SET initprivs = initial
