@@ -157,6 +157,14 @@ SELECT mqtx.redrive(id) IS NULL AS parked_not_published FROM mqtx.dead_letter WH
 SELECT message_id FROM mqtx.parked WHERE ordering_key = 'order-7' ORDER BY position;
 SELECT count(*) AS letters, (SELECT count(*) FROM mqtx.inbox) AS inbox FROM mqtx.dead_letter;
 SELECT queue, ordering_key, reason, parked FROM mqtx.held_keys;
+-- redrive_all counts keyed letters too, whose redrive returns NULL
+INSERT INTO mqtx.dead_letter (queue, message_id, exchange, routing_key, body, body_json,
+							  error_message, attempts, first_failed_at, last_failed_at,
+							  ordering_key, parked_position)
+VALUES ('keyed.q', 'k-4', '', 'keyed.q', '\x7b7d', '{}', 'handler failed', 5, now(), now(),
+		'order-8', nextval('mqtx.parked_position_seq'));
+SELECT mqtx.redrive_all('keyed.q');
+SELECT message_id FROM mqtx.parked WHERE ordering_key = 'order-8';
 TRUNCATE mqtx.parked;
 SELECT mqtx.unsubscribe('keyed.q');
 

@@ -209,7 +209,7 @@ static const char *const park_retry_sql =
 
 /*
  * The first parked message of every key whose key lets it go, oldest
- * first: its time has come, and no dead letter holds its key.
+ * first: its time has come, and no earlier dead letter holds its key.
  */
 static const char *const parked_heads_sql =
 "SELECT p.position, p.queue, p.ordering_key, p.message_id, p.exchange, p.routing_key,"
@@ -220,7 +220,8 @@ static const char *const parked_heads_sql =
 "WHERE (p.next_attempt_at IS NULL OR p.next_attempt_at <= pg_catalog.now())"
 "  AND NOT (s.after_dead_letter = 'wait' AND EXISTS ("
 "        SELECT FROM mqtx.dead_letter d"
-"         WHERE d.queue = p.queue AND d.ordering_key = p.ordering_key)) "
+"         WHERE d.queue = p.queue AND d.ordering_key = p.ordering_key"
+"           AND d.parked_position < p.position)) "
 "ORDER BY p.position "
 "LIMIT $1";
 
@@ -887,14 +888,17 @@ key_is_held(Work *w)
 									  &isnull));
 }
 
-/* A parked message being applied leaves mqtx.parked with its outcome. */
-static void
+/*
+ * A parked message being applied leaves mqtx.parked with its outcome.
+ * False when its row is gone already (deleted since it was read).
+ */
+static bool
 unpark(Work *w)
 {
 	Oid			type = INT8OID;
 	Datum		value = Int64GetDatum(w->d->parked_position);
 
-	execute(&unpark_plan, unpark_sql, 1, &type, &value, NULL, SPI_OK_DELETE);
+	return execute(&unpark_plan, unpark_sql, 1, &type, &value, NULL, SPI_OK_DELETE) == 1;
 }
 
 /*
@@ -946,9 +950,22 @@ apply_one(void *arg)
 	Jsonb	   *payload;
 	Jsonb	   *headers;
 
+	args->stage = POISON;
+	if (w->d->ordering_key != NULL && strlen(w->d->ordering_key) > MQTX_SHORTSTR_MAX)
+		ereport(ERROR,
+				(errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+				 errmsg("ordering key is %d bytes, more than %d",
+						(int) strlen(w->d->ordering_key), MQTX_SHORTSTR_MAX)));
 	args->stage = HANDLER_FAILED;
 	if (w->d->parked_position > 0)
-		unpark(w);
+	{
+		/* gone since it was read: nothing to apply */
+		if (!unpark(w))
+		{
+			w->result = DUPLICATE;
+			return;
+		}
+	}
 	else if (w->d->ordering_key != NULL && (w->behind || key_is_held(w)))
 	{
 		w->held = true;
@@ -1211,7 +1228,8 @@ insert_dead_letter(void *arg)
 	}
 	values[11] = Int32GetDatum(Max(w->attempts, 1));
 	nulls[11] = ' ';
-	if (d->ordering_key != NULL)
+	/* a key too long to be one is no key: it holds nothing */
+	if (d->ordering_key != NULL && strlen(d->ordering_key) <= MQTX_SHORTSTR_MAX)
 	{
 		values[12] = wire_text_datum(d->ordering_key);
 		nulls[12] = ' ';
@@ -1416,12 +1434,21 @@ park(Work *w, TimestampTz retry_at)
 																		mqtx_poll_interval));
 		return true;
 	}
+
+	/*
+	 * Held in memory instead, it would let its key's later messages by:
+	 * dead-lettered, it keeps its place (headers this database cannot hold
+	 * make it poison anyway).
+	 */
 	ereport(WARNING,
-			(errmsg("mqtx consumer: could not park message %s of ordering key \"%s\" from queue \"%s\"; it is held and tried again",
+			(errmsg("mqtx consumer: could not park message %s of ordering key \"%s\" from queue \"%s\"; dead-lettering it",
 					w->key, w->d->ordering_key, w->d->queue),
 			 errdetail_internal("%s", edata->message)));
-	FreeErrorData(edata);
-	return false;
+	w->edata = edata;
+	w->result = POISON;
+	w->held = false;
+	w->attempts = Max(w->attempts, 1);
+	return dead_letter(w);
 }
 
 /*
@@ -1603,6 +1630,7 @@ try_in_one_transaction(Work *work, int count, ErrorData **commit_error)
 			w->attempts = 0;
 			w->settled = w->dead_lettered = w->failed = false;
 			w->held = w->parked = false;
+			w->result = APPLIED;
 			w->suspect = w->sub != NULL && is_suspect(w);
 			w->quarantined = is_quarantined(w);
 		}
@@ -1670,6 +1698,7 @@ record_transaction_failure(Work *w, ErrorData *commit_error)
 	w->edata = commit_error;
 	w->result = HANDLER_FAILED;
 	w->settled = w->dead_lettered = false;
+	w->held = w->parked = false;
 	w->attempts = 0;
 
 	/*

@@ -462,3 +462,15 @@ $$;
 
 COMMENT ON FUNCTION mqtx.redrive(bigint) IS
 	'Send a dead letter to its queue again, through the outbox, under its original identity, and return the new AMQP message id; one of an ordering key goes back into mqtx.parked at its place (returns NULL)';
+
+CREATE OR REPLACE FUNCTION mqtx.redrive_all(queue text)
+RETURNS integer
+LANGUAGE sql
+BEGIN ATOMIC
+	-- count(*): a keyed letter's redrive returns NULL
+	SELECT count(*)::integer
+	FROM (SELECT mqtx.redrive(d.id)
+		  FROM mqtx.dead_letter d
+		  WHERE d.queue = redrive_all.queue AND d.body_json IS NOT NULL
+		  ORDER BY d.id) r;
+END;

@@ -744,9 +744,12 @@ CREATE FUNCTION mqtx.redrive_all(queue text)
 RETURNS integer
 LANGUAGE sql
 BEGIN ATOMIC
-	SELECT count(mqtx.redrive(d.id))::integer
-	FROM mqtx.dead_letter d
-	WHERE d.queue = redrive_all.queue AND d.body_json IS NOT NULL;
+	-- count(*): a keyed letter's redrive returns NULL
+	SELECT count(*)::integer
+	FROM (SELECT mqtx.redrive(d.id)
+		  FROM mqtx.dead_letter d
+		  WHERE d.queue = redrive_all.queue AND d.body_json IS NOT NULL
+		  ORDER BY d.id) r;
 END;
 
 COMMENT ON FUNCTION mqtx.redrive_all(text) IS
