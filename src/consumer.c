@@ -508,15 +508,16 @@ server_queue_name(BrokerDelivery *d)
 }
 
 /*
- * A string read from the database, as the wire's UTF-8 (what a delivery
- * holds); NULL stays NULL.  In a transaction.
+ * A string read from the database (palloc'd, as SPI_getvalue gives it), as
+ * the wire's UTF-8 that a delivery holds; NULL stays NULL.  In a
+ * transaction.
  */
 static char *
-server_to_wire(const char *str)
+server_to_wire(char *str)
 {
 	if (str == NULL)
 		return NULL;
-	return pstrdup(pg_server_to_any(str, strlen(str), PG_UTF8));
+	return pg_server_to_any(str, strlen(str), PG_UTF8);
 }
 
 static List *
@@ -1118,6 +1119,17 @@ wire_text_datum(const char *utf8)
 	return CStringGetTextDatum(mqtx_hex_string(utf8, strlen(utf8)));
 }
 
+/* The delivery's body, as it was received, as a bytea datum */
+static Datum
+body_datum(BrokerDelivery *d)
+{
+	bytea	   *body = palloc(VARHDRSZ + d->body_len);
+
+	memcpy(VARDATA(body), d->body, d->body_len);
+	SET_VARSIZE(body, VARHDRSZ + d->body_len);
+	return PointerGetDatum(body);
+}
+
 /*
  * The dead letter's columns.  full: everything that can be derived, each
  * part parsed afresh (whatever failed to parse before is simply left out);
@@ -1191,12 +1203,9 @@ insert_dead_letter(void *arg)
 	TEXTOID, JSONBOID, TEXTOID, TEXTOID, TEXTOID, INT4OID, TEXTOID, INT8OID};
 	Datum		values[14];
 	char		nulls[14];
-	bytea	   *body = palloc(VARHDRSZ + d->body_len);
 	bool		utf8 = pg_verify_mbstr(PG_UTF8, d->body, d->body_len, true);
 	bool		isnull;
 
-	memcpy(VARDATA(body), d->body, d->body_len);
-	SET_VARSIZE(body, VARHDRSZ + d->body_len);
 	memset(nulls, 'n', sizeof(nulls));
 
 	values[0] = wire_text_datum(d->queue);
@@ -1207,7 +1216,7 @@ insert_dead_letter(void *arg)
 	if (args->full && d->headers_json != NULL &&
 		try_part(headers_part, d, &values[4]))
 		nulls[4] = ' ';
-	values[5] = PointerGetDatum(body);
+	values[5] = body_datum(d);
 	nulls[5] = ' ';
 	if (args->full && utf8 && try_part(body_text_part, d, &values[6]))
 		nulls[6] = ' ';
@@ -1366,7 +1375,7 @@ typedef struct ParkArgs
 {
 	Work	   *work;
 	TimestampTz retry_at;		/* 0: as soon as its key lets it */
-}			ParkArgs;
+} ParkArgs;
 
 static void
 insert_parked(void *arg)
@@ -1378,21 +1387,7 @@ insert_parked(void *arg)
 	TIMESTAMPTZOID};
 	Datum		values[8];
 	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', 'n', ' ', 'n'};
-	bytea	   *body = palloc(VARHDRSZ + d->body_len);
 
-	if (d->parked_position > 0)
-	{
-		/* parked already: only its next attempt's time changes */
-		Oid			retry_types[2] = {INT8OID, TIMESTAMPTZOID};
-		Datum		retry_values[2] = {Int64GetDatum(d->parked_position),
-		TimestampTzGetDatum(args->retry_at)};
-
-		execute(&park_retry_plan, park_retry_sql, 2, retry_types, retry_values, NULL,
-				SPI_OK_UPDATE);
-		return;
-	}
-	memcpy(VARDATA(body), d->body, d->body_len);
-	SET_VARSIZE(body, VARHDRSZ + d->body_len);
 	values[0] = CStringGetTextDatum(w->sub->queue);
 	values[1] = wire_text_datum(d->ordering_key);
 	values[2] = wire_text_datum(w->key);
@@ -1403,7 +1398,7 @@ insert_parked(void *arg)
 		values[5] = JsonbPGetDatum(parse_headers(d));
 		nulls[5] = ' ';
 	}
-	values[6] = PointerGetDatum(body);
+	values[6] = body_datum(d);
 	if (args->retry_at != 0)
 	{
 		values[7] = TimestampTzGetDatum(args->retry_at);
@@ -1412,18 +1407,31 @@ insert_parked(void *arg)
 	execute(&park_plan, park_sql, 8, types, values, nulls, SPI_OK_INSERT);
 }
 
+/* A message applied from mqtx.parked stays there: only its next attempt's time changes. */
+static void
+set_parked_retry(void *arg)
+{
+	ParkArgs   *args = arg;
+	Oid			types[2] = {INT8OID, TIMESTAMPTZOID};
+	Datum		values[2] = {Int64GetDatum(args->work->d->parked_position),
+	TimestampTzGetDatum(args->retry_at)};
+
+	execute(&park_retry_plan, park_retry_sql, 2, types, values, NULL, SPI_OK_UPDATE);
+}
+
 /*
  * Park a delivery of an ordering key in mqtx.parked (or, for one applied
  * from there, set its next attempt's time), in a subtransaction.  Returns
  * whether it is parked: it may then be acknowledged.  When it cannot be
- * (headers this database cannot hold, say), it is held for a retry as
- * other failures are.
+ * (headers this database cannot hold, say), it is dead-lettered instead,
+ * and the result says whether that worked.
  */
 static bool
 park(Work *w, TimestampTz retry_at)
 {
 	ParkArgs	args = {w, retry_at};
-	ErrorData  *edata = in_subtransaction(insert_parked, &args);
+	ErrorData  *edata = in_subtransaction(w->d->parked_position > 0 ? set_parked_retry :
+										  insert_parked, &args);
 
 	if (edata == NULL)
 	{
@@ -1761,10 +1769,10 @@ typedef struct DeliveryTag
 static void
 count_outcome(Work *w)
 {
-	if (w->result == APPLIED && !w->held)
-		mqtx_count(consumer.worker.slot, MQTX_CONSUMER_APPLIED, 1);
-	else if (w->held)
+	if (w->held)
 		return;					/* parked behind its key: counted when applied */
+	if (w->result == APPLIED)
+		mqtx_count(consumer.worker.slot, MQTX_CONSUMER_APPLIED, 1);
 	else if (w->result == DUPLICATE || (w->settled && !w->dead_lettered && !w->parked))
 		mqtx_count(consumer.worker.slot, MQTX_CONSUMER_DUPLICATES, 1);
 	else if (w->dead_lettered)
@@ -2040,6 +2048,7 @@ consume_pass(void)
 	int			nrequeue;
 	char	   *error = NULL;
 	int			count;
+	int			received = 0;	/* from the broker, not mqtx.parked */
 	int			nack;
 
 	count = collect_batch(batch, capacity, &error);
@@ -2051,8 +2060,8 @@ consume_pass(void)
 	if (count == 0)
 		return false;
 	for (int i = 0; i < count; i++)
-		if (batch[i].parked_position == 0)
-			mqtx_count(consumer.worker.slot, MQTX_CONSUMER_CONSUMED, 1);
+		received += batch[i].parked_position == 0;
+	mqtx_count(consumer.worker.slot, MQTX_CONSUMER_CONSUMED, received);
 	consumer.one_at_a_time = Max(consumer.one_at_a_time - count, 0);
 
 	work = palloc0(sizeof(Work) * count);

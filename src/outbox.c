@@ -115,7 +115,7 @@ typedef enum InsertStatement
 	INSERT_ORDERED,
 	INSERT_SCHEDULED,
 	NUM_INSERT_STATEMENTS
-}			InsertStatement;
+} InsertStatement;
 
 static const char *const insert_sql[NUM_INSERT_STATEMENTS] = {
 	[INSERT_UNORDERED] =
@@ -148,7 +148,7 @@ typedef struct OutboxMessage
 	text	   *ordering_key;
 	bool		scheduled;
 	TimestampTz deliver_at;
-}			OutboxMessage;
+} OutboxMessage;
 
 /* Per-trigger cache: how to turn this table's rows into jsonb. */
 typedef struct RowToJsonbCache
@@ -181,38 +181,35 @@ utf8_length(const char *data, int len)
 }
 
 /*
- * Exchange names and routing keys are AMQP short strings.
+ * Exchange names and routing keys are AMQP short strings.  An ordering
+ * key travels as a header value, which could be longer: the same bound
+ * keeps it usable as a consistent-hash exchange's input, in an index of
+ * the consumer's, and in a log line.
  */
+typedef enum ShortField
+{
+	FIELD_EXCHANGE,
+	FIELD_ROUTING_KEY,
+	FIELD_ORDERING_KEY
+} ShortField;
+
 static void
-check_short_string(text *value, bool is_exchange)
+check_short_string(text *value, ShortField field)
 {
 	int			len = utf8_length(VARDATA_ANY(value), VARSIZE_ANY_EXHDR(value));
 
 	if (len > MQTX_SHORTSTR_MAX)
 		ereport(ERROR,
 				(errcode(ERRCODE_STRING_DATA_RIGHT_TRUNCATION),
-				 is_exchange ?
+				 field == FIELD_EXCHANGE ?
 				 errmsg("exchange name of mqtx message is too long") :
-				 errmsg("routing key of mqtx message is too long"),
-				 errdetail("It is %d bytes; AMQP allows at most %d.",
-						   len, MQTX_SHORTSTR_MAX)));
-}
-
-/*
- * An ordering key travels as an AMQP header value: the same bound as a
- * routing key keeps it usable as a consistent-hash exchange's input and
- * in a log line.
- */
-static void
-check_ordering_key(text *key)
-{
-	int			len = utf8_length(VARDATA_ANY(key), VARSIZE_ANY_EXHDR(key));
-
-	if (len > MQTX_SHORTSTR_MAX)
-		ereport(ERROR,
-				(errcode(ERRCODE_STRING_DATA_RIGHT_TRUNCATION),
+				 field == FIELD_ROUTING_KEY ?
+				 errmsg("routing key of mqtx message is too long") :
 				 errmsg("ordering key of mqtx message is too long"),
+				 field == FIELD_ORDERING_KEY ?
 				 errdetail("It is %d bytes; mqtx allows at most %d.",
+						   len, MQTX_SHORTSTR_MAX) :
+				 errdetail("It is %d bytes; AMQP allows at most %d.",
 						   len, MQTX_SHORTSTR_MAX)));
 }
 
@@ -653,7 +650,7 @@ form_outbox_row(Relation rel, OutboxShape *shape, TupleTableSlot *slot,
  * default (now(), unless the owner changed it): it is marked NULL here.
  */
 static void
-filled_values(pg_uuid_t *message_id, OutboxMessage * msg, Datum *values, bool *isnull)
+filled_values(pg_uuid_t *message_id, OutboxMessage *msg, Datum *values, bool *isnull)
 {
 	memset(isnull, false, sizeof(bool) * NUM_FILLED_COLUMNS);
 	values[COLUMN_MESSAGE_ID] = UUIDPGetDatum(message_id);
@@ -681,7 +678,7 @@ filled_values(pg_uuid_t *message_id, OutboxMessage * msg, Datum *values, bool *i
  * change what they do.
  */
 static void
-insert_outbox_row_directly(Relation rel, pg_uuid_t *message_id, OutboxMessage * msg)
+insert_outbox_row_directly(Relation rel, pg_uuid_t *message_id, OutboxMessage *msg)
 {
 	EState	   *estate = CreateExecutorState();
 	ResultRelInfo *target = makeNode(ResultRelInfo);
@@ -728,7 +725,7 @@ insert_outbox_row_directly(Relation rel, pg_uuid_t *message_id, OutboxMessage * 
  * columns it has.
  */
 static void
-insert_outbox_row_with_sql(Relation rel, pg_uuid_t *message_id, OutboxMessage * msg)
+insert_outbox_row_with_sql(Relation rel, pg_uuid_t *message_id, OutboxMessage *msg)
 {
 	Oid			argtypes[NUM_FILLED_COLUMNS];
 	Datum		values[NUM_FILLED_COLUMNS];
@@ -802,7 +799,7 @@ static LocalTransactionId keys_locked_in = InvalidLocalTransactionId;
 static int	keys_locked = 0;
 
 static void
-set_key_lock_tag(LOCKTAG * tag, uint64 hash)
+set_key_lock_tag(LOCKTAG *tag, uint64 hash)
 {
 	SET_LOCKTAG_ADVISORY(*tag, MyDatabaseId, (uint32) (hash >> 32), (uint32) hash,
 						 ORDERING_KEY_LOCK_CLASS);
@@ -842,7 +839,7 @@ lock_ordering_key(text *key)
  * caller's memory context.  The insert runs as the table's owner.
  */
 static Datum
-insert_outbox_row(OutboxMessage * msg)
+insert_outbox_row(OutboxMessage *msg)
 {
 	pg_uuid_t  *message_id = palloc(sizeof(pg_uuid_t));
 	Relation	rel = open_outbox(RowExclusiveLock);
@@ -868,12 +865,12 @@ insert_outbox_row(OutboxMessage * msg)
 }
 
 static Datum
-enqueue_message(OutboxMessage * msg)
+enqueue_message(OutboxMessage *msg)
 {
-	check_short_string(msg->exchange, true);
-	check_short_string(msg->routing_key, false);
+	check_short_string(msg->exchange, FIELD_EXCHANGE);
+	check_short_string(msg->routing_key, FIELD_ROUTING_KEY);
 	if (msg->ordering_key != NULL)
-		check_ordering_key(msg->ordering_key);
+		check_short_string(msg->ordering_key, FIELD_ORDERING_KEY);
 	check_payload_size(msg->payload);
 	check_headers(msg->headers);
 	return insert_outbox_row(msg);

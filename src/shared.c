@@ -154,8 +154,8 @@ init_shared_memory(void)
 		memset(shared_state, 0, shared_state_size());
 		SpinLockInit(&shared_state->mutex);
 		pg_atomic_init_u32(&shared_state->database_changes, 0);
-		/* a relay of before a crash restart may have sent what was due */
-		pg_atomic_init_u64(&shared_state->claim_horizon, (uint64) GetCurrentTimestamp());
+		/* closed until mqtx_open_claim_horizon raises it to that time */
+		pg_atomic_init_u64(&shared_state->claim_horizon, 0);
 		pg_atomic_init_u32(&shared_state->claim_horizon_open, 0);
 		for (int i = 0; i < MQTX_MAX_DATABASES; i++)
 		{

@@ -27,7 +27,7 @@
 #include "standby.h"
 
 static bool
-is_physical(const WalSnd * walsnd, pid_t pid)
+is_physical(const WalSnd *walsnd, pid_t pid)
 {
 #if PG_VERSION_NUM >= 160000
 	return walsnd->kind == REPLICATION_KIND_PHYSICAL;

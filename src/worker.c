@@ -290,13 +290,6 @@ mqtx_worker_extension_ready(MqtxWorker *w)
 	return ready;
 }
 
-/* Are the extension's objects, as last seen, of this version or later? */
-bool
-mqtx_worker_schema_at_least(MqtxWorker *w, const char *version)
-{
-	return w->schema_version[0] != '\0' && !mqtx_version_older(w->schema_version, version);
-}
-
 static void
 log_broker_down(MqtxWorker *w, const char *error)
 {
@@ -620,7 +613,8 @@ mqtx_worker_save_refusals(MqtxWorker *w)
 	if (!changes)
 		return;
 
-	if (mqtx_worker_schema_at_least(w, MQTX_BROKER_ERRORS_VERSION))
+	if (w->schema_version[0] != '\0' &&
+		!mqtx_version_older(w->schema_version, MQTX_BROKER_ERRORS_VERSION))
 	{
 		Datum		worker = CStringGetTextDatum(w->role);
 

@@ -17,7 +17,6 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(time usleep);
-use List::Util qw(shuffle);
 use File::Basename qw(dirname);
 
 use MqtxTest::RabbitMQ;
@@ -55,48 +54,15 @@ my $relay_pid = worker_pid($node, 'relay');
 # (as an application numbers an aggregate's events), so the numbers of a
 # key are its commit order.
 my ($KEYS, $EVENTS, $SESSIONS) = (200, 50, 4);
-$node->safe_psql('postgres', qq{
-	CREATE TABLE counters (k int PRIMARY KEY, n int NOT NULL DEFAULT 0);
-	INSERT INTO counters SELECT g FROM generate_series(1, $KEYS) g;
-	CREATE PROCEDURE emit(keys int[], rounds int) LANGUAGE plpgsql AS \$\$
-	DECLARE
-		key_id int;
-		seq int;
-	BEGIN
-		FOR r IN 1 .. rounds LOOP
-			FOREACH key_id IN ARRAY keys LOOP
-				UPDATE counters SET n = n + 1 WHERE counters.k = key_id AND n < $EVENTS
-				RETURNING n INTO seq;
-				IF FOUND THEN
-					PERFORM mqtx.publish('orders', 'order.event',
-						jsonb_build_object('k', key_id, 'n', seq), ordering_key => 'order-' || key_id);
-				END IF;
-				COMMIT;
-			END LOOP;
-		END LOOP;
-	END
-	\$\$;
-});
-my @streams;
-for my $s (1 .. $SESSIONS)
-{
-	my $keys = join(',', shuffle(1 .. $KEYS));
-	my ($out, $err) = ('', '');
-	push @streams, [
-		IPC::Run::start(
-			[ 'psql', '-X', '-v', 'ON_ERROR_STOP=1', '-d', $node->connstr('postgres'),
-			  '-c', "CALL emit('{$keys}', 13)" ],
-			'>', \$out, '2>', \$err),
-		\$err ];
-}
+create_keyed_emitter($node, $KEYS, $EVENTS, 'orders', 'order.event');
+my $sessions = start_keyed_sessions($node, $KEYS, $EVENTS, $SESSIONS);
 wait_for($node, 'postgres',
 	"SELECT count(*) >= 2000 FROM mqtx.outbox WHERE status = 'published' AND ordering_key IS NOT NULL",
 	't', 'keyed events are published while they stream in');
 $mq->stop;
 usleep(500_000);
 $mq->start;
-$_->[0]->finish for @streams;
-is(join('', map { ${ $_->[1] } } @streams), '', 'the 4 sessions committed without an error');
+is(finish_sessions($sessions), '', 'the 4 sessions committed without an error');
 is($node->safe_psql('postgres', 'SELECT sum(n) FROM counters'), $KEYS * $EVENTS,
 	"$KEYS x $EVENTS events committed");
 wait_for($node, 'postgres',

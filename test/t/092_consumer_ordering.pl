@@ -16,7 +16,6 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(usleep);
-use List::Util qw(shuffle);
 
 use MqtxTest::RabbitMQ;
 use MqtxTest::Util;
@@ -31,30 +30,11 @@ my ($KEYS, $EVENTS, $SESSIONS) = (200, 50, 4);
 my $orders = mqtx_node('co_orders',
 	'mqtx.broker_url' => "'$url'",
 	'mqtx.consumer_enabled' => 'off');
-$orders->safe_psql('postgres', qq{
+$orders->safe_psql('postgres', q{
 	CREATE EXTENSION mqtx;
 	SELECT mqtx.declare_queue('events');
-	CREATE TABLE counters (k int PRIMARY KEY, n int NOT NULL DEFAULT 0);
-	INSERT INTO counters SELECT g FROM generate_series(1, $KEYS) g;
-	CREATE PROCEDURE emit(keys int[], rounds int) LANGUAGE plpgsql AS \$\$
-	DECLARE
-		key_id int;
-		seq int;
-	BEGIN
-		FOR r IN 1 .. rounds LOOP
-			FOREACH key_id IN ARRAY keys LOOP
-				UPDATE counters SET n = n + 1 WHERE counters.k = key_id AND n < $EVENTS
-				RETURNING n INTO seq;
-				IF FOUND THEN
-					PERFORM mqtx.publish('', 'events', jsonb_build_object('k', key_id, 'n', seq),
-										 ordering_key => 'order-' || key_id);
-				END IF;
-				COMMIT;
-			END LOOP;
-		END LOOP;
-	END
-	\$\$;
 });
+create_keyed_emitter($orders, $KEYS, $EVENTS, '', 'events');
 
 my $dispatch = mqtx_node('co_dispatch',
 	'mqtx.broker_url' => "'$url'",
@@ -85,18 +65,7 @@ wait_for($dispatch, 'postgres', 'SELECT bool_and(broker_connected) FROM mqtx.con
 wait_until('the consumer consumes the queue', sub { ($mq->consumer_count('events') // 0) == 1 });
 
 # --- 200 keys x 50 events through failures, a broker restart, a SIGKILL --
-my @streams;
-for my $s (1 .. $SESSIONS)
-{
-	my $keys = join(',', shuffle(1 .. $KEYS));
-	my ($out, $err) = ('', '');
-	push @streams, [
-		IPC::Run::start(
-			[ 'psql', '-X', '-v', 'ON_ERROR_STOP=1', '-d', $orders->connstr('postgres'),
-			  '-c', "CALL emit('{$keys}', 13)" ],
-			'>', \$out, '2>', \$err),
-		\$err ];
-}
+my $sessions = start_keyed_sessions($orders, $KEYS, $EVENTS, $SESSIONS);
 wait_for($dispatch, 'postgres', 'SELECT count(*) >= 2000 FROM applied', 't',
 	'events are applied while they stream in');
 $mq->stop;
@@ -106,8 +75,7 @@ wait_for($dispatch, 'postgres', 'SELECT count(*) >= 5000 FROM applied', 't',
 	'and again after the broker restarted');
 my $consumer_pid = worker_pid($dispatch, 'consumer');
 kill 'KILL', $consumer_pid;
-$_->[0]->finish for @streams;
-is(join('', map { ${ $_->[1] } } @streams), '', 'the 4 sessions committed without an error');
+is(finish_sessions($sessions), '', 'the 4 sessions committed without an error');
 is($orders->safe_psql('postgres', 'SELECT sum(n) FROM counters'), $KEYS * $EVENTS,
 	"$KEYS x $EVENTS events committed");
 wait_for($dispatch, 'postgres', 'SELECT count(DISTINCT (k, n)) FROM applied',

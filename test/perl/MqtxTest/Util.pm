@@ -11,12 +11,15 @@ use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 use Time::HiRes qw(usleep);
+use IPC::Run ();
+use List::Util ();
 
 use Exporter qw(import);
 our @EXPORT = qw(mqtx_node wait_for wait_until wait_queue_exists wait_queue_drained
   amqp_tool amqp_publish_args amqp_publish amqp_publish_many amqp_messages
   message_body worker_pid_query worker_pid worker_count wait_workers wait_within
-  query_within sql_result pid_alive sample_activity proc_memory queue_count);
+  query_within sql_result pid_alive sample_activity proc_memory queue_count
+  create_keyed_emitter start_keyed_sessions finish_sessions);
 
 # Servers listen on 127.0.0.1 TCP, like a deployment, not on a socket dir.
 $PostgreSQL::Test::Utils::use_unix_sockets = 0;
@@ -330,6 +333,73 @@ sub proc_memory
 	}
 	close $fh;
 	return \%m;
+}
+
+# Events of ordering keys, as an application numbers an aggregate's: a
+# table of $keys counters and a procedure emit(keys int[], rounds int)
+# that walks the keys it is given, rounds times, and for each key whose
+# counter is below $events takes the next number under the counter's row
+# lock, publishes {"k": key, "n": number} to $exchange with $routing_key
+# and key 'order-<key>', and commits.  A key's numbers are then its commit
+# order.
+sub create_keyed_emitter
+{
+	my ($node, $keys, $events, $exchange, $routing_key) = @_;
+	$node->safe_psql('postgres', qq{
+		CREATE TABLE counters (k int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+		INSERT INTO counters SELECT g FROM generate_series(1, $keys) g;
+		CREATE PROCEDURE emit(keys int[], rounds int) LANGUAGE plpgsql AS \$\$
+		DECLARE
+			key_id int;
+			seq int;
+		BEGIN
+			FOR r IN 1 .. rounds LOOP
+				FOREACH key_id IN ARRAY keys LOOP
+					UPDATE counters SET n = n + 1 WHERE counters.k = key_id AND n < $events
+					RETURNING n INTO seq;
+					IF FOUND THEN
+						PERFORM mqtx.publish('$exchange', '$routing_key',
+							jsonb_build_object('k', key_id, 'n', seq),
+							ordering_key => 'order-' || key_id);
+					END IF;
+					COMMIT;
+				END LOOP;
+			END LOOP;
+		END
+		\$\$;
+	});
+}
+
+# $sessions psql sessions calling emit, each over the keys 1 .. $keys in
+# its own random order, enough rounds between them for $events each
+# (every session visits every key each round);
+# returns them for finish_sessions.
+sub start_keyed_sessions
+{
+	my ($node, $keys, $events, $sessions) = @_;
+	my $rounds = int(($events + $sessions - 1) / $sessions);
+	my @started;
+	for (1 .. $sessions)
+	{
+		my $order = join(',', List::Util::shuffle(1 .. $keys));
+		my ($out, $err) = ('', '');
+		push @started, [
+			IPC::Run::start(
+				[ 'psql', '-X', '-v', 'ON_ERROR_STOP=1', '-d', $node->connstr('postgres'),
+				  '-c', "CALL emit('{$order}', $rounds)" ],
+				'>', \$out, '2>', \$err),
+			\$err ];
+	}
+	return \@started;
+}
+
+# Wait for sessions from start_keyed_sessions; returns what they wrote to
+# stderr ('' when every one committed without an error).
+sub finish_sessions
+{
+	my ($started) = @_;
+	$_->[0]->finish for @$started;
+	return join('', map { ${ $_->[1] } } @$started);
 }
 
 1;
