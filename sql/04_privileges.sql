@@ -217,7 +217,7 @@ SELECT :'LAST_ERROR_SQLSTATE' AS sqlstate;
 RESET ROLE;
 
 -- mqtx.subscribe goes through the same check
-GRANT EXECUTE ON FUNCTION mqtx.subscribe(text, regprocedure, integer, integer, interval, text) TO mqtx_regress_sub;
+GRANT EXECUTE ON FUNCTION mqtx.subscribe(text, regprocedure, integer, integer, interval, text, integer) TO mqtx_regress_sub;
 GRANT SELECT ON mqtx.queues TO mqtx_regress_sub;
 INSERT INTO mqtx.queues (name) VALUES ('sub.own'), ('sub.super');
 SET ROLE mqtx_regress_sub;

@@ -63,11 +63,13 @@
 #include "commands/trigger.h"
 #include "common/pg_prng.h"
 #include "executor/spi.h"
+#include "postmaster/bgworker.h"
 #include "fmgr.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/interrupt.h"
+#include "storage/ipc.h"
 #include "storage/latch.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
@@ -78,6 +80,7 @@
 #include "utils/timestamp.h"
 #include "utils/guc.h"
 
+#include "apply_workers.h"
 #include "broker.h"
 #include "consumer.h"
 #include "crash_guard.h"
@@ -104,7 +107,7 @@ static const char *const subscriptions_sql =
 "            THEN least(greatest(floor((q.arguments->>'x-delivery-limit')::numeric), 0),"
 "                       2147483647)::int4"
 "       END,"
-"       s.after_dead_letter = 'wait' "
+"       s.after_dead_letter = 'wait', s.workers "
 "FROM mqtx.subscriptions s LEFT JOIN mqtx.queues q ON q.name = s.queue "
 "ORDER BY s.queue";
 
@@ -208,22 +211,51 @@ static const char *const park_retry_sql =
 "UPDATE mqtx.parked SET next_attempt_at = $2 WHERE position = $1";
 
 /*
- * The first parked message of every key whose key lets it go, oldest
- * first: its time has come, and no earlier dead letter holds its key.
+ * The first parked message of every key whose key lets it go, and every
+ * parked message without a key, oldest first: its time has come, and no
+ * earlier dead letter holds its key.  $2 says whose: -1 the consumer's
+ * (its subscriptions with one worker), or an apply worker's number: of
+ * the subscriptions with more, the keys that hash to that number, and
+ * the messages without a key whose position does.
  */
 static const char *const parked_heads_sql =
 "SELECT p.position, p.queue, p.ordering_key, p.message_id, p.exchange, p.routing_key,"
 "       p.headers::text, p.body "
 "FROM (SELECT DISTINCT ON (queue, ordering_key) * FROM mqtx.parked"
-"       ORDER BY queue, ordering_key, position) p"
+"       WHERE ordering_key IS NOT NULL ORDER BY queue, ordering_key, position) p"
 "     JOIN mqtx.subscriptions s ON s.queue = p.queue "
 "WHERE (p.next_attempt_at IS NULL OR p.next_attempt_at <= pg_catalog.now())"
+"  AND CASE WHEN $2 < 0 THEN s.workers = 1"
+"      ELSE s.workers > 1"
+"       AND (pg_catalog.hashtext(p.ordering_key) & 2147483647) % s.workers = $2 END"
 "  AND NOT (s.after_dead_letter = 'wait' AND EXISTS ("
 "        SELECT FROM mqtx.dead_letter d"
 "         WHERE d.queue = p.queue AND d.ordering_key = p.ordering_key"
 "           AND d.parked_position < p.position)) "
-"ORDER BY p.position "
+"UNION ALL "
+"SELECT p.position, p.queue, p.ordering_key, p.message_id, p.exchange, p.routing_key,"
+"       p.headers::text, p.body "
+"FROM mqtx.parked p JOIN mqtx.subscriptions s ON s.queue = p.queue "
+"WHERE p.ordering_key IS NULL"
+"  AND (p.next_attempt_at IS NULL OR p.next_attempt_at <= pg_catalog.now())"
+"  AND CASE WHEN $2 < 0 THEN s.workers = 1"
+"      ELSE s.workers > 1 AND p.position % s.workers = $2 END "
+"ORDER BY 1 "
 "LIMIT $1";
+
+/*
+ * How many messages of a subscription with apply workers are parked for
+ * them, counting up to $2 (see staging_limit): those of keys a dead
+ * letter holds wait for an operator, not for the workers, and do not
+ * count.
+ */
+static const char *const staged_sql =
+"SELECT count(*)::int4 FROM ("
+"  SELECT FROM mqtx.parked p WHERE p.queue = $1"
+"     AND NOT ($3 AND p.ordering_key IS NOT NULL AND EXISTS ("
+"           SELECT FROM mqtx.dead_letter d"
+"            WHERE d.queue = p.queue AND d.ordering_key = p.ordering_key))"
+"   LIMIT $2) s";
 
 typedef struct Subscription
 {
@@ -235,6 +267,10 @@ typedef struct Subscription
 	int			delivery_limit; /* the quorum queue's x-delivery-limit, or 0 */
 	bool		wait_after_dead_letter; /* a key's dead letter holds its later
 										 * messages */
+	int			workers;		/* apply workers; more than 1: park every
+								 * delivery for them */
+	bool		staging_full;	/* as many are parked for them as they may
+								 * have: acknowledge no more */
 	int			channel;		/* consumed on this channel; 0: not consumed */
 } Subscription;
 
@@ -276,17 +312,30 @@ typedef struct Work
 	bool		behind;			/* an earlier delivery of its key in the batch
 								 * was not applied */
 	bool		held;			/* its key is held: park it, unapplied */
+	bool		staged;			/* held for the apply workers */
 	bool		parked;			/* it was parked (acknowledge it) */
 } Work;
+
+/* A delivery as the broker knows it: its channel and its tag there */
+typedef struct DeliveryTag
+{
+	int			channel;
+	uint64		tag;
+} DeliveryTag;
 
 typedef struct ConsumerState
 {
 	MqtxWorker	worker;
+	int			apply_number;	/* an apply worker's number; -1: the consumer */
+	pid_t		consumer_pid;	/* an apply worker's consumer */
 	MemoryContext long_context; /* subscriptions and held deliveries */
 	List	   *subscriptions;
 	uint32		subscriptions_generation;
 	bool		subscriptions_loaded;
 	List	   *held;			/* of HeldDelivery, in long_context */
+	List	   *deferred;		/* of DeliveryTag, in long_context: parked for
+								 * the apply workers, to acknowledge once they
+								 * have caught up */
 	int			error_pause_ms; /* after the next escaped error */
 	int			one_at_a_time;	/* deliveries to apply one per transaction */
 	MqtxCrashRecord suspect;	/* a delivery earlier consumers died on */
@@ -298,6 +347,7 @@ typedef struct ConsumerState
 static ConsumerState consumer;
 
 static Datum wire_text_datum(const char *utf8);
+static void consumer_loop(void) pg_attribute_noreturn();
 
 /* Plans of the statements above, prepared on first use */
 static SPIPlanPtr inbox_plan = NULL;
@@ -308,6 +358,7 @@ static SPIPlanPtr park_plan = NULL;
 static SPIPlanPtr unpark_plan = NULL;
 static SPIPlanPtr park_retry_plan = NULL;
 static SPIPlanPtr parked_heads_plan = NULL;
+static SPIPlanPtr staged_plan = NULL;
 
 /*
  * Error texts are kept (attempts, dead letters) and logged; one that quotes
@@ -448,6 +499,8 @@ forget_connection_state(const char *error)
 	}
 	list_free(consumer.held);
 	consumer.held = NIL;
+	list_free_deep(consumer.deferred);
+	consumer.deferred = NIL;
 	foreach(lc, consumer.subscriptions)
 		((Subscription *) lfirst(lc))->channel = 0;
 }
@@ -477,6 +530,18 @@ forget_channel(int channel)
 	}
 	list_free(consumer.held);
 	consumer.held = kept;
+	kept = NIL;
+	foreach(lc, consumer.deferred)
+	{
+		DeliveryTag *tag = lfirst(lc);
+
+		if (tag->channel == channel)
+			pfree(tag);
+		else
+			kept = lappend(kept, tag);
+	}
+	list_free(consumer.deferred);
+	consumer.deferred = kept;
 	MemoryContextSwitchTo(old);
 }
 
@@ -546,11 +611,30 @@ read_subscriptions(void)
 		if (isnull)
 			sub->delivery_limit = 0;
 		sub->wait_after_dead_letter = DatumGetBool(SPI_getbinval(tuple, desc, 7, &isnull));
+		sub->workers = DatumGetInt32(SPI_getbinval(tuple, desc, 8, &isnull));
 		loaded = lappend(loaded, sub);
 	}
 	MemoryContextSwitchTo(old);
 	mqtx_worker_end_step(&consumer.worker);
 	return loaded;
+}
+
+static void
+replace_subscriptions(List *loaded, uint32 generation)
+{
+	ListCell   *lc;
+
+	foreach(lc, consumer.subscriptions)
+	{
+		Subscription *sub = lfirst(lc);
+
+		pfree(sub->queue);
+		pfree(sub);
+	}
+	list_free(consumer.subscriptions);
+	consumer.subscriptions = loaded;
+	consumer.subscriptions_generation = generation;
+	consumer.subscriptions_loaded = true;
 }
 
 /*
@@ -600,17 +684,7 @@ load_subscriptions(void)
 			}
 		}
 	}
-	foreach(lc, consumer.subscriptions)
-	{
-		Subscription *sub = lfirst(lc);
-
-		pfree(sub->queue);
-		pfree(sub);
-	}
-	list_free(consumer.subscriptions);
-	consumer.subscriptions = loaded;
-	consumer.subscriptions_generation = generation;
-	consumer.subscriptions_loaded = true;
+	replace_subscriptions(loaded, generation);
 
 	if (consumer.worker.conn == NULL)
 	{
@@ -958,6 +1032,12 @@ apply_one(void *arg)
 				 errmsg("ordering key is %d bytes, more than %d",
 						(int) strlen(w->d->ordering_key), MQTX_SHORTSTR_MAX)));
 	args->stage = HANDLER_FAILED;
+	if (w->d->parked_position == 0 && w->sub->workers > 1)
+	{
+		/* the apply workers apply it, from mqtx.parked */
+		w->held = w->staged = true;
+		return;
+	}
 	if (w->d->parked_position > 0)
 	{
 		/* gone since it was read: nothing to apply */
@@ -1389,7 +1469,10 @@ insert_parked(void *arg)
 	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', 'n', ' ', 'n'};
 
 	values[0] = CStringGetTextDatum(w->sub->queue);
-	values[1] = wire_text_datum(d->ordering_key);
+	if (d->ordering_key != NULL)
+		values[1] = wire_text_datum(d->ordering_key);
+	else
+		nulls[1] = 'n';
 	values[2] = wire_text_datum(w->key);
 	values[3] = wire_text_datum(d->exchange);
 	values[4] = wire_text_datum(d->routing_key);
@@ -1494,7 +1577,7 @@ settle_failure(Work *w)
 	record_attempt(w);
 	if (w->attempts >= w->sub->max_attempts || is_last_delivery(w))
 		w->settled = dead_letter(w);
-	else if (w->d->ordering_key != NULL)
+	else if (w->d->ordering_key != NULL || w->d->parked_position > 0)
 		w->settled = w->parked = park(w, retry_time(w->attempts));
 }
 
@@ -1585,7 +1668,10 @@ forget_suspect(Work *work, int count)
 static void
 learn_from_predecessor(void)
 {
-	const MqtxCrashRecord *record = mqtx_crash_guard_open();
+	const MqtxCrashRecord *record;
+
+	record = mqtx_crash_guard_open(consumer.apply_number < 0 ? "consumer" :
+								   psprintf("apply%d", consumer.apply_number));
 
 	if (!record->died_applying)
 		return;
@@ -1608,6 +1694,53 @@ learn_from_predecessor(void)
 						   record->key, record->queue, consumer.suspect.deaths),
 			 consumer.suspect.deaths >= MQTX_DEATHS_BEFORE_QUARANTINE ?
 			 errdetail("It will be dead-lettered without being applied.") : 0));
+}
+
+/*
+ * A subscription with apply workers may have this many messages parked
+ * for them before the consumer stops acknowledging its deliveries: the
+ * broker then stops at the prefetch, and the backlog stays in the queue,
+ * where the operator looks for it, rather than moving into mqtx.parked.
+ * Two batches a worker keep every worker busy.
+ */
+static int
+staging_limit(Subscription *sub)
+{
+	return (int) Min((int64) mqtx_batch_size * 2 * sub->workers, INT_MAX);
+}
+
+/* Is the subscription's staging full?  In a transaction. */
+static bool
+is_staging_full(Subscription *sub)
+{
+	Oid			types[3] = {TEXTOID, INT4OID, BOOLOID};
+	Datum		values[3] = {CStringGetTextDatum(sub->queue), Int32GetDatum(staging_limit(sub)),
+	BoolGetDatum(sub->wait_after_dead_letter)};
+	bool		isnull;
+
+	execute(&staged_plan, staged_sql, 3, types, values, NULL, SPI_OK_SELECT);
+	return DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
+									   &isnull)) >= staging_limit(sub);
+}
+
+/*
+ * Of each subscription that staged deliveries in the batch: is its
+ * staging full now, with them?
+ */
+static void
+note_staging_full(Work *work, int count)
+{
+	for (int i = 0; i < count; i++)
+	{
+		bool		first = true;
+
+		if (!work[i].staged)
+			continue;
+		for (int j = 0; j < i && first; j++)
+			first = !(work[j].staged && work[j].sub == work[i].sub);
+		if (first)
+			work[i].sub->staging_full = is_staging_full(work[i].sub);
+	}
 }
 
 /*
@@ -1637,7 +1770,7 @@ try_in_one_transaction(Work *work, int count, ErrorData **commit_error)
 			w->edata = NULL;
 			w->attempts = 0;
 			w->settled = w->dead_lettered = w->failed = false;
-			w->held = w->parked = false;
+			w->held = w->staged = w->parked = false;
 			w->result = APPLIED;
 			w->suspect = w->sub != NULL && is_suspect(w);
 			w->quarantined = is_quarantined(w);
@@ -1649,7 +1782,7 @@ try_in_one_transaction(Work *work, int count, ErrorData **commit_error)
 				/* a single delivery's place in its batch is the caller's */
 				if (count > 1)
 				{
-					work[i].held = false;
+					work[i].held = work[i].staged = false;
 					work[i].behind = is_behind(work, i);
 				}
 				if (work[i].sub != NULL && !work[i].quarantined && !work[i].failed)
@@ -1670,6 +1803,7 @@ try_in_one_transaction(Work *work, int count, ErrorData **commit_error)
 			else
 				settle_failure(w);
 		}
+		note_staging_full(work, count);
 		commit_durably();
 		committed = true;
 	}
@@ -1706,7 +1840,7 @@ record_transaction_failure(Work *w, ErrorData *commit_error)
 	w->edata = commit_error;
 	w->result = HANDLER_FAILED;
 	w->settled = w->dead_lettered = false;
-	w->held = w->parked = false;
+	w->held = w->staged = w->parked = false;
 	w->attempts = 0;
 
 	/*
@@ -1720,7 +1854,7 @@ record_transaction_failure(Work *w, ErrorData *commit_error)
 						w->key, w->d->queue),
 				 errdetail_internal("%s", commit_error->message)));
 		/* a key's message waits parked, not held (see key_held_sql) */
-		if (w->sub != NULL && w->d->ordering_key != NULL)
+		if (w->sub != NULL && (w->d->ordering_key != NULL || w->d->parked_position > 0))
 			w->settled = w->parked = park(w, retry_time(1));
 	}
 	else if (w->sub != NULL)
@@ -1758,13 +1892,6 @@ apply_batch(Work *work, int count)
 	record_transaction_failure(&work[0], commit_error);
 }
 
-/* A delivery as the broker knows it: its channel and its tag there */
-typedef struct DeliveryTag
-{
-	int			channel;
-	uint64		tag;
-} DeliveryTag;
-
 /* Count a delivery's outcome, once its transaction has committed. */
 static void
 count_outcome(Work *w)
@@ -1779,6 +1906,18 @@ count_outcome(Work *w)
 		mqtx_count(consumer.worker.slot, MQTX_CONSUMER_DEAD_LETTERED, 1);
 	else
 		mqtx_count(consumer.worker.slot, MQTX_CONSUMER_RETRIED, 1);
+}
+
+/* Acknowledge it once the apply workers have caught up (release_deferred) */
+static void
+defer_ack(DeliveryTag tag)
+{
+	MemoryContext old = MemoryContextSwitchTo(consumer.long_context);
+	DeliveryTag *deferred = palloc(sizeof(DeliveryTag));
+
+	*deferred = tag;
+	consumer.deferred = lappend(consumer.deferred, deferred);
+	MemoryContextSwitchTo(old);
 }
 
 /*
@@ -1807,7 +1946,9 @@ act_on_outcomes(Work *work, int count, DeliveryTag *ack, DeliveryTag *requeue,
 		count_outcome(w);
 		if (w->d->parked_position > 0)
 			continue;
-		if (w->settled)
+		if (w->settled && w->staged && w->sub->staging_full)
+			defer_ack(tag);
+		else if (w->settled)
 			ack[nack++] = tag;
 		else if (mqtx_broker_channel_is_open(consumer.worker.conn, tag.channel))
 			hold_for_retry(w->d, w->attempts);
@@ -1844,6 +1985,13 @@ acknowledge_channel(int channel, DeliveryTag *ack, int nack, bool requeued,
 
 		if (held->channel == channel)
 			oldest_held = Min(oldest_held, held->delivery_tag);
+	}
+	foreach(lc, consumer.deferred)
+	{
+		DeliveryTag *deferred = lfirst(lc);
+
+		if (deferred->channel == channel)
+			oldest_held = Min(oldest_held, deferred->tag);
 	}
 	if (!requeued && oldest_held > max_tag)
 		return mqtx_broker_ack(consumer.worker.conn, channel, max_tag, true, error);
@@ -1928,14 +2076,14 @@ take_due_held(BrokerDelivery *batch, int capacity)
 static int
 take_parked(BrokerDelivery *batch, int capacity)
 {
-	Oid			type = INT4OID;
-	Datum		limit = Int32GetDatum(capacity);
+	Oid			types[2] = {INT4OID, INT4OID};
+	Datum		values[2] = {Int32GetDatum(capacity), Int32GetDatum(consumer.apply_number)};
 	int			count;
 
 	if (capacity == 0 || GetCurrentTimestamp() < consumer.next_parked_check_at)
 		return 0;
 	mqtx_worker_begin_step("mqtx consumer: reading parked messages");
-	execute(&parked_heads_plan, parked_heads_sql, 1, &type, &limit, NULL, SPI_OK_SELECT);
+	execute(&parked_heads_plan, parked_heads_sql, 2, types, values, NULL, SPI_OK_SELECT);
 	count = (int) SPI_processed;
 	MemoryContextSwitchTo(consumer.worker.context);
 	for (int i = 0; i < count; i++)
@@ -1949,7 +2097,7 @@ take_parked(BrokerDelivery *batch, int capacity)
 		memset(d, 0, sizeof(*d));
 		d->parked_position = DatumGetInt64(SPI_getbinval(tuple, desc, 1, &isnull));
 		d->queue = server_to_wire(SPI_getvalue(tuple, desc, 2));
-		d->ordering_key = server_to_wire(SPI_getvalue(tuple, desc, 3));
+		d->ordering_key = server_to_wire(SPI_getvalue(tuple, desc, 3)); /* NULL: none */
 		d->message_id = server_to_wire(SPI_getvalue(tuple, desc, 4));
 		d->exchange = server_to_wire(SPI_getvalue(tuple, desc, 5));
 		d->routing_key = server_to_wire(SPI_getvalue(tuple, desc, 6));
@@ -1988,6 +2136,8 @@ collect_batch(BrokerDelivery *batch, int capacity, char **error)
 	int64		bytes = 0;
 
 	count += take_parked(batch + count, capacity - count);
+	if (consumer.apply_number >= 0)
+		return count;			/* an apply worker reads no queue */
 
 	for (int i = 0; i < count; i++)
 		bytes += batch[i].body_len;
@@ -2012,6 +2162,76 @@ collect_batch(BrokerDelivery *batch, int capacity, char **error)
 		count++;
 	}
 	return count;
+}
+
+/*
+ * Acknowledge the deferred deliveries of the subscriptions whose apply
+ * workers have caught up.  Looked at on every pass while any wait.
+ * Returns false when the connection failed.
+ */
+static Subscription *
+subscription_on_channel(int channel)
+{
+	ListCell   *lc;
+
+	foreach(lc, consumer.subscriptions)
+	{
+		Subscription *sub = lfirst(lc);
+
+		if (sub->channel == channel)
+			return sub;
+	}
+	return NULL;
+}
+
+static bool
+release_deferred(char **error)
+{
+	List	   *kept = NIL;
+	List	   *released = NIL;
+	ListCell   *lc;
+	MemoryContext old;
+
+	if (consumer.deferred == NIL)
+		return true;
+	mqtx_worker_begin_step("mqtx consumer: looking at the apply workers' backlog");
+	foreach(lc, consumer.subscriptions)
+	{
+		Subscription *sub = lfirst(lc);
+
+		if (sub->channel != 0 && sub->workers > 1 && sub->staging_full)
+			sub->staging_full = is_staging_full(sub);
+	}
+	mqtx_worker_end_step(&consumer.worker);
+
+	old = MemoryContextSwitchTo(consumer.long_context);
+	foreach(lc, consumer.deferred)
+	{
+		DeliveryTag *tag = lfirst(lc);
+		Subscription *sub = subscription_on_channel(tag->channel);
+
+		if (sub != NULL && sub->staging_full)
+			kept = lappend(kept, tag);
+		else
+			released = lappend(released, tag);
+	}
+	MemoryContextSwitchTo(old);
+	foreach(lc, released)
+	{
+		DeliveryTag *tag = lfirst(lc);
+
+		/* (a tag of a channel gone is forgotten with the channel) */
+		if (!mqtx_broker_ack(consumer.worker.conn, tag->channel, tag->tag, false, error))
+		{
+			list_free(kept);
+			list_free(released);
+			return false;
+		}
+	}
+	list_free(consumer.deferred);
+	consumer.deferred = kept;
+	list_free_deep(released);
+	return true;
 }
 
 /*
@@ -2049,8 +2269,14 @@ consume_pass(void)
 	char	   *error = NULL;
 	int			count;
 	int			received = 0;	/* from the broker, not mqtx.parked */
+	int			staged = 0;
 	int			nack;
 
+	if (!release_deferred(&error))
+	{
+		mqtx_worker_drop_broker(&consumer.worker, error);
+		return false;
+	}
 	count = collect_batch(batch, capacity, &error);
 	if (count < 0)
 	{
@@ -2068,6 +2294,10 @@ consume_pass(void)
 	for (int i = 0; i < count; i++)
 		work[i].d = &batch[i];
 	apply_batch(work, count);
+	for (int i = 0; i < count; i++)
+		staged += work[i].staged && work[i].parked;
+	if (staged > 0)
+		mqtx_apply_workers_wake();
 	nack = act_on_outcomes(work, count, ack, requeue, &nrequeue);
 	if (!acknowledge(ack, nack, requeue, nrequeue, &error))
 		mqtx_worker_drop_broker(&consumer.worker, error);
@@ -2094,8 +2324,9 @@ recover_from_error(void)
 	pgstat_report_activity(STATE_IDLE, NULL);
 	RESUME_INTERRUPTS();
 
-	mqtx_worker_restart_broker(&consumer.worker,
-							   "an error interrupted the consumer (logged just before)");
+	if (consumer.apply_number < 0)
+		mqtx_worker_restart_broker(&consumer.worker,
+								   "an error interrupted the consumer (logged just before)");
 	consumer.subscriptions_loaded = false;
 
 	/* a persistent error costs a log line now and then, not a busy loop */
@@ -2122,6 +2353,24 @@ stop_consuming(void)
 		mqtx_worker_restart_broker(&consumer.worker,
 								   "the extension is not installed at the version the consumer needs");
 	consumer.subscriptions_loaded = false;
+	mqtx_apply_workers_stop();
+}
+
+/* As many apply workers as the subscription that has the most */
+static int
+apply_workers_needed(void)
+{
+	ListCell   *lc;
+	int			needed = 0;
+
+	foreach(lc, consumer.subscriptions)
+	{
+		Subscription *sub = lfirst(lc);
+
+		if (sub->workers > 1)
+			needed = Max(needed, sub->workers);
+	}
+	return needed;
 }
 
 /*
@@ -2141,6 +2390,9 @@ consumer_turn(void)
 		load_subscriptions();
 	consuming = consuming && consumer.subscriptions != NIL && start_consuming();
 	consumer.worker.receiving = consuming;
+	/* they apply what is parked, broker or not */
+	if (ready && consumer.subscriptions_loaded)
+		mqtx_apply_workers_follow(apply_workers_needed(), consumer.worker.assignment);
 
 	/*
 	 * While consuming, the wait for deliveries is the loop's sleep: it waits
@@ -2165,8 +2417,117 @@ void
 mqtx_consumer_main(Datum main_arg)
 {
 	memset(&consumer, 0, sizeof(consumer));
+	consumer.apply_number = -1;
 	mqtx_worker_start(&consumer.worker, MQTX_CONSUMER, main_arg);
+	consumer_loop();
+}
 
+/*
+ * Apply workers.  A subscription with workers > 1 is applied in parallel
+ * by that many processes, while the consumer remains the queue's only
+ * reader: it parks every delivery in mqtx.parked, in the order it receives
+ * them, in its batch's transaction, and acknowledges them after the
+ * commit, as it does for any parked message.  Apply worker i applies the
+ * parked messages of the keys that hash to i, the first of each key at a
+ * time, as the consumer applies a key's parked messages itself, and the
+ * messages without a key whose position does.  So one key's messages are
+ * applied by one process, one after the other, in the order the consumer
+ * received them, and different keys by different processes at once.
+ *
+ * The hand-over is a table rather than shared-memory queues because the
+ * order, the acknowledgement and recovery then need nothing new:
+ *
+ * - A message is acknowledged once it is durably in the database that
+ *   applies it, as a parked message always was; the apply worker's
+ *   transaction takes it out of mqtx.parked and applies it at once, so a
+ *   crash of any process at any point leaves it either applied or parked,
+ *   and the inbox makes a redelivered copy a duplicate.  With queues in
+ *   memory, a message handed to a worker that dies would be known only to
+ *   the broker, and redelivered behind later messages of its key that
+ *   another process already holds.
+ * - A key's order is the order of positions, which one process (the
+ *   consumer) assigns and commits in order; an apply worker sees the next
+ *   message of a key only once the previous one's transaction, which
+ *   deleted it, has committed.  Two processes that reach for the same
+ *   message (a worker restarted while its predecessor still ran, or the
+ *   workers renumbered when a subscription's count changes) meet at its
+ *   row: the second one's DELETE waits for the first and then finds
+ *   nothing, so the message counts as a duplicate.
+ * - Failures keep the consumer's rules: a failed attempt stays parked with
+ *   its next attempt's time, holding back its key only; a dead letter
+ *   keeps its place for a redrive.
+ *
+ * The cost is a row written and deleted per message, which a handler of
+ * any size outweighs.  The consumer stops acknowledging a subscription's
+ * deliveries while its workers are behind (staging_limit), so that the
+ * broker holds the backlog.
+ */
+void
+mqtx_apply_worker_main(Datum main_arg)
+{
+	MqtxApplyWorkerExtra extra;
+
+	memcpy(&extra, MyBgworkerEntry->bgw_extra, sizeof(extra));
+	memset(&consumer, 0, sizeof(consumer));
+	consumer.apply_number = extra.number;
+	consumer.consumer_pid = extra.consumer_pid;
+	mqtx_worker_start_apply(&consumer.worker, main_arg);
+	consumer_loop();
+}
+
+/*
+ * An apply worker serves the consumer that started it, and only while
+ * that consumer is its database's.
+ */
+static void
+exit_without_consumer(void)
+{
+	if (mqtx_slot_assignment(consumer.worker.slot, NULL) != consumer.worker.assignment ||
+		mqtx_slot_worker_pid(consumer.worker.slot, MQTX_CONSUMER) != consumer.consumer_pid)
+		proc_exit(0);
+}
+
+/*
+ * The subscriptions as they are now, when they (or the topology) changed;
+ * an apply worker has no channels to follow.
+ */
+static void
+follow_subscriptions(void)
+{
+	uint32		generation = mqtx_slot_topology_generation(consumer.worker.slot);
+
+	if (consumer.subscriptions_loaded && generation == consumer.subscriptions_generation)
+		return;
+	replace_subscriptions(read_subscriptions(), generation);
+}
+
+/*
+ * One turn of an apply worker: apply what is parked for it, or sleep
+ * until the consumer parks more (it sets our latch), the poll interval
+ * has passed (a retry come due, a redrive), or a signal.
+ */
+static void
+apply_worker_turn(void)
+{
+	exit_without_consumer();
+	follow_subscriptions();
+	if (consume_pass())
+		return;
+	if (consumer.next_parked_check_at > GetCurrentTimestamp())
+	{
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 Max(1, TimestampDifferenceMilliseconds(GetCurrentTimestamp(),
+																consumer.next_parked_check_at)),
+						 PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		consumer.next_parked_check_at = 0;
+	}
+}
+
+/* The loop of the consumer and of an apply worker */
+static void
+consumer_loop(void)
+{
 	/*
 	 * A batch allocates tens of kilobytes per delivery (handler caches,
 	 * parsed bodies) and frees it all at once when the pass ends.  glibc
@@ -2190,14 +2551,23 @@ mqtx_consumer_main(Datum main_arg)
 	{
 		MemoryContextReset(consumer.worker.context);
 		MemoryContextSwitchTo(consumer.worker.context);
-		if (ConfigReloadPending)
+		if (ConfigReloadPending && consumer.apply_number >= 0)
+		{
+			/* no broker, and the consumer's place in the slot is not ours */
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+		else if (ConfigReloadPending)
 			mqtx_worker_reload(&consumer.worker);
 
 		PG_TRY();
 		{
 			/* in here: a cancel that arrives between calls is an ERROR too */
 			CHECK_FOR_INTERRUPTS();
-			consumer_turn();
+			if (consumer.apply_number >= 0)
+				apply_worker_turn();
+			else
+				consumer_turn();
 		}
 		PG_CATCH();
 		{

@@ -12,5 +12,6 @@
 
 extern void mqtx_consumer_define_settings(void);
 extern PGDLLEXPORT void mqtx_consumer_main(Datum main_arg);
+extern PGDLLEXPORT void mqtx_apply_worker_main(Datum main_arg);
 
 #endif							/* MQTX_CONSUMER_H */

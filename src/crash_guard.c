@@ -156,10 +156,12 @@ guard_exit(int code, Datum arg)
 }
 
 /*
- * Open this database's record and read what the previous consumer left.
+ * Open the record of this database's consumer, or of one of its apply
+ * workers (process: "consumer", "apply<number>"), and read what the
+ * previous process in that place left.
  */
 const MqtxCrashRecord *
-mqtx_crash_guard_open(void)
+mqtx_crash_guard_open(const char *process)
 {
 	char		record_text[GUARD_RECORD_MAX + 1];
 	ssize_t		len;
@@ -169,7 +171,7 @@ mqtx_crash_guard_open(void)
 				(errcode_for_file_access(),
 				 errmsg("mqtx consumer: could not create directory \"%s\": %m", GUARD_DIRECTORY)));
 	guard_path = MemoryContextStrdup(TopMemoryContext,
-									 psprintf("%s/consumer_%u", GUARD_DIRECTORY, MyDatabaseId));
+									 psprintf("%s/%s_%u", GUARD_DIRECTORY, process, MyDatabaseId));
 	guard_fd = open(guard_path, O_RDWR | O_CREAT | O_CLOEXEC | PG_BINARY, pg_file_create_mode);
 	if (guard_fd < 0)
 	{

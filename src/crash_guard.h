@@ -21,7 +21,7 @@ typedef struct MqtxCrashRecord
 	char	   *key;
 } MqtxCrashRecord;
 
-extern const MqtxCrashRecord *mqtx_crash_guard_open(void);
+extern const MqtxCrashRecord *mqtx_crash_guard_open(const char *process);
 extern char *mqtx_crash_guard_digest(const char *queue, const char *key);
 extern void mqtx_crash_guard_applying(int deliveries, const char *queue,
 									  const char *key, int deaths);

@@ -83,6 +83,9 @@ static const MqtxCounter reconnect_counter[MQTX_NWORKER_KINDS] = {
 /* The worker of this process, for the exit callback. */
 static MqtxWorker *this_worker = NULL;
 
+static void start_process(MqtxWorker *w, MqtxWorkerKind kind, const char *role,
+						  Datum main_arg);
+
 static void
 worker_exit(int code, Datum arg)
 {
@@ -100,13 +103,37 @@ worker_exit(int code, Datum arg)
 void
 mqtx_worker_start(MqtxWorker *w, MqtxWorkerKind kind, Datum main_arg)
 {
+	start_process(w, kind, mqtx_worker_kind_name(kind), main_arg);
+	if (!mqtx_slot_attach(w->slot, kind, w->assignment, MyDatabaseId))
+		proc_exit(0);
+	this_worker = w;
+	before_shmem_exit(worker_exit, 0);
+	MemoryContextSwitchTo(w->context);
+}
+
+/*
+ * An apply worker: a process of the consumer's, which watches it, so it
+ * takes no place in the slot (apply_workers.c).  It counts in the
+ * consumer's counters.
+ */
+void
+mqtx_worker_start_apply(MqtxWorker *w, Datum main_arg)
+{
+	start_process(w, MQTX_CONSUMER, "apply worker", main_arg);
+	MemoryContextSwitchTo(w->context);
+}
+
+/* What every worker process of a slot sets up first */
+static void
+start_process(MqtxWorker *w, MqtxWorkerKind kind, const char *role, Datum main_arg)
+{
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
 	pqsignal(SIGTERM, die);
 	BackgroundWorkerUnblockSignals();
 
 	memset(w, 0, sizeof(*w));
 	w->kind = kind;
-	w->role = mqtx_worker_kind_name(kind);
+	w->role = role;
 	w->slot = mqtx_slot(DatumGetInt32(main_arg));
 	memcpy(&w->assignment, MyBgworkerEntry->bgw_extra, sizeof(w->assignment));
 	/* started for a database the launcher has let go of since */
@@ -147,12 +174,6 @@ mqtx_worker_start(MqtxWorker *w, MqtxWorkerKind kind, Datum main_arg)
 	BackgroundWorkerInitializeConnection(mqtx_slot_dbname(w->slot), NULL, 0);
 	SetConfigOption("search_path", "pg_catalog, pg_temp", PGC_SUSET, PGC_S_SESSION);
 	pgstat_report_appname(psprintf("mqtx %s", w->role));
-
-	if (!mqtx_slot_attach(w->slot, kind, w->assignment, MyDatabaseId))
-		proc_exit(0);
-	this_worker = w;
-	before_shmem_exit(worker_exit, 0);
-	MemoryContextSwitchTo(w->context);
 }
 
 /*

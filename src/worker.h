@@ -23,7 +23,7 @@ extern int	mqtx_retry_base;
 extern int	mqtx_retry_max;
 
 /* The oldest version of the SQL objects the consumer's statements work with */
-#define MQTX_CONSUMER_SCHEMA_VERSION "0.8.0"
+#define MQTX_CONSUMER_SCHEMA_VERSION "0.9.0"
 
 typedef enum MqtxBrokerState
 {
@@ -35,7 +35,8 @@ typedef enum MqtxBrokerState
 typedef struct MqtxWorker
 {
 	MqtxWorkerKind kind;
-	const char *role;			/* "relay" or "consumer", for log lines */
+	const char *role;			/* "relay", "consumer" or "apply worker", for
+								 * log lines */
 	MqtxSlot   *slot;
 	uint32		assignment;		/* the slot's, when the launcher started us */
 	MemoryContext context;		/* where each step returns; the worker may
@@ -64,6 +65,7 @@ typedef struct MqtxWorker
 
 extern void mqtx_worker_define_settings(void);
 extern void mqtx_worker_start(MqtxWorker *w, MqtxWorkerKind kind, Datum main_arg);
+extern void mqtx_worker_start_apply(MqtxWorker *w, Datum main_arg);
 extern void mqtx_worker_begin_step(const char *activity);
 extern void mqtx_worker_end_step(MqtxWorker *w);
 extern bool mqtx_worker_extension_ready(MqtxWorker *w);

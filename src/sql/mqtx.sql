@@ -324,12 +324,14 @@ CREATE TABLE mqtx.subscriptions (
 	created_at		timestamptz NOT NULL DEFAULT now(),
 	handler_timeout interval NOT NULL DEFAULT '30 seconds',
 	after_dead_letter text NOT NULL DEFAULT 'wait',
+	workers			integer NOT NULL DEFAULT 1,
 	CONSTRAINT subscriptions_prefetch_check CHECK (prefetch BETWEEN 1 AND 65535),
 	CONSTRAINT subscriptions_max_attempts_check CHECK (max_attempts BETWEEN 1 AND 1000),
 	CONSTRAINT subscriptions_handler_timeout_check
 		CHECK (handler_timeout BETWEEN '1 millisecond' AND '1 day'),
 	CONSTRAINT subscriptions_after_dead_letter_check
-		CHECK (after_dead_letter IN ('wait', 'proceed'))
+		CHECK (after_dead_letter IN ('wait', 'proceed')),
+	CONSTRAINT subscriptions_workers_check CHECK (workers BETWEEN 1 AND 64)
 );
 
 COMMENT ON TABLE mqtx.subscriptions IS
@@ -348,6 +350,8 @@ COMMENT ON COLUMN mqtx.subscriptions.handler_timeout IS
 	'How long one call of the handler may run; one that takes longer fails like any handler error';
 COMMENT ON COLUMN mqtx.subscriptions.after_dead_letter IS
 	'What the later messages of an ordering key do once one of the key is dead-lettered: wait (parked, until an operator redrives or discards it) or proceed';
+COMMENT ON COLUMN mqtx.subscriptions.workers IS
+	'How many apply workers apply the queue''s messages: one key''s messages always by the same worker, in order; more than 1: the consumer parks every delivery and the workers apply them from mqtx.parked';
 
 SELECT pg_catalog.pg_extension_config_dump('mqtx.subscriptions', '');
 
@@ -476,8 +480,9 @@ SELECT pg_catalog.pg_extension_config_dump(
 
 --
 -- Parked messages: the later messages of an ordering key whose earlier one
--- is retried or dead-lettered, and a keyed message whose attempt failed.
--- They are acknowledged to the broker once parked (durably, here), so a
+-- is retried or dead-lettered, a keyed message whose attempt failed, and
+-- every message of a queue applied by several workers (workers > 1), for
+-- them to apply.  They are acknowledged to the broker once parked (durably, here), so a
 -- held key never fills the prefetch window, and the consumer applies them
 -- from here, in their order, once nothing earlier of their key is held.
 --
@@ -486,7 +491,7 @@ CREATE SEQUENCE mqtx.parked_position_seq;
 CREATE TABLE mqtx.parked (
 	position		bigint PRIMARY KEY DEFAULT nextval('mqtx.parked_position_seq'),
 	queue			text NOT NULL,
-	ordering_key	text NOT NULL,
+	ordering_key	text,
 	message_id		text NOT NULL,
 	exchange		text,
 	routing_key		text,
@@ -500,13 +505,13 @@ CREATE TABLE mqtx.parked (
 CREATE INDEX parked_ordering_key_idx ON mqtx.parked (queue, ordering_key, position);
 
 COMMENT ON TABLE mqtx.parked IS
-	'Messages of ordering keys that wait for an earlier message of their key, or for their own next attempt; the consumer applies them from here, in order';
+	'Messages of ordering keys that wait for an earlier message of their key, or for their own next attempt, and the messages of queues applied by several workers; the consumer and its apply workers apply them from here, a key''s in order';
 COMMENT ON COLUMN mqtx.parked.position IS
 	'Their order: a key''s messages are applied by ascending position';
 COMMENT ON COLUMN mqtx.parked.queue IS
 	'The queue the message came from';
 COMMENT ON COLUMN mqtx.parked.ordering_key IS
-	'Its ordering key (header x-mqtx-ordering-key)';
+	'Its ordering key (header x-mqtx-ordering-key), or NULL for a message without one, parked for an apply worker';
 COMMENT ON COLUMN mqtx.parked.message_id IS
 	'The message''s dedupe key, as in mqtx.inbox';
 COMMENT ON COLUMN mqtx.parked.exchange IS
@@ -532,7 +537,7 @@ SELECT pg_catalog.pg_extension_config_dump('mqtx.parked_position_seq', '');
 -- after_dead_letter = wait), or a first message that waits for its retry.
 CREATE VIEW mqtx.held_keys AS
 WITH keys AS (
-	SELECT p.queue, p.ordering_key FROM mqtx.parked p
+	SELECT p.queue, p.ordering_key FROM mqtx.parked p WHERE p.ordering_key IS NOT NULL
 	UNION
 	SELECT d.queue, d.ordering_key
 	FROM mqtx.dead_letter d JOIN mqtx.subscriptions s ON s.queue = d.queue
@@ -647,7 +652,8 @@ CREATE FUNCTION mqtx.subscribe(queue text, handler regprocedure,
 							   prefetch integer DEFAULT 100,
 							   max_attempts integer DEFAULT 5,
 							   handler_timeout interval DEFAULT '30 seconds',
-							   after_dead_letter text DEFAULT 'wait')
+							   after_dead_letter text DEFAULT 'wait',
+							   workers integer DEFAULT 1)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -663,24 +669,30 @@ BEGIN
 							 coalesce(quote_literal(after_dead_letter), 'NULL')),
 			HINT = 'wait: a key''s later messages wait while one of the key is dead-lettered; proceed: they go on.';
 	END IF;
+	IF workers IS NULL OR workers NOT BETWEEN 1 AND 64 THEN
+		RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+			MESSAGE = format('workers of mqtx.subscribe must be between 1 and 64, not %s',
+							 coalesce(workers::text, 'NULL')),
+			HINT = 'Each apply worker is a background worker process: max_worker_processes must leave room for them.';
+	END IF;
 	IF NOT EXISTS (SELECT FROM mqtx.queues q WHERE q.name = subscribe.queue) THEN
 		PERFORM mqtx.declare_queue(queue);
 	END IF;
 	-- the table's trigger checks the signature, and the caller's right to
 	-- run the handler's owner's code
 	INSERT INTO mqtx.subscriptions AS s (queue, handler, prefetch, max_attempts, handler_timeout,
-										 after_dead_letter)
+										 after_dead_letter, workers)
 		VALUES (subscribe.queue, subscribe.handler, subscribe.prefetch, subscribe.max_attempts,
-				subscribe.handler_timeout, subscribe.after_dead_letter)
+				subscribe.handler_timeout, subscribe.after_dead_letter, subscribe.workers)
 	ON CONFLICT ON CONSTRAINT subscriptions_pkey DO UPDATE
 		SET handler = excluded.handler, prefetch = excluded.prefetch,
 			max_attempts = excluded.max_attempts, handler_timeout = excluded.handler_timeout,
-			after_dead_letter = excluded.after_dead_letter;
+			after_dead_letter = excluded.after_dead_letter, workers = excluded.workers;
 END
 $$;
 
-COMMENT ON FUNCTION mqtx.subscribe(text, regprocedure, integer, integer, interval, text) IS
-	'Apply the messages of a queue with handler(payload jsonb, headers jsonb), run as the handler''s owner; declares the queue if needed; after_dead_letter: wait or proceed';
+COMMENT ON FUNCTION mqtx.subscribe(text, regprocedure, integer, integer, interval, text, integer) IS
+	'Apply the messages of a queue with handler(payload jsonb, headers jsonb), run as the handler''s owner; declares the queue if needed; after_dead_letter: wait or proceed; workers: how many processes apply it, a key''s messages in order';
 
 CREATE FUNCTION mqtx.unsubscribe(queue text)
 RETURNS boolean

@@ -432,7 +432,7 @@ like($err, qr/permission denied for function subscribe/, 'mqtx.subscribe is not 
 su('appdb', q{
 	CREATE FUNCTION public.su_handler(payload jsonb, headers jsonb) RETURNS void
 	LANGUAGE plpgsql AS $$ BEGIN END $$;
-	GRANT EXECUTE ON FUNCTION mqtx.subscribe(text, regprocedure, integer, integer, interval, text) TO app;
+	GRANT EXECUTE ON FUNCTION mqtx.subscribe(text, regprocedure, integer, integer, interval, text, integer) TO app;
 	GRANT SELECT ON mqtx.queues TO app;
 	GRANT SELECT, INSERT, UPDATE ON mqtx.subscriptions TO app;
 });
@@ -452,7 +452,7 @@ like($err, qr/permission denied to subscribe handler/,
 	q{SELECT mqtx.subscribe('app.q', 'app.app_handler(jsonb,jsonb)', 100, 2)});
 is($ret, 0, 'delegated: subscribing its own function is allowed') or diag($err);
 su('appdb', q{
-	REVOKE EXECUTE ON FUNCTION mqtx.subscribe(text, regprocedure, integer, integer, interval, text) FROM app;
+	REVOKE EXECUTE ON FUNCTION mqtx.subscribe(text, regprocedure, integer, integer, interval, text, integer) FROM app;
 	REVOKE SELECT ON mqtx.queues FROM app;
 	REVOKE SELECT, INSERT, UPDATE ON mqtx.subscriptions FROM app;
 	DROP FUNCTION public.su_handler(jsonb, jsonb);
