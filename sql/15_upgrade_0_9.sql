@@ -59,12 +59,25 @@ SELECT queue, prefetch, after_dead_letter, workers FROM mqtx.subscriptions;
 SELECT mqtx.subscribe('orders.apply', 'regress_apply_0_9(jsonb, jsonb)', workers => 0);
 SELECT mqtx.subscribe('orders.apply', 'regress_apply_0_9(jsonb, jsonb)', workers => 65);
 SELECT mqtx.subscribe('orders.apply', 'regress_apply_0_9(jsonb, jsonb)', workers => NULL);
+\set VERBOSITY terse
 UPDATE mqtx.subscriptions SET workers = 100;
+\set VERBOSITY default
 SELECT queue, workers FROM mqtx.subscriptions;
 
--- a message without a key, parked for an apply worker, holds no key
+-- a message without a key, parked for an apply worker, holds no key; nor
+-- does a key on its way to the apply workers, unless its first message
+-- waits for a retry
 INSERT INTO mqtx.parked (queue, message_id, body) VALUES ('orders.apply', 'm-3', '\x7b7d');
 SELECT queue, ordering_key, reason, parked FROM mqtx.held_keys;
+SELECT mqtx.subscribe('orders.apply', 'regress_apply_0_9(jsonb, jsonb)', workers => 2);
+SELECT queue, ordering_key, reason, parked FROM mqtx.held_keys;
+UPDATE mqtx.parked SET next_attempt_at = now() + interval '1 hour' WHERE message_id = 'm-1';
+SELECT queue, ordering_key, reason, parked FROM mqtx.held_keys;
+
+-- unsubscribed, a queue leaves its parked messages, and says so
+SELECT mqtx.unsubscribe('orders.apply');
+SELECT mqtx.unsubscribe('orders.apply');
+SELECT count(*) AS parked FROM mqtx.parked;
 
 -- 0.1.0 to 0.9.0 in one step, with data in it
 DROP EXTENSION mqtx CASCADE;

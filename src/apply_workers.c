@@ -16,14 +16,23 @@
  * start is tried again every APPLY_NO_SLOT_RETRY_MS; meanwhile the
  * messages of the keys it would apply wait in mqtx.parked.
  *
+ * Worker number n of a database is one process at a time: each holds a
+ * session lock on its place (mqtx_apply_worker_take_place) for its life,
+ * and one started while its predecessor is still on its way out waits for
+ * it.  Its crash record (crash_guard.c) is then its own, and so is what it
+ * applies.
+ *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "miscadmin.h"
+#include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
+#include "storage/lock.h"
 #include "storage/proc.h"
 #include "storage/procarray.h"
 #include "utils/memutils.h"
@@ -33,6 +42,9 @@
 #include "shared.h"
 
 #define APPLY_RESTART_MS 1000
+
+/* the advisory lock class of the places (objsubid in pg_locks: 28018) */
+#define APPLY_PLACE_LOCK_CLASS 0x6D72
 #define APPLY_NO_SLOT_RETRY_MS 10000
 
 typedef struct ApplyWorker
@@ -171,6 +183,43 @@ mqtx_apply_workers_wake(void)
 		if (proc != NULL)
 			SetLatch(&proc->procLatch);
 	}
+}
+
+/*
+ * The numbers of the apply workers that run, or are about to, into
+ * numbers (room for MQTX_MAX_APPLY_WORKERS); returns how many.
+ */
+int
+mqtx_apply_workers_running(int *numbers)
+{
+	int			count = 0;
+
+	for (int i = 0; i < MQTX_MAX_APPLY_WORKERS; i++)
+	{
+		pid_t		pid;
+
+		if (pool[i].handle != NULL &&
+			GetBackgroundWorkerPid(pool[i].handle, &pid) != BGWH_STOPPED)
+			numbers[count++] = i;
+	}
+	return count;
+}
+
+/*
+ * An apply worker takes its place, number, in its database: waiting, if
+ * need be, for the one before it to exit.  Kept until this process exits.
+ */
+void
+mqtx_apply_worker_take_place(int number)
+{
+	LOCKTAG		tag;
+
+	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, 0, (uint32) number, APPLY_PLACE_LOCK_CLASS);
+	StartTransactionCommand();
+	pgstat_report_activity(STATE_RUNNING, "mqtx apply worker: waiting for the one before to exit");
+	(void) LockAcquire(&tag, ExclusiveLock, true, false);
+	pgstat_report_activity(STATE_IDLE, NULL);
+	CommitTransactionCommand();
 }
 
 /* Stop them all: the consumer exits, or has nothing for them. */

@@ -25,5 +25,9 @@ typedef struct MqtxApplyWorkerExtra
 extern void mqtx_apply_workers_follow(int count, uint32 assignment);
 extern void mqtx_apply_workers_wake(void);
 extern void mqtx_apply_workers_stop(void);
+extern int	mqtx_apply_workers_running(int *numbers);
+
+/* an apply worker's own */
+extern void mqtx_apply_worker_take_place(int number);
 
 #endif							/* MQTX_APPLY_WORKERS_H */

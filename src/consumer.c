@@ -71,6 +71,7 @@
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/memutils.h"
@@ -196,12 +197,19 @@ static const char *const key_held_sql =
 "    OR ($3 AND EXISTS (SELECT FROM mqtx.dead_letter"
 "                        WHERE queue = $1 AND ordering_key = $2))";
 
-/* a copy already applied, or parked, is a duplicate: nothing is written */
+/*
+ * A copy already applied, or parked, is a duplicate: nothing is written.
+ * A parked copy is looked for before the insert: one that an apply worker
+ * is applying is still there in the statement's snapshot, and is skipped
+ * (applied or not, it is the worker's), where the insert's unique check
+ * would wait for the end of the worker's whole batch.
+ */
 static const char *const park_sql =
 "INSERT INTO mqtx.parked (queue, ordering_key, message_id, exchange, routing_key,"
 "                         headers, body, next_attempt_at) "
 "SELECT $1, $2, $3, $4, $5, $6, $7, $8 "
-" WHERE NOT EXISTS (SELECT FROM mqtx.inbox WHERE queue = $1 AND message_id = $3) "
+" WHERE NOT EXISTS (SELECT FROM mqtx.inbox WHERE queue = $1 AND message_id = $3)"
+"   AND NOT EXISTS (SELECT FROM mqtx.parked WHERE queue = $1 AND message_id = $3) "
 "ON CONFLICT ON CONSTRAINT parked_queue_message_id_key DO NOTHING";
 
 static const char *const unpark_sql =
@@ -221,14 +229,15 @@ static const char *const park_retry_sql =
 static const char *const parked_heads_sql =
 "SELECT p.position, p.queue, p.ordering_key, p.message_id, p.exchange, p.routing_key,"
 "       p.headers::text, p.body "
-"FROM (SELECT DISTINCT ON (queue, ordering_key) * FROM mqtx.parked"
-"       WHERE ordering_key IS NOT NULL ORDER BY queue, ordering_key, position) p"
-"     JOIN mqtx.subscriptions s ON s.queue = p.queue "
+"FROM (SELECT DISTINCT ON (k.queue, k.ordering_key) k.*, s.after_dead_letter"
+"       FROM mqtx.parked k JOIN mqtx.subscriptions s ON s.queue = k.queue"
+"       WHERE k.ordering_key IS NOT NULL"
+"         AND CASE WHEN $2 < 0 THEN s.workers = 1"
+"             ELSE s.workers > 1"
+"              AND (pg_catalog.hashtext(k.ordering_key) & 2147483647) % s.workers = $2 END"
+"       ORDER BY k.queue, k.ordering_key, k.position) p "
 "WHERE (p.next_attempt_at IS NULL OR p.next_attempt_at <= pg_catalog.now())"
-"  AND CASE WHEN $2 < 0 THEN s.workers = 1"
-"      ELSE s.workers > 1"
-"       AND (pg_catalog.hashtext(p.ordering_key) & 2147483647) % s.workers = $2 END"
-"  AND NOT (s.after_dead_letter = 'wait' AND EXISTS ("
+"  AND NOT (p.after_dead_letter = 'wait' AND EXISTS ("
 "        SELECT FROM mqtx.dead_letter d"
 "         WHERE d.queue = p.queue AND d.ordering_key = p.ordering_key"
 "           AND d.parked_position < p.position)) "
@@ -244,18 +253,33 @@ static const char *const parked_heads_sql =
 "LIMIT $1";
 
 /*
- * How many messages of a subscription with apply workers are parked for
- * them, counting up to $2 (see staging_limit): those of keys a dead
- * letter holds wait for an operator, not for the workers, and do not
- * count.
+ * How many messages of a subscription ($1) with apply workers ($4 of
+ * them) are parked for the workers that run ($5), counting up to $2 (see
+ * staging_limit).  What waits for something other than those workers
+ * does not count, so that it cannot stop the other keys: a retry not due
+ * yet (a key's first message, or one without a key), the rest of its key,
+ * the keys a dead letter holds under wait ($3), and the messages of a
+ * worker that does not run (no background worker slot).
  */
 static const char *const staged_sql =
 "SELECT count(*)::int4 FROM ("
 "  SELECT FROM mqtx.parked p WHERE p.queue = $1"
-"     AND NOT ($3 AND p.ordering_key IS NOT NULL AND EXISTS ("
-"           SELECT FROM mqtx.dead_letter d"
-"            WHERE d.queue = p.queue AND d.ordering_key = p.ordering_key))"
+"     AND (p.next_attempt_at IS NULL OR p.next_attempt_at <= pg_catalog.now())"
+"     AND CASE WHEN p.ordering_key IS NULL THEN p.position % $4 = ANY ($5)"
+"         ELSE (pg_catalog.hashtext(p.ordering_key) & 2147483647) % $4 = ANY ($5)"
+"          AND NOT ($3 AND EXISTS ("
+"              SELECT FROM mqtx.dead_letter d"
+"               WHERE d.queue = p.queue AND d.ordering_key = p.ordering_key))"
+"          AND NOT EXISTS ("
+"              SELECT FROM (SELECT h.next_attempt_at FROM mqtx.parked h"
+"                            WHERE h.queue = p.queue AND h.ordering_key = p.ordering_key"
+"                            ORDER BY h.position LIMIT 1) h"
+"               WHERE h.next_attempt_at > pg_catalog.now()) END"
 "   LIMIT $2) s";
+
+/* of the subscriptions, how many apply workers the consumer must run */
+static const char *const apply_workers_sql =
+"SELECT coalesce(max(workers) FILTER (WHERE workers > 1), 0) FROM mqtx.subscriptions";
 
 typedef struct Subscription
 {
@@ -336,6 +360,9 @@ typedef struct ConsumerState
 	List	   *deferred;		/* of DeliveryTag, in long_context: parked for
 								 * the apply workers, to acknowledge once they
 								 * have caught up */
+	int			apply_workers_needed;	/* by the subscriptions */
+	bool		apply_workers_known;	/* as of apply_workers_generation */
+	uint32		apply_workers_generation;
 	int			error_pause_ms; /* after the next escaped error */
 	int			one_at_a_time;	/* deliveries to apply one per transaction */
 	MqtxCrashRecord suspect;	/* a delivery earlier consumers died on */
@@ -673,7 +700,10 @@ load_subscriptions(void)
 		char	   *error = NULL;
 
 		if (now != NULL && now->prefetch == sub->prefetch)
+		{
 			now->channel = sub->channel;
+			now->staging_full = sub->staging_full;
+		}
 		else if (sub->channel != 0 && consumer.worker.conn != NULL)
 		{
 			forget_channel(sub->channel);
@@ -1713,12 +1743,22 @@ staging_limit(Subscription *sub)
 static bool
 is_staging_full(Subscription *sub)
 {
-	Oid			types[3] = {TEXTOID, INT4OID, BOOLOID};
-	Datum		values[3] = {CStringGetTextDatum(sub->queue), Int32GetDatum(staging_limit(sub)),
-	BoolGetDatum(sub->wait_after_dead_letter)};
+	int			running[MQTX_MAX_APPLY_WORKERS];
+	int			nrunning = mqtx_apply_workers_running(running);
+	Datum	   *numbers = palloc(sizeof(Datum) * Max(nrunning, 1));
+	Oid			types[5] = {TEXTOID, INT4OID, BOOLOID, INT4OID, INT4ARRAYOID};
+	Datum		values[5];
 	bool		isnull;
 
-	execute(&staged_plan, staged_sql, 3, types, values, NULL, SPI_OK_SELECT);
+	for (int i = 0; i < nrunning; i++)
+		numbers[i] = Int32GetDatum(running[i]);
+	values[0] = CStringGetTextDatum(sub->queue);
+	values[1] = Int32GetDatum(staging_limit(sub));
+	values[2] = BoolGetDatum(sub->wait_after_dead_letter);
+	values[3] = Int32GetDatum(sub->workers);
+	values[4] = PointerGetDatum(construct_array(numbers, nrunning, INT4OID, sizeof(int32),
+												true, TYPALIGN_INT));
+	execute(&staged_plan, staged_sql, 5, types, values, NULL, SPI_OK_SELECT);
 	return DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
 									   &isnull)) >= staging_limit(sub);
 }
@@ -2353,24 +2393,34 @@ stop_consuming(void)
 		mqtx_worker_restart_broker(&consumer.worker,
 								   "the extension is not installed at the version the consumer needs");
 	consumer.subscriptions_loaded = false;
+	consumer.apply_workers_known = false;
 	mqtx_apply_workers_stop();
 }
 
-/* As many apply workers as the subscription that has the most */
-static int
-apply_workers_needed(void)
+/*
+ * Run as many apply workers as the subscription that has the most needs.
+ * Read whenever the subscriptions (or the topology) changed, without the
+ * broker: they apply what is parked already, broker or not.
+ */
+static void
+follow_apply_workers(void)
 {
-	ListCell   *lc;
-	int			needed = 0;
+	uint32		generation = mqtx_slot_topology_generation(consumer.worker.slot);
+	bool		isnull;
 
-	foreach(lc, consumer.subscriptions)
+	if (!consumer.apply_workers_known || generation != consumer.apply_workers_generation)
 	{
-		Subscription *sub = lfirst(lc);
-
-		if (sub->workers > 1)
-			needed = Max(needed, sub->workers);
+		mqtx_worker_begin_step("mqtx consumer: reading how many apply workers are needed");
+		if (SPI_execute(apply_workers_sql, true, 1) != SPI_OK_SELECT)
+			elog(ERROR, "reading mqtx.subscriptions failed");
+		consumer.apply_workers_needed =
+			DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
+										&isnull));
+		mqtx_worker_end_step(&consumer.worker);
+		consumer.apply_workers_generation = generation;
+		consumer.apply_workers_known = true;
 	}
-	return needed;
+	mqtx_apply_workers_follow(consumer.apply_workers_needed, consumer.worker.assignment);
 }
 
 /*
@@ -2386,13 +2436,12 @@ consumer_turn(void)
 	ready = mqtx_worker_extension_ready(&consumer.worker);
 	if (!ready)
 		stop_consuming();
+	else
+		follow_apply_workers();
 	consuming = ready && mqtx_worker_ensure_broker(&consumer.worker) &&
 		load_subscriptions();
 	consuming = consuming && consumer.subscriptions != NIL && start_consuming();
 	consumer.worker.receiving = consuming;
-	/* they apply what is parked, broker or not */
-	if (ready && consumer.subscriptions_loaded)
-		mqtx_apply_workers_follow(apply_workers_needed(), consumer.worker.assignment);
 
 	/*
 	 * While consuming, the wait for deliveries is the loop's sleep: it waits
@@ -2472,6 +2521,7 @@ mqtx_apply_worker_main(Datum main_arg)
 	consumer.apply_number = extra.number;
 	consumer.consumer_pid = extra.consumer_pid;
 	mqtx_worker_start_apply(&consumer.worker, main_arg);
+	mqtx_apply_worker_take_place(extra.number);
 	consumer_loop();
 }
 

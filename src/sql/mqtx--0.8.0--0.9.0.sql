@@ -3,7 +3,9 @@
  * apply workers apply its queue (mqtx.subscribe's workers, the column
  * mqtx.subscriptions.workers); with more than one, the consumer parks
  * every delivery of the queue in mqtx.parked, whose ordering_key may now
- * be NULL, and the apply workers apply them from there.
+ * be NULL, and the apply workers apply them from there.  mqtx.held_keys
+ * leaves out the keys merely on their way to the apply workers, and
+ * mqtx.unsubscribe warns of the messages a queue leaves parked.
  */
 
 -- complain if script is sourced in psql, rather than via ALTER EXTENSION
@@ -16,12 +18,42 @@ COMMENT ON COLUMN mqtx.subscriptions.workers IS
 	'How many apply workers apply the queue''s messages: one key''s messages always by the same worker, in order; more than 1: the consumer parks every delivery and the workers apply them from mqtx.parked';
 
 ALTER TABLE mqtx.parked ALTER COLUMN ordering_key DROP NOT NULL;
+
+-- the parked messages of a queue unsubscribed stay: mqtx.unsubscribe says so
+CREATE OR REPLACE FUNCTION mqtx.unsubscribe(queue text)
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	parked bigint;
+BEGIN
+	DELETE FROM mqtx.subscriptions s WHERE s.queue = unsubscribe.queue;
+	IF NOT FOUND THEN
+		RETURN false;
+	END IF;
+	-- acknowledged already: say that they stay, and where
+	SELECT count(*) INTO parked FROM mqtx.parked p WHERE p.queue = unsubscribe.queue;
+	IF parked > 0 THEN
+		RAISE WARNING USING
+			MESSAGE = format('%s messages of queue %s stay in mqtx.parked', parked, quote_literal(queue)),
+			DETAIL = 'They were acknowledged to the broker when they were parked: the database holds the only copy.',
+			HINT = 'They are applied when the queue is subscribed again; delete them from mqtx.parked to drop them.';
+	END IF;
+	RETURN true;
+END
+$$;
+
+COMMENT ON FUNCTION mqtx.unsubscribe(text) IS
+	'Stop consuming a queue; its messages stay on the broker, and those parked stay in mqtx.parked (a warning says how many)';
+
 COMMENT ON TABLE mqtx.parked IS
 	'Messages of ordering keys that wait for an earlier message of their key, or for their own next attempt, and the messages of queues applied by several workers; the consumer and its apply workers apply them from here, a key''s in order';
 COMMENT ON COLUMN mqtx.parked.ordering_key IS
 	'Its ordering key (header x-mqtx-ordering-key), or NULL for a message without one, parked for an apply worker';
 
--- a message without a key, parked for an apply worker, holds no key
+-- a message without a key, parked for an apply worker, holds no key, nor
+-- does a key on its way to the apply workers
 CREATE OR REPLACE VIEW mqtx.held_keys AS
 WITH keys AS (
 	SELECT p.queue, p.ordering_key FROM mqtx.parked p WHERE p.ordering_key IS NOT NULL
@@ -51,7 +83,11 @@ FROM keys k
 		ORDER BY p.position LIMIT 1) f ON true
 	 LEFT JOIN LATERAL (
 		SELECT count(*) AS parked, min(p.parked_at) AS parked_since FROM mqtx.parked p
-		WHERE p.queue = k.queue AND p.ordering_key = k.ordering_key) n ON true;
+		WHERE p.queue = k.queue AND p.ordering_key = k.ordering_key) n ON true
+	 LEFT JOIN mqtx.subscriptions s ON s.queue = k.queue
+-- a key of a queue with apply workers is parked on its way to them: held
+-- only by a dead letter or a retry
+WHERE l.id IS NOT NULL OR f.next_attempt_at > now() OR coalesce(s.workers, 1) = 1;
 
 --
 -- mqtx.subscribe gets the parameter workers.  Added next to the old one,

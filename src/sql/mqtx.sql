@@ -564,7 +564,11 @@ FROM keys k
 		ORDER BY p.position LIMIT 1) f ON true
 	 LEFT JOIN LATERAL (
 		SELECT count(*) AS parked, min(p.parked_at) AS parked_since FROM mqtx.parked p
-		WHERE p.queue = k.queue AND p.ordering_key = k.ordering_key) n ON true;
+		WHERE p.queue = k.queue AND p.ordering_key = k.ordering_key) n ON true
+	 LEFT JOIN mqtx.subscriptions s ON s.queue = k.queue
+-- a key of a queue with apply workers is parked on its way to them: held
+-- only by a dead letter or a retry
+WHERE l.id IS NOT NULL OR f.next_attempt_at > now() OR coalesce(s.workers, 1) = 1;
 
 COMMENT ON VIEW mqtx.held_keys IS
 	'Ordering keys whose messages the consumer holds back, why, and how many are parked';
@@ -696,16 +700,30 @@ COMMENT ON FUNCTION mqtx.subscribe(text, regprocedure, integer, integer, interva
 
 CREATE FUNCTION mqtx.unsubscribe(queue text)
 RETURNS boolean
-LANGUAGE sql
-BEGIN ATOMIC
-	WITH gone AS (
-		DELETE FROM mqtx.subscriptions s WHERE s.queue = unsubscribe.queue RETURNING 1
-	)
-	SELECT count(*) > 0 FROM gone;
-END;
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	parked bigint;
+BEGIN
+	DELETE FROM mqtx.subscriptions s WHERE s.queue = unsubscribe.queue;
+	IF NOT FOUND THEN
+		RETURN false;
+	END IF;
+	-- acknowledged already: say that they stay, and where
+	SELECT count(*) INTO parked FROM mqtx.parked p WHERE p.queue = unsubscribe.queue;
+	IF parked > 0 THEN
+		RAISE WARNING USING
+			MESSAGE = format('%s messages of queue %s stay in mqtx.parked', parked, quote_literal(queue)),
+			DETAIL = 'They were acknowledged to the broker when they were parked: the database holds the only copy.',
+			HINT = 'They are applied when the queue is subscribed again; delete them from mqtx.parked to drop them.';
+	END IF;
+	RETURN true;
+END
+$$;
 
 COMMENT ON FUNCTION mqtx.unsubscribe(text) IS
-	'Stop consuming a queue; its messages stay on the broker';
+	'Stop consuming a queue; its messages stay on the broker, and those parked stay in mqtx.parked (a warning says how many)';
 
 CREATE FUNCTION mqtx.redrive(id bigint)
 RETURNS uuid

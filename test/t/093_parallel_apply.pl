@@ -7,8 +7,15 @@
 #    nothing twice, everything applied by the apply workers, by all four;
 #  - a dead letter holds back its own key only, and a redrive applies it
 #    first;
+#  - an apply worker that exits is started again, by the same consumer;
 #  - while the workers are behind, the backlog stays in the queue: no more
-#    than the staging limit is parked for them.
+#    than the staging limit is parked for them;
+#  - back to workers => 1, the consumer applies what was parked for the
+#    workers, and stops them;
+#  - with the broker down, a consumer that starts still starts its
+#    workers, and they apply what is parked.
+# The handler takes a transaction lock on its key, and says so when
+# another transaction holds it: one key is never applied by two at once.
 use strict;
 use warnings FATAL => 'all';
 
@@ -61,7 +68,9 @@ $dispatch->safe_psql('postgres', q{
 		END IF;
 		PERFORM pg_sleep(pause) FROM settings WHERE pause > 0;
 		INSERT INTO applied (k, n, pid, applier)
-		SELECT payload->>'k', (payload->>'n')::int, pg_backend_pid(), a.backend_type
+		SELECT payload->>'k', (payload->>'n')::int, pg_backend_pid(),
+			   CASE WHEN payload->>'k' LIKE 'u%' OR pg_try_advisory_xact_lock(hashtext(payload->>'k'))
+					THEN a.backend_type ELSE 'concurrent' END
 		  FROM pg_stat_activity a WHERE a.pid = pg_backend_pid();
 	END $$;
 });
@@ -74,7 +83,7 @@ wait_until('the consumer consumes the queue', sub { ($mq->consumer_count('events
 # --- 200 keys x 50 events and 1,000 without a key, through failures ------
 my $sessions = start_keyed_sessions($orders, $KEYS, $EVENTS, $SESSIONS);
 $orders->safe_psql('postgres', qq{
-	SELECT count(mqtx.publish('', 'events', jsonb_build_object('k', 'none', 'n', i)))
+	SELECT count(mqtx.publish('', 'events', jsonb_build_object('k', 'unkeyed', 'n', i)))
 	FROM generate_series(1, $UNKEYED) i});
 wait_for($dispatch, 'postgres', 'SELECT count(*) >= 2000 FROM applied', 't',
 	'events are applied while they stream in');
@@ -105,18 +114,15 @@ is($dispatch->safe_psql('postgres', 'SELECT count(*) FROM applied'), $total,
 is($dispatch->safe_psql('postgres', qq{
 	SELECT count(*) FROM (
 		SELECT k, array_agg(n ORDER BY seq) AS applied_order FROM applied
-		 WHERE k <> 'none' GROUP BY k) a
+		 WHERE k <> 'unkeyed' GROUP BY k) a
 	WHERE applied_order <> ARRAY(SELECT generate_series(1, $EVENTS))}),
 	'0', 'every key\'s events were applied in their committed order');
 is($dispatch->safe_psql('postgres',
 	q{SELECT string_agg(DISTINCT applier, ',') FROM applied}),
-	'mqtx apply worker', 'every message was applied by an apply worker');
+	'mqtx apply worker', 'every message was applied by an apply worker, no key by two at once');
 ok($dispatch->safe_psql('postgres',
 	q{SELECT count(DISTINCT pid) FROM applied}) >= $WORKERS,
 	'by several of them');
-ok($dispatch->safe_psql('postgres',
-	q{SELECT count(DISTINCT pid) FROM applied WHERE k = 'none'}) >= 2,
-	'messages without a key too');
 ok($dispatch->safe_psql('postgres', 'SELECT retried FROM mqtx.consumer_stats') > 0,
 	'transient failures were retried on the way');
 is($dispatch->safe_psql('postgres', 'SELECT count(*) FROM mqtx.dead_letter'), '0',
@@ -154,33 +160,100 @@ wait_for($dispatch, 'postgres',
 	"SELECT string_agg(n::text, ',' ORDER BY seq) FROM applied WHERE k = 'stuck'",
 	'1,2,3', 'the redriven letter is applied first, then the key\'s others');
 
+# --- an apply worker that exits is started again --------------------------
+$consumer_pid = worker_pid($dispatch, 'consumer');
+my $apply_pids = q{SELECT string_agg(pid::text, ',' ORDER BY pid) FROM pg_stat_activity
+				   WHERE backend_type = 'mqtx apply worker'};
+my $before = $dispatch->safe_psql('postgres', $apply_pids);
+($worker_pid) = split /,/, $before;
+$dispatch->safe_psql('postgres', "SELECT pg_terminate_backend($worker_pid)");
+wait_until('a new apply worker takes its place', sub {
+	my $now = $dispatch->safe_psql('postgres', $apply_pids);
+	my @pids = split /,/, $now;
+	return @pids == $WORKERS && !grep { $_ == $worker_pid } @pids;
+});
+is(worker_pid($dispatch, 'consumer'), $consumer_pid, 'started by the same consumer');
+
 # --- while the workers are behind, the broker keeps the backlog ----------
 # A slow handler, and 3,000 messages at once: no more than the staging
 # limit (2 batches a worker), with what the prefetch window and a batch
-# add, is parked at any time; the rest waits in the queue.
+# add, is parked at any time (sampled); the rest waits in the queue.
 my $BURST = 3000;
 my $limit = 2 * $BATCH * $WORKERS;
 $dispatch->safe_psql('postgres', q{UPDATE settings SET pause = 0.005; TRUNCATE applied});
 $orders->safe_psql('postgres', qq{
-	SELECT count(mqtx.publish('', 'events', jsonb_build_object('k', 'burst', 'n', i)))
+	SELECT count(mqtx.publish('', 'events', jsonb_build_object('k', 'u-burst', 'n', i)))
 	FROM generate_series(1, $BURST) i});
 my ($max_parked, $max_ready) = (0, 0);
-wait_until('the burst is applied', sub {
+wait_until('half of the burst is applied', sub {
 	my ($parked, $done) = split /\|/, $dispatch->safe_psql('postgres',
 		'SELECT (SELECT count(*) FROM mqtx.parked), (SELECT count(*) FROM applied)');
 	my $ready = $mq->queue_depth('events') // 0;
 	$max_parked = $parked if $parked > $max_parked;
 	$max_ready = $ready if $ready > $max_ready;
-	usleep(50_000);
-	return $done == $BURST;
+	usleep(20_000);
+	return $done >= $BURST / 2;
 });
 ok($max_parked <= $limit + 100 + $BATCH,
 	"at most the staging limit ($limit) and the prefetch window and a batch was parked (saw $max_parked)");
-ok($max_ready > $BURST / 2, "the backlog waited in the queue (saw $max_ready ready)");
+ok($max_ready > $BURST / 3, "the backlog waited in the queue (saw $max_ready ready)");
+
+wait_for($dispatch, 'postgres', 'SELECT count(*) FROM applied', $BURST,
+	'the whole burst is applied');
 is($dispatch->safe_psql('postgres', 'SELECT count(DISTINCT n) FROM applied'), $BURST,
-	'and every message of the burst was applied once');
+	'every message of the burst once');
+is($dispatch->safe_psql('postgres',
+	q{SELECT count(DISTINCT pid) FROM applied WHERE applier = 'mqtx apply worker'}),
+	$WORKERS, 'messages without a key are applied by all the workers');
+
+# --- back to one worker ---------------------------------------------------
+# Messages parked for the workers, with and without a key, are applied by
+# the consumer once the subscription has one worker; the workers stop.
+$dispatch->safe_psql('postgres', q{UPDATE settings SET pause = 0.05; TRUNCATE applied});
+$orders->safe_psql('postgres', q{
+	SELECT count(mqtx.publish('', 'events', jsonb_build_object('k', k, 'n', n),
+							  ordering_key => nullif(k, 'u-last')))
+	FROM unnest(ARRAY['x', 'y', 'u-last']) k, generate_series(1, 20) n});
+wait_for($dispatch, 'postgres', 'SELECT count(*) > 0 FROM mqtx.parked', 't',
+	'messages wait, parked for the workers');
+$dispatch->safe_psql('postgres', q{
+	UPDATE settings SET pause = 0;
+	SELECT mqtx.unsubscribe('strict');
+	SELECT mqtx.subscribe('events', 'apply_event(jsonb,jsonb)', max_attempts => 1000)});
+wait_for($dispatch, 'postgres', 'SELECT count(*) FROM applied', '60',
+	'after workers => 1, the consumer applies them all');
+wait_for($dispatch, 'postgres', $apply_workers, '0', 'and the apply workers stop');
+is($dispatch->safe_psql('postgres', q{
+	SELECT string_agg(k || ':' || ok::text, ',' ORDER BY k) FROM (
+		SELECT k, array_agg(n ORDER BY seq) = ARRAY(SELECT generate_series(1, 20)) AS ok
+		  FROM applied WHERE k IN ('x', 'y') GROUP BY k) a}),
+	'x:true,y:true', 'each key in order, across the change');
+is($dispatch->safe_psql('postgres', q{SELECT count(DISTINCT (k, n)) FROM applied}), '60',
+	'each message once');
+is($dispatch->safe_psql('postgres', q{SELECT count(*) FROM applied WHERE applier = 'concurrent'}),
+	'0', 'no key by two at once');
+
+# --- with the broker down, a consumer that starts starts its workers -----
+# and they apply what is parked (a fast restart of the server).
+$dispatch->safe_psql('postgres', q{
+	UPDATE settings SET pause = 0.02;
+	SELECT mqtx.subscribe('events', 'apply_event(jsonb,jsonb)', max_attempts => 1000, workers => 4)});
+wait_for($dispatch, 'postgres', $apply_workers, $WORKERS, "$WORKERS apply workers again");
+$orders->safe_psql('postgres', q{
+	SELECT count(mqtx.publish('', 'events', jsonb_build_object('k', 'u-down', 'n', i)))
+	FROM generate_series(1, 300) i});
+wait_for($dispatch, 'postgres', 'SELECT count(*) >= 50 FROM mqtx.parked', 't',
+	'messages are parked for the workers');
+$mq->stop;
+$dispatch->restart;
+wait_for($dispatch, 'postgres', $apply_workers, $WORKERS,
+	"with the broker down, the new consumer starts its $WORKERS apply workers");
+wait_for($dispatch, 'postgres', 'SELECT count(*) FROM mqtx.parked', '0',
+	'and they apply what was parked');
+is($dispatch->safe_psql('postgres',
+	q{SELECT count(*) = count(DISTINCT n) AND count(*) > 0 FROM applied WHERE k = 'u-down'}),
+	't', 'each of those once');
 
 $orders->stop;
 $dispatch->stop;
-$mq->stop;
 done_testing();
