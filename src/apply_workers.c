@@ -16,23 +16,22 @@
  * start is tried again every APPLY_NO_SLOT_RETRY_MS; meanwhile the
  * messages of the keys it would apply wait in mqtx.parked.
  *
- * Worker number n of a database is one process at a time: each holds a
- * session lock on its place (mqtx_apply_worker_take_place) for its life,
- * and one started while its predecessor is still on its way out waits for
- * it.  Its crash record (crash_guard.c) is then its own, and so is what it
- * applies.
+ * Worker number n of a database is one process at a time: each takes its
+ * place in the slot (mqtx_apply_worker_take_place) for its life, and one
+ * started while its predecessor is still on its way out waits for it.  Its
+ * crash record (crash_guard.c) is then its own, and so is what it applies.
+ * The place is in shared memory, not a session lock: the workers release
+ * every session lock a handler may have left (identity.c).
  *
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
-#include "access/xact.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
-#include "storage/lock.h"
 #include "storage/proc.h"
 #include "storage/procarray.h"
 #include "utils/memutils.h"
@@ -43,8 +42,8 @@
 
 #define APPLY_RESTART_MS 1000
 
-/* the advisory lock class of the places (objsubid in pg_locks: 28018) */
-#define APPLY_PLACE_LOCK_CLASS 0x6D72
+/* how often a worker looks whether its place is free */
+#define APPLY_PLACE_WAIT_MS 100
 #define APPLY_NO_SLOT_RETRY_MS 10000
 
 typedef struct ApplyWorker
@@ -55,6 +54,7 @@ typedef struct ApplyWorker
 
 static ApplyWorker pool[MQTX_MAX_APPLY_WORKERS];
 static bool said_no_slot = false;
+static int	apply_place_number = -1;	/* this apply worker's */
 static bool stop_registered = false;
 
 static void
@@ -205,21 +205,30 @@ mqtx_apply_workers_running(int *numbers)
 	return count;
 }
 
+static void
+leave_place(int code, Datum arg)
+{
+	mqtx_slot_leave_apply_place((MqtxSlot *) DatumGetPointer(arg), apply_place_number);
+}
+
 /*
- * An apply worker takes its place, number, in its database: waiting, if
- * need be, for the one before it to exit.  Kept until this process exits.
+ * An apply worker takes its place, number, in its slot: waiting, if need
+ * be, for the one before it to exit.  Kept until this process exits.
  */
 void
-mqtx_apply_worker_take_place(int number)
+mqtx_apply_worker_take_place(MqtxSlot *slot, int number)
 {
-	LOCKTAG		tag;
-
-	SET_LOCKTAG_ADVISORY(tag, MyDatabaseId, 0, (uint32) number, APPLY_PLACE_LOCK_CLASS);
-	StartTransactionCommand();
-	pgstat_report_activity(STATE_RUNNING, "mqtx apply worker: waiting for the one before to exit");
-	(void) LockAcquire(&tag, ExclusiveLock, true, false);
+	apply_place_number = number;
+	on_shmem_exit(leave_place, PointerGetDatum(slot));
+	while (!mqtx_slot_take_apply_place(slot, number))
+	{
+		pgstat_report_activity(STATE_RUNNING, "mqtx apply worker: waiting for the one before to exit");
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 APPLY_PLACE_WAIT_MS, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
 	pgstat_report_activity(STATE_IDLE, NULL);
-	CommitTransactionCommand();
 }
 
 /* Stop them all: the consumer exits, or has nothing for them. */

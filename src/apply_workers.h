@@ -11,8 +11,7 @@
 
 #include "postgres.h"
 
-/* mqtx.subscriptions.workers is at most this */
-#define MQTX_MAX_APPLY_WORKERS 64
+#include "shared.h"
 
 /* What an apply worker is told in bgw_extra: the assignment comes first, as for the others */
 typedef struct MqtxApplyWorkerExtra
@@ -28,6 +27,6 @@ extern void mqtx_apply_workers_stop(void);
 extern int	mqtx_apply_workers_running(int *numbers);
 
 /* an apply worker's own */
-extern void mqtx_apply_worker_take_place(int number);
+extern void mqtx_apply_worker_take_place(MqtxSlot *slot, int number);
 
 #endif							/* MQTX_APPLY_WORKERS_H */

@@ -702,7 +702,8 @@ load_subscriptions(void)
 		if (now != NULL && now->prefetch == sub->prefetch)
 		{
 			now->channel = sub->channel;
-			now->staging_full = sub->staging_full;
+			/* with one worker, nothing is staged: its deferred acks go */
+			now->staging_full = now->workers > 1 && sub->staging_full;
 		}
 		else if (sub->channel != 0 && consumer.worker.conn != NULL)
 		{
@@ -1750,6 +1751,9 @@ is_staging_full(Subscription *sub)
 	Datum		values[5];
 	bool		isnull;
 
+	/* with no worker at all, everything would wait here: leave it queued */
+	if (nrunning == 0)
+		return true;
 	for (int i = 0; i < nrunning; i++)
 		numbers[i] = Int32GetDatum(running[i]);
 	values[0] = CStringGetTextDatum(sub->queue);
@@ -2239,8 +2243,8 @@ release_deferred(char **error)
 	{
 		Subscription *sub = lfirst(lc);
 
-		if (sub->channel != 0 && sub->workers > 1 && sub->staging_full)
-			sub->staging_full = is_staging_full(sub);
+		if (sub->channel != 0 && sub->staging_full)
+			sub->staging_full = sub->workers > 1 && is_staging_full(sub);
 	}
 	mqtx_worker_end_step(&consumer.worker);
 
@@ -2521,7 +2525,7 @@ mqtx_apply_worker_main(Datum main_arg)
 	consumer.apply_number = extra.number;
 	consumer.consumer_pid = extra.consumer_pid;
 	mqtx_worker_start_apply(&consumer.worker, main_arg);
-	mqtx_apply_worker_take_place(extra.number);
+	mqtx_apply_worker_take_place(consumer.worker.slot, extra.number);
 	consumer_loop();
 }
 

@@ -62,6 +62,8 @@ struct MqtxSlot
 	char		state_detail[128];
 	TimestampTz state_since;
 	MqtxWorkerInfo workers[MQTX_NWORKER_KINDS];
+	pid_t		apply_places[MQTX_MAX_APPLY_WORKERS];	/* the consumer's apply
+														 * workers, by number */
 	pg_atomic_uint32 topology_generation;
 	/* extensions created or dropped in the database (it wraps) */
 	pg_atomic_uint32 extension_changes;
@@ -323,6 +325,34 @@ mqtx_slot_worker_pid(MqtxSlot *slot, MqtxWorkerKind kind)
 	pid = slot->workers[kind].pid;
 	SpinLockRelease(&slot->mutex);
 	return pid;
+}
+
+/*
+ * An apply worker takes its number's place in the slot, or finds it taken
+ * by another live process (its predecessor, on its way out).  The place is
+ * left by mqtx_slot_leave_apply_place as it exits; a crash resets shared
+ * memory, and the places with it.
+ */
+bool
+mqtx_slot_take_apply_place(MqtxSlot *slot, int number)
+{
+	bool		taken;
+
+	SpinLockAcquire(&slot->mutex);
+	taken = slot->apply_places[number] == 0 || slot->apply_places[number] == MyProcPid;
+	if (taken)
+		slot->apply_places[number] = MyProcPid;
+	SpinLockRelease(&slot->mutex);
+	return taken;
+}
+
+void
+mqtx_slot_leave_apply_place(MqtxSlot *slot, int number)
+{
+	SpinLockAcquire(&slot->mutex);
+	if (slot->apply_places[number] == MyProcPid)
+		slot->apply_places[number] = 0;
+	SpinLockRelease(&slot->mutex);
 }
 
 /*

@@ -21,6 +21,9 @@
 /* mqtx.database lists at most this many databases: one slot each */
 #define MQTX_MAX_DATABASES 64
 
+/* a consumer runs at most this many apply workers (mqtx.subscriptions.workers) */
+#define MQTX_MAX_APPLY_WORKERS 64
+
 /* room for a broker node as "amqps://host:port" (host: an AMQP shortstr) */
 #define MQTX_BROKER_ADDRESS_LEN 300
 
@@ -108,6 +111,8 @@ extern void mqtx_slot_set_connected(MqtxSlot *slot, MqtxWorkerKind kind,
 extern void mqtx_slot_set_blocked(MqtxSlot *slot, MqtxWorkerKind kind,
 								  bool blocked);
 extern uint32 mqtx_slot_topology_generation(MqtxSlot *slot);
+extern bool mqtx_slot_take_apply_place(MqtxSlot *slot, int number);
+extern void mqtx_slot_leave_apply_place(MqtxSlot *slot, int number);
 extern void mqtx_count(MqtxSlot *slot, MqtxCounter counter, uint64 n);
 
 /* the claim horizon: what a relay may have taken, for mqtx.cancel */
