@@ -714,7 +714,9 @@ BEGIN
 	SELECT count(*) INTO parked FROM mqtx.parked p WHERE p.queue = unsubscribe.queue;
 	IF parked > 0 THEN
 		RAISE WARNING USING
-			MESSAGE = format('%s messages of queue %s stay in mqtx.parked', parked, quote_literal(queue)),
+			MESSAGE = format(CASE WHEN parked = 1 THEN '%s message of queue %s stays in mqtx.parked'
+							 ELSE '%s messages of queue %s stay in mqtx.parked' END,
+							 parked, quote_literal(queue)),
 			DETAIL = 'They were acknowledged to the broker when they were parked: the database holds the only copy.',
 			HINT = 'They are applied when the queue is subscribed again; delete them from mqtx.parked to drop them.';
 	END IF;
@@ -1043,6 +1045,327 @@ COMMENT ON COLUMN mqtx.broker_errors.next_try_at IS
 -- database, to roles the installer names with mqtx.grant_publish(); no
 -- shared role is created or adopted.
 --
+--
+-- The idempotency toolkit: what a service needs to apply a request once
+-- however often it comes (README, "Idempotency").  Every object is the
+-- application's: its rows are dumped, and mqtx.grant_publish lets a role
+-- use them.
+--
+
+-- Idempotency keys.  A request that may come twice (a client's retry, a
+-- double submit) carries a key; its first claim does the work and stores
+-- the result in the same transaction, and a later claim of the key gets
+-- that result instead of doing the work again.  A claim made while the
+-- first one's transaction is open waits for it, on the key's unique
+-- index: its commit makes the result visible, its rollback hands the key
+-- to the waiting claim.
+CREATE TABLE mqtx.idempotency_keys (
+	scope			text NOT NULL,
+	key				text NOT NULL,
+	request			jsonb,
+	result			jsonb,
+	claimed_at		timestamptz NOT NULL DEFAULT now(),
+	completed_at	timestamptz,
+	expires_at		timestamptz NOT NULL,
+	PRIMARY KEY (scope, key)
+);
+
+CREATE INDEX idempotency_keys_expires_at_idx ON mqtx.idempotency_keys (expires_at);
+
+COMMENT ON TABLE mqtx.idempotency_keys IS
+	'Idempotency keys of incoming requests and their stored results (mqtx.claim_idempotency_key, mqtx.complete_idempotency_key)';
+COMMENT ON COLUMN mqtx.idempotency_keys.scope IS
+	'What the key belongs to (an endpoint, a client): keys of two scopes never meet';
+COMMENT ON COLUMN mqtx.idempotency_keys.key IS
+	'The key the request carries (an Idempotency-Key header)';
+COMMENT ON COLUMN mqtx.idempotency_keys.request IS
+	'What the first claim said the request was, or NULL: a later claim with another request is refused';
+COMMENT ON COLUMN mqtx.idempotency_keys.result IS
+	'The result the first request stored, which later claims get';
+COMMENT ON COLUMN mqtx.idempotency_keys.claimed_at IS
+	'When the key was claimed';
+COMMENT ON COLUMN mqtx.idempotency_keys.completed_at IS
+	'When the result was stored; NULL: the request that claimed it has not completed';
+COMMENT ON COLUMN mqtx.idempotency_keys.expires_at IS
+	'After this the key is forgotten, and a new claim of it does the work again';
+
+SELECT pg_catalog.pg_extension_config_dump('mqtx.idempotency_keys', '');
+
+CREATE FUNCTION mqtx.claim_idempotency_key(scope text, key text,
+										   ttl interval DEFAULT '24 hours',
+										   request jsonb DEFAULT NULL,
+										   OUT claimed boolean, OUT result jsonb)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	found_key mqtx.idempotency_keys;
+BEGIN
+	IF scope IS NULL OR key IS NULL THEN
+		RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+			MESSAGE = 'mqtx.claim_idempotency_key needs a scope and a key';
+	END IF;
+	IF ttl IS NULL OR ttl <= interval '0' THEN
+		RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+			MESSAGE = format('ttl of mqtx.claim_idempotency_key must be positive, not %s',
+							 coalesce(ttl::text, 'NULL')),
+			HINT = 'Keep a key at least as long as a client may retry its request.';
+	END IF;
+	PERFORM mqtx.purge_expired(10);
+	LOOP
+		-- an expired key is free again
+		DELETE FROM mqtx.idempotency_keys k
+		 WHERE k.scope = claim_idempotency_key.scope AND k.key = claim_idempotency_key.key
+		   AND k.expires_at <= now();
+		-- waits for a claim of the key in a transaction still open
+		INSERT INTO mqtx.idempotency_keys AS k (scope, key, request, expires_at)
+		VALUES (claim_idempotency_key.scope, claim_idempotency_key.key,
+				claim_idempotency_key.request, now() + ttl)
+		ON CONFLICT DO NOTHING;
+		IF FOUND THEN
+			claimed := true;
+			RETURN;
+		END IF;
+		SELECT * INTO found_key FROM mqtx.idempotency_keys k
+		 WHERE k.scope = claim_idempotency_key.scope AND k.key = claim_idempotency_key.key;
+		-- gone since (expired and taken away by another claim): again
+		EXIT WHEN FOUND;
+	END LOOP;
+	IF found_key.request IS DISTINCT FROM request AND found_key.request IS NOT NULL
+	   AND request IS NOT NULL THEN
+		RAISE EXCEPTION USING ERRCODE = 'unique_violation',
+			MESSAGE = format('idempotency key %s of scope %s was used for another request',
+							 quote_literal(key), quote_literal(scope)),
+			DETAIL = format('It was claimed at %s for %s.', found_key.claimed_at, found_key.request),
+			HINT = 'A client must send a new key with a new request.';
+	END IF;
+	IF found_key.completed_at IS NULL THEN
+		RAISE EXCEPTION USING ERRCODE = 'lock_not_available',
+			MESSAGE = format('idempotency key %s of scope %s is claimed by a request that has not completed',
+							 quote_literal(key), quote_literal(scope)),
+			DETAIL = format('It was claimed at %s, and its claim committed without a result.',
+							found_key.claimed_at),
+			HINT = 'Store the result with mqtx.complete_idempotency_key in the transaction that claims the key; until then the client should retry later.';
+	END IF;
+	claimed := false;
+	result := found_key.result;
+END
+$$;
+
+COMMENT ON FUNCTION mqtx.claim_idempotency_key(text, text, interval, jsonb) IS
+	'Claim an idempotency key in the current transaction: claimed true, do the work and store its result (mqtx.complete_idempotency_key); false: the key was used, here is its stored result; waits while another transaction holds a claim of the key';
+
+CREATE FUNCTION mqtx.complete_idempotency_key(scope text, key text, result jsonb)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	UPDATE mqtx.idempotency_keys k
+	   SET result = complete_idempotency_key.result, completed_at = now()
+	 WHERE k.scope = complete_idempotency_key.scope AND k.key = complete_idempotency_key.key
+	   AND k.completed_at IS NULL;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION USING ERRCODE = 'no_data_found',
+			MESSAGE = format('idempotency key %s of scope %s is not claimed, or is completed already',
+							 quote_literal(key), quote_literal(scope)),
+			HINT = 'Claim it first with mqtx.claim_idempotency_key, in the same transaction.';
+	END IF;
+END
+$$;
+
+COMMENT ON FUNCTION mqtx.complete_idempotency_key(text, text, jsonb) IS
+	'Store the result of the request that claimed an idempotency key: later claims of the key get it';
+
+-- Tokens: the two-phase form of the same guarantee.  A client fetches a
+-- token before it sends a request (a form, a payment page), and the
+-- request consumes it: once only, whatever the retries.
+CREATE TABLE mqtx.tokens (
+	token			uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+	purpose			text NOT NULL,
+	issued_at		timestamptz NOT NULL DEFAULT now(),
+	expires_at		timestamptz NOT NULL,
+	consumed_at		timestamptz
+);
+
+CREATE INDEX tokens_expires_at_idx ON mqtx.tokens (expires_at);
+
+COMMENT ON TABLE mqtx.tokens IS
+	'One-use tokens: issued before a request (mqtx.issue_token), consumed by it once (mqtx.consume_token)';
+COMMENT ON COLUMN mqtx.tokens.token IS
+	'The token, random';
+COMMENT ON COLUMN mqtx.tokens.purpose IS
+	'What it may be consumed for: a token of another purpose is refused';
+COMMENT ON COLUMN mqtx.tokens.issued_at IS
+	'When it was issued';
+COMMENT ON COLUMN mqtx.tokens.expires_at IS
+	'After this it can no longer be consumed, and it is removed';
+COMMENT ON COLUMN mqtx.tokens.consumed_at IS
+	'When it was consumed; NULL: not yet';
+
+SELECT pg_catalog.pg_extension_config_dump('mqtx.tokens', '');
+
+-- expired keys and tokens go: a few with each claim and issue, or all
+CREATE FUNCTION mqtx.purge_expired(max_rows integer DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	keys bigint;
+	tokens bigint;
+BEGIN
+	DELETE FROM mqtx.idempotency_keys k WHERE k.ctid = ANY (ARRAY(
+		SELECT e.ctid FROM mqtx.idempotency_keys e WHERE e.expires_at <= now()
+		 LIMIT max_rows));
+	GET DIAGNOSTICS keys = ROW_COUNT;
+	DELETE FROM mqtx.tokens t WHERE t.ctid = ANY (ARRAY(
+		SELECT e.ctid FROM mqtx.tokens e WHERE e.expires_at <= now()
+		 LIMIT max_rows));
+	GET DIAGNOSTICS tokens = ROW_COUNT;
+	RETURN keys + tokens;
+END
+$$;
+
+
+CREATE FUNCTION mqtx.issue_token(purpose text, ttl interval DEFAULT '1 hour')
+RETURNS uuid
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	issued uuid;
+BEGIN
+	IF purpose IS NULL THEN
+		RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+			MESSAGE = 'mqtx.issue_token needs a purpose';
+	END IF;
+	IF ttl IS NULL OR ttl <= interval '0' THEN
+		RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+			MESSAGE = format('ttl of mqtx.issue_token must be positive, not %s',
+							 coalesce(ttl::text, 'NULL'));
+	END IF;
+	PERFORM mqtx.purge_expired(10);
+	INSERT INTO mqtx.tokens (purpose, expires_at) VALUES (issue_token.purpose, now() + ttl)
+	RETURNING token INTO issued;
+	RETURN issued;
+END
+$$;
+
+COMMENT ON FUNCTION mqtx.issue_token(text, interval) IS
+	'Issue a one-use token for a purpose, valid for ttl';
+
+CREATE FUNCTION mqtx.consume_token(token uuid, purpose text)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+	known mqtx.tokens;
+BEGIN
+	-- a second use waits here for the first one's transaction
+	UPDATE mqtx.tokens t SET consumed_at = now()
+	 WHERE t.token = consume_token.token AND t.purpose = consume_token.purpose
+	   AND t.consumed_at IS NULL AND t.expires_at > now();
+	IF FOUND THEN
+		RETURN;
+	END IF;
+	SELECT * INTO known FROM mqtx.tokens t WHERE t.token = consume_token.token;
+	IF NOT FOUND THEN
+		RAISE EXCEPTION USING ERRCODE = 'no_data_found',
+			MESSAGE = format('mqtx token %s was not issued, or has expired and is gone',
+							 coalesce(token::text, 'NULL'));
+	ELSIF known.purpose IS DISTINCT FROM purpose THEN
+		RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+			MESSAGE = format('mqtx token %s was issued for %s, not %s', token,
+							 quote_literal(known.purpose), coalesce(quote_literal(purpose), 'NULL'));
+	ELSIF known.consumed_at IS NOT NULL THEN
+		RAISE EXCEPTION USING ERRCODE = 'unique_violation',
+			MESSAGE = format('mqtx token %s was consumed already', token),
+			DETAIL = format('It was consumed at %s.', known.consumed_at),
+			HINT = 'The request it was issued for was made: answer with its outcome, or issue a new token.';
+	ELSE
+		RAISE EXCEPTION USING ERRCODE = 'invalid_parameter_value',
+			MESSAGE = format('mqtx token %s has expired', token),
+			DETAIL = format('It expired at %s.', known.expires_at),
+			HINT = 'Issue a new token.';
+	END IF;
+END
+$$;
+
+COMMENT ON FUNCTION mqtx.consume_token(uuid, text) IS
+	'Consume a token in the current transaction, once: a second use, an expired token, one of another purpose or one never issued raise an error';
+
+COMMENT ON FUNCTION mqtx.purge_expired(integer) IS
+	'Remove expired idempotency keys and tokens (at most max_rows of each; NULL: all); each claim and issue removes a few';
+
+CREATE FUNCTION mqtx.lock_key(key text)
+RETURNS void
+AS 'MODULE_PATHNAME', 'mqtx_lock_key'
+LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+
+COMMENT ON FUNCTION mqtx.lock_key(text) IS
+	'Lock a business key (an order number) until the end of the transaction, waiting for another transaction that holds it: an advisory lock of mqtx''s own on a stable 64-bit hash of the key';
+
+CREATE FUNCTION mqtx.try_lock_key(key text)
+RETURNS boolean
+AS 'MODULE_PATHNAME', 'mqtx_try_lock_key'
+LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+
+COMMENT ON FUNCTION mqtx.try_lock_key(text) IS
+	'Lock a business key until the end of the transaction if no other transaction holds it; false when one does';
+
+-- The toolkit runs with the caller's rights: a role needs them on its two
+-- tables, which these give and take back.
+CREATE FUNCTION mqtx.grant_idempotency(role regrole)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF role IS NULL THEN
+		RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+			MESSAGE = 'mqtx.grant_idempotency needs a role';
+	END IF;
+	EXECUTE format('GRANT USAGE ON SCHEMA mqtx TO %s', role);
+	EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON mqtx.idempotency_keys, mqtx.tokens TO %s',
+				   role);
+	EXECUTE format('GRANT EXECUTE ON FUNCTION '
+				   'mqtx.claim_idempotency_key(text, text, interval, jsonb), '
+				   'mqtx.complete_idempotency_key(text, text, jsonb), '
+				   'mqtx.issue_token(text, interval), mqtx.consume_token(uuid, text), '
+				   'mqtx.purge_expired(integer), mqtx.lock_key(text), mqtx.try_lock_key(text) TO %s',
+				   role);
+END
+$$;
+
+COMMENT ON FUNCTION mqtx.grant_idempotency(regrole) IS
+	'Let a role use the idempotency toolkit in this database: idempotency keys, tokens and business key locks';
+
+CREATE FUNCTION mqtx.revoke_idempotency(role regrole)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	IF role IS NULL THEN
+		RAISE EXCEPTION USING ERRCODE = 'null_value_not_allowed',
+			MESSAGE = 'mqtx.revoke_idempotency needs a role';
+	END IF;
+	EXECUTE format('REVOKE SELECT, INSERT, UPDATE, DELETE ON mqtx.idempotency_keys, mqtx.tokens FROM %s',
+				   role);
+	EXECUTE format('REVOKE EXECUTE ON FUNCTION '
+				   'mqtx.claim_idempotency_key(text, text, interval, jsonb), '
+				   'mqtx.complete_idempotency_key(text, text, jsonb), '
+				   'mqtx.issue_token(text, interval), mqtx.consume_token(uuid, text), '
+				   'mqtx.purge_expired(integer), mqtx.lock_key(text), mqtx.try_lock_key(text) FROM %s',
+				   role);
+END
+$$;
+
+COMMENT ON FUNCTION mqtx.revoke_idempotency(regrole) IS
+	'Take back the idempotency toolkit from a role; its rows stay';
+
 CREATE FUNCTION mqtx.grant_publish(role regrole)
 RETURNS void
 LANGUAGE plpgsql
