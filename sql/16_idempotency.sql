@@ -70,8 +70,14 @@ SELECT mqtx.consume_token('00000000-0000-0000-0000-000000000009', 'checkout');
 SELECT mqtx.issue_token(NULL);
 SELECT mqtx.issue_token('checkout', interval '-1 hour');
 -- expired rows go: a few with each claim and issue, or all at once
+INSERT INTO mqtx.tokens (purpose, expires_at)
+SELECT 'old', now() - interval '1 minute' FROM generate_series(1, 5);
+INSERT INTO mqtx.idempotency_keys (scope, key, expires_at)
+SELECT 'old', g::text, now() - interval '1 minute' FROM generate_series(1, 5) g;
+SELECT mqtx.purge_expired(2) AS purged_at_most_2_of_each;
 SELECT mqtx.purge_expired();
-SELECT count(*) AS expired_left FROM mqtx.tokens WHERE expires_at <= now();
+SELECT (SELECT count(*) FROM mqtx.tokens WHERE expires_at <= now())
+	 + (SELECT count(*) FROM mqtx.idempotency_keys WHERE expires_at <= now()) AS expired_left;
 
 -- a business key lock, until the end of the transaction, of mqtx's own
 -- advisory class
@@ -84,6 +90,7 @@ COMMIT;
 SELECT count(*) AS held_after_commit FROM pg_locks
  WHERE locktype = 'advisory' AND pid = pg_backend_pid();
 SELECT mqtx.lock_key(NULL);
+SELECT mqtx.try_lock_key(NULL);
 
 -- the rights: nobody has them until granted, and they can be taken back
 CREATE ROLE mqtx_regress_api;

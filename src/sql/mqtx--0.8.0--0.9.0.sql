@@ -206,8 +206,9 @@ DROP TABLE mqtx.grants_before_0_9_0;
 --
 -- The idempotency toolkit: what a service needs to apply a request once
 -- however often it comes (README, "Idempotency").  Every object is the
--- application's: its rows are dumped, and mqtx.grant_publish lets a role
--- use them.
+-- application's: its rows are dumped, and mqtx.grant_idempotency lets a
+-- role use them.  Times are the statement's, not the transaction's: a long
+-- transaction must not see a token as valid after it expired.
 --
 
 -- Idempotency keys.  A request that may come twice (a client's retry, a
@@ -222,7 +223,7 @@ CREATE TABLE mqtx.idempotency_keys (
 	key				text NOT NULL,
 	request			jsonb,
 	result			jsonb,
-	claimed_at		timestamptz NOT NULL DEFAULT now(),
+	claimed_at		timestamptz NOT NULL DEFAULT statement_timestamp(),
 	completed_at	timestamptz,
 	expires_at		timestamptz NOT NULL,
 	PRIMARY KEY (scope, key)
@@ -269,16 +270,16 @@ BEGIN
 							 coalesce(ttl::text, 'NULL')),
 			HINT = 'Keep a key at least as long as a client may retry its request.';
 	END IF;
-	PERFORM mqtx.purge_expired(10);
+	PERFORM mqtx.purge_some_expired();
 	LOOP
 		-- an expired key is free again
 		DELETE FROM mqtx.idempotency_keys k
 		 WHERE k.scope = claim_idempotency_key.scope AND k.key = claim_idempotency_key.key
-		   AND k.expires_at <= now();
+		   AND k.expires_at <= statement_timestamp();
 		-- waits for a claim of the key in a transaction still open
 		INSERT INTO mqtx.idempotency_keys AS k (scope, key, request, expires_at)
 		VALUES (claim_idempotency_key.scope, claim_idempotency_key.key,
-				claim_idempotency_key.request, now() + ttl)
+				claim_idempotency_key.request, statement_timestamp() + ttl)
 		ON CONFLICT DO NOTHING;
 		IF FOUND THEN
 			claimed := true;
@@ -301,7 +302,7 @@ BEGIN
 		RAISE EXCEPTION USING ERRCODE = 'lock_not_available',
 			MESSAGE = format('idempotency key %s of scope %s is claimed by a request that has not completed',
 							 quote_literal(key), quote_literal(scope)),
-			DETAIL = format('It was claimed at %s, and its claim committed without a result.',
+			DETAIL = format('It was claimed at %s, in this transaction or in one that committed without storing a result.',
 							found_key.claimed_at),
 			HINT = 'Store the result with mqtx.complete_idempotency_key in the transaction that claims the key; until then the client should retry later.';
 	END IF;
@@ -320,7 +321,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
 	UPDATE mqtx.idempotency_keys k
-	   SET result = complete_idempotency_key.result, completed_at = now()
+	   SET result = complete_idempotency_key.result, completed_at = statement_timestamp()
 	 WHERE k.scope = complete_idempotency_key.scope AND k.key = complete_idempotency_key.key
 	   AND k.completed_at IS NULL;
 	IF NOT FOUND THEN
@@ -341,7 +342,7 @@ COMMENT ON FUNCTION mqtx.complete_idempotency_key(text, text, jsonb) IS
 CREATE TABLE mqtx.tokens (
 	token			uuid PRIMARY KEY DEFAULT gen_random_uuid(),
 	purpose			text NOT NULL,
-	issued_at		timestamptz NOT NULL DEFAULT now(),
+	issued_at		timestamptz NOT NULL DEFAULT statement_timestamp(),
 	expires_at		timestamptz NOT NULL,
 	consumed_at		timestamptz
 );
@@ -373,13 +374,14 @@ DECLARE
 	keys bigint;
 	tokens bigint;
 BEGIN
+	-- rows another transaction is removing are skipped, not waited for
 	DELETE FROM mqtx.idempotency_keys k WHERE k.ctid = ANY (ARRAY(
-		SELECT e.ctid FROM mqtx.idempotency_keys e WHERE e.expires_at <= now()
-		 LIMIT max_rows));
+		SELECT e.ctid FROM mqtx.idempotency_keys e WHERE e.expires_at <= statement_timestamp()
+		 LIMIT max_rows FOR UPDATE SKIP LOCKED));
 	GET DIAGNOSTICS keys = ROW_COUNT;
 	DELETE FROM mqtx.tokens t WHERE t.ctid = ANY (ARRAY(
-		SELECT e.ctid FROM mqtx.tokens e WHERE e.expires_at <= now()
-		 LIMIT max_rows));
+		SELECT e.ctid FROM mqtx.tokens e WHERE e.expires_at <= statement_timestamp()
+		 LIMIT max_rows FOR UPDATE SKIP LOCKED));
 	GET DIAGNOSTICS tokens = ROW_COUNT;
 	RETURN keys + tokens;
 END
@@ -403,8 +405,9 @@ BEGIN
 			MESSAGE = format('ttl of mqtx.issue_token must be positive, not %s',
 							 coalesce(ttl::text, 'NULL'));
 	END IF;
-	PERFORM mqtx.purge_expired(10);
-	INSERT INTO mqtx.tokens (purpose, expires_at) VALUES (issue_token.purpose, now() + ttl)
+	PERFORM mqtx.purge_some_expired();
+	INSERT INTO mqtx.tokens (purpose, expires_at)
+	VALUES (issue_token.purpose, statement_timestamp() + ttl)
 	RETURNING token INTO issued;
 	RETURN issued;
 END
@@ -422,9 +425,9 @@ DECLARE
 	known mqtx.tokens;
 BEGIN
 	-- a second use waits here for the first one's transaction
-	UPDATE mqtx.tokens t SET consumed_at = now()
+	UPDATE mqtx.tokens t SET consumed_at = statement_timestamp()
 	 WHERE t.token = consume_token.token AND t.purpose = consume_token.purpose
-	   AND t.consumed_at IS NULL AND t.expires_at > now();
+	   AND t.consumed_at IS NULL AND t.expires_at > statement_timestamp();
 	IF FOUND THEN
 		RETURN;
 	END IF;
@@ -454,13 +457,32 @@ $$;
 COMMENT ON FUNCTION mqtx.consume_token(uuid, text) IS
 	'Consume a token in the current transaction, once: a second use, an expired token, one of another purpose or one never issued raise an error';
 
+-- what each claim and issue removes on the way: a few rows, skipping
+-- those a concurrent transaction holds, and nothing rather than an error
+-- when a snapshot older than a concurrent removal (REPEATABLE READ) cannot
+-- lock them
+CREATE FUNCTION mqtx.purge_some_expired()
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+	PERFORM mqtx.purge_expired(10);
+EXCEPTION WHEN serialization_failure THEN
+	NULL;
+END
+$$;
+
+COMMENT ON FUNCTION mqtx.purge_some_expired() IS
+	'Remove a few expired idempotency keys and tokens, as each claim and issue does';
+
 COMMENT ON FUNCTION mqtx.purge_expired(integer) IS
 	'Remove expired idempotency keys and tokens (at most max_rows of each; NULL: all); each claim and issue removes a few';
 
 CREATE FUNCTION mqtx.lock_key(key text)
 RETURNS void
 AS 'MODULE_PATHNAME', 'mqtx_lock_key'
-LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
 
 COMMENT ON FUNCTION mqtx.lock_key(text) IS
 	'Lock a business key (an order number) until the end of the transaction, waiting for another transaction that holds it: an advisory lock of mqtx''s own on a stable 64-bit hash of the key';
@@ -468,7 +490,7 @@ COMMENT ON FUNCTION mqtx.lock_key(text) IS
 CREATE FUNCTION mqtx.try_lock_key(key text)
 RETURNS boolean
 AS 'MODULE_PATHNAME', 'mqtx_try_lock_key'
-LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+LANGUAGE C VOLATILE PARALLEL UNSAFE;
 
 COMMENT ON FUNCTION mqtx.try_lock_key(text) IS
 	'Lock a business key until the end of the transaction if no other transaction holds it; false when one does';
@@ -492,7 +514,8 @@ BEGIN
 				   'mqtx.claim_idempotency_key(text, text, interval, jsonb), '
 				   'mqtx.complete_idempotency_key(text, text, jsonb), '
 				   'mqtx.issue_token(text, interval), mqtx.consume_token(uuid, text), '
-				   'mqtx.purge_expired(integer), mqtx.lock_key(text), mqtx.try_lock_key(text) TO %s',
+				   'mqtx.purge_expired(integer), mqtx.purge_some_expired(), '
+				   'mqtx.lock_key(text), mqtx.try_lock_key(text) TO %s',
 				   role);
 END
 $$;
@@ -516,7 +539,8 @@ BEGIN
 				   'mqtx.claim_idempotency_key(text, text, interval, jsonb), '
 				   'mqtx.complete_idempotency_key(text, text, jsonb), '
 				   'mqtx.issue_token(text, interval), mqtx.consume_token(uuid, text), '
-				   'mqtx.purge_expired(integer), mqtx.lock_key(text), mqtx.try_lock_key(text) FROM %s',
+				   'mqtx.purge_expired(integer), mqtx.purge_some_expired(), '
+				   'mqtx.lock_key(text), mqtx.try_lock_key(text) FROM %s',
 				   role);
 END
 $$;
@@ -526,7 +550,8 @@ COMMENT ON FUNCTION mqtx.revoke_idempotency(regrole) IS
 
 REVOKE ALL ON FUNCTION mqtx.claim_idempotency_key(text, text, interval, jsonb),
 	mqtx.complete_idempotency_key(text, text, jsonb), mqtx.issue_token(text, interval),
-	mqtx.consume_token(uuid, text), mqtx.purge_expired(integer), mqtx.lock_key(text),
+	mqtx.consume_token(uuid, text), mqtx.purge_expired(integer), mqtx.purge_some_expired(),
+	mqtx.lock_key(text),
 	mqtx.try_lock_key(text), mqtx.grant_idempotency(regrole), mqtx.revoke_idempotency(regrole)
 	FROM PUBLIC;
 REVOKE ALL ON mqtx.idempotency_keys, mqtx.tokens FROM PUBLIC;
