@@ -63,11 +63,11 @@
 #include "commands/trigger.h"
 #include "common/pg_prng.h"
 #include "executor/spi.h"
-#include "postmaster/bgworker.h"
 #include "fmgr.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "pgstat.h"
+#include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
@@ -1746,7 +1746,8 @@ is_staging_full(Subscription *sub)
 {
 	int			running[MQTX_MAX_APPLY_WORKERS];
 	int			nrunning = mqtx_apply_workers_running(running);
-	Datum	   *numbers = palloc(sizeof(Datum) * Max(nrunning, 1));
+	int			limit = staging_limit(sub);
+	Datum	   *numbers;
 	Oid			types[5] = {TEXTOID, INT4OID, BOOLOID, INT4OID, INT4ARRAYOID};
 	Datum		values[5];
 	bool		isnull;
@@ -1754,17 +1755,18 @@ is_staging_full(Subscription *sub)
 	/* with no worker at all, everything would wait here: leave it queued */
 	if (nrunning == 0)
 		return true;
+	numbers = palloc(sizeof(Datum) * nrunning);
 	for (int i = 0; i < nrunning; i++)
 		numbers[i] = Int32GetDatum(running[i]);
 	values[0] = CStringGetTextDatum(sub->queue);
-	values[1] = Int32GetDatum(staging_limit(sub));
+	values[1] = Int32GetDatum(limit);
 	values[2] = BoolGetDatum(sub->wait_after_dead_letter);
 	values[3] = Int32GetDatum(sub->workers);
 	values[4] = PointerGetDatum(construct_array(numbers, nrunning, INT4OID, sizeof(int32),
 												true, TYPALIGN_INT));
 	execute(&staged_plan, staged_sql, 5, types, values, NULL, SPI_OK_SELECT);
 	return DatumGetInt32(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1,
-									   &isnull)) >= staging_limit(sub);
+									   &isnull)) >= limit;
 }
 
 /*
@@ -2208,11 +2210,7 @@ collect_batch(BrokerDelivery *batch, int capacity, char **error)
 	return count;
 }
 
-/*
- * Acknowledge the deferred deliveries of the subscriptions whose apply
- * workers have caught up.  Looked at on every pass while any wait.
- * Returns false when the connection failed.
- */
+/* The subscription consumed on this channel, or NULL */
 static Subscription *
 subscription_on_channel(int channel)
 {
@@ -2228,6 +2226,11 @@ subscription_on_channel(int channel)
 	return NULL;
 }
 
+/*
+ * Acknowledge the deferred deliveries of the subscriptions whose apply
+ * workers have caught up.  Looked at on every pass while any wait.
+ * Returns false when the connection failed.
+ */
 static bool
 release_deferred(char **error)
 {
@@ -2536,8 +2539,8 @@ mqtx_apply_worker_main(Datum main_arg)
 static void
 exit_without_consumer(void)
 {
-	if (mqtx_slot_assignment(consumer.worker.slot, NULL) != consumer.worker.assignment ||
-		mqtx_slot_worker_pid(consumer.worker.slot, MQTX_CONSUMER) != consumer.consumer_pid)
+	mqtx_worker_exit_unless_served(&consumer.worker);
+	if (mqtx_slot_worker_pid(consumer.worker.slot, MQTX_CONSUMER) != consumer.consumer_pid)
 		proc_exit(0);
 }
 

@@ -252,8 +252,8 @@ mqtx_version_older(const char *version, const char *than)
  * Exit quietly if the launcher has let go of this worker's database (it
  * left mqtx.database).
  */
-static void
-exit_unless_still_served(MqtxWorker *w)
+void
+mqtx_worker_exit_unless_served(MqtxWorker *w)
 {
 	if (mqtx_slot_assignment(w->slot, NULL) == w->assignment)
 		return;
@@ -281,7 +281,7 @@ mqtx_worker_extension_ready(MqtxWorker *w)
 	bool		ready;
 	uint32		extension_changes = mqtx_slot_extension_changes(w->slot);
 
-	exit_unless_still_served(w);
+	mqtx_worker_exit_unless_served(w);
 	SetCurrentStatementStartTimestamp();
 	StartTransactionCommand();
 	extension = get_extension_oid("mqtx", true);

@@ -68,6 +68,7 @@ extern void mqtx_worker_start(MqtxWorker *w, MqtxWorkerKind kind, Datum main_arg
 extern void mqtx_worker_start_apply(MqtxWorker *w, Datum main_arg);
 extern void mqtx_worker_begin_step(const char *activity);
 extern void mqtx_worker_end_step(MqtxWorker *w);
+extern void mqtx_worker_exit_unless_served(MqtxWorker *w);
 extern bool mqtx_worker_extension_ready(MqtxWorker *w);
 extern bool mqtx_worker_ensure_broker(MqtxWorker *w);
 extern void mqtx_worker_drop_broker(MqtxWorker *w, const char *error);
