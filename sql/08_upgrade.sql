@@ -282,6 +282,24 @@ LATERAL (SELECT aspect, object, detail FROM mqtx_regress_fingerprint WHERE insta
 ORDER BY 1, 2, 3, 4, 5
 $fp$;
 
+-- The members of the extension, and the columns of its tables and views,
+-- that have no comment (the upgrade tests from 12_upgrade_0_6 on expect
+-- none; 15_upgrade_0_9 drops it)
+CREATE FUNCTION mqtx_regress_uncommented()
+RETURNS TABLE (uncommented text)
+LANGUAGE sql
+AS $fp$
+SELECT pg_describe_object(d.classid, d.objid, 0) AS uncommented
+FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid
+WHERE d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e' AND e.extname = 'mqtx'
+  AND obj_description(d.objid, d.classid::regclass::text) IS NULL
+UNION ALL
+SELECT a.attrelid::regclass || '.' || a.attname
+FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+WHERE c.relnamespace = 'mqtx'::regnamespace AND c.relkind IN ('r', 'v')
+  AND a.attnum > 0 AND NOT a.attisdropped
+  AND col_description(a.attrelid, a.attnum) IS NULL
+$fp$;
 
 --
 -- The upgrade

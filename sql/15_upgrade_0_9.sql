@@ -108,21 +108,13 @@ SELECT * FROM mqtx_regress_fingerprint_differences('upgraded', 'upgraded from 0.
 
 -- every member of the extension, and every column of its views, has a
 -- comment
-SELECT pg_describe_object(d.classid, d.objid, 0) AS uncommented
-FROM pg_depend d JOIN pg_extension e ON e.oid = d.refobjid
-WHERE d.refclassid = 'pg_extension'::regclass AND d.deptype = 'e' AND e.extname = 'mqtx'
-  AND obj_description(d.objid, d.classid::regclass::text) IS NULL
-UNION ALL
-SELECT a.attrelid::regclass || '.' || a.attname
-FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
-WHERE c.relnamespace = 'mqtx'::regnamespace AND c.relkind IN ('r', 'v')
-  AND a.attnum > 0 AND NOT a.attisdropped
-  AND col_description(a.attrelid, a.attnum) IS NULL;
+SELECT uncommented FROM mqtx_regress_uncommented();
 
 -- tidy up: 0.9.0 stays installed; what 08_upgrade and this test made goes
 DROP TABLE mqtx_regress_fingerprint;
 DROP FUNCTION mqtx_regress_fingerprint_differences(text[]);
 DROP FUNCTION mqtx_regress_fingerprint();
+DROP FUNCTION mqtx_regress_uncommented();
 DROP FUNCTION regress_apply_0_9(jsonb, jsonb);
 DROP ROLE mqtx_regress_subscriber;
 \if :publisher_existed
