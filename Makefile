@@ -3,7 +3,7 @@
 EXTENSION = mqtx
 
 MODULE_big = mqtx
-OBJS = src/mqtx.o src/shared.o src/broker.o src/broker_fields.o src/broker_publish.o src/broker_consume.o src/outbox.o src/statements.o src/digest.o src/launcher.o src/standby.o src/worker.o src/relay.o src/consumer.o src/apply_workers.o src/key_lock.o src/crash_guard.o src/identity.o src/log_redact.o
+OBJS = src/mqtx.o src/shared.o src/broker.o src/broker_fields.o src/broker_publish.o src/broker_consume.o src/outbox.o src/statements.o src/digest.o src/launcher.o src/standby.o src/worker.o src/relay.o src/consumer.o src/apply_workers.o src/key_lock.o src/crash_guard.o src/identity.o src/log_redact.o src/message_context.o
 
 # SQL scripts, in src/sql: mqtx.sql is the source of the current version,
 # whose install script mqtx--$(EXTVERSION).sql is made from it (a copy);

@@ -3,13 +3,16 @@
 # cluster, and RabbitMQ between them, with mqtx doing all of the messaging.
 #
 #   sudo examples/demo.sh [--orders N] [--clients C] [--rate R] [--poison P]
-#                         [--faults] [--no-build] [--timeout S]
+#                         [--unservable U] [--faults] [--no-build] [--timeout S]
 #
 #   --orders N    orders to place (default 4000)
 #   --clients C   concurrent clients placing them (default 4)
 #   --rate R      orders per second offered, all clients together (default 200)
-#   --poison P    orders for a city no depot serves: their handler fails
-#                 until the city is added (default 5)
+#   --poison P    orders for a city no depot serves yet: dead-lettered,
+#                 then redriven once the city is added (default 5)
+#   --unservable U  orders for a city no depot will ever serve: dead-
+#                 lettered, then given up (reject_order), and the order
+#                 service compensates (default 3)
 #   --faults      while orders flow, kill the broker (and start it again),
 #                 stop the relay, and SIGKILL the consumer and the relay
 #   --no-build    do not install packages, build or install mqtx (the test
@@ -21,15 +24,17 @@
 # starts a RabbitMQ node and two PostgreSQL clusters on 127.0.0.1 in a
 # temporary directory, places orders with plain SQL inserts from several
 # clients, shows the flow once a second, then reconciles the two databases
-# (examples/reconcile.sh).  Everything it started is stopped when it ends,
-# also on Ctrl-C or failure.  Exit status 0 only if every order was
-# dispatched exactly once.
+# (examples/reconcile.sh): every order answered, dispatched exactly once or
+# given up, and a few orders' messages followed across both services.
+# Everything it started is stopped when it ends, also on Ctrl-C or
+# failure.  Exit status 0 only if the reconciliation finds nothing wrong.
 set -euo pipefail
 
 ORDERS=4000
 CLIENTS=4
 RATE=200
 POISON=5
+UNSERVABLE=3
 FAULTS=0
 BUILD=1
 TIMEOUT=240
@@ -44,6 +49,7 @@ while [ $# -gt 0 ]; do
 	--clients) CLIENTS=$2; shift ;;
 	--rate) RATE=$2; shift ;;
 	--poison) POISON=$2; shift ;;
+	--unservable) UNSERVABLE=$2; shift ;;
 	--faults) FAULTS=1 ;;
 	--no-build) BUILD=0 ;;
 	--timeout) TIMEOUT=$2; shift ;;
@@ -51,7 +57,7 @@ while [ $# -gt 0 ]; do
 	esac
 	shift
 done
-for n in "$ORDERS" "$CLIENTS" "$RATE" "$POISON" "$TIMEOUT"; do
+for n in "$ORDERS" "$CLIENTS" "$RATE" "$POISON" "$UNSERVABLE" "$TIMEOUT"; do
 	[[ $n =~ ^[0-9]+$ ]] || usage
 done
 if [ "$CLIENTS" -lt 1 ] || [ "$RATE" -lt 1 ] || [ "$ORDERS" -lt "$CLIENTS" ]; then
@@ -146,35 +152,45 @@ say "setting up both services with plain SQL (examples/*.sql)"
 q dispatch -f "$examples/dispatch_service.sql" >/dev/null
 q order -f "$examples/order_service.sql" >/dev/null
 echo "order side:    orders table + mqtx.outbox_trigger('orders', 'order.created')"
+echo "               handlers order_dispatched() and order_dispatch_failed(), subscribed"
+echo "               to queues orders.dispatched and orders.dispatch_failed (exchange dispatch)"
 echo "dispatch side: dispatch table (unique order_id) + handler dispatch_order()"
-echo "               subscribed to queue $QUEUE, bound to exchange orders"
+echo "               subscribed to queue $QUEUE (exchange orders); every dispatch"
+echo "               announced by mqtx.outbox_trigger('dispatch', 'dispatch.created')"
 
-# The consumer declares the queue and its binding when it connects; orders
-# published before that would come back unroutable (and be retried).
-broker_has_binding() {
-	"$harness/rabbitmq.sh" ctl "$work/mq" list_bindings -s source_name destination_name 2>/dev/null |
-		grep -q "^orders[[:space:]]*$QUEUE\$"
+# The consumers declare their queues and bindings when they connect;
+# messages published before that would come back unroutable (and be
+# retried).
+BINDINGS=("orders $QUEUE" "dispatch orders.dispatched" "dispatch orders.dispatch_failed")
+broker_has_bindings() {
+	local have binding
+	have=$("$harness/rabbitmq.sh" ctl "$work/mq" list_bindings -s source_name destination_name 2>/dev/null |
+		awk '{print $1, $2}')
+	for binding in "${BINDINGS[@]}"; do
+		grep -qxF "$binding" <<<"$have" || return 1
+	done
 }
 for ((i = 0; i < 200; i++)); do
-	broker_has_binding && break
+	broker_has_bindings && break
 	sleep 0.2
 done
-broker_has_binding || die "the dispatch consumer did not declare $QUEUE on the broker"
+broker_has_bindings || die "the consumers did not declare their queues and bindings on the broker"
 
 # ---- the flow -------------------------------------------------------------
 
 per_client=$(((ORDERS + CLIENTS - 1) / CLIENTS))
-total=$((per_client * CLIENTS + POISON))
-say "placing $((per_client * CLIENTS)) orders from $CLIENTS clients at $RATE/s, plus $POISON for a city no depot serves"
+total=$((per_client * CLIENTS + POISON + UNSERVABLE))
+say "placing $((per_client * CLIENTS)) orders from $CLIENTS clients at $RATE/s, plus $POISON for a city no depot serves yet and $UNSERVABLE for one no depot will serve"
 "$PGBIN/pgbench" -n -c "$CLIENTS" -j "$CLIENTS" -t "$per_client" --rate "$RATE" \
 	-f "$examples/place_order.sql" "${conninfo[order]}" >"$work/pgbench.log" 2>&1 &
 pgbench_pid=$!
 
 place_poison() {
-	q order -c "INSERT INTO orders (user_id, content)
-		SELECT 900000 + g, jsonb_build_object('city', 'Atlantis',
+	q order -c "SELECT set_config('mqtx.traceparent',
+			'00-' || md5(random()::text) || '-' || left(md5(random()::text), 16) || '-01', false)" -c "INSERT INTO orders (user_id, content)
+		SELECT 900000 + g, jsonb_build_object('city', CASE WHEN g <= $POISON THEN 'Atlantis' ELSE 'Lemuria' END,
 			'items', jsonb_build_array(jsonb_build_object('sku', 'SKU-1', 'qty', 1)))
-		FROM generate_series(1, $POISON) g"
+		FROM generate_series(1, $POISON + $UNSERVABLE) g"
 }
 
 # One line of numbers from each side; '-' while a side is restarting.
@@ -182,8 +198,9 @@ order_numbers() {
 	q order -c "SELECT (SELECT count(*) FROM orders),
 		count(*) FILTER (WHERE status = 'pending'),
 		count(*) FILTER (WHERE status = 'published'),
-		count(*) FILTER (WHERE status = 'failed')
-		FROM mqtx.outbox" 2>/dev/null || echo "- - - -"
+		count(*) FILTER (WHERE status = 'failed'),
+		(SELECT count(*) FROM orders WHERE status <> 'placed')
+		FROM mqtx.outbox" 2>/dev/null || echo "- - - - -"
 }
 dispatch_numbers() {
 	q dispatch -c "SELECT (SELECT count(*) FROM dispatch),
@@ -244,8 +261,8 @@ inject_fault() {
 FAULT_STEPS=6
 
 header() {
-	printf '%6s %7s %8s %10s %7s %11s %9s %13s\n' \
-		time placed pending published failed dispatched retrying dead-lettered
+	printf '%6s %7s %8s %10s %7s %11s %9s %13s %9s\n' \
+		time placed pending published failed dispatched retrying dead-lettered answered
 }
 echo
 header
@@ -263,7 +280,7 @@ while :; do
 	fi
 	# dispatch side first: then it can never seem ahead of the order side
 	read -r dispatched retrying dead < <(dispatch_numbers)
-	read -r placed pending published failed < <(order_numbers)
+	read -r placed pending published failed answered < <(order_numbers)
 	if [ $poison_placed -eq 0 ] && [ "$placed" != - ] && [ "$placed" -ge $((total / 2)) ]; then
 		place_poison && poison_placed=1
 	fi
@@ -272,8 +289,8 @@ while :; do
 	fi
 	if [ "$elapsed" != "$printed" ] || [ -n "$event" ]; then
 		printed=$elapsed
-		printf '%5ss %7s %8s %10s %7s %11s %9s %13s\n' \
-			"$elapsed" "$placed" "$pending" "$published" "$failed" "$dispatched" "$retrying" "$dead"
+		printf '%5ss %7s %8s %10s %7s %11s %9s %13s %9s\n' \
+			"$elapsed" "$placed" "$pending" "$published" "$failed" "$dispatched" "$retrying" "$dead" "$answered"
 	fi
 	if [ -n "$event" ]; then
 		echo "       -- $event"
@@ -283,8 +300,8 @@ while :; do
 		{ [ $FAULTS -eq 0 ] || [ $fault_step -ge $FAULT_STEPS ]; } &&
 		[ "$placed" = "$total" ] && [ "$pending" = 0 ] && [ "$retrying" = 0 ] &&
 		[ "$dispatched" != - ] && [ $((dispatched + dead)) -ge "$total" ]; then
-		printf '%5ss %7s %8s %10s %7s %11s %9s %13s\n' \
-			"$elapsed" "$placed" "$pending" "$published" "$failed" "$dispatched" "$retrying" "$dead"
+		printf '%5ss %7s %8s %10s %7s %11s %9s %13s %9s\n' \
+			"$elapsed" "$placed" "$pending" "$published" "$failed" "$dispatched" "$retrying" "$dead" "$answered"
 		break
 	fi
 	sleep 0.25
@@ -303,48 +320,80 @@ done
 
 # ---- the poison orders ----------------------------------------------------
 
+city_of_letter="body_json #>> '{content,city}'"
 say "dead letters: the orders the dispatch handler refused"
-show dispatch -c "SELECT id, body_json ->> 'order_id' AS order_id, attempts, error_message
+show dispatch -c "SELECT id, body_json ->> 'order_id' AS order_id, $city_of_letter AS city, attempts, error_message
 	FROM mqtx.dead_letter ORDER BY id LIMIT 20"
-poison_dead=$(q dispatch -c "SELECT count(*) FROM mqtx.dead_letter
-	WHERE error_message = 'no depot serves city \"Atlantis\"'")
-if [ "$poison_dead" != "$POISON" ] || [ "$dead" != "$POISON" ]; then
-	die "expected exactly the $POISON Atlantis orders in mqtx.dead_letter, found $dead ($poison_dead for Atlantis)"
+read -r atlantis_dead lemuria_dead < <(q dispatch -c "SELECT
+	count(*) FILTER (WHERE $city_of_letter = 'Atlantis' AND error_message = 'no depot serves city \"Atlantis\"'),
+	count(*) FILTER (WHERE $city_of_letter = 'Lemuria' AND error_message = 'no depot serves city \"Lemuria\"')
+	FROM mqtx.dead_letter")
+if [ "$atlantis_dead" != "$POISON" ] || [ "$lemuria_dead" != "$UNSERVABLE" ] ||
+	[ "$dead" != $((POISON + UNSERVABLE)) ]; then
+	die "expected the $POISON Atlantis and $UNSERVABLE Lemuria orders in mqtx.dead_letter, found $dead ($atlantis_dead for Atlantis, $lemuria_dead for Lemuria)"
 fi
 
 if [ "$POISON" -gt 0 ]; then
-	say "fixing the cause, then redriving"
+	say "Atlantis gets a depot: its orders are redriven"
 	echo "INSERT INTO service_areas VALUES ('Atlantis', 'ATL-1');"
 	q dispatch -c "INSERT INTO service_areas VALUES ('Atlantis', 'ATL-1')"
-	echo "SELECT mqtx.redrive_all('$QUEUE');  -> $(q dispatch -c "SELECT mqtx.redrive_all('$QUEUE')") redriven"
-	for ((i = 0; i < 300; i++)); do
-		read -r dispatched retrying dead < <(dispatch_numbers)
-		[ "$dispatched" = "$total" ] && [ "$dead" = 0 ] && break
-		sleep 0.2
-	done
-	echo "dispatched $dispatched of $total, dead letters $dead"
+	redrive="SELECT mqtx.redrive(id) FROM mqtx.dead_letter WHERE $city_of_letter = 'Atlantis'"
+	echo "$redrive;  -> $(q dispatch -c "SELECT count(*) FROM ($redrive) r") redriven"
 fi
+if [ "$UNSERVABLE" -gt 0 ]; then
+	say "no depot will ever serve Lemuria: its orders are given up, and the order service compensates"
+	reject="SELECT reject_order(id, 'no depot serves Lemuria') FROM mqtx.dead_letter WHERE $city_of_letter = 'Lemuria'"
+	echo "$reject;  -> $(q dispatch -c "SELECT count(*) FROM ($reject) r") given up (dispatch.failed sent)"
+fi
+for ((i = 0; i < 300; i++)); do
+	read -r dispatched retrying dead < <(dispatch_numbers)
+	read -r placed pending published failed answered < <(order_numbers)
+	[ "$dispatched" = $((total - UNSERVABLE)) ] && [ "$dead" = 0 ] && [ "$answered" = "$total" ] && break
+	sleep 0.2
+done
+echo "dispatched $dispatched of $total, given up $UNSERVABLE, dead letters $dead; answered on the order side: $answered"
+show order -c "SELECT status AS order_status, count(*) AS orders FROM orders GROUP BY 1 ORDER BY 1"
 
 # ---- the proof -----------------------------------------------------------
 
 say "what the two services did"
-show order -c "SELECT 'relay' AS worker, published, retried, reconnects FROM mqtx.relay_stats"
-show dispatch -c "SELECT 'consumer' AS worker, applied, duplicates AS redeliveries_ignored,
-	retried, dead_lettered, reconnects FROM mqtx.consumer_stats"
+relay_line() {
+	local published retried reconnects
+	read -r published retried reconnects < <(q "$1" -c "SELECT published, retried, reconnects FROM mqtx.relay_stats")
+	printf '%-18s published %6s, retried %s, reconnects %s\n' "$1 relay" "$published" "$retried" "$reconnects"
+}
+consumer_line() {
+	local applied duplicates retried dead_lettered reconnects
+	read -r applied duplicates retried dead_lettered reconnects < <(q "$1" -c "SELECT applied, duplicates, retried,
+		dead_lettered, reconnects FROM mqtx.consumer_stats")
+	printf '%-18s applied %8s, redeliveries ignored %s, retried %s, dead-lettered %s, reconnects %s\n' \
+		"$1 consumer" "$applied" "$duplicates" "$retried" "$dead_lettered" "$reconnects"
+}
+relay_line order
+consumer_line dispatch
+relay_line dispatch
+consumer_line order
 echo "(counters since each cluster last started)"
 latency=$(
-	q order -c "COPY (SELECT order_id, extract(epoch FROM pg_xact_commit_timestamp(xmin))
-		FROM orders WHERE (content ->> 'city') <> 'Atlantis') TO STDOUT" >"$work/placed.tsv"
-	chmod 644 "$work/placed.tsv"
-	q dispatch <<-SQL
-		CREATE TEMP TABLE placed (order_id bigint, committed float8);
-		\copy placed FROM '$work/placed.tsv'
-		SELECT format('order commit -> dispatch commit: p50 %s ms, p99 %s ms, max %s ms',
-			round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 1),
-			round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 1),
-			round(max(ms)::numeric, 1))
-		FROM (SELECT 1000 * (extract(epoch FROM pg_xact_commit_timestamp(d.xmin)) - p.committed) AS ms
-		      FROM dispatch d JOIN placed p USING (order_id)) l;
+	q dispatch -c "COPY (SELECT order_id, extract(epoch FROM dispatched_at) FROM dispatch) TO STDOUT" >"$work/dispatched.tsv"
+	chmod 644 "$work/dispatched.tsv"
+	q order <<-SQL
+		CREATE TEMP TABLE dispatched (order_id bigint, at float8);
+		\copy dispatched FROM '$work/dispatched.tsv'
+		WITH l AS (
+			SELECT 1000 * (d.at - extract(epoch FROM o.created_at)) AS one_way,
+				   1000 * extract(epoch FROM o.answered_at - o.created_at) AS round_trip
+			FROM orders o JOIN dispatched d USING (order_id)
+			WHERE o.content ->> 'city' <> 'Atlantis'),
+		p AS (
+			SELECT 1 AS n, 'order placed -> dispatched:          ' AS what,
+				   percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY one_way) AS q, max(one_way) AS m FROM l
+			UNION ALL
+			SELECT 2, 'order placed -> its answer applied: ',
+				   percentile_cont(ARRAY[0.5, 0.99]) WITHIN GROUP (ORDER BY round_trip), max(round_trip) FROM l)
+		SELECT format('%s p50 %s ms, p99 %s ms, max %s ms', what, round(q[1]::numeric, 1),
+			round(q[2]::numeric, 1), round(m::numeric, 1))
+		FROM p ORDER BY n;
 	SQL
 )
 echo "$latency"

@@ -284,7 +284,7 @@ $fp$;
 
 -- The members of the extension, and the columns of its tables and views,
 -- that have no comment (the upgrade tests from 12_upgrade_0_6 on expect
--- none; 15_upgrade_0_9 drops it)
+-- none; 17_upgrade_0_10 drops it)
 CREATE FUNCTION mqtx_regress_uncommented()
 RETURNS TABLE (uncommented text)
 LANGUAGE sql

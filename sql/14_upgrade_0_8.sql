@@ -3,8 +3,8 @@
 -- schedule columns, the new mqtx.publish (the roles that could run the old
 -- one can run it), mqtx.cancel and mqtx.blocked_keys; the result the same
 -- as a fresh 0.8.0 install, and so is 0.1.0 upgraded to 0.8.0 in one
--- step.  The fingerprints are 08_upgrade's, and 15_upgrade_0_9 uses
--- them too.
+-- step.  The fingerprints are 08_upgrade's, and the later upgrade tests
+-- use them too.
 --
 DROP EXTENSION mqtx CASCADE;
 DROP SCHEMA mqtx;

@@ -66,6 +66,7 @@ typedef struct BrokerMessage
 	const char *body;
 	int			body_len;
 	Jsonb	   *headers;		/* NULL for none */
+	const char *correlation_id; /* NULL for none */
 	int64		timestamp;		/* seconds since the Unix epoch */
 
 	/* what became of it; error allocated in context, which outlives it */
@@ -91,6 +92,8 @@ typedef struct BrokerDelivery
 	char	   *exchange;
 	char	   *routing_key;
 	char	   *message_id;		/* NULL when the message has none */
+	char	   *correlation_id; /* NULL when the message has none */
+	char	   *causation_id;	/* header x-mqtx-causation-id, or NULL */
 	char	   *redriven_from;	/* header x-mqtx-redriven-from, or NULL */
 	char	   *ordering_key;	/* header x-mqtx-ordering-key, or NULL */
 	int64		parked_position;	/* applied from mqtx.parked, at this
@@ -107,6 +110,14 @@ typedef struct BrokerDelivery
 
 /* The header that carries a message's ordering key */
 #define MQTX_ORDERING_KEY_HEADER "x-mqtx-ordering-key"
+
+/*
+ * The correlation id mqtx.publish gives a message, in the outbox (the
+ * relay sends it as the AMQP property), and the id of the message whose
+ * handler published it (message_context.c)
+ */
+#define MQTX_CORRELATION_ID_HEADER "x-mqtx-correlation-id"
+#define MQTX_CAUSATION_ID_HEADER "x-mqtx-causation-id"
 
 /* mqtx_broker_next_delivery: a queue's channel was closed or its consumer cancelled */
 #define BROKER_CHANNEL_LOST 2

@@ -151,8 +151,8 @@ mqtx_broker_discard_delivery(BrokerConnection *conn, amqp_channel_t channel, cha
 }
 
 /*
- * Copy a delivery's message id, headers (as JSON, or why they cannot be
- * read), redrive origin and body out of the library's buffers, into the
+ * Copy a delivery's message and correlation ids, headers (as JSON, or why
+ * they cannot be read), redrive origin, causation and body out of the library's buffers, into the
  * current memory context.  A table too deep is not an error here: the
  * consumer stores the delivery as poison, with headers_error as its cause.
  */
@@ -163,6 +163,8 @@ copy_content(amqp_message_t *message, BrokerDelivery *delivery)
 
 	if ((props->_flags & AMQP_BASIC_MESSAGE_ID_FLAG) && props->message_id.len > 0)
 		delivery->message_id = mqtx_amqp_wire_string(props->message_id);
+	if ((props->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) && props->correlation_id.len > 0)
+		delivery->correlation_id = mqtx_amqp_wire_string(props->correlation_id);
 	if (props->_flags & AMQP_BASIC_HEADERS_FLAG)
 	{
 		StringInfoData json;
@@ -177,6 +179,8 @@ copy_content(amqp_message_t *message, BrokerDelivery *delivery)
 														  MQTX_REDRIVEN_FROM_HEADER);
 		delivery->ordering_key = mqtx_amqp_string_header(&props->headers,
 														 MQTX_ORDERING_KEY_HEADER);
+		delivery->causation_id = mqtx_amqp_string_header(&props->headers,
+														 MQTX_CAUSATION_ID_HEADER);
 		/* the broker's on a message it hands out again; else the publisher's */
 		if (delivery->redelivered)
 			delivery->delivery_count = mqtx_amqp_delivery_count(&props->headers);

@@ -121,6 +121,11 @@ mqtx_broker_publish(BrokerConnection *conn, BrokerMessage *message, char **error
 	props.message_id = amqp_cstring_bytes((char *) message->message_id);
 	props.timestamp = (uint64_t) message->timestamp;
 	props.app_id = amqp_cstring_bytes("mqtx");
+	if (message->correlation_id != NULL)
+	{
+		props._flags |= AMQP_BASIC_CORRELATION_ID_FLAG;
+		props.correlation_id = mqtx_amqp_from_server_cstring(message->correlation_id);
+	}
 	if (message->headers != NULL)
 	{
 		char	   *reason;

@@ -87,6 +87,7 @@
 #include "crash_guard.h"
 #include "digest.h"
 #include "identity.h"
+#include "message_context.h"
 #include "outbox.h"
 #include "statements.h"
 #include "worker.h"
@@ -121,7 +122,8 @@ static const char *const inbox_sql =
 "WITH applied AS ("
 "  DELETE FROM mqtx.consumer_attempts WHERE queue = $1 AND message_id = $2"
 ") "
-"INSERT INTO mqtx.inbox (queue, message_id) VALUES ($1, $2) "
+"INSERT INTO mqtx.inbox (queue, message_id, correlation_id, causation_id) "
+"VALUES ($1, $2, $3, $4) "
 "ON CONFLICT DO NOTHING";
 
 static const char *const record_attempt_sql =
@@ -148,16 +150,18 @@ static const char *const dead_letter_sql =
 "  DELETE FROM mqtx.consumer_attempts WHERE queue = $1 AND message_id = $2"
 "  RETURNING first_failed_at"
 "), seen AS ("
-"  INSERT INTO mqtx.inbox (queue, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+"  INSERT INTO mqtx.inbox (queue, message_id, correlation_id, causation_id)"
+"  VALUES ($1, $2, $15, $16) ON CONFLICT DO NOTHING"
 "  RETURNING 1"
 "), letter AS ("
 "  INSERT INTO mqtx.dead_letter (queue, message_id, exchange, routing_key, headers,"
 "      body, body_text, body_json, error_message, error_detail, error_context,"
-"      attempts, first_failed_at, last_failed_at, ordering_key, parked_position)"
+"      attempts, first_failed_at, last_failed_at, ordering_key, parked_position,"
+"      correlation_id)"
 "  SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
 "      coalesce((SELECT first_failed_at FROM attempt), pg_catalog.now()), pg_catalog.now(),"
 "      $13, CASE WHEN $13 IS NOT NULL THEN coalesce($14,"
-"          pg_catalog.nextval('mqtx.parked_position_seq'::pg_catalog.regclass)) END"
+"          pg_catalog.nextval('mqtx.parked_position_seq'::pg_catalog.regclass)) END, $15"
 "  WHERE EXISTS (SELECT FROM seen)"
 "  ON CONFLICT ON CONSTRAINT dead_letter_queue_message_id_key DO NOTHING"
 "  RETURNING id, queue"
@@ -206,8 +210,8 @@ static const char *const key_held_sql =
  */
 static const char *const park_sql =
 "INSERT INTO mqtx.parked (queue, ordering_key, message_id, exchange, routing_key,"
-"                         headers, body, next_attempt_at) "
-"SELECT $1, $2, $3, $4, $5, $6, $7, $8 "
+"                         headers, body, next_attempt_at, correlation_id) "
+"SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 "
 " WHERE NOT EXISTS (SELECT FROM mqtx.inbox WHERE queue = $1 AND message_id = $3)"
 "   AND NOT EXISTS (SELECT FROM mqtx.parked WHERE queue = $1 AND message_id = $3) "
 "ON CONFLICT ON CONSTRAINT parked_queue_message_id_key DO NOTHING";
@@ -228,7 +232,8 @@ static const char *const park_retry_sql =
  */
 static const char *const parked_heads_sql =
 "SELECT p.position, p.queue, p.ordering_key, p.message_id, p.exchange, p.routing_key,"
-"       p.headers::text, p.body "
+"       p.headers::text, p.body, p.correlation_id,"
+"       p.headers ->> 'x-mqtx-causation-id' "
 "FROM (SELECT DISTINCT ON (k.queue, k.ordering_key) k.*, s.after_dead_letter"
 "       FROM mqtx.parked k JOIN mqtx.subscriptions s ON s.queue = k.queue"
 "       WHERE k.ordering_key IS NOT NULL"
@@ -243,7 +248,8 @@ static const char *const parked_heads_sql =
 "           AND d.parked_position < p.position)) "
 "UNION ALL "
 "SELECT p.position, p.queue, p.ordering_key, p.message_id, p.exchange, p.routing_key,"
-"       p.headers::text, p.body "
+"       p.headers::text, p.body, p.correlation_id,"
+"       p.headers ->> 'x-mqtx-causation-id' "
 "FROM mqtx.parked p JOIN mqtx.subscriptions s ON s.queue = p.queue "
 "WHERE p.ordering_key IS NULL"
 "  AND (p.next_attempt_at IS NULL OR p.next_attempt_at <= pg_catalog.now())"
@@ -374,6 +380,7 @@ typedef struct ConsumerState
 static ConsumerState consumer;
 
 static Datum wire_text_datum(const char *utf8);
+static void optional_wire_text(const char *utf8, Datum *value, char *null);
 static void consumer_loop(void) pg_attribute_noreturn();
 
 /* Plans of the statements above, prepared on first use */
@@ -479,6 +486,8 @@ copy_delivery(BrokerDelivery *dst, const BrokerDelivery *src)
 	dst->exchange = pstrdup(src->exchange);
 	dst->routing_key = pstrdup(src->routing_key);
 	dst->message_id = copy_string(src->message_id);
+	dst->correlation_id = copy_string(src->correlation_id);
+	dst->causation_id = copy_string(src->causation_id);
 	dst->redriven_from = copy_string(src->redriven_from);
 	dst->ordering_key = copy_string(src->ordering_key);
 	dst->headers_json = copy_string(src->headers_json);
@@ -501,6 +510,8 @@ free_delivery_copy(BrokerDelivery *d)
 	pfree(d->exchange);
 	pfree(d->routing_key);
 	free_string(d->message_id);
+	free_string(d->correlation_id);
+	free_string(d->causation_id);
 	free_string(d->redriven_from);
 	free_string(d->ordering_key);
 	free_string(d->headers_json);
@@ -1051,8 +1062,9 @@ apply_one(void *arg)
 {
 	ApplyArgs  *args = arg;
 	Work	   *w = args->work;
-	Oid			types[2] = {TEXTOID, TEXTOID};
-	Datum		values[2] = {CStringGetTextDatum(w->sub->queue), wire_text_datum(w->key)};
+	Oid			types[4] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID};
+	Datum		values[4] = {CStringGetTextDatum(w->sub->queue), wire_text_datum(w->key)};
+	char		nulls[4] = {' ', ' ', 'n', 'n'};
 	Jsonb	   *payload;
 	Jsonb	   *headers;
 
@@ -1083,7 +1095,9 @@ apply_one(void *arg)
 		w->held = true;
 		return;
 	}
-	if (execute(&inbox_plan, inbox_sql, 2, types, values, NULL, SPI_OK_INSERT) == 0)
+	optional_wire_text(w->d->correlation_id, &values[2], &nulls[2]);
+	optional_wire_text(w->d->causation_id, &values[3], &nulls[3]);
+	if (execute(&inbox_plan, inbox_sql, 4, types, values, nulls, SPI_OK_INSERT) == 0)
 	{
 		w->result = DUPLICATE;
 		return;
@@ -1092,7 +1106,12 @@ apply_one(void *arg)
 	payload = parse_body(w->d);
 	headers = parse_headers(w->d);
 	args->stage = HANDLER_FAILED;
+	/* what the handler publishes continues this message's conversation */
+	mqtx_enter_handled_message(TextDatumGetCString(values[1]),
+							   nulls[2] == 'n' ? NULL : TextDatumGetCString(values[2]));
+	mqtx_make_trace_context_current(headers);
 	call_handler(handler_info(args->handlers, w->sub->handler), w->sub, payload, headers);
+	mqtx_leave_handled_message();
 	w->result = APPLIED;
 }
 
@@ -1115,6 +1134,7 @@ classify_failure(Work *w, ApplyResult stage, TimestampTz started)
 {
 	/* what it left outside the rolled-back subtransaction */
 	mqtx_forget_session_state();
+	mqtx_leave_handled_message();
 
 	/*
 	 * A serialization failure or a deadlock is the transaction's, not the
@@ -1230,6 +1250,15 @@ wire_text_datum(const char *utf8)
 	return CStringGetTextDatum(mqtx_hex_string(utf8, strlen(utf8)));
 }
 
+/* An optional wire string as a text parameter: NULL stays NULL */
+static void
+optional_wire_text(const char *utf8, Datum *value, char *null)
+{
+	*null = utf8 == NULL ? 'n' : ' ';
+	if (utf8 != NULL)
+		*value = wire_text_datum(utf8);
+}
+
 /* The delivery's body, as it was received, as a bytea datum */
 static Datum
 body_datum(BrokerDelivery *d)
@@ -1310,10 +1339,11 @@ insert_dead_letter(void *arg)
 	Work	   *w = args->work;
 	BrokerDelivery *d = w->d;
 	ErrorData  *edata = w->edata;
-	Oid			types[14] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, JSONBOID, BYTEAOID,
-	TEXTOID, JSONBOID, TEXTOID, TEXTOID, TEXTOID, INT4OID, TEXTOID, INT8OID};
-	Datum		values[14];
-	char		nulls[14];
+	Oid			types[16] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, JSONBOID, BYTEAOID,
+		TEXTOID, JSONBOID, TEXTOID, TEXTOID, TEXTOID, INT4OID, TEXTOID, INT8OID,
+	TEXTOID, TEXTOID};
+	Datum		values[16];
+	char		nulls[16];
 	bool		utf8 = pg_verify_mbstr(PG_UTF8, d->body, d->body_len, true);
 	bool		isnull;
 
@@ -1360,7 +1390,9 @@ insert_dead_letter(void *arg)
 		nulls[13] = ' ';
 	}
 
-	execute(&dead_letter_plan, dead_letter_sql, 14, types, values, nulls, SPI_OK_SELECT);
+	optional_wire_text(d->correlation_id, &values[14], &nulls[14]);
+	optional_wire_text(d->causation_id, &values[15], &nulls[15]);
+	execute(&dead_letter_plan, dead_letter_sql, 16, types, values, nulls, SPI_OK_SELECT);
 	args->id = 0;
 	if (SPI_processed == 1)
 	{
@@ -1494,10 +1526,10 @@ insert_parked(void *arg)
 	ParkArgs   *args = arg;
 	Work	   *w = args->work;
 	BrokerDelivery *d = w->d;
-	Oid			types[8] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, JSONBOID, BYTEAOID,
-	TIMESTAMPTZOID};
-	Datum		values[8];
-	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', 'n', ' ', 'n'};
+	Oid			types[9] = {TEXTOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, JSONBOID, BYTEAOID,
+	TIMESTAMPTZOID, TEXTOID};
+	Datum		values[9];
+	char		nulls[9] = {' ', ' ', ' ', ' ', ' ', 'n', ' ', 'n', 'n'};
 
 	values[0] = CStringGetTextDatum(w->sub->queue);
 	if (d->ordering_key != NULL)
@@ -1518,7 +1550,8 @@ insert_parked(void *arg)
 		values[7] = TimestampTzGetDatum(args->retry_at);
 		nulls[7] = ' ';
 	}
-	execute(&park_plan, park_sql, 8, types, values, nulls, SPI_OK_INSERT);
+	optional_wire_text(d->correlation_id, &values[8], &nulls[8]);
+	execute(&park_plan, park_sql, 9, types, values, nulls, SPI_OK_INSERT);
 }
 
 /* A message applied from mqtx.parked stays there: only its next attempt's time changes. */
@@ -2152,6 +2185,8 @@ take_parked(BrokerDelivery *batch, int capacity)
 		if (d->routing_key == NULL)
 			d->routing_key = pstrdup("");
 		d->headers_json = server_to_wire(SPI_getvalue(tuple, desc, 7));
+		d->correlation_id = server_to_wire(SPI_getvalue(tuple, desc, 9));
+		d->causation_id = server_to_wire(SPI_getvalue(tuple, desc, 10));
 		d->redelivered = true;
 		body = DatumGetByteaPP(SPI_getbinval(tuple, desc, 8, &isnull));
 		d->body_len = VARSIZE_ANY_EXHDR(body);

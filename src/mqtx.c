@@ -22,6 +22,7 @@
 #include "consumer.h"
 #include "launcher.h"
 #include "log_redact.h"
+#include "message_context.h"
 #include "outbox.h"
 #include "relay.h"
 #include "shared.h"
@@ -43,6 +44,7 @@ _PG_init(void)
 
 	mqtx_broker_define_settings();
 	mqtx_outbox_define_settings();
+	mqtx_message_context_define_settings();
 	mqtx_worker_define_settings();
 	mqtx_relay_define_settings();
 	mqtx_consumer_define_settings();

@@ -68,6 +68,7 @@
 
 #include "broker.h"
 #include "identity.h"
+#include "message_context.h"
 #include "outbox.h"
 #include "shared.h"
 #include "statements.h"
@@ -148,6 +149,8 @@ typedef struct OutboxMessage
 	text	   *ordering_key;
 	bool		scheduled;
 	TimestampTz deliver_at;
+	text	   *correlation_id; /* NULL: the handled message's, if any */
+	text	   *causation_id;	/* NULL: the handled message */
 } OutboxMessage;
 
 /* Per-trigger cache: how to turn this table's rows into jsonb. */
@@ -169,6 +172,16 @@ require_argument(bool isnull, const char *argument)
 				 errhint("Use '' for RabbitMQ's default exchange.") : 0));
 }
 
+static void
+require_nonempty(text *value, const char *argument)
+{
+	if (VARSIZE_ANY_EXHDR(value) == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("argument \"%s\" of mqtx.publish() must not be empty", argument),
+				 errhint("Pass NULL for none.")));
+}
+
 /*
  * Length on the wire, in UTF-8; ERROR when the text has no UTF-8 form.
  */
@@ -181,7 +194,8 @@ utf8_length(const char *data, int len)
 }
 
 /*
- * Exchange names and routing keys are AMQP short strings.  An ordering
+ * Exchange names, routing keys and correlation ids are AMQP short
+ * strings.  An ordering
  * key travels as a header value, which could be longer: the same bound
  * keeps it usable as a consistent-hash exchange's input, in an index of
  * the consumer's, and in a log line.
@@ -190,7 +204,8 @@ typedef enum ShortField
 {
 	FIELD_EXCHANGE,
 	FIELD_ROUTING_KEY,
-	FIELD_ORDERING_KEY
+	FIELD_ORDERING_KEY,
+	FIELD_CORRELATION_ID
 } ShortField;
 
 static void
@@ -205,6 +220,8 @@ check_short_string(text *value, ShortField field)
 				 errmsg("exchange name of mqtx message is too long") :
 				 field == FIELD_ROUTING_KEY ?
 				 errmsg("routing key of mqtx message is too long") :
+				 field == FIELD_CORRELATION_ID ?
+				 errmsg("correlation id of mqtx message is too long") :
 				 errmsg("ordering key of mqtx message is too long"),
 				 field == FIELD_ORDERING_KEY ?
 				 errdetail("It is %d bytes; mqtx allows at most %d.",
@@ -270,12 +287,15 @@ check_reserved_headers(Jsonb *headers)
 	}
 }
 
+/*
+ * The headers as they will be sent, mqtx's own among them: the caller's
+ * were checked for reserved names before mqtx added its own.
+ */
 static void
 check_headers(Jsonb *headers)
 {
 	char	   *reason;
 
-	check_reserved_headers(headers);
 	if (headers != NULL && !mqtx_headers_are_valid(headers, &reason))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -871,7 +891,17 @@ enqueue_message(OutboxMessage *msg)
 	check_short_string(msg->routing_key, FIELD_ROUTING_KEY);
 	if (msg->ordering_key != NULL)
 		check_short_string(msg->ordering_key, FIELD_ORDERING_KEY);
+	if (msg->correlation_id != NULL)
+	{
+		check_short_string(msg->correlation_id, FIELD_CORRELATION_ID);
+		require_nonempty(msg->correlation_id, "correlation_id");
+	}
+	if (msg->causation_id != NULL)
+		require_nonempty(msg->causation_id, "causation_id");
 	check_payload_size(msg->payload);
+	check_reserved_headers(msg->headers);
+	msg->headers = mqtx_headers_with_context(msg->headers, msg->correlation_id,
+											 msg->causation_id);
 	check_headers(msg->headers);
 	return insert_outbox_row(msg);
 }
@@ -915,11 +945,12 @@ delivery_time(FunctionCallInfo fcinfo, int deliver_at_arg, int delay_arg)
 
 /*
  * mqtx.publish(exchange, routing_key, payload, headers, ordering_key,
- *				deliver_at, delay) returns uuid
+ *				deliver_at, delay, correlation_id, causation_id) returns uuid
  *
  * Not STRICT: a NULL argument is a mistake worth an error, not a silent
  * NULL result with nothing enqueued.  The definition of mqtx 0.7.0 and
- * before has the first four arguments only.
+ * before has the first four arguments only, that of 0.8.0 and 0.9.0 the
+ * first seven.
  */
 Datum
 mqtx_publish(PG_FUNCTION_ARGS)
@@ -940,6 +971,11 @@ mqtx_publish(PG_FUNCTION_ARGS)
 		msg.scheduled = !PG_ARGISNULL(5) || !PG_ARGISNULL(6);
 		if (msg.scheduled)
 			msg.deliver_at = delivery_time(fcinfo, 5, 6);
+	}
+	if (PG_NARGS() >= 9)
+	{
+		msg.correlation_id = PG_ARGISNULL(7) ? NULL : PG_GETARG_TEXT_PP(7);
+		msg.causation_id = PG_ARGISNULL(8) ? NULL : PG_GETARG_TEXT_PP(8);
 	}
 	PG_RETURN_DATUM(enqueue_message(&msg));
 }

@@ -104,7 +104,9 @@ static bool wait_for_standby = false;
  * it could overtake it, were the earlier one refused and retried).  Its
  * key goes with the message as the header x-mqtx-ordering-key
  * (MQTX_ORDERING_KEY_HEADER, spelt out: test/bench reads this statement
- * from the source).
+ * from the source).  The correlation id that mqtx.publish wrote into the
+ * headers (MQTX_CORRELATION_ID_HEADER) is sent as the AMQP property too,
+ * where consumers look for it.
  */
 static const char *const claim_sql =
 "SELECT o.id, o.message_id::text, o.exchange, o.routing_key, o.payload::text, "
@@ -112,7 +114,8 @@ static const char *const claim_sql =
 "            ELSE coalesce(o.headers, '{}'::pg_catalog.jsonb) "
 "                 OPERATOR(pg_catalog.||) pg_catalog.jsonb_build_object("
 "                     'x-mqtx-ordering-key', o.ordering_key) END, "
-"       extract(epoch FROM o.created_at)::bigint, o.xmin "
+"       extract(epoch FROM o.created_at)::bigint, o.xmin,"
+"       o.headers ->> 'x-mqtx-correlation-id' "
 "FROM mqtx.outbox o "
 "WHERE o.status = 'pending' AND o.next_attempt_at <= pg_catalog.now() "
 "  AND o.id NOT IN (SELECT pg_catalog.unnest($2::bigint[])) "
@@ -131,7 +134,8 @@ static const char *const claim_sql =
  */
 static const char *const unordered_claim_sql =
 "SELECT o.id, o.message_id::text, o.exchange, o.routing_key, o.payload::text, o.headers, "
-"       extract(epoch FROM o.created_at)::bigint, o.xmin "
+"       extract(epoch FROM o.created_at)::bigint, o.xmin,"
+"       o.headers ->> 'x-mqtx-correlation-id' "
 "FROM mqtx.outbox o "
 "WHERE o.status = 'pending' AND o.next_attempt_at <= pg_catalog.now() "
 "  AND o.id NOT IN (SELECT pg_catalog.unnest($2::bigint[])) "
@@ -608,6 +612,7 @@ copy_row(RelayBatch *batch, HeapTuple tuple, TupleDesc desc, TransactionId *xmin
 	m->timestamp = DatumGetInt64(SPI_getbinval(tuple, desc, 7, &isnull));
 	m->outcome = PUBLISH_NOT_SENT;
 	xmins[batch->count] = DatumGetTransactionId(SPI_getbinval(tuple, desc, 8, &isnull));
+	m->correlation_id = SPI_getvalue(tuple, desc, 9);
 	batch->count++;
 	return m->body_len + (m->headers ? VARSIZE(m->headers) : 0);
 }

@@ -23,7 +23,7 @@ extern int	mqtx_retry_base;
 extern int	mqtx_retry_max;
 
 /* The oldest version of the SQL objects the consumer's statements work with */
-#define MQTX_CONSUMER_SCHEMA_VERSION "0.9.0"
+#define MQTX_CONSUMER_SCHEMA_VERSION "0.10.0"
 
 typedef enum MqtxBrokerState
 {

@@ -68,7 +68,7 @@ COMMENT ON COLUMN mqtx.outbox.routing_key IS
 COMMENT ON COLUMN mqtx.outbox.payload IS
 	'The message body, sent as JSON text (content type application/json)';
 COMMENT ON COLUMN mqtx.outbox.headers IS
-	'The AMQP headers, as a JSON object, or NULL for none';
+	'The AMQP headers, as a JSON object, or NULL for none; mqtx adds x-mqtx-correlation-id (sent as the AMQP correlation_id too), x-mqtx-causation-id, traceparent and tracestate';
 COMMENT ON COLUMN mqtx.outbox.status IS
 	'pending: waiting for (re)delivery; published: confirmed by the broker; failed: gave up after mqtx.max_attempts';
 COMMENT ON COLUMN mqtx.outbox.attempts IS
@@ -119,13 +119,15 @@ CREATE FUNCTION mqtx.publish(exchange text, routing_key text, payload jsonb,
 							 headers jsonb DEFAULT NULL,
 							 ordering_key text DEFAULT NULL,
 							 deliver_at timestamptz DEFAULT NULL,
-							 delay interval DEFAULT NULL)
+							 delay interval DEFAULT NULL,
+							 correlation_id text DEFAULT NULL,
+							 causation_id text DEFAULT NULL)
 RETURNS uuid
 AS 'MODULE_PATHNAME', 'mqtx_publish'
 LANGUAGE C VOLATILE PARALLEL UNSAFE;
 
-COMMENT ON FUNCTION mqtx.publish(text, text, jsonb, jsonb, text, timestamptz, interval) IS
-	'Enqueue a message in the current transaction, optionally in the order of its key and at a later time (deliver_at, or delay after now()); returns its message id';
+COMMENT ON FUNCTION mqtx.publish(text, text, jsonb, jsonb, text, timestamptz, interval, text, text) IS
+	'Enqueue a message in the current transaction, optionally in the order of its key, at a later time (deliver_at, or delay after now()), and with a correlation and causation id other than the handled message''s; returns its message id';
 
 CREATE FUNCTION mqtx.outbox_trigger()
 RETURNS trigger
@@ -364,6 +366,8 @@ CREATE TABLE mqtx.inbox (
 	queue		text NOT NULL,
 	message_id	text NOT NULL,
 	applied_at	timestamptz NOT NULL DEFAULT now(),
+	correlation_id text,
+	causation_id text,
 	PRIMARY KEY (queue, message_id)
 );
 
@@ -377,6 +381,10 @@ COMMENT ON COLUMN mqtx.inbox.message_id IS
 	'The message''s dedupe key: the original id of a redriven message (header x-mqtx-redriven-from), else its AMQP message_id, else sha256: and the hex SHA-256 of its body';
 COMMENT ON COLUMN mqtx.inbox.applied_at IS
 	'When the message was applied or dead-lettered; rows older than mqtx.inbox_retention are deleted';
+COMMENT ON COLUMN mqtx.inbox.correlation_id IS
+	'The message''s AMQP correlation_id, or NULL when it has none (it started its conversation)';
+COMMENT ON COLUMN mqtx.inbox.causation_id IS
+	'The id of the message whose handler published this one (header x-mqtx-causation-id), or NULL';
 
 -- What was applied is the application's state as much as what it did:
 -- restored without it, every redelivery would be applied again.
@@ -427,6 +435,7 @@ CREATE TABLE mqtx.dead_letter (
 	last_failed_at	timestamptz NOT NULL,
 	ordering_key	text,
 	parked_position bigint,
+	correlation_id	text,
 	-- one dead letter per message and queue, however many copies came
 	CONSTRAINT dead_letter_queue_message_id_key UNIQUE (queue, message_id)
 );
@@ -467,6 +476,8 @@ COMMENT ON COLUMN mqtx.dead_letter.ordering_key IS
 	'The message''s ordering key (header x-mqtx-ordering-key), or NULL; under after_dead_letter = wait the key''s later messages are parked while the letter is here';
 COMMENT ON COLUMN mqtx.dead_letter.parked_position IS
 	'Its place among its key''s messages: mqtx.redrive puts it back into mqtx.parked there, ahead of the later ones';
+COMMENT ON COLUMN mqtx.dead_letter.correlation_id IS
+	'The message''s AMQP correlation_id, or NULL; a redriven message keeps it';
 COMMENT ON SEQUENCE mqtx.dead_letter_id_seq IS
 	'Ids of mqtx.dead_letter rows (its identity column)';
 
@@ -499,6 +510,7 @@ CREATE TABLE mqtx.parked (
 	body			bytea NOT NULL,
 	parked_at		timestamptz NOT NULL DEFAULT now(),
 	next_attempt_at timestamptz,
+	correlation_id	text,
 	CONSTRAINT parked_queue_message_id_key UNIQUE (queue, message_id)
 );
 
@@ -526,6 +538,8 @@ COMMENT ON COLUMN mqtx.parked.parked_at IS
 	'When it was parked';
 COMMENT ON COLUMN mqtx.parked.next_attempt_at IS
 	'When it is tried next, after an attempt failed; NULL: as soon as its key lets it';
+COMMENT ON COLUMN mqtx.parked.correlation_id IS
+	'The message''s AMQP correlation_id, or NULL';
 COMMENT ON SEQUENCE mqtx.parked_position_seq IS
 	'Positions of mqtx.parked rows, and of the dead letters of ordering keys';
 
@@ -756,16 +770,21 @@ BEGIN
 	-- could arrive after a later message of its key.
 	IF letter.ordering_key IS NOT NULL THEN
 		INSERT INTO mqtx.parked (position, queue, ordering_key, message_id, exchange,
-								 routing_key, headers, body)
+								 routing_key, headers, body, correlation_id)
 		VALUES (coalesce(letter.parked_position, nextval('mqtx.parked_position_seq')),
 				letter.queue, letter.ordering_key, letter.message_id, letter.exchange,
-				letter.routing_key, letter.headers, letter.body);
+				letter.routing_key, letter.headers, letter.body, letter.correlation_id);
 		RETURN NULL;
 	END IF;
-	-- through the outbox, so it takes the whole way again
+	-- through the outbox, so it takes the whole way again, in its
+	-- conversation: a message that started one is its correlation id (its
+	-- causation and trace context are in its headers)
 	RETURN mqtx.publish('', letter.queue, letter.body_json,
 						coalesce(letter.headers, '{}')
-						|| jsonb_build_object('x-mqtx-redriven-from', letter.message_id));
+						|| jsonb_build_object('x-mqtx-redriven-from', letter.message_id),
+						correlation_id => coalesce(letter.correlation_id,
+												   CASE WHEN octet_length(letter.message_id) <= 255
+														THEN letter.message_id END));
 END
 $$;
 
@@ -822,6 +841,91 @@ COMMENT ON COLUMN mqtx.outbox_stats.oldest_pending_age IS
 	'How long the oldest due pending message has waited, since it was enqueued or, if scheduled, since its deliver_at; NULL when none is due';
 COMMENT ON COLUMN mqtx.outbox_stats.scheduled IS
 	'Pending messages whose deliver_at has not come yet';
+
+-- Conversations: the messages this database sent and received, with the
+-- ids that tie them together.  A message published while a handler ran
+-- has the handled message's correlation id and names it as its cause; a
+-- message that started a conversation is its own correlation id.  What
+-- retention deleted is gone from here too.
+CREATE VIEW mqtx.message_trail AS
+SELECT 'sent'::text AS direction,
+	   o.message_id::text AS message_id,
+	   coalesce(o.headers ->> 'x-mqtx-correlation-id', o.message_id::text) AS correlation_id,
+	   o.headers ->> 'x-mqtx-causation-id' AS causation_id,
+	   o.exchange, o.routing_key, NULL::text AS queue, o.status,
+	   o.created_at AS at,
+	   o.headers ->> 'traceparent' AS traceparent
+FROM mqtx.outbox o
+UNION ALL
+SELECT 'received', i.message_id, coalesce(i.correlation_id, i.message_id), i.causation_id,
+	   NULL, NULL, i.queue,
+	   CASE WHEN EXISTS (SELECT FROM mqtx.dead_letter d
+						 WHERE d.queue = i.queue AND d.message_id = i.message_id)
+			THEN 'dead_letter' ELSE 'settled' END,
+	   i.applied_at, NULL
+FROM mqtx.inbox i
+UNION ALL
+SELECT 'received', p.message_id, coalesce(p.correlation_id, p.message_id),
+	   p.headers ->> 'x-mqtx-causation-id', p.exchange, p.routing_key, p.queue, 'parked',
+	   p.parked_at, p.headers ->> 'traceparent'
+FROM mqtx.parked p;
+
+COMMENT ON VIEW mqtx.message_trail IS
+	'Every message this database sent (mqtx.outbox) or received (mqtx.inbox, mqtx.parked) and still keeps, with its correlation and causation ids';
+COMMENT ON COLUMN mqtx.message_trail.direction IS
+	'sent: enqueued here; received: applied, dead-lettered or parked here';
+COMMENT ON COLUMN mqtx.message_trail.message_id IS
+	'The message''s id (for a received one, its dedupe key, as in mqtx.inbox)';
+COMMENT ON COLUMN mqtx.message_trail.correlation_id IS
+	'The conversation it belongs to: its AMQP correlation_id, or its own id when it started one';
+COMMENT ON COLUMN mqtx.message_trail.causation_id IS
+	'The id of the message whose handler published it, or NULL';
+COMMENT ON COLUMN mqtx.message_trail.exchange IS
+	'The exchange it was published to (not kept for applied messages)';
+COMMENT ON COLUMN mqtx.message_trail.routing_key IS
+	'Its routing key (not kept for applied messages)';
+COMMENT ON COLUMN mqtx.message_trail.queue IS
+	'The queue it was received from; NULL for a sent message';
+COMMENT ON COLUMN mqtx.message_trail.status IS
+	'A sent message''s outbox status (pending, published, failed); a received one''s: parked, dead_letter, or settled (applied, or dead-lettered and discarded)';
+COMMENT ON COLUMN mqtx.message_trail.at IS
+	'When it was enqueued, applied (or dead-lettered) or parked';
+COMMENT ON COLUMN mqtx.message_trail.traceparent IS
+	'Its W3C traceparent, for sent and parked messages (not kept for applied ones)';
+
+-- The chain of one message: what caused it, as far back as this
+-- database knows, and everything it caused here, depth first.  It reads
+-- the trail's tables whole, for an operator's question, not a hot path.
+CREATE FUNCTION mqtx.message_chain(message_id text)
+RETURNS TABLE (depth integer, direction text, message_id text, correlation_id text,
+			   causation_id text, exchange text, routing_key text, queue text,
+			   status text, at timestamptz)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+	WITH RECURSIVE causes(depth, id) AS (
+		SELECT 0, $1
+		UNION
+		SELECT c.depth - 1, t.causation_id
+		FROM causes c JOIN mqtx.message_trail t ON t.message_id = c.id
+		WHERE t.causation_id IS NOT NULL AND c.depth > -100
+	), effects(depth, id) AS (
+		SELECT 0, $1
+		UNION
+		SELECT e.depth + 1, t.message_id
+		FROM effects e JOIN mqtx.message_trail t ON t.causation_id = e.id
+		WHERE e.depth < 100
+	), chain AS (
+		SELECT depth, id FROM causes UNION SELECT depth, id FROM effects
+	)
+	SELECT c.depth, t.direction, t.message_id, t.correlation_id, t.causation_id,
+		   t.exchange, t.routing_key, t.queue, t.status, t.at
+	FROM chain c JOIN mqtx.message_trail t ON t.message_id = c.id
+	ORDER BY c.depth, t.at, t.direction DESC
+$$;
+
+COMMENT ON FUNCTION mqtx.message_chain(text) IS
+	'A message''s chain as this database knows it: its causes (depth < 0), itself (0) and what it caused (depth > 0), sent and received';
 
 -- The keys whose messages wait: the first unpublished message of each key
 -- holds back the later ones until it is confirmed.  Keys whose first one
@@ -1402,7 +1506,7 @@ BEGIN
 	END IF;
 	EXECUTE format('GRANT USAGE ON SCHEMA mqtx TO %s', role);
 	EXECUTE format('GRANT EXECUTE ON FUNCTION '
-				   'mqtx.publish(text, text, jsonb, jsonb, text, timestamptz, interval), '
+				   'mqtx.publish(text, text, jsonb, jsonb, text, timestamptz, interval, text, text), '
 				   'mqtx.cancel(uuid), mqtx.outbox_trigger() TO %s', role);
 END
 $$;
@@ -1423,7 +1527,7 @@ BEGIN
 	-- USAGE on the schema stays: by itself it grants nothing, and the
 	-- role may have been given other rights in it
 	EXECUTE format('REVOKE EXECUTE ON FUNCTION '
-				   'mqtx.publish(text, text, jsonb, jsonb, text, timestamptz, interval), '
+				   'mqtx.publish(text, text, jsonb, jsonb, text, timestamptz, interval, text, text), '
 				   'mqtx.cancel(uuid), mqtx.outbox_trigger() FROM %s', role);
 END
 $$;

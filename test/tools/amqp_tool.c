@@ -6,7 +6,7 @@
  *   amqp_tool get     --url URL --queue Q [--count N]
  *   amqp_tool count   --url URL --queue Q
  *   amqp_tool publish --url URL [--exchange EX] --routing-key RK
- *                     [--message-id ID] [--content-type CT]
+ *                     [--message-id ID] [--correlation-id ID] [--content-type CT]
  *                     [--header key=value ...] [--body S | --body-file F]
  *                     [--repeat N] [--persistent]
  *   amqp_tool declare --url URL --queue Q [--durable]
@@ -186,6 +186,7 @@ enum option_id
 	OPT_EXCHANGE,
 	OPT_ROUTING_KEY,
 	OPT_MESSAGE_ID,
+	OPT_CORRELATION_ID,
 	OPT_CONTENT_TYPE,
 	OPT_HEADER,
 	OPT_BODY,
@@ -206,6 +207,7 @@ static const struct option long_options[] = {
 	{"exchange", required_argument, NULL, OPT_EXCHANGE},
 	{"routing-key", required_argument, NULL, OPT_ROUTING_KEY},
 	{"message-id", required_argument, NULL, OPT_MESSAGE_ID},
+	{"correlation-id", required_argument, NULL, OPT_CORRELATION_ID},
 	{"content-type", required_argument, NULL, OPT_CONTENT_TYPE},
 	{"header", required_argument, NULL, OPT_HEADER},
 	{"body", required_argument, NULL, OPT_BODY},
@@ -226,6 +228,7 @@ struct options
 	const char *exchange;
 	const char *routing_key;
 	const char *message_id;
+	const char *correlation_id;
 	const char *content_type;
 	const char *body;
 	const char *body_file;
@@ -244,7 +247,7 @@ usage(FILE *out)
 			"  amqp_tool get     --url URL --queue Q [--count N]\n"
 			"  amqp_tool count   --url URL --queue Q\n"
 			"  amqp_tool publish --url URL [--exchange EX] --routing-key RK\n"
-			"              [--message-id ID] [--content-type CT]\n"
+			"              [--message-id ID] [--correlation-id ID] [--content-type CT]\n"
 			"              [--header key=value ...] [--body S | --body-file F]\n"
 			"              [--repeat N] [--persistent]\n"
 			"  amqp_tool declare --url URL --queue Q [--durable]\n"
@@ -291,6 +294,9 @@ take_option(struct options *o, int id, char *arg)
 			break;
 		case OPT_MESSAGE_ID:
 			o->message_id = arg;
+			break;
+		case OPT_CORRELATION_ID:
+			o->correlation_id = arg;
 			break;
 		case OPT_CONTENT_TYPE:
 			o->content_type = arg;
@@ -1145,6 +1151,11 @@ build_properties(const struct options *o, amqp_table_entry_t *entries,
 		p->_flags |= AMQP_BASIC_MESSAGE_ID_FLAG;
 		p->message_id = amqp_cstring_bytes(o->message_id);
 	}
+	if (o->correlation_id)
+	{
+		p->_flags |= AMQP_BASIC_CORRELATION_ID_FLAG;
+		p->correlation_id = amqp_cstring_bytes(o->correlation_id);
+	}
 	if (o->content_type)
 	{
 		p->_flags |= AMQP_BASIC_CONTENT_TYPE_FLAG;
@@ -1244,7 +1255,7 @@ static const struct command
 	{"get", cmd_get, BIT(OPT_QUEUE), BIT(OPT_QUEUE) | BIT(OPT_COUNT)},
 	{"count", cmd_count, BIT(OPT_QUEUE), BIT(OPT_QUEUE)},
 	{"publish", cmd_publish, BIT(OPT_ROUTING_KEY),
-		BIT(OPT_EXCHANGE) | BIT(OPT_ROUTING_KEY) | BIT(OPT_MESSAGE_ID) |
+		BIT(OPT_EXCHANGE) | BIT(OPT_ROUTING_KEY) | BIT(OPT_MESSAGE_ID) | BIT(OPT_CORRELATION_ID) |
 		BIT(OPT_CONTENT_TYPE) | BIT(OPT_HEADER) | BIT(OPT_BODY) |
 	BIT(OPT_BODY_FILE) | BIT(OPT_REPEAT) | BIT(OPT_PERSISTENT)},
 	{"declare", cmd_declare, BIT(OPT_QUEUE), BIT(OPT_QUEUE) | BIT(OPT_DURABLE)},

@@ -115,14 +115,15 @@ sub amqp_tool
 }
 
 # Arguments of one confirmed, persistent publish to the default exchange,
-# routed to $queue.  %o: id (message_id; none if absent), body or
-# body_file, headers (list of "k=v"), repeat.
+# routed to $queue.  %o: id (message_id; none if absent), correlation_id,
+# body or body_file, headers (list of "k=v"), repeat.
 sub amqp_publish_args
 {
 	my ($url, $queue, %o) = @_;
 	my @args = ('publish', '--url', $url, '--routing-key', $queue,
 		'--persistent');
 	push @args, '--message-id', $o{id} if defined $o{id};
+	push @args, '--correlation-id', $o{correlation_id} if defined $o{correlation_id};
 	push @args, '--header', $_ for @{ $o{headers} // [] };
 	push @args, '--repeat', $o{repeat} if $o{repeat};
 	if (defined $o{body_file})
