@@ -190,7 +190,7 @@ place_poison() {
 			'00-' || md5(random()::text) || '-' || left(md5(random()::text), 16) || '-01', false)" -c "INSERT INTO orders (user_id, content)
 		SELECT 900000 + g, jsonb_build_object('city', CASE WHEN g <= $POISON THEN 'Atlantis' ELSE 'Lemuria' END,
 			'items', jsonb_build_array(jsonb_build_object('sku', 'SKU-1', 'qty', 1)))
-		FROM generate_series(1, $POISON + $UNSERVABLE) g"
+		FROM generate_series(1, $POISON + $UNSERVABLE) g" >/dev/null
 }
 
 # One line of numbers from each side; '-' while a side is restarting.

@@ -73,7 +73,8 @@ $$;
 -- Giving up on an order that cannot be dispatched (a city no depot will
 -- ever serve): the operator's decision, once the order is a dead letter.
 -- The letter goes, and the order service hears why, in one transaction;
--- outside a handler, the answer names its conversation and cause itself.
+-- outside a handler, the answer names its conversation and cause itself,
+-- and continues the order's trace.
 CREATE FUNCTION reject_order(dead_letter_id bigint, reason text) RETURNS bigint
 LANGUAGE plpgsql
 AS $$
@@ -85,6 +86,8 @@ BEGIN
 		RAISE EXCEPTION 'no dead letter %', dead_letter_id;
 	END IF;
 	PERFORM mqtx.discard(dead_letter_id);
+	PERFORM set_config('mqtx.traceparent', coalesce(letter.headers ->> 'traceparent', ''), true);
+	PERFORM set_config('mqtx.tracestate', coalesce(letter.headers ->> 'tracestate', ''), true);
 	PERFORM mqtx.publish('dispatch', 'dispatch.failed',
 		jsonb_build_object('order_id', letter.body_json -> 'order_id',
 						   'reason', reason, 'error', letter.error_message),

@@ -123,8 +123,21 @@ mqtx_broker_publish(BrokerConnection *conn, BrokerMessage *message, char **error
 	props.app_id = amqp_cstring_bytes("mqtx");
 	if (message->correlation_id != NULL)
 	{
-		props._flags |= AMQP_BASIC_CORRELATION_ID_FLAG;
+		/*
+		 * mqtx.publish checks its length; a superuser may have written the
+		 * header by hand, and a short string too long would fail the whole
+		 * frame, and with it the connection.
+		 */
 		props.correlation_id = mqtx_amqp_from_server_cstring(message->correlation_id);
+		if (props.correlation_id.len > MQTX_SHORTSTR_MAX)
+		{
+			set_message_error(message, PUBLISH_REJECTED,
+							  psprintf("the correlation id (header %s) is %zu bytes, more than the %d an AMQP short string holds",
+									   MQTX_CORRELATION_ID_HEADER, props.correlation_id.len,
+									   MQTX_SHORTSTR_MAX));
+			return true;
+		}
+		props._flags |= AMQP_BASIC_CORRELATION_ID_FLAG;
 	}
 	if (message->headers != NULL)
 	{

@@ -49,10 +49,12 @@ psql_ -c "SELECT mqtx.declare_queue('bench.orders')" \
 	-c "CREATE TABLE orders_plain (LIKE orders INCLUDING ALL)" >/dev/null
 [ "$(psql_ -c "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'orders_plain'::regclass")" = 0 ]
 
-sed 's/^INSERT INTO orders /INSERT INTO orders_plain /' "$examples/place_order.sql" \
-	>"$work/place_order_plain.sql"
+# one INSERT per transaction: without the demo's trace context
+sed -e '/-- trace$/d' -e 's/^INSERT INTO orders /INSERT INTO orders_plain /' \
+	"$examples/place_order.sql" >"$work/place_order_plain.sql"
 grep -q '^INSERT INTO orders_plain ' "$work/place_order_plain.sql"
-cp "$examples/place_order.sql" "$work/place_order.sql"
+sed '/-- trace$/d' "$examples/place_order.sql" >"$work/place_order.sql"
+if grep -q 'set_config\|^BEGIN' "$work"/place_order*.sql; then exit 1; fi
 chmod 644 "$work"/place_order*.sql
 
 broker_up=1

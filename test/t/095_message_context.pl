@@ -202,6 +202,17 @@ is($r6->{headers}{'x-mqtx-correlation-id'}, 'checkout-6', 'a redriven message ke
 is($r6->{headers}{'x-mqtx-causation-id'}, $id6,
 	'... and names the original message as the cause of what it caused');
 
+# A correlation header too long for the property, written by hand (a
+# superuser may): that message is refused, with why, and nothing else.
+my $long = one(q{SELECT mqtx.publish('', 'ctx.sink', '{"n": 7}',
+	jsonb_build_object('x-mqtx-correlation-id', repeat('c', 300)))});
+one(q{SELECT mqtx.publish('', 'ctx.sink', '{"n": 8}')});
+wait_for($node, 'postgres',
+	"SELECT last_error LIKE '%correlation id (header x-mqtx-correlation-id) is 300 bytes%' FROM mqtx.outbox WHERE message_id = '$long'",
+	't', 'a correlation id too long for AMQP is refused for its message, saying why');
+wait_for($node, 'postgres', "SELECT count(*) FROM seen WHERE stage = 'sink' AND n = 8", '1',
+	'... and the next message goes out');
+
 # ------------------------------------------------------------------
 # The chain of message 1, as this database saw it: sent and received,
 # then what its handler sent (two) and what of that came back (one).
