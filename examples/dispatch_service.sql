@@ -86,8 +86,12 @@ BEGIN
 		RAISE EXCEPTION 'no dead letter %', dead_letter_id;
 	END IF;
 	PERFORM mqtx.discard(dead_letter_id);
-	PERFORM set_config('mqtx.traceparent', coalesce(letter.headers ->> 'traceparent', ''), true);
-	PERFORM set_config('mqtx.tracestate', coalesce(letter.headers ->> 'tracestate', ''), true);
+	BEGIN
+		PERFORM set_config('mqtx.traceparent', coalesce(letter.headers ->> 'traceparent', ''), true);
+		PERFORM set_config('mqtx.tracestate', coalesce(letter.headers ->> 'tracestate', ''), true);
+	EXCEPTION WHEN invalid_parameter_value THEN
+		NULL;					-- not W3C trace context: the answer goes without
+	END;
 	PERFORM mqtx.publish('dispatch', 'dispatch.failed',
 		jsonb_build_object('order_id', letter.body_json -> 'order_id',
 						   'reason', reason, 'error', letter.error_message),

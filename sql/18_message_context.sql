@@ -29,7 +29,7 @@ SET LOCAL mqtx.traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902
 SET LOCAL mqtx.tracestate = 'congo=t61rcWkgMzE, rojo=00f067aa0ba902b7';
 SELECT mqtx.publish('orders', 'order.created', '{"n": 3}') IS NOT NULL AS enqueued;
 INSERT INTO regress_orders VALUES (4);
--- headers the publisher gives win
+-- headers the publisher gives win, a traceparent with its tracestate
 SELECT mqtx.publish('orders', 'order.created', '{"n": 5}',
 					'{"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"}')
 	IS NOT NULL AS enqueued;
@@ -51,9 +51,10 @@ SET mqtx.traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-
 SET mqtx.traceparent = '00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7';
 SET mqtx.tracestate = 'Congo=t61rcWkgMzE';
 SET mqtx.tracestate = 'congo';
+SET mqtx.tracestate = '1congo=x';
 -- a later version may carry more fields; an empty tracestate member is allowed
 SET mqtx.traceparent = '01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future';
-SET mqtx.tracestate = 'congo=t61rcWkgMzE,,vendor@tenant=x y';
+SET mqtx.tracestate = 'congo=t61rcWkgMzE,,vendor@tenant=x y, 7tenant@system=1';
 SHOW mqtx.traceparent;
 RESET mqtx.traceparent;
 RESET mqtx.tracestate;
@@ -69,6 +70,19 @@ RESET ROLE;
 SELECT mqtx.revoke_publish('regress_context_publisher');
 REVOKE USAGE ON SCHEMA mqtx FROM regress_context_publisher;
 DROP ROLE regress_context_publisher;
+
+-- A redriven dead letter keeps its conversation; a correlation id too
+-- long for the AMQP property (a foreign "hex:" one) gives way to the
+-- message's own id
+TRUNCATE mqtx.outbox;
+INSERT INTO mqtx.dead_letter (queue, message_id, body, body_json, error_message, attempts,
+							  first_failed_at, last_failed_at, correlation_id)
+VALUES ('q', 'm-long', '\x7b7d', '{}', 'boom', 1, now(), now(), 'hex:' || repeat('ab', 200)),
+	   ('q', 'm-short', '\x7b7d', '{}', 'boom', 1, now(), now(), 'checkout-9');
+SELECT count(mqtx.redrive(id)) AS redriven FROM mqtx.dead_letter;
+SELECT headers ->> 'x-mqtx-redriven-from' AS original,
+	   headers ->> 'x-mqtx-correlation-id' AS correlation_id
+FROM mqtx.outbox ORDER BY 1;
 
 -- A conversation: a request received here (root), the event its handler
 -- published, a reply to that event received back, and what the reply's
@@ -97,6 +111,10 @@ FROM mqtx.message_chain('request-1');
 SELECT depth, direction, coalesce(routing_key, queue) AS what
 FROM mqtx.message_chain(:'event');
 SELECT count(*) AS messages FROM mqtx.message_chain('nothing-here');
+-- a message that names itself as its cause (a foreign publisher's doing)
+-- is shown once
+INSERT INTO mqtx.inbox (queue, message_id, causation_id) VALUES ('loops', 'self-1', 'self-1');
+SELECT depth, direction, message_id FROM mqtx.message_chain('self-1');
 
 TRUNCATE mqtx.outbox, mqtx.inbox;
 DROP TABLE regress_orders;

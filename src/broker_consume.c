@@ -163,8 +163,9 @@ copy_content(amqp_message_t *message, BrokerDelivery *delivery)
 
 	if ((props->_flags & AMQP_BASIC_MESSAGE_ID_FLAG) && props->message_id.len > 0)
 		delivery->message_id = mqtx_amqp_wire_string(props->message_id);
+	/* not a dedupe key: passed on as it came, if it is text */
 	if ((props->_flags & AMQP_BASIC_CORRELATION_ID_FLAG) && props->correlation_id.len > 0)
-		delivery->correlation_id = mqtx_amqp_wire_string(props->correlation_id);
+		delivery->correlation_id = mqtx_amqp_text_string(props->correlation_id);
 	if (props->_flags & AMQP_BASIC_HEADERS_FLAG)
 	{
 		StringInfoData json;

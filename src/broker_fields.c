@@ -313,6 +313,19 @@ mqtx_amqp_wire_string(amqp_bytes_t bytes)
 	return mqtx_hex_string(data, len);
 }
 
+/*
+ * Bytes that mqtx wrote, or that are passed on as they came (an id it
+ * wrote, a key, a correlation id): themselves when they are plain text,
+ * "hex:" ones included, so that an id already encoded once is not encoded
+ * again at every hop; else encoded like a wire string.
+ */
+char *
+mqtx_amqp_text_string(amqp_bytes_t bytes)
+{
+	return is_plain_text(bytes.bytes, (int) bytes.len) ?
+		pnstrdup(bytes.bytes, bytes.len) : mqtx_amqp_wire_string(bytes);
+}
+
 static bool field_to_json(StringInfo out, amqp_field_value_t *field, int depth);
 
 /*
@@ -447,16 +460,13 @@ char *
 mqtx_amqp_string_header(amqp_table_t *headers, const char *name)
 {
 	amqp_field_value_t *value = find_header(headers, name);
-	amqp_bytes_t id;
 
 	if (value == NULL ||
 		(value->kind != AMQP_FIELD_KIND_UTF8 && value->kind != AMQP_FIELD_KIND_BYTES) ||
 		value->value.bytes.len == 0)
 		return NULL;
-	id = value->value.bytes;
 	/* written by mqtx (a dedupe key, a key): taken as it is */
-	return is_plain_text(id.bytes, id.len) ? pnstrdup(id.bytes, id.len) :
-		mqtx_amqp_wire_string(id);
+	return mqtx_amqp_text_string(value->value.bytes);
 }
 
 /*

@@ -176,6 +176,7 @@ extern bool mqtx_amqp_headers_to_table(Jsonb *headers, amqp_table_t *table,
 extern bool mqtx_amqp_table_fits_frame(amqp_table_t *table, int frame_max,
 									   size_t *room);
 extern char *mqtx_amqp_wire_string(amqp_bytes_t bytes);
+extern char *mqtx_amqp_text_string(amqp_bytes_t bytes);
 extern bool mqtx_amqp_table_to_json(StringInfo out, amqp_table_t *table, int depth);
 extern char *mqtx_amqp_string_header(amqp_table_t *headers, const char *name);
 extern int64 mqtx_amqp_delivery_count(amqp_table_t *headers);

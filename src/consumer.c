@@ -233,7 +233,8 @@ static const char *const park_retry_sql =
 static const char *const parked_heads_sql =
 "SELECT p.position, p.queue, p.ordering_key, p.message_id, p.exchange, p.routing_key,"
 "       p.headers::text, p.body, p.correlation_id,"
-"       p.headers ->> 'x-mqtx-causation-id' "
+"       CASE WHEN pg_catalog.jsonb_typeof(p.headers -> 'x-mqtx-causation-id') = 'string'"
+"            THEN NULLIF(p.headers ->> 'x-mqtx-causation-id', '') END "
 "FROM (SELECT DISTINCT ON (k.queue, k.ordering_key) k.*, s.after_dead_letter"
 "       FROM mqtx.parked k JOIN mqtx.subscriptions s ON s.queue = k.queue"
 "       WHERE k.ordering_key IS NOT NULL"
@@ -249,7 +250,8 @@ static const char *const parked_heads_sql =
 "UNION ALL "
 "SELECT p.position, p.queue, p.ordering_key, p.message_id, p.exchange, p.routing_key,"
 "       p.headers::text, p.body, p.correlation_id,"
-"       p.headers ->> 'x-mqtx-causation-id' "
+"       CASE WHEN pg_catalog.jsonb_typeof(p.headers -> 'x-mqtx-causation-id') = 'string'"
+"            THEN NULLIF(p.headers ->> 'x-mqtx-causation-id', '') END "
 "FROM mqtx.parked p JOIN mqtx.subscriptions s ON s.queue = p.queue "
 "WHERE p.ordering_key IS NULL"
 "  AND (p.next_attempt_at IS NULL OR p.next_attempt_at <= pg_catalog.now())"
@@ -454,6 +456,8 @@ in_subtransaction(void (*fn) (void *), void *arg)
 	PG_CATCH();
 	{
 		disable_timeout(STATEMENT_TIMEOUT, false);
+		/* a handler that failed has no successor in it */
+		mqtx_leave_handled_message();
 		MemoryContextSwitchTo(context);
 		edata = CopyErrorData();
 		FlushErrorState();
@@ -1134,7 +1138,6 @@ classify_failure(Work *w, ApplyResult stage, TimestampTz started)
 {
 	/* what it left outside the rolled-back subtransaction */
 	mqtx_forget_session_state();
-	mqtx_leave_handled_message();
 
 	/*
 	 * A serialization failure or a deadlock is the transaction's, not the

@@ -33,6 +33,7 @@
  */
 #include "postgres.h"
 
+#include "mb/pg_wchar.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
 #include "utils/jsonb.h"
@@ -101,11 +102,23 @@ traceparent_is_valid(const char *value, const char **why)
 	return *why == NULL;
 }
 
-/* key "=" value, as W3C tracestate defines a list member */
+static bool
+is_key_char(char c)
+{
+	return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || strchr("_-*/", c) != NULL;
+}
+
+/*
+ * key "=" value, as W3C tracestate defines a list member: a key is a
+ * lower-case name, or tenant "@" system (a tenant may start with a digit,
+ * a system may not); a value is printable ASCII but "," and "=".  The
+ * caller has trimmed the white space around the member.
+ */
 static bool
 tracestate_member_is_valid(const char *member, int len)
 {
 	const char *eq = memchr(member, '=', len);
+	const char *at;
 	int			key_len;
 	int			value_len;
 
@@ -115,16 +128,19 @@ tracestate_member_is_valid(const char *member, int len)
 	value_len = len - key_len - 1;
 	if (key_len < 1 || key_len > 256 || value_len < 1 || value_len > 256)
 		return false;
-	if (!((member[0] >= 'a' && member[0] <= 'z') || (member[0] >= '0' && member[0] <= '9')))
+	at = memchr(member, '@', key_len);
+	if (!(member[0] >= 'a' && member[0] <= 'z') &&
+		!(at != NULL && member[0] >= '0' && member[0] <= '9'))
 		return false;
-	for (int i = 1; i < key_len; i++)
-		if (!((member[i] >= 'a' && member[i] <= 'z') || (member[i] >= '0' && member[i] <= '9') ||
-			  strchr("_-*/@", member[i]) != NULL))
+	if (at != NULL && (at == member || at + 1 == eq || !(at[1] >= 'a' && at[1] <= 'z')))
+		return false;
+	for (const char *c = member; c < eq; c++)
+		if (c != at && !is_key_char(*c))
 			return false;
 	for (const char *c = eq + 1; c < member + len; c++)
 		if (*c < 0x20 || *c > 0x7e || *c == ',' || *c == '=')
 			return false;
-	return eq[value_len] != ' ';
+	return true;
 }
 
 static bool
@@ -156,7 +172,7 @@ tracestate_is_valid(const char *value, const char **why)
 			if (++members > TRACESTATE_MAX_MEMBERS)
 				*why = "It may have at most 32 list members.";
 			else if (!tracestate_member_is_valid(first, last - first))
-				*why = "Each list member must be key=value: a key of lower-case letters, digits and _-*/@, a value of printable ASCII without \",\" and \"=\".";
+				*why = "Each list member must be key=value: a key of lower-case letters, digits and _-*/ starting with a letter (or tenant@system), a value of printable ASCII without \",\" and \"=\".";
 		}
 		if (*end == '\0')
 			break;
@@ -278,6 +294,20 @@ mqtx_make_trace_context_current(Jsonb *headers)
 	set_local("mqtx.tracestate", tracestate ? tracestate : "");
 }
 
+static bool
+has_header(Jsonb *headers, const char *name)
+{
+	return headers != NULL && JB_ROOT_IS_OBJECT(headers) && !JB_ROOT_IS_SCALAR(headers) &&
+		getKeyJsonValueFromContainer(&headers->root, name, strlen(name), NULL) != NULL;
+}
+
+/* How long a string is on the wire, in UTF-8 */
+static size_t
+utf8_length(const char *s)
+{
+	return strlen(pg_server_to_any(s, strlen(s), PG_UTF8));
+}
+
 static void
 push_string_pair(JsonbParseState **state, const char *key, const char *value)
 {
@@ -296,7 +326,8 @@ push_string_pair(JsonbParseState **state, const char *key, const char *value)
  * A new message's headers with the context it carries: the caller's
  * correlation and causation ids if given, else those the handled message
  * hands down, and the current trace context.  The publisher's own headers
- * win over all of it.  An inherited correlation id too long for the AMQP
+ * win over all of it; one who gives a traceparent gets no tracestate of
+ * the setting's either.  An inherited correlation id too long for the AMQP
  * property (a "hex:" id of a foreign message) is not inherited.
  */
 Jsonb *
@@ -306,13 +337,14 @@ mqtx_headers_with_context(Jsonb *headers, text *correlation_id, text *causation_
 	const char *causation = NULL;
 	JsonbParseState *state = NULL;
 	Jsonb	   *context;
+	bool		with_trace;
 
 	if (correlation_id != NULL)
 		correlation = text_to_cstring(correlation_id);
 	else if (handled_message_id != NULL)
 	{
 		correlation = handled_correlation_id ? handled_correlation_id : handled_message_id;
-		if (strlen(correlation) > MQTX_SHORTSTR_MAX)
+		if (utf8_length(correlation) > MQTX_SHORTSTR_MAX)
 			correlation = NULL;
 	}
 	if (causation_id != NULL)
@@ -320,8 +352,10 @@ mqtx_headers_with_context(Jsonb *headers, text *correlation_id, text *causation_
 	else
 		causation = handled_message_id;
 
-	if (correlation == NULL && causation == NULL &&
-		(mqtx_traceparent == NULL || mqtx_traceparent[0] == '\0'))
+	/* a trace context the publisher gives is taken whole, or not at all */
+	with_trace = mqtx_traceparent != NULL && mqtx_traceparent[0] != '\0' &&
+		!has_header(headers, MQTX_TRACEPARENT_HEADER);
+	if (correlation == NULL && causation == NULL && !with_trace)
 		return headers;
 
 	(void) pushJsonbValue(&state, WJB_BEGIN_OBJECT, NULL);
@@ -329,7 +363,7 @@ mqtx_headers_with_context(Jsonb *headers, text *correlation_id, text *causation_
 		push_string_pair(&state, MQTX_CORRELATION_ID_HEADER, correlation);
 	if (causation != NULL)
 		push_string_pair(&state, MQTX_CAUSATION_ID_HEADER, causation);
-	if (mqtx_traceparent != NULL && mqtx_traceparent[0] != '\0')
+	if (with_trace)
 	{
 		push_string_pair(&state, MQTX_TRACEPARENT_HEADER, mqtx_traceparent);
 		if (mqtx_tracestate != NULL && mqtx_tracestate[0] != '\0')

@@ -175,13 +175,15 @@ BEGIN
 	END IF;
 	-- through the outbox, so it takes the whole way again, in its
 	-- conversation: a message that started one is its correlation id (its
-	-- causation and trace context are in its headers)
+	-- causation and trace context are in its headers); an id too long for
+	-- the AMQP property (a foreign "hex:" one) is left out
 	RETURN mqtx.publish('', letter.queue, letter.body_json,
 						coalesce(letter.headers, '{}')
 						|| jsonb_build_object('x-mqtx-redriven-from', letter.message_id),
-						correlation_id => coalesce(letter.correlation_id,
-												   CASE WHEN octet_length(letter.message_id) <= 255
-														THEN letter.message_id END));
+						correlation_id => (SELECT c FROM unnest(ARRAY[letter.correlation_id,
+																		 letter.message_id]) c
+										   WHERE octet_length(convert_to(c, 'UTF8')) <= 255
+										   LIMIT 1));
 END
 $$;
 
@@ -246,20 +248,24 @@ RETURNS TABLE (depth integer, direction text, message_id text, correlation_id te
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-	WITH RECURSIVE causes(depth, id) AS (
-		SELECT 0, $1
+	-- each id once: a message that names itself, or a loop of causes a
+	-- foreign publisher made, ends the walk
+	WITH RECURSIVE causes(depth, id, seen) AS (
+		SELECT 0, $1, ARRAY[$1]
 		UNION
-		SELECT c.depth - 1, t.causation_id
+		SELECT c.depth - 1, t.causation_id, c.seen || t.causation_id
 		FROM causes c JOIN mqtx.message_trail t ON t.message_id = c.id
-		WHERE t.causation_id IS NOT NULL AND c.depth > -100
-	), effects(depth, id) AS (
-		SELECT 0, $1
+		WHERE t.causation_id IS NOT NULL AND t.causation_id <> ALL (c.seen)
+	), effects(depth, id, seen) AS (
+		SELECT 0, $1, ARRAY[$1]
 		UNION
-		SELECT e.depth + 1, t.message_id
+		SELECT e.depth + 1, t.message_id, e.seen || t.message_id
 		FROM effects e JOIN mqtx.message_trail t ON t.causation_id = e.id
-		WHERE e.depth < 100
+		WHERE t.message_id <> ALL (e.seen)
 	), chain AS (
-		SELECT depth, id FROM causes UNION SELECT depth, id FROM effects
+		SELECT DISTINCT ON (id) depth, id
+		FROM (SELECT depth, id FROM causes UNION SELECT depth, id FROM effects) w
+		ORDER BY id, abs(depth)
 	)
 	SELECT c.depth, t.direction, t.message_id, t.correlation_id, t.causation_id,
 		   t.exchange, t.routing_key, t.queue, t.status, t.at

@@ -410,7 +410,7 @@ my ($ret, $out, $err);
 isnt($ret, 0, 'app, granted publishing in appdb only, cannot publish in otherdb');
 like($err, qr/permission denied/, 'with a permission error') or diag($err);
 is( su('otherdb',
-		"SELECT has_function_privilege('app', 'mqtx.publish(text,text,jsonb,jsonb,text,timestamptz,interval)', 'EXECUTE'), "
+		"SELECT has_function_privilege('app', 'mqtx.publish(text,text,jsonb,jsonb,text,timestamptz,interval,text,text)', 'EXECUTE'), "
 		  . "has_schema_privilege('app', 'mqtx', 'USAGE')"),
 	'f|f', 'otherdb grants app neither EXECUTE on mqtx.publish nor USAGE on mqtx');
 is(su('otherdb', 'SELECT count(*) FROM mqtx.outbox'), '0', 'nothing was enqueued in otherdb');

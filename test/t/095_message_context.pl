@@ -38,12 +38,13 @@ $node->safe_psql('postgres', qq{
 	CREATE EXTENSION mqtx;
 	-- what each handler saw: its message, headers and current trace context
 	CREATE TABLE seen (stage text, n int, own boolean, headers jsonb,
-		traceparent text, tracestate text, backend text);
+		traceparent text, tracestate text, backend text, xid bigint);
 	CREATE FUNCTION note(stage text, payload jsonb, headers jsonb) RETURNS void
 	LANGUAGE sql AS \$\$
 		INSERT INTO seen VALUES (stage, (payload->>'n')::int, (payload->>'own')::boolean,
 			headers, current_setting('mqtx.traceparent'), current_setting('mqtx.tracestate'),
-			(SELECT backend_type FROM pg_stat_activity WHERE pid = pg_backend_pid()))
+			(SELECT backend_type FROM pg_stat_activity WHERE pid = pg_backend_pid()),
+			txid_current())
 	\$\$;
 	-- the first stage publishes the next, and a copy to a queue nobody
 	-- consumes, to look at on the wire; one asked to starts a span of its own
@@ -51,6 +52,7 @@ $node->safe_psql('postgres', qq{
 	LANGUAGE plpgsql AS \$\$
 	BEGIN
 		PERFORM note('first', payload, headers);
+		PERFORM pg_sleep((payload->>'sleep')::float8);
 		PERFORM mqtx.publish('', 'ctx.sink', payload);
 		PERFORM mqtx.publish('', 'ctx.watch', payload);
 		IF payload ? 'own_trace' THEN
@@ -99,7 +101,12 @@ sub sink_row
 # ------------------------------------------------------------------
 # 1 and 3: one transaction, two messages to the consumer's own path: the
 # first in a trace and without a correlation id (it starts one), the
-# second in no trace.  They arrive in one batch, as a rule.
+# second in no trace.  They are sent while the consumer sleeps in the
+# handler of message 0, so that they arrive together, for one batch.
+one(q{SELECT mqtx.publish('', 'ctx.direct', '{"n": 0, "sleep": 2}')});
+wait_for($node, 'postgres',
+	"SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'mqtx consumer' AND wait_event = 'PgSleep'",
+	'1', 'the consumer is busy with message 0');
 my ($id1, $id3) = split /\n/, one(qq{
 	BEGIN;
 	SET LOCAL mqtx.traceparent = '$T1';
@@ -128,8 +135,8 @@ my $id4 = one(qq{
 amqp_publish($url, 'ctx.direct', id => 'foreign-5', correlation_id => 'foreign-corr',
 	headers => ['traceparent=not-a-trace'], body => '{"n": 5}');
 
-wait_for($node, 'postgres', "SELECT count(*) FROM seen WHERE stage = 'sink'", '6',
-	'every message of the first stage led to its sink message (5 + the own-span copy)');
+wait_for($node, 'postgres', "SELECT count(*) FROM seen WHERE stage = 'sink'", '7',
+	'every message of the first stage led to its sink message (6 + the own-span copy)');
 
 my $r1 = sink_row(1);
 is($r1->{headers}{'x-mqtx-correlation-id'}, $id1,
@@ -145,6 +152,8 @@ is(one("SELECT traceparent FROM seen WHERE stage = 'first' AND n = 1"), $T1,
 	'the first handler ran in the trace its publisher set');
 
 my $r3 = sink_row(3);
+is(one("SELECT count(DISTINCT xid) FROM seen WHERE stage = 'first' AND n IN (1, 3)"), '1',
+	'messages 1 and 3 were applied in one batch, one transaction');
 is(one("SELECT traceparent || '|' || tracestate FROM seen WHERE stage = 'first' AND n = 3"), '|',
 	'the next delivery of the batch, in no trace, did not inherit the one before it');
 ok(!exists $r3->{headers}{traceparent}, '... nor did what its handler published');
